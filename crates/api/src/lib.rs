@@ -1,0 +1,54 @@
+//! Yunbian resource model: the typed objects every other crate speaks about,
+//! their validation, and manifest parsing.
+//!
+//! Architecture invariant: this crate does no I/O. It turns bytes (YAML or
+//! JSON) into typed, validated objects and back, nothing more.
+//!
+//! Every object is Kubernetes-shaped: `apiVersion: yunbian.io/v1`, `kind`,
+//! `metadata`, `spec`, `status`. Adding a kind means: a spec/status pair in
+//! [`kinds`], a variant in [`Kind`] and [`Resource`], and a `Validate` impl.
+
+pub mod kinds;
+pub mod manifest;
+pub mod meta;
+pub mod quantity;
+pub mod validate;
+
+pub use kinds::*;
+pub use manifest::{parse_manifests, parse_one, ManifestError, Resource};
+pub use meta::{Kind, ObjectMeta, API_VERSION};
+pub use validate::{FieldError, Validate};
+
+/// One entry of a watch stream, as sent by the cloud API (one JSON object per line).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct WatchEvent {
+    /// `ADDED`, `MODIFIED` or `DELETED`.
+    #[serde(rename = "type")]
+    pub kind: WatchEventType,
+    /// The object after the change (for `DELETED`, the last state).
+    pub object: serde_json::Value,
+}
+
+/// What happened to the object of a [`WatchEvent`].
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum WatchEventType {
+    /// The object was created.
+    Added,
+    /// The object was updated.
+    Modified,
+    /// The object was deleted.
+    Deleted,
+}
+
+/// The JSON body of every API error: `{code, message, details}`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct ApiErrorBody {
+    /// The HTTP status code.
+    pub code: u16,
+    /// One human line, e.g. `app hello not found`.
+    pub message: String,
+    /// Field errors and other structured detail.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<String>,
+}
