@@ -1,0 +1,195 @@
+//! Wire messages of the cloud↔edge channel and their codec.
+//!
+//! Each WebSocket binary frame carries exactly one message, encoded as JSON.
+//! [`decode_down`] / [`decode_up`] are the decoders fed by the network: they
+//! reject oversize frames and never panic on any input (fuzzed).
+
+use serde::{Deserialize, Serialize};
+use yunbian_api::{AppInstanceStatus, Kind, NodeInfo, NodeUsage};
+
+/// Largest frame either side accepts.
+pub const MAX_FRAME: usize = 16 << 20;
+
+/// Protocol version sent in `Hello`; a cloud refuses versions it does not speak.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// An object of a node's desired view (today AppInstances; later Configs,
+/// Secrets, DeviceModels…).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DesiredObject {
+    /// Kind of the object.
+    pub kind: Kind,
+    /// Name.
+    pub name: String,
+    /// Store revision of the object's last change.
+    pub revision: u64,
+    /// The full object.
+    pub value: serde_json::Value,
+}
+
+/// One change to a desired view.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "camelCase")]
+pub enum Change {
+    /// Create or replace.
+    Upsert {
+        /// The object.
+        object: DesiredObject,
+    },
+    /// Remove.
+    Remove {
+        /// Kind.
+        kind: Kind,
+        /// Name.
+        name: String,
+    },
+}
+
+/// Something the edge reports upstream through its persisted outbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum Report {
+    /// New observed state of one instance.
+    InstanceStatus {
+        /// Instance name.
+        instance: String,
+        /// Its status.
+        status: AppInstanceStatus,
+    },
+}
+
+/// Cloud → edge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum Down {
+    /// The whole desired view at `revision`; objects absent are removed.
+    Snapshot {
+        /// View revision.
+        revision: u64,
+        /// Every object of the view.
+        objects: Vec<DesiredObject>,
+        /// Apply even if older than what the edge has (the cloud's history
+        /// went backwards).
+        #[serde(default)]
+        reset: bool,
+    },
+    /// Changes that turn the view at `base` into the view at `revision`.
+    Delta {
+        /// Revision the delta applies on top of.
+        base: u64,
+        /// Revision after it.
+        revision: u64,
+        /// The changes, in order.
+        changes: Vec<Change>,
+    },
+    /// Every report with `seq <= upto` is durably stored in the cloud.
+    ReportAck {
+        /// Cumulative acknowledgement.
+        upto: u64,
+    },
+    /// Stream an instance's log back with [`Up::LogData`].
+    LogRequest {
+        /// Stream id chosen by the cloud.
+        stream: u64,
+        /// Instance name.
+        instance: String,
+        /// Last N lines only.
+        tail: Option<u64>,
+        /// Keep streaming.
+        follow: bool,
+    },
+    /// Stop a log stream.
+    LogCancel {
+        /// Stream id.
+        stream: u64,
+    },
+    /// The cloud refuses the session (version, identity); the edge backs off.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Edge → cloud.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum Up {
+    /// First message of every connection.
+    Hello {
+        /// Protocol version.
+        version: u32,
+        /// Last desired-view revision the edge applied and persisted.
+        applied: u64,
+        /// Lowest unacknowledged outbox sequence (the next one to be
+        /// assigned when the outbox is empty).
+        outbox_first: u64,
+    },
+    /// The edge applied and persisted the view up to `revision`.
+    Ack {
+        /// Applied revision.
+        revision: u64,
+    },
+    /// Outbox entries, in sequence order.
+    Reports {
+        /// `(seq, report)` pairs, strictly increasing seq.
+        items: Vec<(u64, Report)>,
+    },
+    /// Liveness and usage.
+    Heartbeat {
+        /// Machine facts.
+        info: NodeInfo,
+        /// Live usage.
+        usage: NodeUsage,
+        /// Whether limits are enforced, and how.
+        limits_enforced: bool,
+        /// Explanation.
+        limits_note: String,
+    },
+    /// A chunk of a log stream.
+    LogData {
+        /// Stream id.
+        stream: u64,
+        /// Text.
+        data: String,
+    },
+    /// End of a log stream (error when it failed).
+    LogEnd {
+        /// Stream id.
+        stream: u64,
+        /// Why it ended early.
+        error: Option<String>,
+    },
+}
+
+/// Decoding failure.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// Frame larger than [`MAX_FRAME`].
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    /// Not a message of this protocol.
+    #[error("malformed message: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+/// Encodes any message.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    serde_json::to_vec(msg).expect("wire messages always serialize")
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, WireError> {
+    if bytes.len() > MAX_FRAME {
+        return Err(WireError::TooLarge(bytes.len()));
+    }
+    Ok(serde_json::from_slice(bytes)?)
+}
+
+/// Decodes a cloud → edge frame.
+pub fn decode_down(bytes: &[u8]) -> Result<Down, WireError> {
+    decode(bytes)
+}
+
+/// Decodes an edge → cloud frame.
+pub fn decode_up(bytes: &[u8]) -> Result<Up, WireError> {
+    decode(bytes)
+}
