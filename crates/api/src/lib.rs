@@ -12,6 +12,7 @@ pub mod kinds;
 pub mod manifest;
 pub mod meta;
 pub mod quantity;
+pub mod time;
 pub mod validate;
 
 pub use kinds::*;
