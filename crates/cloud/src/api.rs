@@ -1,0 +1,678 @@
+//! The HTTPS REST API: CRUD and watch for every kind, tokens, join and
+//! certificate renewal, the hub upgrade, logs and metrics.
+//!
+//! Authentication happens here, per route: the admin bearer token for the
+//! management API, the verified client certificate (put into the request by
+//! `server.rs` as [`Peer`]) for nodes, the join token for joining. Every
+//! error is `{code, message, details}` JSON (docs/api.md).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use yunbian_api::{
+    ApiErrorBody, AppInstanceSpec, Kind, ManifestError, NodeSpec, Object, Resource, TokenSpec,
+};
+use yunbian_pki::CertAuthority;
+use yunbian_store::{EventType, Store, StoreError, StoredObject};
+
+use crate::hub::{Hub, HubError};
+use crate::metrics::Metrics;
+use crate::objects::{self, apply, decode, unix_now, Applied};
+
+/// Largest request body.
+pub const MAX_BODY: usize = 4 << 20;
+
+/// Who is on the other end of the TLS connection.
+#[derive(Debug, Clone, Default)]
+pub struct Peer {
+    /// Node name from a verified client certificate.
+    pub node: Option<String>,
+    /// Expiry of that certificate (Unix seconds).
+    pub cert_expiry: u64,
+    /// Remote socket address.
+    pub address: String,
+}
+
+/// Shared state of every handler.
+pub struct ApiState {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// The hub.
+    pub hub: Arc<Hub>,
+    /// The CA.
+    pub ca: CertAuthority,
+    /// CA fingerprint (hex SHA-256 of its DER).
+    pub ca_fingerprint: String,
+    /// SHA-256 of the admin token.
+    pub admin_token_hash: String,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Lifetime of node certificates.
+    pub node_cert_ttl: Duration,
+}
+
+type St = State<Arc<ApiState>>;
+
+/// An API error.
+#[derive(Debug)]
+pub struct ApiError {
+    code: StatusCode,
+    message: String,
+    details: Vec<String>,
+}
+
+impl ApiError {
+    fn new(code: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { code, message: message.into(), details: Vec::new() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ApiErrorBody { code: self.code.as_u16(), message: self.message, details: self.details };
+        (self.code, Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let code = match &e {
+            StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
+            StoreError::AlreadyExists { .. } | StoreError::Conflict { .. } => StatusCode::CONFLICT,
+            StoreError::Compacted { .. } => StatusCode::GONE,
+            StoreError::Backend(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(code, e.to_string())
+    }
+}
+
+impl From<ManifestError> for ApiError {
+    fn from(e: ManifestError) -> Self {
+        let code = match e {
+            ManifestError::Syntax(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::UNPROCESSABLE_ENTITY,
+        };
+        ApiError { code, message: e.to_string(), details: e.details() }
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(r: BytesRejection) -> Self {
+        let code = r.status();
+        let message = if code == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("request body exceeds {MAX_BODY} bytes")
+        } else {
+            r.body_text()
+        };
+        ApiError::new(code, message)
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Builds the router.
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .route("/v1/ca", get(ca))
+        .route("/v1/join", post(join))
+        .route("/v1/renew", post(renew))
+        .route("/v1/hub", get(hub))
+        .route("/v1/tokens", post(create_token).get(list_tokens))
+        .route("/v1/tokens/{name}/revoke", post(revoke_token))
+        .route("/v1/instances/{name}/log", get(instance_log))
+        .route("/v1/apps/{name}/log", get(app_log))
+        .route("/v1/{plural}", get(list).post(create))
+        .route("/v1/{plural}/{name}", get(get_one).put(put).delete(delete))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such API path") })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
+        .with_state(state)
+}
+
+async fn count_requests(State(s): St, req: Request, next: Next) -> Response {
+    let method = req.method().as_str().to_string();
+    let resp = next.run(req).await;
+    s.metrics.request(&method, resp.status().as_u16());
+    resp
+}
+
+fn require_admin(s: &ApiState, headers: &HeaderMap, peer: &Peer) -> ApiResult<()> {
+    let token = headers
+        .get("authorization")
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim);
+    match token {
+        Some(t) if yunbian_pki::secure_eq(&yunbian_pki::sha256_hex(t.as_bytes()), &s.admin_token_hash) => Ok(()),
+        Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid bearer token")),
+        None if peer.node.is_some() => {
+            Err(ApiError::new(StatusCode::FORBIDDEN, "node certificates may not use the management API"))
+        }
+        None => Err(ApiError::new(StatusCode::UNAUTHORIZED, "authentication required: send a bearer token")),
+    }
+}
+
+fn kind_of(plural: &str) -> ApiResult<Kind> {
+    Kind::ALL
+        .into_iter()
+        .find(|k| k.plural() == plural)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("unknown resource type {plural:?}")))
+}
+
+fn parse_body(body: &[u8]) -> ApiResult<Value> {
+    let text = std::str::from_utf8(body).map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "body is not UTF-8"))?;
+    serde_yaml::from_str(text).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("body is not JSON or YAML: {e}")))
+}
+
+async fn metrics(State(s): St, headers: HeaderMap, Extension(peer): Extension<Peer>) -> ApiResult<Response> {
+    require_admin(&s, &headers, &peer)?;
+    s.hub.refresh_gauges();
+    Ok(([("content-type", "text/plain; version=0.0.4")], s.metrics.render()).into_response())
+}
+
+async fn ca(State(s): St) -> Response {
+    ([("content-type", "application/x-pem-file")], s.ca.cert_pem().to_string()).into_response()
+}
+
+// ------------------------------------------------------------------ CRUD
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct ListQuery {
+    watch: Option<String>,
+    resource_version: Option<u64>,
+    label_selector: Option<String>,
+    node: Option<String>,
+    app: Option<String>,
+}
+
+struct Filter {
+    labels: Vec<(String, String)>,
+    node: Option<String>,
+    app: Option<String>,
+}
+
+impl Filter {
+    fn new(q: &ListQuery) -> ApiResult<Self> {
+        let mut labels = Vec::new();
+        for part in q.label_selector.as_deref().unwrap_or("").split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, format!("labelSelector: {part:?} is not k=v")))?;
+            labels.push((k.to_string(), v.to_string()));
+        }
+        Ok(Filter { labels, node: q.node.clone(), app: q.app.clone() })
+    }
+
+    fn matches(&self, v: &Value) -> bool {
+        let label_ok = self
+            .labels
+            .iter()
+            .all(|(k, want)| v.pointer("/metadata/labels").and_then(|l| l.get(k)).and_then(Value::as_str) == Some(want));
+        let field_ok = |f: &Option<String>, ptr: &str| {
+            f.as_ref().is_none_or(|want| v.pointer(ptr).and_then(Value::as_str) == Some(want.as_str()))
+        };
+        label_ok && field_ok(&self.node, "/spec/node") && field_ok(&self.app, "/spec/app")
+    }
+}
+
+async fn list(
+    State(s): St,
+    headers: HeaderMap,
+    Extension(peer): Extension<Peer>,
+    Path(plural): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Response> {
+    require_admin(&s, &headers, &peer)?;
+    list_kind(s, kind_of(&plural)?, q).await
+}
+
+async fn list_tokens(
+    State(s): St,
+    headers: HeaderMap,
+    Extension(peer): Extension<Peer>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Response> {
+    require_admin(&s, &headers, &peer)?;
+    list_kind(s, Kind::Token, q).await
+}
+
+async fn list_kind(s: Arc<ApiState>, kind: Kind, q: ListQuery) -> ApiResult<Response> {
+    let filter = Filter::new(&q)?;
+    if q.watch.as_deref().is_some_and(|w| w == "true" || w == "1") {
+        return watch(s, kind, filter, q.resource_version).await;
+    }
+    let (items, rev) = s.store.list(kind).await?;
+    let items: Vec<Value> = items.iter().map(|o| (*o.value).clone()).filter(|v| filter.matches(v)).collect();
+    Ok(Json(json!({ "items": items, "resourceVersion": rev })).into_response())
+}
+
+fn event_line(kind: EventType, o: &StoredObject) -> Bytes {
+    let t = match kind {
+        EventType::Added => "ADDED",
+        EventType::Modified => "MODIFIED",
+        EventType::Deleted => "DELETED",
+    };
+    let mut line = serde_json::to_vec(&json!({ "type": t, "object": &*o.value })).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+async fn watch(s: Arc<ApiState>, kind: Kind, filter: Filter, from: Option<u64>) -> ApiResult<Response> {
+    let mut initial = Vec::new();
+    let from = match from {
+        Some(rv) => rv,
+        None => {
+            let (items, rev) = s.store.list(kind).await?;
+            for o in items.iter().filter(|o| filter.matches(&o.value)) {
+                initial.push(event_line(EventType::Added, o));
+            }
+            rev
+        }
+    };
+    let w = s.store.watch(Some(kind), from).await?;
+    let live = futures_util::stream::unfold((w, filter), |(mut w, filter)| async move {
+        loop {
+            match w.recv().await {
+                Some(Ok(ev)) if filter.matches(&ev.object.value) => {
+                    return Some((Ok::<Bytes, std::io::Error>(event_line(ev.event, &ev.object)), (w, filter)));
+                }
+                Some(Ok(_)) => continue,
+                // The watcher fell behind or the store closed: end the stream;
+                // the client relists.
+                Some(Err(_)) | None => return None,
+            }
+        }
+    });
+    let stream = futures_util::StreamExt::chain(futures_util::stream::iter(initial.into_iter().map(Ok)), live);
+    Ok(Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?)
+}
+
+async fn get_one(
+    State(s): St,
+    headers: HeaderMap,
+    Extension(peer): Extension<Peer>,
+    Path((plural, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    require_admin(&s, &headers, &peer)?;
+    let kind = kind_of(&plural)?;
+    Ok(Json((*s.store.get(kind, &name).await?.value).clone()))
+}
+
+/// Checks a body against the path and the kind's rules; returns the JSON to store.
+fn admit(kind: Kind, name: Option<&str>, body: Value) -> ApiResult<(String, Value)> {
+    let resource = Resource::from_value(body)?;
+    if resource.kind() != kind {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("body is a {} but the path is for {}", resource.kind(), kind.plural()),
+        ));
+    }
+    if let Some(n) = name {
+        if resource.name() != n {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("metadata.name {:?} does not match the path ({n:?})", resource.name()),
+            ));
+        }
+    }
+    Ok((resource.name().to_string(), resource.to_value()))
+}
+
+async fn create(
+    State(s): St,
+    headers: HeaderMap,
+    Extension(peer): Extension<Peer>,
+    Path(plural): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    require_admin(&s, &headers, &peer)?;
+    let kind = kind_of(&plural)?;
+    refuse_user_writes(kind, true)?;
+    let (name, mut v) = admit(kind, None, parse_body(&body?)?)?;
+    if let Some(o) = v.as_object_mut() {
+        o.remove("status");
+    }
+    objects::stamp_new(&mut v);
+    let o = s.store.create(kind, &name, v).await?;
+    tracing::info!(kind = %kind, name = %name, "created");
+    Ok((StatusCode::CREATED, Json((*o.value).clone())).into_response())
+}
+
+fn refuse_user_writes(kind: Kind, creating: bool) -> ApiResult<()> {
+    let msg = match kind {
+        Kind::Token => "tokens are created with POST /v1/tokens (yunbian token create)",
+        Kind::AppInstance => "instances are managed by their App; change the App instead",
+        Kind::Node if creating => "nodes are created by joining (yunbian edge join)",
+        _ => return Ok(()),
+    };
+    Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, msg))
+}
+
+async fn put(
+    State(s): St,
+    headers: HeaderMap,
+    Extension(peer): Extension<Peer>,
+    Path((plural, name)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    require_admin(&s, &headers, &peer)?;
+    let kind = kind_of(&plural)?;
+    let exists = s.store.get(kind, &name).await.is_ok();
+    refuse_user_writes(kind, !exists)?;
+    let (name, v) = admit(kind, Some(&name), parse_body(&body?)?)?;
+    let (outcome, o) = apply(&s.store, kind, &name, v).await?;
+    let code = match outcome {
+        Applied::Created => StatusCode::CREATED,
+        _ => StatusCode::OK,
+    };
+    if outcome != Applied::Unchanged {
+        tracing::info!(kind = %kind, name = %name, outcome = ?outcome, "applied");
+    }
+    Ok((code, [("x-yunbian-apply", format!("{outcome:?}").to_lowercase())], Json((*o.value).clone())).into_response())
+}
+
+async fn delete(
+    State(s): St,
+    headers: HeaderMap,
+    Extension(peer): Extension<Peer>,
+    Path((plural, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    require_admin(&s, &headers, &peer)?;
+    let kind = kind_of(&plural)?;
+    let o = s.store.delete(kind, &name, None).await?;
+    tracing::info!(kind = %kind, name = %name, "deleted");
+    Ok(Json((*o.value).clone()))
+}
+
+// ---------------------------------------------------------------- tokens
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct TokenRequest {
+    ttl_seconds: Option<u64>,
+    #[serde(default)]
+    description: String,
+}
+
+async fn create_token(
+    State(s): St,
+    headers: HeaderMap,
+    Extension(peer): Extension<Peer>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    require_admin(&s, &headers, &peer)?;
+    let body = body?;
+    let req: TokenRequest = if body.is_empty() {
+        TokenRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("token request: {e}")))?
+    };
+    let ttl = req.ttl_seconds.unwrap_or(24 * 3600);
+    let id = yunbian_pki::random_hex(3);
+    let secret = yunbian_pki::random_hex(16);
+    let spec = TokenSpec {
+        secret_hash: yunbian_pki::sha256_hex(secret.as_bytes()),
+        expires: if ttl == 0 { String::new() } else { yunbian_api::time::format_rfc3339(unix_now() + ttl) },
+        revoked: false,
+        description: req.description,
+    };
+    let mut v = Object::new(&id, spec).to_value();
+    objects::stamp_new(&mut v);
+    let o = s.store.create(Kind::Token, &id, v).await?;
+    let token = format!("YB1.{}.{id}.{secret}", s.ca_fingerprint);
+    tracing::info!(token = %id, "join token created");
+    Ok((StatusCode::CREATED, Json(json!({ "token": token, "object": &*o.value }))).into_response())
+}
+
+async fn revoke_token(
+    State(s): St,
+    headers: HeaderMap,
+    Extension(peer): Extension<Peer>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    require_admin(&s, &headers, &peer)?;
+    objects::update_status::<TokenSpec>(&s.store, &name, |t| {
+        let changed = !t.spec.revoked;
+        t.spec.revoked = true;
+        changed
+    })
+    .await?;
+    tracing::info!(token = %name, "join token revoked");
+    Ok(Json((*s.store.get(Kind::Token, &name).await?.value).clone()))
+}
+
+// ------------------------------------------------------------------- join
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JoinRequest {
+    token: String,
+    name: String,
+    csr: String,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
+}
+
+async fn check_token(s: &ApiState, token: &str) -> Result<String, String> {
+    let parts: Vec<&str> = token.trim().split('.').collect();
+    let [prefix, fp, id, secret] = parts.as_slice() else {
+        return Err("malformed join token".into());
+    };
+    if *prefix != "YB1" {
+        return Err("malformed join token".into());
+    }
+    if !yunbian_pki::secure_eq(fp, &s.ca_fingerprint) {
+        return Err("join token belongs to another cluster (CA fingerprint mismatch)".into());
+    }
+    let o = match s.store.get(Kind::Token, id).await {
+        Ok(o) => o,
+        Err(StoreError::NotFound { .. }) => return Err(format!("unknown join token {id}")),
+        Err(e) => return Err(e.to_string()),
+    };
+    let t = decode::<TokenSpec>(&o).map_err(|e| e.to_string())?;
+    if !yunbian_pki::secure_eq(&yunbian_pki::sha256_hex(secret.as_bytes()), &t.spec.secret_hash) {
+        return Err(format!("invalid secret for join token {id}"));
+    }
+    if t.spec.revoked {
+        return Err(format!("join token {id} has been revoked"));
+    }
+    if !t.spec.expires.is_empty() {
+        let exp = yunbian_api::time::parse_rfc3339(&t.spec.expires).unwrap_or(0);
+        if exp <= unix_now() {
+            return Err(format!("join token {id} expired at {}", t.spec.expires));
+        }
+    }
+    Ok(id.to_string())
+}
+
+async fn join(State(s): St, Extension(peer): Extension<Peer>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let req: JoinRequest = serde_json::from_slice(&body?)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("join request: {e}")))?;
+    let reject = |code: StatusCode, msg: String| {
+        tracing::warn!(node = %req.name, from = %peer.address, reason = %msg, "join rejected");
+        ApiError::new(code, msg)
+    };
+    let token_id = check_token(&s, &req.token).await.map_err(|m| reject(StatusCode::UNAUTHORIZED, m))?;
+    if let Err(m) = yunbian_api::validate::check_name(&req.name) {
+        return Err(reject(StatusCode::UNPROCESSABLE_ENTITY, format!("node name: {m}")));
+    }
+    let mut node = Object::new(&req.name, NodeSpec::default());
+    node.metadata.labels = req.labels.clone();
+    if let Some(e) = Resource::Node(node.clone()).errors().first() {
+        return Err(reject(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()));
+    }
+    if s.store.get(Kind::Node, &req.name).await.is_ok() {
+        return Err(reject(StatusCode::CONFLICT, format!("node name {} is already taken", req.name)));
+    }
+    let cert = s
+        .ca
+        .sign_node_csr(&req.csr, &req.name, s.node_cert_ttl)
+        .map_err(|e| reject(StatusCode::BAD_REQUEST, format!("certificate request: {e}")))?;
+    let mut v = node.to_value();
+    objects::stamp_new(&mut v);
+    match s.store.create(Kind::Node, &req.name, v).await {
+        Ok(_) => {}
+        Err(StoreError::AlreadyExists { .. }) => {
+            return Err(reject(StatusCode::CONFLICT, format!("node name {} is already taken", req.name)))
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let _ = objects::update_status::<TokenSpec>(&s.store, &token_id, |t| {
+        t.status.joins += 1;
+        true
+    })
+    .await;
+    tracing::info!(node = %req.name, token = %token_id, from = %peer.address, "node joined");
+    Ok(Json(json!({ "certificate": cert, "ca": s.ca.cert_pem() })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenewRequest {
+    csr: String,
+}
+
+fn require_node(peer: &Peer) -> ApiResult<String> {
+    peer.node
+        .clone()
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "a node client certificate is required"))
+}
+
+async fn renew(State(s): St, Extension(peer): Extension<Peer>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+    let node = require_node(&peer)?;
+    s.store.get(Kind::Node, &node).await.map_err(|_| ApiError::new(StatusCode::FORBIDDEN, format!("node {node} was removed")))?;
+    let req: RenewRequest = serde_json::from_slice(&body?)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("renew request: {e}")))?;
+    let cert = s
+        .ca
+        .sign_node_csr(&req.csr, &node, s.node_cert_ttl)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("certificate request: {e}")))?;
+    tracing::info!(node = %node, "node certificate renewed");
+    Ok(Json(json!({ "certificate": cert })).into_response())
+}
+
+async fn hub(State(s): St, Extension(peer): Extension<Peer>, ws: WebSocketUpgrade) -> ApiResult<Response> {
+    use std::sync::atomic::Ordering;
+    let node = require_node(&peer).inspect_err(|_| {
+        s.metrics.hub_rejected.fetch_add(1, Ordering::Relaxed);
+    })?;
+    if s.store.get(Kind::Node, &node).await.is_err() {
+        s.metrics.hub_rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(node = %node, "hub: certificate of a removed node");
+        return Err(ApiError::new(StatusCode::FORBIDDEN, format!("node {node} was removed; join again")));
+    }
+    let hub = s.hub.clone();
+    Ok(ws
+        .max_message_size(yunbian_sync::wire::MAX_FRAME)
+        .on_upgrade(move |socket| hub.serve(node, peer.address, peer.cert_expiry, socket)))
+}
+
+// ------------------------------------------------------------------- logs
+
+#[derive(Debug, Deserialize, Default)]
+struct LogQuery {
+    tail: Option<u64>,
+    follow: Option<String>,
+    node: Option<String>,
+}
+
+fn log_response(rxs: Vec<(Option<String>, tokio::sync::mpsc::Receiver<String>)>) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
+    for (prefix, mut r) in rxs {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut partial = String::new();
+            while let Some(chunk) = r.recv().await {
+                let out = match &prefix {
+                    None => chunk,
+                    Some(p) => {
+                        partial.push_str(&chunk);
+                        let mut out = String::new();
+                        while let Some(i) = partial.find('\n') {
+                            let line: String = partial.drain(..=i).collect();
+                            out.push_str(&format!("[{p}] {line}"));
+                        }
+                        out
+                    }
+                };
+                if !out.is_empty() && tx.send(Bytes::from(out)).await.is_err() {
+                    return; // client went away; dropping `r` cancels the stream
+                }
+            }
+        });
+    }
+    drop(tx);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<Bytes, std::io::Error>(b), rx))
+    });
+    ([("content-type", "text/plain; charset=utf-8")], Body::from_stream(stream)).into_response()
+}
+
+fn hub_err(e: HubError) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+}
+
+async fn instance_log(
+    State(s): St,
+    headers: HeaderMap,
+    Extension(peer): Extension<Peer>,
+    Path(name): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> ApiResult<Response> {
+    require_admin(&s, &headers, &peer)?;
+    let inst = decode::<AppInstanceSpec>(&s.store.get(Kind::AppInstance, &name).await?)?;
+    let follow = q.follow.as_deref().is_some_and(|f| f == "true" || f == "1");
+    let rx = s.hub.open_log(&inst.spec.node, &name, q.tail, follow).map_err(hub_err)?;
+    Ok(log_response(vec![(None, rx)]))
+}
+
+async fn app_log(
+    State(s): St,
+    headers: HeaderMap,
+    Extension(peer): Extension<Peer>,
+    Path(name): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> ApiResult<Response> {
+    require_admin(&s, &headers, &peer)?;
+    s.store.get(Kind::App, &name).await?;
+    let (insts, _) = s.store.list(Kind::AppInstance).await?;
+    let follow = q.follow.as_deref().is_some_and(|f| f == "true" || f == "1");
+    let mut rxs = Vec::new();
+    let mut down = Vec::new();
+    for o in &insts {
+        let Ok(i) = decode::<AppInstanceSpec>(o) else { continue };
+        if i.spec.app != name || q.node.as_ref().is_some_and(|n| *n != i.spec.node) {
+            continue;
+        }
+        match s.hub.open_log(&i.spec.node, &o.name, q.tail, follow) {
+            Ok(rx) => rxs.push((Some(o.name.clone()), rx)),
+            Err(e) => down.push(e.to_string()),
+        }
+    }
+    if rxs.is_empty() {
+        let msg = if down.is_empty() {
+            format!("app {name} has no instances{}", q.node.map(|n| format!(" on node {n}")).unwrap_or_default())
+        } else {
+            down.join("; ")
+        };
+        return Err(ApiError::new(if down.is_empty() { StatusCode::NOT_FOUND } else { StatusCode::SERVICE_UNAVAILABLE }, msg));
+    }
+    Ok(log_response(rxs))
+}

@@ -1,0 +1,233 @@
+//! The App controller: turns each App (intent) into AppInstances placed on
+//! nodes, and summarises what the nodes report (observation) into the App's
+//! status. Level-triggered and idempotent: every pass reads the whole state
+//! and converges it, so running it twice, or after a crash, is harmless.
+//!
+//! A pass runs on any change of Apps, AppInstances or Nodes (debounced) and
+//! at least every few seconds.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use serde_json::Value;
+use yunbian_api::{
+    AppInstance, AppInstanceSpec, AppSpec, InstancePhase, Kind, NodePhase, NodeSpec, Object,
+};
+use yunbian_store::{Store, StoreError};
+
+use crate::metrics::Metrics;
+use crate::objects::{decode, stamp_new, update_status};
+use crate::scheduler::{self, Candidate, Request};
+
+/// Writes issued concurrently by one pass.
+const PARALLEL_WRITES: usize = 512;
+
+/// Runs the App controller forever.
+pub async fn run_app_controller(store: Arc<dyn Store>, metrics: Arc<Metrics>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    for kind in [Kind::App, Kind::AppInstance, Kind::Node] {
+        let store = store.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let from = store.revision();
+                match store.watch(Some(kind), from).await {
+                    Ok(mut w) => {
+                        while let Some(ev) = w.recv().await {
+                            if ev.is_err() {
+                                break;
+                            }
+                            let _ = tx.try_send(());
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, ?kind, "controller watch"),
+                }
+                let _ = tx.try_send(());
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+    }
+    loop {
+        let t0 = Instant::now();
+        if let Err(e) = reconcile_apps(&store).await {
+            tracing::warn!(error = %e, "app reconcile pass failed");
+        }
+        metrics.reconcile("app", t0.elapsed());
+        // Wait for a change or the periodic resync, then let a burst settle.
+        let _ = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        while rx.try_recv().is_ok() {}
+    }
+}
+
+type Instance = AppInstance;
+
+/// One full reconcile pass over every App.
+pub async fn reconcile_apps(store: &Arc<dyn Store>) -> Result<(), StoreError> {
+    let (apps, _) = store.list(Kind::App).await?;
+    let (insts, _) = store.list(Kind::AppInstance).await?;
+    let (nodes, _) = store.list(Kind::Node).await?;
+
+    let apps: Vec<Object<AppSpec, _>> = apps.iter().filter_map(|o| decode::<AppSpec>(o).ok()).collect();
+    let insts: Vec<Instance> = insts.iter().filter_map(|o| decode::<AppInstanceSpec>(o).ok()).collect();
+    let nodes: Vec<Object<NodeSpec, _>> = nodes.iter().filter_map(|o| decode::<NodeSpec>(o).ok()).collect();
+
+    let node_names: BTreeSet<String> = nodes.iter().map(|n| n.metadata.name.clone()).collect();
+    let ready: BTreeSet<String> = nodes
+        .iter()
+        .filter(|n| n.status.phase == NodePhase::Ready)
+        .map(|n| n.metadata.name.clone())
+        .collect();
+    let app_names: BTreeSet<&str> = apps.iter().map(|a| a.metadata.name.as_str()).collect();
+
+    let mut deletes: Vec<String> = Vec::new();
+    let mut by_app: HashMap<&str, Vec<&Instance>> = HashMap::new();
+    for i in &insts {
+        if !app_names.contains(i.spec.app.as_str()) || !node_names.contains(&i.spec.node) {
+            deletes.push(i.metadata.name.clone()); // owner or node is gone
+        } else {
+            by_app.entry(i.spec.app.as_str()).or_default().push(i);
+        }
+    }
+
+    // Capacity already booked per node (by instances that stay).
+    let mut booked: HashMap<&str, (u64, u64)> = HashMap::new();
+    for i in insts.iter().filter(|i| !deletes.contains(&i.metadata.name)) {
+        let b = booked.entry(i.spec.node.as_str()).or_default();
+        b.0 += i.spec.template.resources.requests.cpu_millis();
+        b.1 += i.spec.template.resources.requests.memory_bytes();
+    }
+    let mut candidates: Vec<Candidate> = nodes
+        .iter()
+        .map(|n| {
+            let (cpu_used, memory_used) = booked.get(n.metadata.name.as_str()).copied().unwrap_or_default();
+            Candidate {
+                name: n.metadata.name.clone(),
+                labels: n.metadata.labels.clone(),
+                schedulable: n.status.phase == NodePhase::Ready && !n.spec.unschedulable,
+                cpu_allocatable: n.status.allocatable.cpu_millis,
+                memory_allocatable: n.status.allocatable.memory_bytes,
+                cpu_used,
+                memory_used,
+                same_app: 0,
+            }
+        })
+        .collect();
+
+    let mut creates: Vec<Value> = Vec::new();
+    let mut statuses: Vec<(String, yunbian_api::AppStatus)> = Vec::new();
+    for app in &apps {
+        let name = app.metadata.name.as_str();
+        let template = app.spec.template();
+        let hash = template.hash();
+        let want = usize::try_from(app.spec.replicas.max(0)).unwrap_or(0);
+        let mut live: Vec<&Instance> = Vec::new();
+        for i in by_app.get(name).map(Vec::as_slice).unwrap_or_default() {
+            if i.spec.template_hash == hash {
+                live.push(i);
+            } else {
+                deletes.push(i.metadata.name.clone()); // replaced by the new template
+            }
+        }
+        if live.len() > want {
+            let view: Vec<(String, String, bool)> = live
+                .iter()
+                .map(|i| (i.metadata.name.clone(), i.spec.node.clone(), i.status.phase == InstancePhase::Running))
+                .collect();
+            let victims = scheduler::pick_victims(&view, live.len() - want, &ready);
+            live.retain(|i| !victims.contains(&i.metadata.name));
+            deletes.extend(victims);
+        }
+        let mut message = String::new();
+        let mut placed = live.len();
+        if live.len() < want {
+            for c in candidates.iter_mut() {
+                c.same_app = live.iter().filter(|i| i.spec.node == c.name).count() as u32;
+            }
+            let req = Request {
+                cpu: template.resources.requests.cpu_millis(),
+                memory: template.resources.requests.memory_bytes(),
+                selector: app.spec.placement.node_selector.clone(),
+            };
+            for _ in live.len()..want {
+                match scheduler::place(&req, &mut candidates) {
+                    Ok(idx) => {
+                        let spec = AppInstanceSpec {
+                            app: name.to_string(),
+                            node: candidates[idx].name.clone(),
+                            template: template.clone(),
+                            template_hash: hash.clone(),
+                        };
+                        let mut inst = Object::new(instance_name(name), spec);
+                        inst.metadata.labels.insert("app".into(), name.to_string());
+                        creates.push(inst.to_value());
+                        placed += 1;
+                    }
+                    Err(why) => {
+                        message = why.to_string();
+                        break;
+                    }
+                }
+            }
+        }
+        let ready_count =
+            live.iter().filter(|i| i.status.phase == InstancePhase::Running && ready.contains(&i.spec.node)).count();
+        let status = yunbian_api::AppStatus {
+            replicas: want as u32,
+            scheduled_replicas: placed as u32,
+            ready_replicas: ready_count as u32,
+            observed_generation: app.metadata.generation,
+            message,
+        };
+        if status != app.status {
+            statuses.push((name.to_string(), status));
+        }
+    }
+
+    deletes.sort();
+    deletes.dedup();
+    for chunk in deletes.chunks(PARALLEL_WRITES) {
+        let r = join_all(chunk.iter().map(|n| store.delete(Kind::AppInstance, n, None))).await;
+        for e in r.into_iter().filter_map(Result::err) {
+            if !matches!(e, StoreError::NotFound { .. }) {
+                tracing::warn!(error = %e, "delete instance");
+            }
+        }
+    }
+    for chunk in creates.chunks(PARALLEL_WRITES) {
+        let r = join_all(chunk.iter().map(|v| {
+            let mut v = v.clone();
+            stamp_new(&mut v);
+            let name = v.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_string();
+            async move { store.create(Kind::AppInstance, &name, v).await }
+        }))
+        .await;
+        for e in r.into_iter().filter_map(Result::err) {
+            tracing::warn!(error = %e, "create instance");
+        }
+    }
+    for (name, status) in statuses {
+        let r = update_status::<AppSpec>(store, &name, |a| {
+            if a.status == status {
+                return false;
+            }
+            a.status = status.clone();
+            true
+        })
+        .await;
+        if let Err(e) = r {
+            if !matches!(e, StoreError::NotFound { .. }) {
+                tracing::warn!(app = %name, error = %e, "write app status");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn instance_name(app: &str) -> String {
+    // Keep within 63 characters.
+    let prefix: String = app.chars().take(52).collect();
+    format!("{prefix}-{}", yunbian_pki::random_hex(4))
+}

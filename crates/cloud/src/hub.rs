@@ -1,0 +1,590 @@
+//! The hub: every edge node's desired view, its live connection, its
+//! heartbeats, and log streams routed through the connection.
+//!
+//! The view builder watches the store and keeps one [`NodeView`] per node
+//! (AppInstances whose `spec.node` is the node, without status: status
+//! changes do not disturb the edge). Each connection runs a
+//! [`CloudSession`] (the sans-IO protocol) and executes its actions.
+//!
+//! Invariants:
+//! - The hub lock is never held across an `.await`.
+//! - A node's connection is identified only by its verified client
+//!   certificate; a node only writes the status of instances placed on it.
+//! - A newer connection of the same node replaces the older one.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{Message, WebSocket};
+use tokio::sync::{mpsc, Notify};
+use yunbian_api::{
+    AppInstanceSpec, Kind, NodeInfo, NodePhase, NodeSpec, NodeUsage,
+};
+use yunbian_store::{EventType, Store, StoreError, StoredObject};
+use yunbian_sync::wire::{decode_up, encode};
+use yunbian_sync::{Change, CloudAction, CloudSession, DesiredObject, Down, NodeView, Report, SessionConfig, Up};
+
+use crate::metrics::Metrics;
+use crate::objects::{self, now_rfc3339, update_status};
+
+/// Deltas kept per node for resuming without a snapshot.
+const VIEW_LOG: usize = 1024;
+
+/// Hub tunables.
+#[derive(Debug, Clone, Copy)]
+pub struct HubConfig {
+    /// Protocol timers.
+    pub session: SessionConfig,
+    /// Expected heartbeat interval of edges (sent to nobody; used for grace).
+    pub heartbeat: Duration,
+    /// A node with no heartbeat for this long is NotReady and its connection closed.
+    pub grace: Duration,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig { session: SessionConfig::default(), heartbeat: Duration::from_secs(5), grace: Duration::from_secs(20) }
+    }
+}
+
+struct Link {
+    conn: u64,
+    notify: Arc<Notify>,
+    control: mpsc::Sender<Down>,
+}
+
+#[derive(Default)]
+struct Live {
+    last_heartbeat: Option<Instant>,
+    last_status_write: Option<Instant>,
+    info: NodeInfo,
+    usage: NodeUsage,
+    limits: (bool, String),
+    address: String,
+    synced: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    views: HashMap<String, NodeView>,
+    base_revision: u64,
+    /// instance → (node, generation) of what is in the views.
+    placed: HashMap<String, (String, u64)>,
+    links: HashMap<String, Link>,
+    live: HashMap<String, Live>,
+}
+
+impl Inner {
+    fn view_mut(&mut self, node: &str) -> &mut NodeView {
+        let base = self.base_revision;
+        self.views.entry(node.to_string()).or_insert_with(|| NodeView::new(base, VIEW_LOG))
+    }
+}
+
+/// Errors the API layer maps to HTTP.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The node has no live connection.
+    #[error("node {0} is not connected")]
+    NotConnected(String),
+}
+
+/// The hub.
+pub struct Hub {
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    cfg: HubConfig,
+    inner: Mutex<Inner>,
+    logs: Mutex<HashMap<u64, (String, mpsc::Sender<String>)>>,
+    next_id: AtomicU64,
+    started: Instant,
+}
+
+fn desired_of(o: &StoredObject) -> Option<(String, u64, DesiredObject)> {
+    let node = o.value.pointer("/spec/node")?.as_str()?.to_string();
+    let generation = o.value.pointer("/metadata/generation").and_then(|g| g.as_u64()).unwrap_or(0);
+    let mut value = (*o.value).clone();
+    if let Some(m) = value.as_object_mut() {
+        m.remove("status");
+    }
+    Some((node, generation, DesiredObject { kind: o.kind, name: o.name.clone(), revision: o.revision, value }))
+}
+
+impl Hub {
+    /// A hub over `store`. Call [`Hub::run_view_builder`] to fill it.
+    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>, cfg: HubConfig) -> Arc<Self> {
+        Arc::new(Hub {
+            store,
+            metrics,
+            cfg,
+            inner: Mutex::new(Inner::default()),
+            logs: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            started: Instant::now(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("hub lock poisoned")
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Builds the views from a listing, then follows the store forever
+    /// (relisting when the watch falls behind).
+    pub async fn run_view_builder(self: Arc<Self>) {
+        let mut first = true;
+        loop {
+            let (items, rev) = match self.store.list(Kind::AppInstance).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "hub: list instances");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            self.resync(items, rev, first);
+            first = false;
+            let mut watch = match self.store.watch(Some(Kind::AppInstance), rev).await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(error = %e, "hub: watch instances; relisting");
+                    continue;
+                }
+            };
+            while let Some(ev) = watch.recv().await {
+                match ev {
+                    Ok(ev) => self.on_instance_event(ev.revision, ev.event, &ev.object),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "hub: instance watch ended; relisting");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn resync(&self, items: Vec<StoredObject>, rev: u64, first: bool) {
+        let mut changed = Vec::new();
+        {
+            let mut inner = self.lock();
+            if first {
+                inner.base_revision = rev;
+            }
+            let mut want: HashMap<String, (String, u64, DesiredObject)> = HashMap::new();
+            for o in &items {
+                if let Some(d) = desired_of(o) {
+                    want.insert(o.name.clone(), d);
+                }
+            }
+            if first {
+                for (name, (node, generation, obj)) in want {
+                    inner.view_mut(&node).seed(obj);
+                    inner.placed.insert(name, (node, generation));
+                }
+                return;
+            }
+            // Diff the views against the fresh listing.
+            let mut per_node: HashMap<String, Vec<Change>> = HashMap::new();
+            let old: Vec<(String, (String, u64))> = inner.placed.drain().collect();
+            for (name, (node, generation)) in &old {
+                match want.get(name) {
+                    Some((n, g, _)) if n == node && g == generation => {}
+                    _ => per_node
+                        .entry(node.clone())
+                        .or_default()
+                        .push(Change::Remove { kind: Kind::AppInstance, name: name.clone() }),
+                }
+            }
+            let old: HashMap<String, (String, u64)> = old.into_iter().collect();
+            for (name, (node, generation, obj)) in want {
+                if old.get(&name) != Some(&(node.clone(), generation)) {
+                    per_node.entry(node.clone()).or_default().push(Change::Upsert { object: obj });
+                }
+                inner.placed.insert(name, (node, generation));
+            }
+            for (node, changes) in per_node {
+                if inner.view_mut(&node).apply(rev, changes).is_some() {
+                    changed.push(node);
+                }
+            }
+        }
+        for n in changed {
+            self.poke(&n);
+        }
+    }
+
+    fn on_instance_event(&self, rev: u64, ev: EventType, o: &StoredObject) {
+        let mut touched = Vec::new();
+        {
+            let mut inner = self.lock();
+            let prev = inner.placed.get(&o.name).cloned();
+            match ev {
+                EventType::Deleted => {
+                    if let Some((node, _)) = prev {
+                        inner.placed.remove(&o.name);
+                        let c = Change::Remove { kind: o.kind, name: o.name.clone() };
+                        if inner.view_mut(&node).apply(rev, vec![c]).is_some() {
+                            touched.push(node);
+                        }
+                    }
+                }
+                EventType::Added | EventType::Modified => {
+                    let Some((node, generation, obj)) = desired_of(o) else { return };
+                    if prev.as_ref() == Some(&(node.clone(), generation)) {
+                        return; // status-only change
+                    }
+                    if let Some((old_node, _)) = prev.filter(|(n, _)| *n != node) {
+                        let c = Change::Remove { kind: o.kind, name: o.name.clone() };
+                        if inner.view_mut(&old_node).apply(rev, vec![c]).is_some() {
+                            touched.push(old_node);
+                        }
+                    }
+                    inner.placed.insert(o.name.clone(), (node.clone(), generation));
+                    if inner.view_mut(&node).apply(rev, vec![Change::Upsert { object: obj }]).is_some() {
+                        touched.push(node);
+                    }
+                }
+            }
+        }
+        for n in touched {
+            self.poke(&n);
+        }
+    }
+
+    fn poke(&self, node: &str) {
+        if let Some(l) = self.lock().links.get(node) {
+            l.notify.notify_one();
+        }
+    }
+
+    /// Whether `node` has a live connection.
+    pub fn is_connected(&self, node: &str) -> bool {
+        self.lock().links.contains_key(node)
+    }
+
+    /// Names of connected nodes whose last heartbeat is within the grace period.
+    pub fn ready_nodes(&self) -> HashMap<String, bool> {
+        let inner = self.lock();
+        inner
+            .live
+            .iter()
+            .map(|(n, l)| {
+                let ok = inner.links.contains_key(n)
+                    && l.last_heartbeat.is_some_and(|t| t.elapsed() < self.cfg.grace);
+                (n.clone(), ok)
+            })
+            .collect()
+    }
+
+    /// How long the hub has been up (the node controller waits one grace
+    /// period after start before declaring never-seen nodes NotReady).
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Grace period.
+    pub fn grace(&self) -> Duration {
+        self.cfg.grace
+    }
+
+    /// Updates the sync-queue-depth gauge: connected nodes not yet in sync.
+    pub fn refresh_gauges(&self) {
+        let inner = self.lock();
+        let behind = inner
+            .links
+            .keys()
+            .filter(|n| {
+                let synced = inner.live.get(*n).map_or(0, |l| l.synced);
+                inner.views.get(*n).is_some_and(|v| v.revision() > synced)
+            })
+            .count();
+        self.metrics.sync_queue_depth.store(behind as u64, Ordering::Relaxed);
+        self.metrics.connected_nodes.store(inner.links.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Opens a log stream from `instance` on `node`.
+    pub fn open_log(
+        &self,
+        node: &str,
+        instance: &str,
+        tail: Option<u64>,
+        follow: bool,
+    ) -> Result<mpsc::Receiver<String>, HubError> {
+        let control = self
+            .lock()
+            .links
+            .get(node)
+            .map(|l| l.control.clone())
+            .ok_or_else(|| HubError::NotConnected(node.to_string()))?;
+        let stream = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(1024);
+        self.logs.lock().expect("log map lock").insert(stream, (node.to_string(), tx));
+        let req = Down::LogRequest { stream, instance: instance.to_string(), tail, follow };
+        if control.try_send(req).is_err() {
+            self.logs.lock().expect("log map lock").remove(&stream);
+            return Err(HubError::NotConnected(node.to_string()));
+        }
+        Ok(rx)
+    }
+
+    /// Serves one authenticated node connection until it ends.
+    pub async fn serve(self: Arc<Self>, node: String, address: String, cert_expiry: u64, mut ws: WebSocket) {
+        let conn = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let notify = Arc::new(Notify::new());
+        let (control_tx, mut control_rx) = mpsc::channel::<Down>(256);
+        {
+            let mut inner = self.lock();
+            inner.links.insert(node.clone(), Link { conn, notify: notify.clone(), control: control_tx });
+            let live = inner.live.entry(node.clone()).or_default();
+            live.address = address;
+            live.last_heartbeat = Some(Instant::now());
+            live.last_status_write = None;
+        }
+        self.refresh_gauges();
+        tracing::info!(node = %node, "edge connected");
+        let expiry = yunbian_api::time::format_rfc3339(cert_expiry);
+        let _ = update_status::<NodeSpec>(&self.store, &node, |n| {
+            if n.status.certificate_expiry == expiry {
+                return false;
+            }
+            n.status.certificate_expiry = expiry.clone();
+            true
+        })
+        .await;
+
+        let mut session = CloudSession::new(self.cfg.session);
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut last_heard = Instant::now();
+        let reason: String = loop {
+            let actions = tokio::select! {
+                msg = ws.recv() => {
+                    let bytes = match msg {
+                        Some(Ok(Message::Binary(b))) => b,
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                        Some(Ok(Message::Close(_))) | None => break "closed by edge".into(),
+                        Some(Ok(Message::Text(_))) => break "text frame on binary protocol".into(),
+                        Some(Err(e)) => break format!("read: {e}"),
+                    };
+                    let up = match decode_up(&bytes) {
+                        Ok(up) => up,
+                        Err(e) => break format!("bad message: {e}"),
+                    };
+                    last_heard = Instant::now();
+                    match up {
+                        Up::Heartbeat { info, usage, limits_enforced, limits_note } => {
+                            self.heartbeat(&node, info, usage, (limits_enforced, limits_note)).await;
+                            continue;
+                        }
+                        Up::LogData { stream, data } => {
+                            if !self.log_data(stream, data).await {
+                                vec![CloudAction::Send(Down::LogCancel { stream })]
+                            } else {
+                                continue;
+                            }
+                        }
+                        Up::LogEnd { stream, error } => {
+                            self.log_end(stream, error).await;
+                            continue;
+                        }
+                        up => {
+                            let now = self.now_ms();
+                            let mut inner = self.lock();
+                            let view = inner.view_mut(&node);
+                            session.on_up(up, view, now)
+                        }
+                    }
+                }
+                _ = notify.notified() => {
+                    let now = self.now_ms();
+                    let mut inner = self.lock();
+                    session.on_view_changed(inner.view_mut(&node), now)
+                }
+                c = control_rx.recv() => match c {
+                    Some(d) => vec![CloudAction::Send(d)],
+                    None => break "replaced by a newer connection".into(),
+                },
+                _ = tick.tick() => {
+                    if last_heard.elapsed() > self.cfg.grace {
+                        break "heartbeat timeout".into();
+                    }
+                    let now = self.now_ms();
+                    let mut inner = self.lock();
+                    session.on_tick(inner.view_mut(&node), now)
+                }
+            };
+            if let Err(r) = self.execute(&node, actions, &mut ws).await {
+                break r;
+            }
+        };
+        tracing::info!(node = %node, reason = %reason, "edge disconnected");
+        let _ = ws.send(Message::Close(None)).await;
+        {
+            let mut inner = self.lock();
+            if inner.links.get(&node).is_some_and(|l| l.conn == conn) {
+                inner.links.remove(&node);
+            }
+        }
+        // End this node's log streams.
+        self.logs.lock().expect("log map lock").retain(|_, (n, _)| *n != node);
+        self.refresh_gauges();
+    }
+
+    async fn execute(&self, node: &str, actions: Vec<CloudAction>, ws: &mut WebSocket) -> Result<(), String> {
+        for a in actions {
+            match a {
+                CloudAction::Send(d) => {
+                    ws.send(Message::Binary(encode(&d).into())).await.map_err(|e| format!("write: {e}"))?;
+                    self.metrics.sync_messages_sent.fetch_add(1, Ordering::Relaxed);
+                }
+                CloudAction::PersistReports(items) => {
+                    self.apply_reports(node, items).await.map_err(|e| format!("store reports: {e}"))?;
+                }
+                CloudAction::Synced(rev) => {
+                    if let Some(l) = self.lock().live.get_mut(node) {
+                        l.synced = rev;
+                    }
+                    self.refresh_gauges();
+                }
+                CloudAction::Close(reason) => return Err(reason),
+            }
+        }
+        Ok(())
+    }
+
+    async fn apply_reports(&self, node: &str, items: Vec<(u64, Report)>) -> Result<(), StoreError> {
+        for (seq, report) in items {
+            match report {
+                Report::InstanceStatus { instance, status } => {
+                    let r = update_status::<AppInstanceSpec>(&self.store, &instance, |o| {
+                        if o.spec.node != node {
+                            tracing::warn!(node, instance = %instance, "status for an instance of another node ignored");
+                            return false;
+                        }
+                        if o.status.observed_seq >= seq {
+                            return false;
+                        }
+                        o.status = status.clone();
+                        o.status.observed_seq = seq;
+                        true
+                    })
+                    .await;
+                    match r {
+                        Ok(_) | Err(StoreError::NotFound { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            self.metrics.reports_applied.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    async fn heartbeat(&self, node: &str, info: NodeInfo, usage: NodeUsage, limits: (bool, String)) {
+        let write = {
+            let mut inner = self.lock();
+            let synced = inner.live.get(node).map_or(0, |l| l.synced);
+            let l = inner.live.entry(node.to_string()).or_default();
+            l.synced = synced;
+            l.last_heartbeat = Some(Instant::now());
+            let changed = l.info != info || l.limits != limits;
+            l.info = info;
+            l.usage = usage;
+            l.limits = limits;
+            let due = l.last_status_write.is_none_or(|t| t.elapsed() >= Duration::from_secs(30));
+            if changed || due {
+                l.last_status_write = Some(Instant::now());
+            }
+            (changed || due).then(|| (l.info.clone(), l.usage.clone(), l.limits.clone(), l.address.clone(), l.synced))
+        };
+        if let Some((info, usage, limits, address, synced)) = write {
+            let r = update_status::<NodeSpec>(&self.store, node, |n| {
+                n.status.phase = NodePhase::Ready;
+                n.status.reason = String::new();
+                n.status.allocatable.cpu_millis = u64::from(info.cpus) * 1000;
+                n.status.allocatable.memory_bytes = info.memory_bytes;
+                n.status.info = info.clone();
+                n.status.usage = usage.clone();
+                n.status.limits_enforced = limits.0;
+                n.status.limits_note = limits.1.clone();
+                n.status.address = address.clone();
+                n.status.synced_revision = synced;
+                n.status.last_heartbeat = now_rfc3339();
+                true
+            })
+            .await;
+            if let Err(e) = r {
+                tracing::warn!(node, error = %e, "write node status");
+            }
+        }
+    }
+
+    async fn log_data(&self, stream: u64, data: String) -> bool {
+        let tx = self.logs.lock().expect("log map lock").get(&stream).map(|(_, tx)| tx.clone());
+        match tx {
+            Some(tx) => {
+                if tx.send(data).await.is_ok() {
+                    true
+                } else {
+                    self.logs.lock().expect("log map lock").remove(&stream);
+                    false
+                }
+            }
+            None => false,
+        }
+    }
+
+    async fn log_end(&self, stream: u64, error: Option<String>) {
+        let tx = self.logs.lock().expect("log map lock").remove(&stream);
+        if let (Some((_, tx)), Some(e)) = (tx, error) {
+            let _ = tx.send(format!("error: {e}\n")).await;
+        }
+    }
+
+    /// Runs the node lifecycle controller: Ready while heartbeating,
+    /// NotReady after the grace period. Idempotent; writes only changes.
+    pub async fn run_node_lifecycle(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.cfg.heartbeat.min(Duration::from_secs(2)));
+        loop {
+            tick.tick().await;
+            let t0 = Instant::now();
+            self.refresh_gauges();
+            let ready = self.ready_nodes();
+            let nodes = match self.store.list(Kind::Node).await {
+                Ok((n, rev)) => {
+                    self.metrics.store_revision.store(rev, Ordering::Relaxed);
+                    n
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "node lifecycle: list nodes");
+                    continue;
+                }
+            };
+            for n in nodes {
+                let Ok(node) = objects::decode::<NodeSpec>(&n) else { continue };
+                let is_ready = ready.get(&n.name).copied().unwrap_or(false);
+                let (want, reason) = if is_ready {
+                    (NodePhase::Ready, "")
+                } else if node.status.phase == NodePhase::Ready || self.uptime() >= self.cfg.grace {
+                    (NodePhase::NotReady, "no heartbeat within the grace period")
+                } else {
+                    continue; // just started: give the node one grace period to reconnect
+                };
+                if node.status.phase != want {
+                    tracing::info!(node = %n.name, phase = ?want, "node phase changed");
+                    let _ = update_status::<NodeSpec>(&self.store, &n.name, |o| {
+                        o.status.phase = want;
+                        o.status.reason = reason.to_string();
+                        true
+                    })
+                    .await;
+                }
+            }
+            self.metrics.reconcile("node", t0.elapsed());
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! Prometheus text exposition for the cloud.
+//!
+//! Naming scheme (see docs/metrics.md): `yunbian_<component>_<what>_<unit>`,
+//! counters end in `_total`, durations are `_seconds` histograms. Label
+//! values are bounded: HTTP methods are folded to GET/POST/PUT/DELETE/OTHER,
+//! status codes are the few the API emits, controllers are a fixed set.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+/// A fixed-bucket histogram.
+#[derive(Debug, Default)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+/// The cloud's metrics registry.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    reconcile: Mutex<BTreeMap<&'static str, Histogram>>,
+    /// Nodes with a live hub connection.
+    pub connected_nodes: AtomicU64,
+    /// Nodes whose edge has not acknowledged their latest desired view.
+    pub sync_queue_depth: AtomicU64,
+    /// Sync messages sent to edges.
+    pub sync_messages_sent: AtomicU64,
+    /// Reports received from edges and stored.
+    pub reports_applied: AtomicU64,
+    /// Hub connections refused (bad certificate, unknown node, garbage).
+    pub hub_rejected: AtomicU64,
+    /// Latest store revision.
+    pub store_revision: AtomicU64,
+}
+
+fn fold_method(m: &str) -> &'static str {
+    match m {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        _ => "OTHER",
+    }
+}
+
+impl Metrics {
+    /// Counts one API request.
+    pub fn request(&self, method: &str, code: u16) {
+        let mut m = self.requests.lock().expect("metrics lock");
+        *m.entry((fold_method(method), code)).or_default() += 1;
+    }
+
+    /// Records one reconcile pass of `controller`.
+    pub fn reconcile(&self, controller: &'static str, took: Duration) {
+        let mut m = self.reconcile.lock().expect("metrics lock");
+        let h = m.entry(controller).or_default();
+        let s = took.as_secs_f64();
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if s <= *b {
+                h.counts[i] += 1;
+            }
+        }
+        h.count += 1;
+        h.sum += s;
+    }
+
+    /// Renders the text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let g = |out: &mut String, name: &str, help: &str, v: u64, kind: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        };
+        let _ = writeln!(out, "# HELP yunbian_api_requests_total API requests by method and status code.");
+        let _ = writeln!(out, "# TYPE yunbian_api_requests_total counter");
+        for ((method, code), v) in self.requests.lock().expect("metrics lock").iter() {
+            let _ = writeln!(out, "yunbian_api_requests_total{{method=\"{method}\",code=\"{code}\"}} {v}");
+        }
+        let _ = writeln!(out, "# HELP yunbian_controller_reconcile_duration_seconds Duration of one reconcile pass.");
+        let _ = writeln!(out, "# TYPE yunbian_controller_reconcile_duration_seconds histogram");
+        for (c, h) in self.reconcile.lock().expect("metrics lock").iter() {
+            for (i, b) in BUCKETS.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "yunbian_controller_reconcile_duration_seconds_bucket{{controller=\"{c}\",le=\"{b}\"}} {}",
+                    h.counts[i]
+                );
+            }
+            let _ = writeln!(
+                out,
+                "yunbian_controller_reconcile_duration_seconds_bucket{{controller=\"{c}\",le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(out, "yunbian_controller_reconcile_duration_seconds_sum{{controller=\"{c}\"}} {}", h.sum);
+            let _ = writeln!(out, "yunbian_controller_reconcile_duration_seconds_count{{controller=\"{c}\"}} {}", h.count);
+        }
+        let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        g(&mut out, "yunbian_hub_connected_nodes", "Edge nodes with a live connection.", ld(&self.connected_nodes), "gauge");
+        g(
+            &mut out,
+            "yunbian_sync_queue_depth",
+            "Nodes whose latest desired-state change is not yet acknowledged by the edge.",
+            ld(&self.sync_queue_depth),
+            "gauge",
+        );
+        g(&mut out, "yunbian_sync_messages_sent_total", "Sync messages sent to edges.", ld(&self.sync_messages_sent), "counter");
+        g(&mut out, "yunbian_sync_reports_applied_total", "Edge reports stored.", ld(&self.reports_applied), "counter");
+        g(&mut out, "yunbian_hub_rejected_connections_total", "Hub connections refused.", ld(&self.hub_rejected), "counter");
+        g(&mut out, "yunbian_store_revision", "Latest store revision.", ld(&self.store_revision), "gauge");
+        process_metrics(&mut out);
+        out
+    }
+}
+
+/// `process_resident_memory_bytes` and `process_cpu_seconds_total` from /proc.
+pub fn process_metrics(out: &mut String) {
+    if let Ok(s) = std::fs::read_to_string("/proc/self/statm") {
+        if let Some(rss_pages) = s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()) {
+            let _ = writeln!(
+                out,
+                "# HELP process_resident_memory_bytes Resident memory.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {}",
+                rss_pages * 4096
+            );
+        }
+    }
+    if let Ok(s) = std::fs::read_to_string("/proc/self/stat") {
+        // Fields after the command name, which may contain spaces.
+        if let Some(rest) = s.rsplit_once(')').map(|(_, r)| r) {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            let secs = (ticks(11) + ticks(12)) as f64 / 100.0;
+            let _ = writeln!(
+                out,
+                "# HELP process_cpu_seconds_total CPU time used.\n# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {secs}"
+            );
+        }
+    }
+}
