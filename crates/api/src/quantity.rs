@@ -40,7 +40,7 @@ pub fn format_bytes(b: u64) -> String {
     const G: u64 = 1 << 30;
     const M: u64 = 1 << 20;
     const K: u64 = 1 << 10;
-    if b >= G && b % G == 0 || b >= 16 * G {
+    if b >= G && b.is_multiple_of(G) || b >= 16 * G {
         format!("{}Gi", b / G)
     } else if b >= M {
         format!("{}Mi", b / M)

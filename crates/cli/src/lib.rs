@@ -1,1 +1,31 @@
-//! placeholder
+//! The `yunbian` command-line client: a kubectl-like front end to the cloud
+//! REST API described in `docs/api.md`.
+//!
+//! Layers, from the wire up:
+//!
+//! - [`config`]: `admin.yaml` (server URL, cluster CA, admin token).
+//! - [`client`]: an HTTPS client that trusts only the cluster CA and speaks
+//!   the API's JSON, error bodies and newline-delimited watch streams.
+//! - [`table`], [`columns`], [`time`], [`describe`]: pure text rendering
+//!   (kubectl-style tables, ages, descriptions) with no I/O.
+//! - [`commands`]: the clap command tree ([`ClientCommand`]) and [`run`],
+//!   which the `yunbian` binary calls and whose errors it prints as
+//!   `error: {e:#}`.
+//!
+//! Architecture invariant: this crate is only a client. It owns no state
+//! and validates manifests with `yunbian-api` before sending them, so a bad
+//! file is refused before any network call.
+
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod columns;
+pub mod commands;
+pub mod config;
+pub mod describe;
+pub mod table;
+pub mod time;
+
+pub use client::{ByteStream, Client, ClientError, ListOptions, ObjectList, WatchStream};
+pub use commands::{run, ClientCommand, OutputFormat, Selector, TokenCommand};
+pub use config::{ClientConfig, ConfigError};

@@ -113,32 +113,7 @@ impl Metrics {
         g(&mut out, "yunbian_sync_reports_applied_total", "Edge reports stored.", ld(&self.reports_applied), "counter");
         g(&mut out, "yunbian_hub_rejected_connections_total", "Hub connections refused.", ld(&self.hub_rejected), "counter");
         g(&mut out, "yunbian_store_revision", "Latest store revision.", ld(&self.store_revision), "gauge");
-        process_metrics(&mut out);
+        yunbian_telemetry::process_metrics(&mut out);
         out
-    }
-}
-
-/// `process_resident_memory_bytes` and `process_cpu_seconds_total` from /proc.
-pub fn process_metrics(out: &mut String) {
-    if let Ok(s) = std::fs::read_to_string("/proc/self/statm") {
-        if let Some(rss_pages) = s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()) {
-            let _ = writeln!(
-                out,
-                "# HELP process_resident_memory_bytes Resident memory.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {}",
-                rss_pages * 4096
-            );
-        }
-    }
-    if let Ok(s) = std::fs::read_to_string("/proc/self/stat") {
-        // Fields after the command name, which may contain spaces.
-        if let Some(rest) = s.rsplit_once(')').map(|(_, r)| r) {
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-            let secs = (ticks(11) + ticks(12)) as f64 / 100.0;
-            let _ = writeln!(
-                out,
-                "# HELP process_cpu_seconds_total CPU time used.\n# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {secs}"
-            );
-        }
     }
 }

@@ -1,1 +1,123 @@
-//! placeholder
+//! `yunbian edge`: the edge agent.
+//!
+//! [`join`](identity::join) enrolls a node; [`start`] runs an agent from a
+//! data directory with the process runtime; [`start_simulated`] runs one
+//! with the fake runtime and an in-memory store (for `yunbian sim`).
+//!
+//! Architecture invariants:
+//! - The agent opens the connection (NAT-friendly); the cloud never dials in.
+//! - The agent keeps every workload running while the cloud is unreachable,
+//!   from the desired state in its local store.
+//! - The node's private key never leaves the data directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::sync::mpsc;
+use yunbian_runtime::{FakeRuntime, ProcessRuntime, Runtime};
+
+pub mod agent;
+pub mod http;
+pub mod identity;
+pub mod local_store;
+pub mod node_info;
+
+pub use agent::{AgentConfig, AgentStats};
+pub use identity::{enroll, join, Identity, JoinToken};
+
+/// Options of a real agent.
+#[derive(Debug, Clone)]
+pub struct EdgeOptions {
+    /// Data directory (identity, local store, instances).
+    pub data_dir: PathBuf,
+    /// Where to serve `/metrics` (plain HTTP), if anywhere.
+    pub metrics_listen: Option<String>,
+    /// Protocol and heartbeat settings.
+    pub agent: AgentConfig,
+}
+
+impl EdgeOptions {
+    /// Defaults for `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        let data_dir = data_dir.into();
+        EdgeOptions { agent: AgentConfig::new(data_dir.clone()), data_dir, metrics_listen: None }
+    }
+}
+
+/// A running agent.
+pub struct EdgeHandle {
+    /// Node name.
+    pub name: String,
+    /// Metrics address, when serving.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Live figures.
+    pub stats: Arc<AgentStats>,
+    task: tokio::task::JoinHandle<Result<()>>,
+    metrics_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl EdgeHandle {
+    /// Waits for the agent to end (it only ends on a fatal error).
+    pub async fn wait(self) -> Result<()> {
+        self.task.await.context("agent task")?
+    }
+
+    /// Stops the agent task. Workloads keep running.
+    pub fn stop(&self) {
+        self.task.abort();
+        if let Some(m) = &self.metrics_task {
+            m.abort();
+        }
+    }
+}
+
+/// Starts the agent of a joined node in `opts.data_dir`.
+pub async fn start(opts: EdgeOptions) -> Result<EdgeHandle> {
+    let identity = Identity::load(&opts.data_dir)?;
+    let store = open_store(&opts.data_dir)?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let runtime: Arc<dyn Runtime> = ProcessRuntime::new(opts.data_dir.join("instances"), identity.config.name.clone(), tx)
+        .context("start the process runtime")?;
+    let limits = runtime.limits_support();
+    tracing::info!(node = %identity.config.name, enforced = limits.enforced, note = %limits.note, "resource limits");
+    spawn(identity, store, runtime, rx, opts.agent, opts.metrics_listen.as_deref()).await
+}
+
+/// Starts a simulated agent: real identity, channel and protocol; fake
+/// runtime; in-memory local store.
+pub async fn start_simulated(identity: Identity, agent: AgentConfig) -> Result<EdgeHandle> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let runtime: Arc<dyn Runtime> = FakeRuntime::new(tx);
+    let store = Arc::new(local_store::LocalStore::in_memory());
+    spawn(identity, store, runtime, rx, agent, None).await
+}
+
+fn open_store(dir: &Path) -> Result<Arc<local_store::LocalStore>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    Ok(Arc::new(local_store::LocalStore::open(&dir.join("state.redb")).context("open the local store")?))
+}
+
+async fn spawn(
+    identity: Identity,
+    store: Arc<local_store::LocalStore>,
+    runtime: Arc<dyn Runtime>,
+    rx: mpsc::UnboundedReceiver<yunbian_runtime::StatusUpdate>,
+    agent: AgentConfig,
+    metrics_listen: Option<&str>,
+) -> Result<EdgeHandle> {
+    let name = identity.config.name.clone();
+    let stats = Arc::new(AgentStats::default());
+    let (metrics_addr, metrics_task) = match metrics_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("metrics listen on {addr}"))?;
+            let bound = l.local_addr().ok();
+            let s = stats.clone();
+            let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || s.render());
+            (bound, Some(tokio::spawn(yunbian_telemetry::serve_metrics(l, render))))
+        }
+        None => (None, None),
+    };
+    let task = tokio::spawn(agent::run_agent(agent, identity, store, runtime, rx, stats.clone()));
+    Ok(EdgeHandle { name, metrics_addr, stats, task, metrics_task })
+}

@@ -19,11 +19,12 @@ use std::path::PathBuf;
 use tokio::sync::mpsc;
 use yunbian_api::{AppInstance, AppInstanceStatus};
 
+mod clock;
 pub mod fake;
 pub mod process;
 
 pub use fake::FakeRuntime;
-pub use process::ProcessRuntime;
+pub use process::{ProcessRuntime, ProcessRuntimeOptions};
 
 /// A status change of one instance.
 #[derive(Debug, Clone, PartialEq)]
@@ -100,12 +101,7 @@ pub trait Runtime: Send + Sync + 'static {
     /// Streams the instance's combined stdout/stderr as chunks of bytes.
     /// Returns when the log is exhausted (or, with `follow`, when the
     /// receiver is dropped or the instance is removed).
-    async fn logs(
-        &self,
-        instance: &str,
-        opts: LogOptions,
-        out: mpsc::Sender<Vec<u8>>,
-    ) -> Result<(), RuntimeError>;
+    async fn logs(&self, instance: &str, opts: LogOptions, out: mpsc::Sender<Vec<u8>>) -> Result<(), RuntimeError>;
 
     /// How limits are enforced here.
     fn limits_support(&self) -> LimitsSupport;

@@ -25,7 +25,7 @@ use yunbian_api::Kind;
 
 pub mod redb_store;
 
-pub use redb_store::RedbStore;
+pub use redb_store::{RedbStore, StoreOptions};
 
 /// One stored object.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,1 +1,231 @@
-fn main() {}
+//! `yunbian`: one executable that is the cloud, the edge agent, the CLI,
+//! the demo and the simulator.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+mod demo;
+mod sim;
+
+#[derive(Debug, Parser)]
+#[command(name = "yunbian", version, about = "Cloud–edge–device collaboration platform", propagate_version = true)]
+struct Cli {
+    /// Client config (server URL, CA, admin token); default $YUNBIAN_CONFIG, then ./admin.yaml.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the cloud control plane.
+    Cloud(CloudArgs),
+    /// Run the edge agent of a joined node, or join one (`yunbian edge join`).
+    Edge(EdgeArgs),
+    /// Start a cloud, three edge agents and a sample app on this machine.
+    Demo(demo::DemoArgs),
+    /// Run many simulated edge nodes in one process, for scale tests.
+    Sim(sim::SimArgs),
+    #[command(flatten)]
+    Client(yunbian_cli::ClientCommand),
+}
+
+#[derive(Debug, Args)]
+struct CloudArgs {
+    /// Directory for the store and credentials (created on first start).
+    #[arg(long, default_value = "yunbian-cloud")]
+    data_dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    listen: String,
+    /// URL clients and edges use, if not https://<listen>.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Heartbeat interval expected from edges.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    heartbeat: Duration,
+    /// A node without heartbeat this long becomes NotReady.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    grace: Duration,
+    /// Lifetime of node certificates (rotated by nodes at 80%).
+    #[arg(long, default_value = "30d", value_parser = parse_duration)]
+    node_cert_ttl: Duration,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct EdgeArgs {
+    #[command(subcommand)]
+    join: Option<EdgeCommand>,
+    #[command(flatten)]
+    run: EdgeRunArgs,
+}
+
+#[derive(Debug, Args, Clone)]
+struct EdgeRunArgs {
+    /// The node's data directory.
+    #[arg(long, default_value = "yunbian-edge")]
+    data_dir: PathBuf,
+    /// Serve agent metrics on this address (plain HTTP, e.g. 127.0.0.1:9470).
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// Heartbeat interval.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    heartbeat: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+enum EdgeCommand {
+    /// Join a cluster with a token, then run the agent.
+    Join(JoinArgs),
+}
+
+#[derive(Debug, Args)]
+struct JoinArgs {
+    /// Cloud URL, e.g. https://cloud.example:7443.
+    #[arg(long)]
+    cloud: String,
+    /// Join token from `yunbian token create`.
+    #[arg(long)]
+    token: String,
+    /// Node name (lower-case letters, digits, '-').
+    #[arg(long)]
+    name: String,
+    /// Node labels: k=v,k2=v2.
+    #[arg(long, value_parser = parse_labels, default_value = "")]
+    labels: BTreeMap<String, String>,
+    /// Join only; do not run the agent afterwards.
+    #[arg(long)]
+    no_run: bool,
+    #[command(flatten)]
+    run: EdgeRunArgs,
+}
+
+/// `30s`, `15m`, `24h`, `7d`, `500ms`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, mult_ms) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60_000)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3_600_000)
+    } else if let Some(n) = s.strip_suffix('d') {
+        (n, 86_400_000)
+    } else {
+        return Err(format!("{s:?}: expected a duration like 30s, 15m, 24h, 7d"));
+    };
+    let n: u64 = num.parse().map_err(|_| format!("{s:?}: expected a duration like 30s, 15m, 24h, 7d"))?;
+    Ok(Duration::from_millis(n * mult_ms))
+}
+
+/// `k=v,k2=v2`.
+pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut m = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').ok_or_else(|| format!("label {part:?} is not k=v"))?;
+        m.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(m)
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("YUNBIAN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Client(cmd) => yunbian_cli::run(cli.config, cmd).await,
+        Command::Cloud(a) => {
+            init_tracing();
+            let mut opts = yunbian_cloud::CloudOptions::new(&a.data_dir, &a.listen);
+            opts.advertise = a.advertise;
+            opts.hub.heartbeat = a.heartbeat;
+            opts.hub.grace = a.grace;
+            opts.node_cert_ttl = a.node_cert_ttl;
+            let cloud = yunbian_cloud::start(opts).await?;
+            eprintln!("cloud listening at {}; client config: {}", cloud.url, cloud.admin_config.display());
+            tokio::select! {
+                _ = cloud.wait() => Err(anyhow!("cloud server stopped")),
+                _ = tokio::signal::ctrl_c() => Ok(()),
+            }
+        }
+        Command::Edge(e) => {
+            init_tracing();
+            let run = match e.join {
+                Some(EdgeCommand::Join(j)) => {
+                    let token = j.token.parse::<yunbian_edge::JoinToken>()?;
+                    let id = yunbian_edge::join(&j.run.data_dir, &j.cloud, &token, &j.name, &j.labels).await?;
+                    eprintln!("joined as node {} (certificate in {})", id.config.name, j.run.data_dir.display());
+                    if j.no_run {
+                        return Ok(());
+                    }
+                    j.run
+                }
+                None => e.run,
+            };
+            let mut opts = yunbian_edge::EdgeOptions::new(&run.data_dir);
+            opts.metrics_listen = run.metrics_listen;
+            opts.agent.heartbeat = run.heartbeat;
+            let agent = yunbian_edge::start(opts).await?;
+            tokio::select! {
+                r = agent.wait() => r.context("agent stopped"),
+                _ = tokio::signal::ctrl_c() => Ok(()),
+            }
+        }
+        Command::Demo(a) => {
+            init_tracing();
+            demo::run(a).await
+        }
+        Command::Sim(a) => {
+            init_tracing();
+            sim::run(a).await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_labels() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert!(parse_duration("7 days").is_err());
+        assert_eq!(parse_labels("site=a, zone=z1").map(|m| m.len()), Ok(2));
+        assert!(parse_labels("site").is_err());
+        assert_eq!(parse_labels(""), Ok(BTreeMap::new()));
+    }
+
+    #[test]
+    fn cli_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,323 @@
+//! Which columns `get` shows for each kind, and how a cell is taken from an
+//! object.
+//!
+//! Objects are read as JSON values, not typed structs, so that a server
+//! newer than this client (with fields this build does not know) still
+//! lists fine. Empty cells show as `<none>`, like kubectl.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+use yunbian_api::Kind;
+
+use crate::time::{age_since, format_age, parse_rfc3339};
+
+/// Column headers for a kind; `wide` adds the `-o wide` columns.
+pub fn headers(kind: Kind, wide: bool) -> Vec<&'static str> {
+    let (base, extra): (&[&str], &[&str]) = match kind {
+        Kind::Node => (
+            &["NAME", "STATUS", "AGE", "VERSION"],
+            &["OS/ARCH", "CPU", "MEMORY", "INSTANCES", "LIMITS", "LABELS"],
+        ),
+        Kind::App => (
+            &["NAME", "READY", "RUNTIME", "AGE"],
+            &["SELECTOR", "MESSAGE"],
+        ),
+        Kind::AppInstance => (
+            &["NAME", "APP", "NODE", "STATUS", "RESTARTS", "AGE"],
+            &["PID", "EXIT", "REASON"],
+        ),
+        Kind::Token => (&["NAME", "EXPIRES", "REVOKED", "JOINS", "DESCRIPTION"], &[]),
+        Kind::NodeGroup => (&["NAME", "NODES", "READY", "SELECTOR"], &[]),
+    };
+    let mut h = base.to_vec();
+    if wide {
+        h.extend_from_slice(extra);
+    }
+    h
+}
+
+/// The cells of one object, matching [`headers`]; `now` is Unix seconds.
+pub fn row(kind: Kind, obj: &Value, wide: bool, now: i64) -> Vec<String> {
+    let name = text(obj, "/metadata/name");
+    let age = age_since(&text(obj, "/metadata/creationTimestamp"), now);
+    let mut cells = match kind {
+        Kind::Node => {
+            let mut status = text(obj, "/status/phase");
+            if status.is_empty() {
+                status = "Unknown".into();
+            }
+            if flag(obj, "/spec/unschedulable") {
+                status.push_str(",SchedulingDisabled");
+            }
+            vec![name, status, age, text(obj, "/status/info/agentVersion")]
+        }
+        Kind::App => {
+            let ready = format!(
+                "{}/{}",
+                number(obj, "/status/readyReplicas"),
+                number(obj, "/spec/replicas")
+            );
+            vec![name, ready, text(obj, "/spec/runtime"), age]
+        }
+        Kind::AppInstance => vec![
+            name,
+            text(obj, "/spec/app"),
+            text(obj, "/spec/node"),
+            instance_status(obj),
+            number(obj, "/status/restartCount"),
+            age,
+        ],
+        Kind::Token => vec![
+            name,
+            expires(&text(obj, "/spec/expires"), now),
+            flag(obj, "/spec/revoked").to_string(),
+            number(obj, "/status/joins"),
+            text(obj, "/spec/description"),
+        ],
+        Kind::NodeGroup => vec![
+            name,
+            number(obj, "/status/nodes"),
+            number(obj, "/status/readyNodes"),
+            pairs(obj.pointer("/spec/selector")),
+        ],
+    };
+    if wide {
+        match kind {
+            Kind::Node => cells.extend([
+                os_arch(obj),
+                format!(
+                    "{}/{}",
+                    millis(number(obj, "/status/usage/cpuMillis")),
+                    number(obj, "/status/info/cpus")
+                ),
+                format!(
+                    "{}/{}",
+                    bytes(unsigned(obj, "/status/usage/memoryBytes")),
+                    bytes(unsigned(obj, "/status/info/memoryBytes"))
+                ),
+                number(obj, "/status/usage/instances"),
+                if flag(obj, "/status/limitsEnforced") {
+                    "enforced"
+                } else {
+                    "off"
+                }
+                .to_string(),
+                pairs(obj.pointer("/metadata/labels")),
+            ]),
+            Kind::App => cells.extend([
+                pairs(obj.pointer("/spec/placement/nodeSelector")),
+                text(obj, "/status/message"),
+            ]),
+            Kind::AppInstance => cells.extend([
+                number_opt(obj, "/status/pid"),
+                number_opt(obj, "/status/exitCode"),
+                text(obj, "/status/reason"),
+            ]),
+            Kind::Token | Kind::NodeGroup => {}
+        }
+    }
+    cells
+        .into_iter()
+        .map(|c| {
+            if c.is_empty() {
+                "<none>".to_string()
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// An instance's phase, with the reason of a failure (`Failed (OOMKilled)`).
+fn instance_status(obj: &Value) -> String {
+    let phase = text(obj, "/status/phase");
+    let phase = if phase.is_empty() {
+        "Pending".to_string()
+    } else {
+        phase
+    };
+    let reason = text(obj, "/status/reason");
+    if !reason.is_empty() && matches!(phase.as_str(), "Failed" | "Pending" | "Starting") {
+        format!("{phase} ({reason})")
+    } else {
+        phase
+    }
+}
+
+fn expires(ts: &str, now: i64) -> String {
+    if ts.is_empty() {
+        return "never".into();
+    }
+    match parse_rfc3339(ts) {
+        Some(t) if t > now => format!("in {}", format_age(t - now)),
+        Some(_) => "expired".into(),
+        None => ts.to_string(),
+    }
+}
+
+fn os_arch(obj: &Value) -> String {
+    let os = text(obj, "/status/info/os");
+    let arch = text(obj, "/status/info/arch");
+    if os.is_empty() && arch.is_empty() {
+        String::new()
+    } else {
+        format!("{os}/{arch}")
+    }
+}
+
+/// A string field, or a number or bool shown as text; empty when absent.
+pub fn text(obj: &Value, pointer: &str) -> String {
+    match obj.pointer(pointer) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        Some(Value::Bool(b)) => b.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// A numeric field as text, `0` when absent.
+fn number(obj: &Value, pointer: &str) -> String {
+    match obj.pointer(pointer) {
+        Some(Value::Number(n)) => n.to_string(),
+        _ => "0".into(),
+    }
+}
+
+/// A numeric field as text, empty when absent.
+fn number_opt(obj: &Value, pointer: &str) -> String {
+    match obj.pointer(pointer) {
+        Some(Value::Number(n)) => n.to_string(),
+        _ => String::new(),
+    }
+}
+
+fn unsigned(obj: &Value, pointer: &str) -> u64 {
+    obj.pointer(pointer).and_then(Value::as_u64).unwrap_or(0)
+}
+
+fn flag(obj: &Value, pointer: &str) -> bool {
+    obj.pointer(pointer)
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+}
+
+fn millis(m: String) -> String {
+    format!("{m}m")
+}
+
+/// A string map as `k=v,k2=v2` (sorted by key); empty when absent.
+pub fn pairs(map: Option<&Value>) -> String {
+    let Some(Value::Object(m)) = map else {
+        return String::new();
+    };
+    let sorted: BTreeMap<&String, String> = m
+        .iter()
+        .map(|(k, v)| {
+            (
+                k,
+                v.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string()),
+            )
+        })
+        .collect();
+    sorted
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Bytes in binary units, one decimal below 10 (`512Mi`, `7.6Gi`, `0`).
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["", "Ki", "Mi", "Gi", "Ti", "Pi"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n}")
+    } else if value < 10.0 && value.fract() >= 0.05 {
+        format!("{value:.1}{}", UNITS[unit])
+    } else {
+        format!("{value:.0}{}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn app_row() {
+        let app = json!({
+            "metadata": {"name": "hello", "creationTimestamp": "1970-01-01T00:00:00Z"},
+            "spec": {"replicas": 2, "runtime": "process", "placement": {"nodeSelector": {"site": "a"}}},
+            "status": {"readyReplicas": 1}
+        });
+        assert_eq!(
+            row(Kind::App, &app, false, 300),
+            ["hello", "1/2", "process", "5m"]
+        );
+        assert_eq!(row(Kind::App, &app, true, 300)[4..], ["site=a", "<none>"]);
+        assert_eq!(
+            headers(Kind::App, true).len(),
+            row(Kind::App, &app, true, 300).len()
+        );
+    }
+
+    #[test]
+    fn every_kind_matches_its_headers() {
+        let empty = json!({});
+        for kind in Kind::ALL {
+            for wide in [false, true] {
+                assert_eq!(
+                    headers(kind, wide).len(),
+                    row(kind, &empty, wide, 0).len(),
+                    "{kind} wide={wide}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn node_and_token_cells() {
+        let node = json!({
+            "metadata": {"name": "edge-1", "labels": {"site": "a", "arch": "arm"}},
+            "spec": {"unschedulable": true},
+            "status": {"phase": "Ready", "info": {"os": "linux", "arch": "aarch64", "cpus": 4, "memoryBytes": 8_160_000_000u64},
+                       "usage": {"cpuMillis": 120, "memoryBytes": 314_572_800u64, "instances": 3}, "limitsEnforced": true}
+        });
+        let r = row(Kind::Node, &node, true, 0);
+        assert_eq!(r[1], "Ready,SchedulingDisabled");
+        assert_eq!(
+            r[4..],
+            [
+                "linux/aarch64",
+                "120m/4",
+                "300Mi/7.6Gi",
+                "3",
+                "enforced",
+                "arch=arm,site=a"
+            ]
+        );
+        let tok = json!({"metadata": {"name": "abc"}, "spec": {"expires": "1970-01-02T00:00:00Z"}});
+        assert_eq!(
+            row(Kind::Token, &tok, false, 0),
+            ["abc", "in 24h", "false", "0", "<none>"]
+        );
+        assert_eq!(row(Kind::Token, &tok, false, 90_000)[1], "expired");
+    }
+
+    #[test]
+    fn byte_units() {
+        assert_eq!(bytes(0), "0");
+        assert_eq!(bytes(1023), "1023");
+        assert_eq!(bytes(64 << 20), "64Mi");
+        assert_eq!(bytes(3 << 29), "1.5Gi");
+    }
+}

@@ -1,0 +1,540 @@
+//! The agent's main loop.
+//!
+//! One task owns the protocol state ([`EdgeSession`]) and the local store
+//! and consumes a single closed [`Event`] enum: connection up/down, frames
+//! from the cloud, status changes from the runtime, timer ticks. A
+//! connection task keeps the mTLS WebSocket to the cloud alive with
+//! jittered back-off; a reconciler task converges the runtime towards the
+//! desired view. Neither of them blocks the main loop.
+//!
+//! Architecture invariant: the agent keeps every workload running while the
+//! cloud is unreachable. Desired state comes from the local store at start;
+//! nothing is stopped because a connection failed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use yunbian_api::{AppInstance, Kind};
+use yunbian_runtime::{LogOptions, Runtime, StatusUpdate};
+use yunbian_sync::wire::{decode_down, encode, MAX_FRAME};
+use yunbian_sync::{DesiredObject, Down, EdgeAction, EdgeSession, Report, SessionConfig, Up};
+
+use crate::identity::Identity;
+use crate::local_store::LocalStore;
+use crate::node_info;
+
+/// Everything the main loop reacts to.
+#[derive(Debug)]
+pub enum Event {
+    /// A connection is up; frames for it go into this sender.
+    Connected(mpsc::Sender<Vec<u8>>),
+    /// The connection is gone.
+    Disconnected,
+    /// A frame from the cloud.
+    Frame(Vec<u8>),
+    /// The runtime observed a change.
+    Status(StatusUpdate),
+    /// A log stream ended (stream id).
+    LogDone(u64),
+    /// Timer.
+    Tick,
+}
+
+/// Agent tunables.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Heartbeat interval (the cloud's grace period is several of these).
+    pub heartbeat: Duration,
+    /// Protocol timers.
+    pub session: SessionConfig,
+    /// Where node info measures disk usage.
+    pub data_dir: PathBuf,
+    /// Renew the certificate after this fraction of its lifetime (0.7–0.9).
+    pub renew_at: f64,
+    /// Report machine facts (false for simulated nodes, which report fixed ones).
+    pub real_node_info: bool,
+}
+
+impl AgentConfig {
+    /// Defaults for an agent whose data lives in `data_dir`.
+    pub fn new(data_dir: PathBuf) -> Self {
+        AgentConfig {
+            heartbeat: Duration::from_secs(5),
+            session: SessionConfig::default(),
+            data_dir,
+            renew_at: 0.8,
+            real_node_info: true,
+        }
+    }
+}
+
+/// Live figures the agent exposes on its metrics port.
+#[derive(Debug, Default)]
+pub struct AgentStats {
+    /// 1 while connected.
+    pub connected: AtomicBool,
+    /// Desired instances.
+    pub instances: AtomicU64,
+    /// Unacknowledged reports.
+    pub outbox: AtomicU64,
+    /// Applied revision.
+    pub applied: AtomicU64,
+    /// Successful connections since start.
+    pub connects: AtomicU64,
+}
+
+impl AgentStats {
+    /// Prometheus text.
+    pub fn render(&self) -> String {
+        use yunbian_telemetry::metric;
+        let mut out = String::new();
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        metric(&mut out, "yunbian_edge_connected", "gauge", "1 while the cloud connection is up.", u8::from(self.connected.load(Ordering::Relaxed)));
+        metric(&mut out, "yunbian_edge_instances", "gauge", "Instances in the desired view.", l(&self.instances));
+        metric(&mut out, "yunbian_edge_outbox_depth", "gauge", "Reports not yet acknowledged by the cloud.", l(&self.outbox));
+        metric(&mut out, "yunbian_edge_applied_revision", "gauge", "Desired-view revision applied.", l(&self.applied));
+        metric(&mut out, "yunbian_edge_connects_total", "counter", "Connections established.", l(&self.connects));
+        yunbian_telemetry::process_metrics(&mut out);
+        out
+    }
+}
+
+fn instances_of(objects: &[DesiredObject]) -> BTreeMap<String, AppInstance> {
+    objects
+        .iter()
+        .filter(|o| o.kind == Kind::AppInstance)
+        .filter_map(|o| match serde_json::from_value::<AppInstance>(o.value.clone()) {
+            Ok(i) => Some((o.name.clone(), i)),
+            Err(e) => {
+                tracing::warn!(instance = %o.name, error = %e, "desired instance does not decode; ignored");
+                None
+            }
+        })
+        .collect()
+}
+
+/// Runs an agent until the process ends.
+pub async fn run_agent(
+    cfg: AgentConfig,
+    identity: Identity,
+    store: Arc<LocalStore>,
+    runtime: Arc<dyn Runtime>,
+    mut status_rx: mpsc::UnboundedReceiver<StatusUpdate>,
+    stats: Arc<AgentStats>,
+) -> Result<()> {
+    let node = identity.config.name.clone();
+    let restored = store.restore().context("read the local store")?;
+    let mut session = EdgeSession::new(cfg.session, restored.applied, restored.outbox, restored.next_seq);
+    let mut desired = instances_of(&restored.desired);
+    tracing::info!(node = %node, applied = restored.applied, instances = desired.len(), "agent starting from local state");
+
+    let adopted = runtime.recover().await.context("recover workloads")?;
+    if !adopted.is_empty() {
+        tracing::info!(node = %node, count = adopted.len(), "runtime re-adopted instances");
+    }
+    let (desired_tx, desired_rx) = watch::channel(desired.clone());
+    let reconciler = tokio::spawn(reconcile_runtime(runtime.clone(), desired_rx));
+
+    let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(1024);
+    let identity = Arc::new(RwLock::new(identity));
+    let reconnect = Arc::new(Notify::new());
+    let conn = tokio::spawn(run_connection(identity.clone(), ev_tx.clone(), reconnect.clone()));
+    {
+        let ev_tx = ev_tx.clone();
+        tokio::spawn(async move {
+            while let Some(s) = status_rx.recv().await {
+                if ev_tx.send(Event::Status(s)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    {
+        let ev_tx = ev_tx.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                t.tick().await;
+                if ev_tx.send(Event::Tick).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    let started = Instant::now();
+    let now = || started.elapsed().as_millis() as u64;
+    let mut out: Option<mpsc::Sender<Vec<u8>>> = None;
+    let mut logs: HashMap<u64, JoinHandle<()>> = HashMap::new();
+    let mut last_heartbeat: Option<Instant> = None;
+    let mut cpu = node_info::CpuSampler::default();
+    let runtimes = [runtime.name()];
+    let info = if cfg.real_node_info {
+        node_info::node_info(&cfg.data_dir, &runtimes)
+    } else {
+        simulated_info(&runtimes)
+    };
+    let mut renewing: Option<JoinHandle<Result<Identity>>> = None;
+
+    let result = loop {
+        let Some(ev) = ev_rx.recv().await else { break Ok(()) };
+        let actions = match ev {
+            Event::Connected(tx) => {
+                out = Some(tx);
+                stats.connected.store(true, Ordering::Relaxed);
+                stats.connects.fetch_add(1, Ordering::Relaxed);
+                last_heartbeat = None;
+                session.on_connected(now())
+            }
+            Event::Disconnected => {
+                out = None;
+                stats.connected.store(false, Ordering::Relaxed);
+                session.on_disconnected();
+                for (_, h) in logs.drain() {
+                    h.abort();
+                }
+                continue;
+            }
+            Event::Frame(bytes) => match decode_down(&bytes) {
+                Ok(Down::LogRequest { stream, instance, tail, follow }) => {
+                    if let Some(tx) = &out {
+                        let opts = LogOptions { tail: tail.map(|t| t as usize), follow };
+                        logs.insert(stream, spawn_log(runtime.clone(), instance, opts, stream, tx.clone(), ev_tx.clone()));
+                    }
+                    continue;
+                }
+                Ok(Down::LogCancel { stream }) => {
+                    if let Some(h) = logs.remove(&stream) {
+                        h.abort();
+                    }
+                    continue;
+                }
+                Ok(Down::Refused { reason }) => {
+                    tracing::error!(node = %node, %reason, "cloud refused the session");
+                    continue;
+                }
+                Ok(down) => session.on_down(down, now()),
+                Err(e) => {
+                    tracing::warn!(node = %node, error = %e, "bad frame from cloud; reconnecting");
+                    reconnect.notify_one();
+                    continue;
+                }
+            },
+            Event::Status(s) => {
+                if !desired.contains_key(&s.instance) {
+                    continue; // removed meanwhile: nobody upstream wants it
+                }
+                session.report(Report::InstanceStatus { instance: s.instance, status: s.status }, now())
+            }
+            Event::LogDone(stream) => {
+                logs.remove(&stream);
+                continue;
+            }
+            Event::Tick => {
+                if let Some(tx) = &out {
+                    if last_heartbeat.is_none_or(|t| t.elapsed() >= cfg.heartbeat) {
+                        last_heartbeat = Some(Instant::now());
+                        let limits = runtime.limits_support();
+                        let usage = if cfg.real_node_info {
+                            node_info::node_usage(&cfg.data_dir, &mut cpu, info.cpus, desired.len() as u32)
+                        } else {
+                            yunbian_api::NodeUsage { instances: desired.len() as u32, ..Default::default() }
+                        };
+                        let hb = Up::Heartbeat {
+                            info: info.clone(),
+                            usage,
+                            limits_enforced: limits.enforced,
+                            limits_note: limits.note,
+                        };
+                        let _ = tx.try_send(encode(&hb));
+                    }
+                }
+                // Certificate rotation.
+                if let Some(h) = renewing.take_if(|h| h.is_finished()) {
+                    match h.await {
+                        Ok(Ok(new_identity)) => {
+                            tracing::info!(node = %node, "certificate renewed; reconnecting with it");
+                            if let Ok(mut id) = identity.write() {
+                                *id = new_identity;
+                            }
+                            reconnect.notify_one();
+                        }
+                        Ok(Err(e)) => tracing::warn!(node = %node, error = %format!("{e:#}"), "certificate renewal failed; will retry"),
+                        Err(e) => tracing::warn!(node = %node, error = %e, "renewal task"),
+                    }
+                } else if renewing.is_none() && out.is_some() {
+                    let due = identity.read().ok().and_then(|id| id.validity().ok()).is_some_and(|(nb, na)| {
+                        let at = nb as f64 + (na.saturating_sub(nb)) as f64 * cfg.renew_at;
+                        (unix_now() as f64) >= at
+                    });
+                    if due {
+                        let mut id = identity.read().map(|i| i.clone()).map_err(|_| anyhow::anyhow!("identity lock"))?;
+                        renewing = Some(tokio::spawn(async move {
+                            id.renew().await?;
+                            Ok(id)
+                        }));
+                    }
+                }
+                session.on_tick(now())
+            }
+        };
+        match execute(&store, &mut desired, actions, out.as_ref()) {
+            Ok(true) => {
+                stats.instances.store(desired.len() as u64, Ordering::Relaxed);
+                let _ = desired_tx.send(desired.clone());
+            }
+            Ok(false) => {}
+            Err(e) => {
+                // Could not persist: acknowledge nothing, rebuild the session
+                // from what is on disk, and start over with a new connection.
+                tracing::error!(node = %node, error = %e, "local store write failed; resyncing");
+                let r = store.restore().context("re-read the local store")?;
+                session = EdgeSession::new(cfg.session, r.applied, r.outbox, r.next_seq);
+                desired = instances_of(&r.desired);
+                reconnect.notify_one();
+            }
+        }
+        stats.outbox.store(session.outbox_len() as u64, Ordering::Relaxed);
+        stats.applied.store(session.applied(), Ordering::Relaxed);
+    };
+    conn.abort();
+    reconciler.abort();
+    result
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn simulated_info(runtimes: &[&str]) -> yunbian_api::NodeInfo {
+    yunbian_api::NodeInfo {
+        hostname: "sim".into(),
+        os: "linux".into(),
+        arch: std::env::consts::ARCH.into(),
+        cpus: 4,
+        memory_bytes: 8 << 30,
+        disk_bytes: 64 << 30,
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        runtimes: runtimes.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// Executes protocol actions in order. Returns whether the desired view
+/// changed. Stops at the first persistence failure, so nothing after it
+/// (in particular no acknowledgement) is sent.
+fn execute(
+    store: &LocalStore,
+    desired: &mut BTreeMap<String, AppInstance>,
+    actions: Vec<EdgeAction>,
+    out: Option<&mpsc::Sender<Vec<u8>>>,
+) -> Result<bool> {
+    let mut changed = false;
+    for a in actions {
+        match a {
+            EdgeAction::Send(up) => {
+                if let Some(tx) = out {
+                    // A full queue means a stuck connection: the protocol
+                    // retransmits what is lost.
+                    let _ = tx.try_send(encode(&up));
+                }
+            }
+            EdgeAction::ApplySnapshot { revision, objects } => {
+                store.apply_snapshot(revision, &objects)?;
+                *desired = instances_of(&objects);
+                changed = true;
+            }
+            EdgeAction::ApplyDelta { revision, changes } => {
+                store.apply_delta(revision, &changes)?;
+                for c in &changes {
+                    match c {
+                        yunbian_sync::Change::Upsert { object } if object.kind == Kind::AppInstance => {
+                            desired.extend(instances_of(std::slice::from_ref(object)));
+                        }
+                        yunbian_sync::Change::Remove { kind: Kind::AppInstance, name } => {
+                            desired.remove(name);
+                        }
+                        _ => {}
+                    }
+                }
+                changed = true;
+            }
+            EdgeAction::PersistReport { seq, report } => store.push_report(seq, &report)?,
+            EdgeAction::TrimOutbox { upto } => store.trim_outbox(upto)?,
+        }
+    }
+    Ok(changed)
+}
+
+fn spawn_log(
+    runtime: Arc<dyn Runtime>,
+    instance: String,
+    opts: LogOptions,
+    stream: u64,
+    out: mpsc::Sender<Vec<u8>>,
+    ev_tx: mpsc::Sender<Event>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
+        let reader = {
+            let runtime = runtime.clone();
+            let instance = instance.clone();
+            tokio::spawn(async move { runtime.logs(&instance, opts, tx).await })
+        };
+        let mut failed = false;
+        while let Some(chunk) = rx.recv().await {
+            let data = String::from_utf8_lossy(&chunk).into_owned();
+            if out.send(encode(&Up::LogData { stream, data })).await.is_err() {
+                failed = true;
+                break;
+            }
+        }
+        let error = match reader.await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if !failed {
+            let _ = out.send(encode(&Up::LogEnd { stream, error })).await;
+        }
+        let _ = ev_tx.send(Event::LogDone(stream)).await;
+    })
+}
+
+/// Converges the runtime towards the desired instances, level-triggered:
+/// on every change of the view and every 10 s.
+async fn reconcile_runtime(runtime: Arc<dyn Runtime>, mut rx: watch::Receiver<BTreeMap<String, AppInstance>>) {
+    loop {
+        let want = rx.borrow_and_update().clone();
+        let known: Vec<String> = runtime.statuses().await.into_iter().map(|s| s.instance).collect();
+        for name in known.iter().filter(|n| !want.contains_key(*n)) {
+            if let Err(e) = runtime.remove(name).await {
+                tracing::warn!(instance = %name, error = %e, "remove instance");
+            }
+        }
+        for inst in want.values() {
+            if let Err(e) = runtime.ensure(inst).await {
+                tracing::warn!(instance = %inst.metadata.name, error = %e, "start instance");
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), rx.changed()).await;
+    }
+}
+
+/// Keeps a WebSocket to the cloud open, reconnecting with jittered
+/// exponential back-off (0.5 s doubling to 30 s, reset after a connection
+/// that lasted).
+async fn run_connection(identity: Arc<RwLock<Identity>>, ev_tx: mpsc::Sender<Event>, reconnect: Arc<Notify>) {
+    let mut backoff = Duration::from_millis(500);
+    let mut rng = Jitter::seeded();
+    loop {
+        let id = match identity.read() {
+            Ok(i) => i.clone(),
+            Err(_) => return,
+        };
+        let began = Instant::now();
+        match connect(&id).await {
+            Ok(ws) => {
+                let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4096);
+                if ev_tx.send(Event::Connected(tx)).await.is_err() {
+                    return;
+                }
+                let (mut sink, mut stream) = ws.split();
+                let reason = loop {
+                    tokio::select! {
+                        m = stream.next() => match m {
+                            Some(Ok(Message::Binary(b))) => {
+                                if ev_tx.send(Event::Frame(b.to_vec())).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Some(Ok(Message::Close(_))) | None => break "closed by cloud".to_string(),
+                            Some(Ok(_)) => {}
+                            Some(Err(e)) => break format!("read: {e}"),
+                        },
+                        f = rx.recv() => match f {
+                            Some(bytes) => {
+                                if let Err(e) = sink.send(Message::Binary(bytes.into())).await {
+                                    break format!("write: {e}");
+                                }
+                            }
+                            None => break "agent stopped".to_string(),
+                        },
+                        _ = reconnect.notified() => break "reconnect requested".to_string(),
+                    }
+                };
+                let _ = sink.send(Message::Close(None)).await;
+                tracing::info!(node = %id.config.name, %reason, "disconnected from cloud");
+                if ev_tx.send(Event::Disconnected).await.is_err() {
+                    return;
+                }
+                if began.elapsed() > Duration::from_secs(30) {
+                    backoff = Duration::from_millis(500);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(node = %id.config.name, error = %e, retry_in = ?backoff, "cannot connect to cloud");
+            }
+        }
+        // Full jitter on the upper half: avoids reconnect storms after a cloud restart.
+        let wait = backoff / 2 + backoff.mul_f64(rng.next_f64() / 2.0);
+        tokio::time::sleep(wait).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+async fn connect(id: &Identity) -> Result<Ws, String> {
+    let tls = id.tls().map_err(|e| format!("{e:#}"))?;
+    let stream = tokio::time::timeout(Duration::from_secs(15), crate::http::connect_tls(&id.config.cloud, tls))
+        .await
+        .map_err(|_| "connect timed out".to_string())??;
+    let (host, port) = crate::http::host_port(&id.config.cloud)?;
+    let host = if host.contains(':') { format!("[{host}]") } else { host };
+    let req = format!("wss://{host}:{port}/v1/hub").into_client_request().map_err(|e| e.to_string())?;
+    let mut cfg = WebSocketConfig::default();
+    cfg.max_message_size = Some(MAX_FRAME);
+    cfg.max_frame_size = Some(MAX_FRAME);
+    let (ws, _) = tokio::time::timeout(
+        Duration::from_secs(15),
+        tokio_tungstenite::client_async_with_config(req, stream, Some(cfg)),
+    )
+    .await
+    .map_err(|_| "websocket handshake timed out".to_string())?
+    .map_err(|e| match e {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => {
+            let body = resp.body().as_deref().unwrap_or_default();
+            format!("cloud refused the connection: {}", crate::http::error_message(resp.status().as_u16(), body))
+        }
+        e => format!("websocket: {e}"),
+    })?;
+    Ok(ws)
+}
+
+/// xorshift jitter seeded from the clock and pid (no rand dependency).
+struct Jitter(u64);
+
+impl Jitter {
+    fn seeded() -> Self {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+        Jitter(t ^ (u64::from(std::process::id()) << 32) | 1)
+    }
+
+    fn next_f64(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}

@@ -1,0 +1,253 @@
+//! The node's identity: joining with a token, the files it keeps, and
+//! certificate rotation.
+//!
+//! Data directory layout:
+//! - `node.yaml`: cloud URL and node name;
+//! - `ca.crt`: the cluster CA, pinned at join by the fingerprint in the token;
+//! - `node.key` (0600): the node's private key, generated here, never sent;
+//! - `node.crt`: the node certificate (CN = node name).
+//!
+//! Every file is written to a temporary name and renamed into place.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use serde::{Deserialize, Serialize};
+use yunbian_pki::NodeKey;
+
+use crate::http;
+
+/// `node.yaml`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeConfig {
+    /// Cloud URL.
+    pub cloud: String,
+    /// Node name.
+    pub name: String,
+}
+
+/// Everything needed to connect with mTLS.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Data directory.
+    pub dir: PathBuf,
+    /// Cloud URL and name.
+    pub config: NodeConfig,
+    /// CA PEM.
+    pub ca: String,
+    /// Node certificate PEM.
+    pub cert: String,
+    /// Node key PEM.
+    pub key: String,
+}
+
+/// Writes a file atomically with `mode`.
+pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("create {}", tmp.display()))?;
+    f.write_all(contents).with_context(|| format!("write {}", tmp.display()))?;
+    f.sync_all().with_context(|| format!("sync {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))
+}
+
+impl Identity {
+    /// Loads the identity written by [`join`].
+    pub fn load(dir: &Path) -> Result<Identity> {
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.join(f))
+                .with_context(|| format!("read {} (has this node joined? run `yunbian edge join` first)", dir.join(f).display()))
+        };
+        let config: NodeConfig = serde_yaml::from_str(&read("node.yaml")?).context("parse node.yaml")?;
+        Ok(Identity { dir: dir.to_path_buf(), config, ca: read("ca.crt")?, cert: read("node.crt")?, key: read("node.key")? })
+    }
+
+    /// Whether `dir` holds a joined node.
+    pub fn exists(dir: &Path) -> bool {
+        dir.join("node.yaml").exists() && dir.join("node.crt").exists()
+    }
+
+    /// mTLS client configuration.
+    pub fn tls(&self) -> Result<Arc<rustls::ClientConfig>> {
+        yunbian_pki::client_config(&self.ca, Some((&self.cert, &self.key))).context("node TLS configuration")
+    }
+
+    /// (not before, not after) of the current certificate, Unix seconds.
+    pub fn validity(&self) -> Result<(u64, u64)> {
+        let der = yunbian_pki::pem_to_der(&self.cert)?;
+        Ok(yunbian_pki::cert_validity(der.as_ref())?)
+    }
+
+    /// Obtains a new certificate for a new key, authenticated by the current
+    /// one, and stores both. The old key is replaced only after the new
+    /// certificate arrived.
+    pub async fn renew(&mut self) -> Result<()> {
+        let key = NodeKey::generate()?;
+        let csr = key.csr(&self.config.name)?;
+        let body = serde_json::to_vec(&serde_json::json!({ "csr": csr }))?;
+        let (status, resp) = http::request(&self.config.cloud, self.tls()?, "POST", "/v1/renew", Some(body))
+            .await
+            .map_err(|e| anyhow!(e))?;
+        if status != 200 {
+            bail!("renew certificate: {}", http::error_message(status, &resp));
+        }
+        #[derive(Deserialize)]
+        struct Renewed {
+            certificate: String,
+        }
+        let r: Renewed = serde_json::from_slice(&resp).context("renew response")?;
+        // The previous pair is kept as `.prev` for the operator, should the
+        // machine die between the two renames below.
+        std::fs::copy(self.dir.join("node.key"), self.dir.join("node.key.prev")).ok();
+        std::fs::copy(self.dir.join("node.crt"), self.dir.join("node.crt.prev")).ok();
+        write_atomic(&self.dir.join("node.key"), key.pem().as_bytes(), 0o600)?;
+        write_atomic(&self.dir.join("node.crt"), r.certificate.as_bytes(), 0o644)?;
+        self.key = key.pem();
+        self.cert = r.certificate;
+        Ok(())
+    }
+}
+
+/// Accepts any server certificate: used only to fetch `/v1/ca`, whose
+/// answer is then checked against the fingerprint in the join token.
+#[derive(Debug)]
+struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A parsed join token: `YB1.<ca fingerprint>.<id>.<secret>`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JoinToken {
+    /// Hex SHA-256 of the CA certificate.
+    pub ca_fingerprint: String,
+    /// The whole token as given.
+    pub raw: String,
+}
+
+impl std::str::FromStr for JoinToken {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let parts: Vec<&str> = s.trim().split('.').collect();
+        match parts.as_slice() {
+            ["YB1", fp, id, secret]
+                if fp.len() == 64 && !id.is_empty() && !secret.is_empty() && fp.chars().all(|c| c.is_ascii_hexdigit()) =>
+            {
+                Ok(JoinToken { ca_fingerprint: fp.to_ascii_lowercase(), raw: s.trim().to_string() })
+            }
+            _ => bail!("malformed join token (expected YB1.<ca-hash>.<id>.<secret>)"),
+        }
+    }
+}
+
+/// Joins the cluster and writes the identity into `dir`.
+pub async fn join(
+    dir: &Path,
+    cloud: &str,
+    token: &JoinToken,
+    name: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Result<Identity> {
+    if Identity::exists(dir) {
+        bail!("{} already holds a joined node; start it with `yunbian edge --data-dir {}`", dir.display(), dir.display());
+    }
+    let id = enroll(dir, cloud, token, name, labels).await?;
+    // Persist: key, CA, cert, and node.yaml last (it marks a complete join).
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    write_atomic(&dir.join("node.key"), id.key.as_bytes(), 0o600)?;
+    write_atomic(&dir.join("ca.crt"), id.ca.as_bytes(), 0o644)?;
+    write_atomic(&dir.join("node.crt"), id.cert.as_bytes(), 0o644)?;
+    write_atomic(&dir.join("node.yaml"), serde_yaml::to_string(&id.config)?.as_bytes(), 0o644)?;
+    Ok(id)
+}
+
+/// Performs the join exchange and returns the identity without writing it
+/// anywhere (simulated nodes keep it in memory).
+pub async fn enroll(
+    dir: &Path,
+    cloud: &str,
+    token: &JoinToken,
+    name: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Result<Identity> {
+    yunbian_api::validate::check_name(name).map_err(|m| anyhow!("node name: {m}"))?;
+    http::host_port(cloud).map_err(|e| anyhow!(e))?;
+
+    // 1. Fetch the CA over an unauthenticated TLS connection and pin it.
+    let provider = yunbian_pki::provider();
+    let insecure = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+        .with_no_client_auth();
+    let (status, ca) = http::request(cloud, Arc::new(insecure), "GET", "/v1/ca", None).await.map_err(|e| anyhow!(e))?;
+    if status != 200 {
+        bail!("fetch cluster CA: {}", http::error_message(status, &ca));
+    }
+    let ca = String::from_utf8(ca.to_vec()).context("cluster CA is not text")?;
+    let der = yunbian_pki::pem_to_der(&ca).context("cluster CA")?;
+    if yunbian_pki::fingerprint(der.as_ref()) != token.ca_fingerprint {
+        bail!("the cloud at {cloud} presented a CA that does not match the join token; refusing to join");
+    }
+
+    // 2. Key and CSR, then join over a connection that trusts only that CA.
+    let key = NodeKey::generate()?;
+    let csr = key.csr(name)?;
+    let body = serde_json::to_vec(&serde_json::json!({ "token": token.raw, "name": name, "csr": csr, "labels": labels }))?;
+    let tls = yunbian_pki::client_config(&ca, None)?;
+    let (status, resp) = http::request(cloud, tls, "POST", "/v1/join", Some(body)).await.map_err(|e| anyhow!(e))?;
+    if status != 200 {
+        bail!("join refused: {}", http::error_message(status, &resp));
+    }
+    #[derive(Deserialize)]
+    struct Joined {
+        certificate: String,
+    }
+    let joined: Joined = serde_json::from_slice(&resp).context("join response")?;
+
+    let config = NodeConfig { cloud: cloud.to_string(), name: name.to_string() };
+    Ok(Identity { dir: dir.to_path_buf(), config, ca, cert: joined.certificate, key: key.pem() })
+}

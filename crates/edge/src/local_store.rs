@@ -1,0 +1,251 @@
+//! The agent's local store: the desired view it last applied, and the
+//! outbox of reports not yet acknowledged by the cloud. It is what lets a
+//! node run on its own after a reboot while the cloud is unreachable.
+//!
+//! On-disk format (redb, `DIR/state.redb`):
+//! - `desired`: `"<Kind>/<name>"` → JSON of the object;
+//! - `outbox`: seq (u64) → JSON of the report;
+//! - `meta`: `"applied"` → revision, `"next_seq"` → next outbox sequence.
+//!
+//! Each protocol action is one write transaction, so a snapshot or delta
+//! and its revision are applied atomically, and nothing is acknowledged
+//! before its transaction committed.
+//!
+//! The simulator uses the in-memory variant (no file) with the same API.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use redb::{Database, ReadableTable, TableDefinition};
+use yunbian_api::Kind;
+use yunbian_sync::{Change, DesiredObject, Report};
+
+const DESIRED: TableDefinition<&str, &[u8]> = TableDefinition::new("desired");
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Local store failures.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalStoreError {
+    /// redb failed (disk full, corruption, permissions).
+    #[error("local store: {0}")]
+    Db(String),
+    /// A stored record does not decode.
+    #[error("local store record {key}: {detail}")]
+    Corrupt {
+        /// Which record.
+        key: String,
+        /// Why.
+        detail: String,
+    },
+}
+
+fn db<E: std::fmt::Display>(e: E) -> LocalStoreError {
+    LocalStoreError::Db(e.to_string())
+}
+
+/// What the agent restores at start.
+#[derive(Debug, Default, Clone)]
+pub struct Restored {
+    /// Applied revision.
+    pub applied: u64,
+    /// Desired objects.
+    pub desired: Vec<DesiredObject>,
+    /// Unacknowledged reports.
+    pub outbox: Vec<(u64, Report)>,
+    /// Next outbox sequence.
+    pub next_seq: u64,
+}
+
+#[derive(Default)]
+struct Memory {
+    applied: u64,
+    desired: BTreeMap<String, DesiredObject>,
+    outbox: BTreeMap<u64, Report>,
+    next_seq: u64,
+}
+
+/// The store.
+pub struct LocalStore {
+    db: Option<Database>,
+    mem: Mutex<Memory>,
+}
+
+fn key(kind: Kind, name: &str) -> String {
+    format!("{}/{name}", kind.as_str())
+}
+
+impl LocalStore {
+    /// Opens (or creates) the store file.
+    pub fn open(path: &Path) -> Result<LocalStore, LocalStoreError> {
+        let database = Database::create(path).map_err(db)?;
+        let w = database.begin_write().map_err(db)?;
+        {
+            w.open_table(DESIRED).map_err(db)?;
+            w.open_table(OUTBOX).map_err(db)?;
+            w.open_table(META).map_err(db)?;
+        }
+        w.commit().map_err(db)?;
+        Ok(LocalStore { db: Some(database), mem: Mutex::new(Memory { next_seq: 1, ..Default::default() }) })
+    }
+
+    /// A store that lives in memory only (simulated nodes).
+    pub fn in_memory() -> LocalStore {
+        LocalStore { db: None, mem: Mutex::new(Memory { next_seq: 1, ..Default::default() }) }
+    }
+
+    /// Reads everything back.
+    pub fn restore(&self) -> Result<Restored, LocalStoreError> {
+        let Some(d) = &self.db else {
+            let m = self.mem.lock().expect("local store lock");
+            return Ok(Restored {
+                applied: m.applied,
+                desired: m.desired.values().cloned().collect(),
+                outbox: m.outbox.iter().map(|(s, r)| (*s, r.clone())).collect(),
+                next_seq: m.next_seq,
+            });
+        };
+        let r = d.begin_read().map_err(db)?;
+        let meta = r.open_table(META).map_err(db)?;
+        let applied = meta.get("applied").map_err(db)?.map(|v| v.value()).unwrap_or(0);
+        let next_seq = meta.get("next_seq").map_err(db)?.map(|v| v.value()).unwrap_or(1);
+        let mut desired = Vec::new();
+        for e in r.open_table(DESIRED).map_err(db)?.iter().map_err(db)? {
+            let (k, v) = e.map_err(db)?;
+            let o: DesiredObject = serde_json::from_slice(v.value())
+                .map_err(|e| LocalStoreError::Corrupt { key: k.value().to_string(), detail: e.to_string() })?;
+            desired.push(o);
+        }
+        let mut outbox = Vec::new();
+        for e in r.open_table(OUTBOX).map_err(db)?.iter().map_err(db)? {
+            let (k, v) = e.map_err(db)?;
+            let rep: Report = serde_json::from_slice(v.value())
+                .map_err(|e| LocalStoreError::Corrupt { key: format!("outbox/{}", k.value()), detail: e.to_string() })?;
+            outbox.push((k.value(), rep));
+        }
+        Ok(Restored { applied, desired, outbox, next_seq })
+    }
+
+    /// Replaces the desired view.
+    pub fn apply_snapshot(&self, revision: u64, objects: &[DesiredObject]) -> Result<(), LocalStoreError> {
+        let Some(d) = &self.db else {
+            let mut m = self.mem.lock().expect("local store lock");
+            m.desired = objects.iter().map(|o| (key(o.kind, &o.name), o.clone())).collect();
+            m.applied = revision;
+            return Ok(());
+        };
+        let w = d.begin_write().map_err(db)?;
+        {
+            let mut t = w.open_table(DESIRED).map_err(db)?;
+            t.retain(|_, _| false).map_err(db)?;
+            for o in objects {
+                t.insert(key(o.kind, &o.name).as_str(), serde_json::to_vec(o).map_err(db)?.as_slice()).map_err(db)?;
+            }
+            w.open_table(META).map_err(db)?.insert("applied", revision).map_err(db)?;
+        }
+        w.commit().map_err(db)
+    }
+
+    /// Applies a delta.
+    pub fn apply_delta(&self, revision: u64, changes: &[Change]) -> Result<(), LocalStoreError> {
+        let Some(d) = &self.db else {
+            let mut m = self.mem.lock().expect("local store lock");
+            for c in changes {
+                match c {
+                    Change::Upsert { object } => {
+                        m.desired.insert(key(object.kind, &object.name), object.clone());
+                    }
+                    Change::Remove { kind, name } => {
+                        m.desired.remove(&key(*kind, name));
+                    }
+                }
+            }
+            m.applied = revision;
+            return Ok(());
+        };
+        let w = d.begin_write().map_err(db)?;
+        {
+            let mut t = w.open_table(DESIRED).map_err(db)?;
+            for c in changes {
+                match c {
+                    Change::Upsert { object } => {
+                        let v = serde_json::to_vec(object).map_err(db)?;
+                        t.insert(key(object.kind, &object.name).as_str(), v.as_slice()).map_err(db)?;
+                    }
+                    Change::Remove { kind, name } => {
+                        t.remove(key(*kind, name).as_str()).map_err(db)?;
+                    }
+                }
+            }
+            w.open_table(META).map_err(db)?.insert("applied", revision).map_err(db)?;
+        }
+        w.commit().map_err(db)
+    }
+
+    /// Appends a report.
+    pub fn push_report(&self, seq: u64, report: &Report) -> Result<(), LocalStoreError> {
+        let Some(d) = &self.db else {
+            let mut m = self.mem.lock().expect("local store lock");
+            m.outbox.insert(seq, report.clone());
+            m.next_seq = seq + 1;
+            return Ok(());
+        };
+        let w = d.begin_write().map_err(db)?;
+        {
+            let v = serde_json::to_vec(report).map_err(db)?;
+            w.open_table(OUTBOX).map_err(db)?.insert(seq, v.as_slice()).map_err(db)?;
+            w.open_table(META).map_err(db)?.insert("next_seq", seq + 1).map_err(db)?;
+        }
+        w.commit().map_err(db)
+    }
+
+    /// Drops acknowledged reports.
+    pub fn trim_outbox(&self, upto: u64) -> Result<(), LocalStoreError> {
+        let Some(d) = &self.db else {
+            let mut m = self.mem.lock().expect("local store lock");
+            m.outbox = m.outbox.split_off(&(upto + 1));
+            return Ok(());
+        };
+        let w = d.begin_write().map_err(db)?;
+        {
+            let mut t = w.open_table(OUTBOX).map_err(db)?;
+            t.retain(|k, _| k > upto).map_err(db)?;
+        }
+        w.commit().map_err(db)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use yunbian_api::AppInstanceStatus;
+
+    fn obj(name: &str) -> DesiredObject {
+        DesiredObject { kind: Kind::AppInstance, name: name.into(), revision: 1, value: serde_json::json!({ "n": name }) }
+    }
+
+    #[test]
+    fn persists_across_reopen() {
+        let dir = std::env::temp_dir().join(format!("yb-local-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("state.redb");
+        {
+            let s = LocalStore::open(&path).expect("open");
+            s.apply_snapshot(5, &[obj("a"), obj("b")]).expect("snap");
+            s.apply_delta(7, &[Change::Remove { kind: Kind::AppInstance, name: "a".into() }]).expect("delta");
+            let r = Report::InstanceStatus { instance: "b".into(), status: AppInstanceStatus::default() };
+            s.push_report(1, &r).expect("push");
+            s.push_report(2, &r).expect("push");
+            s.trim_outbox(1).expect("trim");
+        }
+        let s = LocalStore::open(&path).expect("reopen");
+        let r = s.restore().expect("restore");
+        assert_eq!(r.applied, 7);
+        assert_eq!(r.desired.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), vec!["b"]);
+        assert_eq!(r.outbox.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(r.next_seq, 3);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,145 @@
+//! `yunbian demo`: a cloud and three edge agents on this machine, each with
+//! its own data directory, real sockets and mTLS, two sites, and a sample
+//! app. Runs until Ctrl-C, then removes the sample app's workloads.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::Value;
+use yunbian_api::Kind;
+
+/// Arguments of `yunbian demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Where the demo keeps its data (reused on the next run).
+    #[arg(long, default_value = "yunbian-demo")]
+    dir: PathBuf,
+    /// Cloud listen address.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    listen: String,
+    /// Exit once the sample app is running (for scripted runs).
+    #[arg(long)]
+    exit_when_ready: bool,
+}
+
+/// The sample app the demo deploys.
+pub const HELLO: &str = r#"apiVersion: yunbian.io/v1
+kind: App
+metadata:
+  name: hello
+spec:
+  replicas: 3
+  runtime: process
+  process:
+    command: ["/bin/sh", "-c", "while true; do echo \"$GREETING from $INSTANCE_NAME on $NODE_NAME\"; sleep 2; done"]
+    env: {GREETING: hello}
+  restartPolicy: Always
+  resources:
+    requests: {cpu: 50m, memory: 16Mi}
+    limits: {cpu: 200m, memory: 64Mi}
+"#;
+
+const NODES: [(&str, &str); 3] = [("edge-a1", "a"), ("edge-a2", "a"), ("edge-b1", "b")];
+
+fn say(s: &str) {
+    println!("\x1b[1m==>\x1b[0m {s}");
+}
+
+/// Runs the demo.
+pub async fn run(args: DemoArgs) -> Result<()> {
+    let dir = std::path::absolute(&args.dir).context("resolve the demo directory")?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    say(&format!("starting the cloud in {}", dir.join("cloud").display()));
+    let cloud = yunbian_cloud::start(yunbian_cloud::CloudOptions::new(dir.join("cloud"), &args.listen)).await?;
+    let config = yunbian_cli::ClientConfig::load(Some(&cloud.admin_config))?;
+    let client = yunbian_cli::Client::new(config)?;
+
+    let mut agents = Vec::new();
+    let mut token: Option<yunbian_edge::JoinToken> = None;
+    for (name, site) in NODES {
+        let ddir = dir.join(name);
+        if !yunbian_edge::Identity::exists(&ddir) {
+            if token.is_none() {
+                let t = client.create_token(3600, "yunbian demo").await?;
+                say("created a join token (yunbian token create)");
+                token = Some(t.parse()?);
+            }
+            let t = token.as_ref().context("join token")?;
+            let labels = [("site".to_string(), site.to_string())].into();
+            yunbian_edge::join(&ddir, &cloud.url, t, name, &labels).await.with_context(|| format!("join {name}"))?;
+            say(&format!("joined {name} (site={site}) with its own key and certificate in {}", ddir.display()));
+        }
+        let mut opts = yunbian_edge::EdgeOptions::new(&ddir);
+        opts.metrics_listen = Some("127.0.0.1:0".into());
+        let agent = yunbian_edge::start(opts).await?;
+        if let Some(a) = agent.metrics_addr {
+            say(&format!("agent {name} running; metrics at http://{a}/metrics"));
+        }
+        agents.push(agent);
+    }
+
+    let t0 = Instant::now();
+    loop {
+        let nodes = client.list(Kind::Node).await?;
+        let ready = nodes.iter().filter(|n| n.pointer("/status/phase").and_then(Value::as_str) == Some("Ready")).count();
+        if ready >= NODES.len() {
+            say(&format!("{ready} nodes Ready"));
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            bail!("only {ready} of {} nodes became Ready within 30 s", NODES.len());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let hello: Value = serde_yaml::from_str(HELLO).context("sample app")?;
+    client.apply(&hello).await?;
+    say("applied the sample app `hello` (3 replicas, process runtime)");
+
+    let t0 = Instant::now();
+    loop {
+        let app = client.get_object(Kind::App, "hello").await?;
+        let ready = app.pointer("/status/readyReplicas").and_then(Value::as_u64).unwrap_or(0);
+        if ready >= 3 {
+            say(&format!("hello is running: {ready}/3 instances Running after {:.1}s", t0.elapsed().as_secs_f64()));
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!("the sample app did not become ready within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for inst in client.list(Kind::AppInstance).await? {
+        let g = |p: &str| inst.pointer(p).and_then(Value::as_str).unwrap_or("-").to_string();
+        let pid = inst.pointer("/status/pid").and_then(Value::as_u64).unwrap_or(0);
+        println!("    {:<18} on {:<8} {:<8} pid {pid}", g("/metadata/name"), g("/spec/node"), g("/status/phase"));
+    }
+    let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "yunbian".into());
+    println!(
+        "\nThe cluster is up. In another terminal:\n\n    export YUNBIAN_CONFIG={}\n    {exe} get nodes -o wide\n    {exe} get instances\n    {exe} logs app/hello --follow\n    {exe} apply -f <your-app.yaml>\n\nPress Ctrl-C to stop (the sample app's workloads are removed first).",
+        cloud.admin_config.display()
+    );
+    if args.exit_when_ready {
+        return cleanup(&client).await;
+    }
+    tokio::signal::ctrl_c().await.context("wait for Ctrl-C")?;
+    cleanup(&client).await
+}
+
+async fn cleanup(client: &yunbian_cli::Client) -> Result<()> {
+    say("deleting the sample app and waiting for its workloads to stop");
+    let _ = client.delete_object(Kind::App, "hello").await;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(20) {
+        if client.list(Kind::AppInstance).await.map(|l| l.is_empty()).unwrap_or(true) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Give the agents a moment to stop the processes they were told to remove.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    say("done");
+    Ok(())
+}
