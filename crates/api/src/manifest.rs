@@ -101,10 +101,8 @@ impl Resource {
 
     /// Decodes and validates one JSON value.
     pub fn from_value(v: serde_json::Value) -> Result<Resource, ManifestError> {
-        let kind_str = v
-            .get("kind")
-            .and_then(|k| k.as_str())
-            .ok_or_else(|| ManifestError::Kind("is required".into()))?;
+        let kind_str =
+            v.get("kind").and_then(|k| k.as_str()).ok_or_else(|| ManifestError::Kind("is required".into()))?;
         let kind: Kind = match kind_str {
             "Node" => Kind::Node,
             "NodeGroup" => Kind::NodeGroup,
@@ -139,8 +137,7 @@ fn typed<T: DeserializeOwned>(v: serde_json::Value) -> Result<T, ManifestError> 
 
 /// Parses one document (YAML or JSON) into a validated resource.
 pub fn parse_one(text: &str) -> Result<Resource, ManifestError> {
-    let v: serde_json::Value =
-        serde_yaml::from_str(text).map_err(|e| ManifestError::Syntax(e.to_string()))?;
+    let v: serde_json::Value = serde_yaml::from_str(text).map_err(|e| ManifestError::Syntax(e.to_string()))?;
     Resource::from_value(v)
 }
 

@@ -27,10 +27,7 @@ pub fn parse_memory_bytes(s: &str) -> Result<u64, String> {
         ("G", 1_000_000_000),
         ("T", 1_000_000_000_000),
     ];
-    let (num, mult) = UNITS
-        .iter()
-        .find_map(|(suf, m)| s.strip_suffix(suf).map(|n| (n, *m)))
-        .unwrap_or((s, 1));
+    let (num, mult) = UNITS.iter().find_map(|(suf, m)| s.strip_suffix(suf).map(|n| (n, *m))).unwrap_or((s, 1));
     let v: u64 = num.parse().map_err(|_| format!("invalid memory quantity {s:?}"))?;
     v.checked_mul(mult).ok_or_else(|| format!("memory quantity {s:?} is too large"))
 }

@@ -72,20 +72,14 @@ pub fn check_name(name: &str) -> Result<(), String> {
 }
 
 fn check_label_key(k: &str) -> bool {
-    !k.is_empty()
-        && k.len() <= 253
-        && k.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+    !k.is_empty() && k.len() <= 253 && k.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
 }
 
 fn check_label_value(v: &str) -> bool {
     v.len() <= 63 && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
-fn check_labels(
-    path: &str,
-    labels: &std::collections::BTreeMap<String, String>,
-    errs: &mut Errors,
-) {
+fn check_labels(path: &str, labels: &std::collections::BTreeMap<String, String>, errs: &mut Errors) {
     for (k, v) in labels {
         if !check_label_key(k) {
             errs.add(format!("{path}[{k}]"), "invalid label key");
@@ -211,9 +205,7 @@ impl Validate for Probe {
 impl Validate for WorkloadTemplate {
     fn validate(&self, path: &str, errs: &mut Errors) {
         match (self.runtime, &self.process) {
-            (RuntimeKind::Process, None) => {
-                errs.add(join(path, "process"), "is required when runtime is process")
-            }
+            (RuntimeKind::Process, None) => errs.add(join(path, "process"), "is required when runtime is process"),
             (RuntimeKind::Process, Some(p)) => {
                 if p.command.is_empty() {
                     errs.add(join(path, "process.command"), "must not be empty");

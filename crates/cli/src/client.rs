@@ -109,37 +109,22 @@ impl ClientError {
             } else {
                 err.message.clone()
             };
-            return ClientError::Api {
-                status,
-                message,
-                details: err.details,
-            };
+            return ClientError::Api { status, message, details: err.details };
         }
         let text = String::from_utf8_lossy(body);
-        let first = text
-            .lines()
-            .map(str::trim)
-            .find(|l| !l.is_empty())
-            .unwrap_or("");
+        let first = text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
         let message = if first.is_empty() {
             status_line(status)
         } else {
             let short: String = first.chars().take(200).collect();
             format!("{}: {short}", status_line(status))
         };
-        ClientError::Api {
-            status,
-            message,
-            details: Vec::new(),
-        }
+        ClientError::Api { status, message, details: Vec::new() }
     }
 }
 
 fn status_line(status: u16) -> String {
-    let reason = StatusCode::from_u16(status)
-        .ok()
-        .and_then(|s| s.canonical_reason())
-        .unwrap_or("error");
+    let reason = StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("error");
     format!("server answered {status} {reason}")
 }
 
@@ -193,9 +178,7 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client")
-            .field("server", &self.server)
-            .finish_non_exhaustive()
+        f.debug_struct("Client").field("server", &self.server).finish_non_exhaustive()
     }
 }
 
@@ -215,36 +198,19 @@ impl Client {
         let addr = config.server_addr()?;
         let mut roots = rustls::RootCertStore::empty();
         for cert in config.ca_certificates()? {
-            roots.add(cert).map_err(|e| ConfigError::Field {
-                field: "ca",
-                reason: e.to_string(),
-            })?;
+            roots.add(cert).map_err(|e| ConfigError::Field { field: "ca", reason: e.to_string() })?;
         }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ConfigError::Field {
-            field: "ca",
-            reason: format!("TLS setup: {e}"),
-        })?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let server_name =
-            ServerName::try_from(addr.host.clone()).map_err(|e| ConfigError::Field {
-                field: "server",
-                reason: format!("bad host name: {e}"),
-            })?;
-        let host_header =
-            HeaderValue::from_str(&addr.authority).map_err(|e| ConfigError::Field {
-                field: "server",
-                reason: e.to_string(),
-            })?;
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ConfigError::Field { field: "ca", reason: format!("TLS setup: {e}") })?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let server_name = ServerName::try_from(addr.host.clone())
+            .map_err(|e| ConfigError::Field { field: "server", reason: format!("bad host name: {e}") })?;
+        let host_header = HeaderValue::from_str(&addr.authority)
+            .map_err(|e| ConfigError::Field { field: "server", reason: e.to_string() })?;
         let mut authorization = HeaderValue::from_str(&format!("Bearer {}", config.token.trim()))
-            .map_err(|e| ConfigError::Field {
-            field: "token",
-            reason: e.to_string(),
-        })?;
+            .map_err(|e| ConfigError::Field { field: "token", reason: e.to_string() })?;
         authorization.set_sensitive(true);
         Ok(Client {
             server: config.server.trim().trim_end_matches('/').to_string(),
@@ -293,9 +259,7 @@ impl Client {
         body: Option<&Value>,
     ) -> Result<(StatusCode, Value), ClientError> {
         let body = match body {
-            Some(v) => {
-                Some(serde_json::to_vec(v).map_err(|e| ClientError::Request(e.to_string()))?)
-            }
+            Some(v) => Some(serde_json::to_vec(v).map_err(|e| ClientError::Request(e.to_string()))?),
             None => None,
         };
         let exchange = async {
@@ -308,16 +272,13 @@ impl Client {
             let value = if bytes.iter().all(u8::is_ascii_whitespace) {
                 Value::Null
             } else {
-                serde_json::from_slice(&bytes)
-                    .map_err(|e| self.protocol(format!("body is not JSON: {e}")))?
+                serde_json::from_slice(&bytes).map_err(|e| self.protocol(format!("body is not JSON: {e}")))?
             };
             Ok((status, value))
         };
         tokio::time::timeout(REQUEST_TIMEOUT, exchange)
             .await
-            .map_err(|_| {
-                self.unreachable(format!("no answer within {}s", REQUEST_TIMEOUT.as_secs()))
-            })?
+            .map_err(|_| self.unreachable(format!("no answer within {}s", REQUEST_TIMEOUT.as_secs())))?
     }
 
     /// `GET path` whose body is consumed as it arrives (watch, logs). A
@@ -331,11 +292,7 @@ impl Client {
                 .map_err(|_| self.unreachable("error body not received in time"))??;
             return Err(ClientError::from_response(status.as_u16(), &bytes));
         }
-        Ok(ByteStream {
-            body: response.into_body(),
-            server: self.server.clone(),
-            _conn: conn,
-        })
+        Ok(ByteStream { body: response.into_body(), server: self.server.clone(), _conn: conn })
     }
 
     // ------------------------------------------------------------ typed helpers
@@ -346,11 +303,7 @@ impl Client {
     }
 
     /// Objects of a kind matching `options`, with the list's revision.
-    pub async fn list_with(
-        &self,
-        kind: Kind,
-        options: &ListOptions,
-    ) -> Result<ObjectList, ClientError> {
+    pub async fn list_with(&self, kind: Kind, options: &ListOptions) -> Result<ObjectList, ClientError> {
         let path = with_query(&format!("/v1/{}", kind.plural()), &options.query_pairs());
         let v = self.get(&path).await?;
         let items = match v.get("items") {
@@ -359,10 +312,7 @@ impl Client {
             Some(_) => return Err(self.protocol(format!("GET {path}: `items` is not a list"))),
         };
         let resource_version = v.get("resourceVersion").map(revision).unwrap_or(0);
-        Ok(ObjectList {
-            items,
-            resource_version,
-        })
+        Ok(ObjectList { items, resource_version })
     }
 
     /// One object.
@@ -377,17 +327,13 @@ impl Client {
             .get("kind")
             .and_then(Value::as_str)
             .ok_or_else(|| ClientError::Request("kind: is required".into()))?;
-        let kind: Kind = kind
-            .parse()
-            .map_err(|e| ClientError::Request(format!("kind: {e}")))?;
+        let kind: Kind = kind.parse().map_err(|e| ClientError::Request(format!("kind: {e}")))?;
         let name = object
             .pointer("/metadata/name")
             .and_then(Value::as_str)
             .filter(|n| !n.is_empty())
             .ok_or_else(|| ClientError::Request("metadata.name: is required".into()))?;
-        let (status, _) = self
-            .request(Method::PUT, &object_path(kind, name), Some(object))
-            .await?;
+        let (status, _) = self.request(Method::PUT, &object_path(kind, name), Some(object)).await?;
         Ok(status == StatusCode::CREATED)
     }
 
@@ -415,11 +361,7 @@ impl Client {
 
     /// Creates a join token valid for `ttl_seconds` (0 = never expires) and
     /// answers the token string, which the server shows only this once.
-    pub async fn create_token(
-        &self,
-        ttl_seconds: u64,
-        description: &str,
-    ) -> Result<String, ClientError> {
+    pub async fn create_token(&self, ttl_seconds: u64, description: &str) -> Result<String, ClientError> {
         let mut body = json!({ "ttlSeconds": ttl_seconds });
         if !description.is_empty() {
             body["description"] = Value::String(description.to_string());
@@ -434,11 +376,7 @@ impl Client {
 
     /// Revokes a join token; answers the updated Token.
     pub async fn revoke_token(&self, name: &str) -> Result<Value, ClientError> {
-        self.post(
-            &format!("{}/revoke", object_path(Kind::Token, name)),
-            &json!({}),
-        )
-        .await
+        self.post(&format!("{}/revoke", object_path(Kind::Token, name)), &json!({})).await
     }
 
     /// Streams the output of an App's instances or of one instance.
@@ -453,10 +391,7 @@ impl Client {
         node: Option<&str>,
     ) -> Result<ByteStream, ClientError> {
         if !matches!(kind, Kind::App | Kind::AppInstance) {
-            return Err(ClientError::Request(format!(
-                "logs are kept for apps and instances, not {}s",
-                kind.noun()
-            )));
+            return Err(ClientError::Request(format!("logs are kept for apps and instances, not {}s", kind.noun())));
         }
         let mut q = Vec::new();
         if let Some(t) = tail {
@@ -468,47 +403,36 @@ impl Client {
         if let Some(n) = node.filter(|n| !n.is_empty()) {
             q.push(("node", n.to_string()));
         }
-        self.get_stream(&with_query(&format!("{}/log", object_path(kind, name)), &q))
-            .await
+        self.get_stream(&with_query(&format!("{}/log", object_path(kind, name)), &q)).await
     }
 
     // ------------------------------------------------------------ transport
 
     fn unreachable(&self, reason: impl Into<String>) -> ClientError {
-        ClientError::Unreachable {
-            server: self.server.clone(),
-            reason: reason.into(),
-        }
+        ClientError::Unreachable { server: self.server.clone(), reason: reason.into() }
     }
 
     fn protocol(&self, reason: impl Into<String>) -> ClientError {
-        ClientError::Protocol {
-            server: self.server.clone(),
-            reason: reason.into(),
-        }
+        ClientError::Protocol { server: self.server.clone(), reason: reason.into() }
     }
 
     async fn connect(&self) -> Result<(SendRequest<Full<Bytes>>, ConnectionGuard), ClientError> {
-        let tcp = TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .map_err(|e| self.unreachable(error_chain(&e)))?;
+        let tcp =
+            TcpStream::connect((self.host.as_str(), self.port)).await.map_err(|e| self.unreachable(error_chain(&e)))?;
         // Latency matters more than throughput for small API calls.
         let _ = tcp.set_nodelay(true);
-        let tls = self
-            .tls
-            .connect(self.server_name.clone(), tcp)
-            .await
-            .map_err(|e| {
-                let untrusted = e
-                    .get_ref()
-                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-                    .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)));
-                let mut reason = error_chain(&e);
-                if untrusted {
-                    reason.push_str(" (the server's certificate does not match the `ca` and `server` of the client config)");
-                }
-                self.unreachable(reason)
-            })?;
+        let tls = self.tls.connect(self.server_name.clone(), tcp).await.map_err(|e| {
+            let untrusted = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)));
+            let mut reason = error_chain(&e);
+            if untrusted {
+                reason
+                    .push_str(" (the server's certificate does not match the `ca` and `server` of the client config)");
+            }
+            self.unreachable(reason)
+        })?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| self.unreachable(error_chain(&e)))?;
@@ -527,21 +451,13 @@ impl Client {
     ) -> Result<(Response<Incoming>, ConnectionGuard), ClientError> {
         let (mut sender, conn) = tokio::time::timeout(CONNECT_TIMEOUT, self.connect())
             .await
-            .map_err(|_| {
-                self.unreachable(format!(
-                    "no connection within {}s",
-                    CONNECT_TIMEOUT.as_secs()
-                ))
-            })??;
+            .map_err(|_| self.unreachable(format!("no connection within {}s", CONNECT_TIMEOUT.as_secs())))??;
         let mut builder = Request::builder()
             .method(method)
             .uri(path)
             .header(header::HOST, self.host_header.clone())
             .header(header::AUTHORIZATION, self.authorization.clone())
-            .header(
-                header::USER_AGENT,
-                concat!("yunbian-cli/", env!("CARGO_PKG_VERSION")),
-            )
+            .header(header::USER_AGENT, concat!("yunbian-cli/", env!("CARGO_PKG_VERSION")))
             .header(header::ACCEPT, "application/json");
         if body.is_some() {
             builder = builder.header(header::CONTENT_TYPE, "application/json");
@@ -549,18 +465,14 @@ impl Client {
         let request = builder
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| ClientError::Request(format!("bad request {path:?}: {e}")))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| self.unreachable(error_chain(&e)))?;
+        let response = sender.send_request(request).await.map_err(|e| self.unreachable(error_chain(&e)))?;
         Ok((response, conn))
     }
 
     async fn read_body(&self, mut body: Incoming) -> Result<Vec<u8>, ClientError> {
         let mut out = Vec::new();
         while let Some(frame) = body.frame().await {
-            let frame = frame
-                .map_err(|e| self.unreachable(format!("reading answer: {}", error_chain(&e))))?;
+            let frame = frame.map_err(|e| self.unreachable(format!("reading answer: {}", error_chain(&e))))?;
             if let Ok(data) = frame.into_data() {
                 if out.len() + data.len() > MAX_BODY {
                     return Err(self.protocol(format!("answer larger than {} MiB", MAX_BODY >> 20)));
@@ -584,9 +496,7 @@ pub struct ByteStream {
 
 impl std::fmt::Debug for ByteStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ByteStream")
-            .field("server", &self.server)
-            .finish_non_exhaustive()
+        f.debug_struct("ByteStream").field("server", &self.server).finish_non_exhaustive()
     }
 }
 
@@ -673,11 +583,7 @@ pub struct WatchStream {
 impl WatchStream {
     /// Decodes the lines of a watch response.
     pub fn new(bytes: ByteStream) -> WatchStream {
-        WatchStream {
-            bytes,
-            lines: LineBuffer::default(),
-            ended: false,
-        }
+        WatchStream { bytes, lines: LineBuffer::default(), ended: false }
     }
 
     /// The next event; `None` when the server closed the stream. An error
@@ -690,9 +596,7 @@ impl WatchStream {
                 None if self.ended => self.lines.take_rest()?,
                 None => {
                     if self.lines.pending() > MAX_LINE {
-                        return Some(Err(
-                            self.malformed(format!("line longer than {} MiB", MAX_LINE >> 20))
-                        ));
+                        return Some(Err(self.malformed(format!("line longer than {} MiB", MAX_LINE >> 20))));
                     }
                     match self.bytes.next_chunk().await {
                         Some(Ok(chunk)) => self.lines.push(&chunk),
@@ -713,10 +617,7 @@ impl WatchStream {
     }
 
     fn malformed(&self, reason: String) -> ClientError {
-        ClientError::Protocol {
-            server: self.bytes.server.clone(),
-            reason: format!("bad watch event: {reason}"),
-        }
+        ClientError::Protocol { server: self.bytes.server.clone(), reason: format!("bad watch event: {reason}") }
     }
 }
 
@@ -755,10 +656,7 @@ pub fn with_query(path: &str, pairs: &[(&str, String)]) -> String {
     if pairs.is_empty() {
         return path.to_string();
     }
-    let q: Vec<String> = pairs
-        .iter()
-        .map(|(k, v)| format!("{k}={}", encode(v, true)))
-        .collect();
+    let q: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={}", encode(v, true))).collect();
     format!("{path}?{}", q.join("&"))
 }
 
@@ -806,10 +704,7 @@ mod tests {
             422,
             br#"{"code":422,"message":"spec.replicas: must be >= 0","details":["spec.replicas: must be >= 0","metadata.name: is required"]}"#,
         );
-        assert_eq!(
-            e.to_string(),
-            "spec.replicas: must be >= 0; metadata.name: is required"
-        );
+        assert_eq!(e.to_string(), "spec.replicas: must be >= 0; metadata.name: is required");
         let e = ClientError::from_response(502, b"<html>\nBad gateway\n</html>");
         assert_eq!(e.to_string(), "server answered 502 Bad Gateway: <html>");
         let e = ClientError::from_response(500, b"");
@@ -832,35 +727,21 @@ mod tests {
 
     #[test]
     fn event_decoding() {
-        let ev = decode_event(br#"{"type":"ADDED","object":{"metadata":{"name":"a"}}}"#)
-            .ok()
-            .expect("event");
+        let ev = decode_event(br#"{"type":"ADDED","object":{"metadata":{"name":"a"}}}"#).ok().expect("event");
         assert_eq!(ev.kind, yunbian_api::WatchEventType::Added);
         match decode_event(br#"{"code":410,"message":"too old"}"#) {
             Err(Decoded::Api(e)) => assert_eq!(e.status(), Some(410)),
             _ => panic!("410 not recognised"),
         }
-        assert!(matches!(
-            decode_event(b"nonsense"),
-            Err(Decoded::Malformed(_))
-        ));
+        assert!(matches!(decode_event(b"nonsense"), Err(Decoded::Malformed(_))));
     }
 
     #[test]
     fn paths_and_queries() {
         assert_eq!(object_path(Kind::App, "hello"), "/v1/apps/hello");
+        assert_eq!(object_path(Kind::AppInstance, "a b/c"), "/v1/instances/a%20b%2Fc");
         assert_eq!(
-            object_path(Kind::AppInstance, "a b/c"),
-            "/v1/instances/a%20b%2Fc"
-        );
-        assert_eq!(
-            with_query(
-                "/v1/apps",
-                &[
-                    ("watch", "true".into()),
-                    ("labelSelector", "site=a,tier=web&x".into())
-                ]
-            ),
+            with_query("/v1/apps", &[("watch", "true".into()), ("labelSelector", "site=a,tier=web&x".into())]),
             "/v1/apps?watch=true&labelSelector=site=a,tier=web%26x"
         );
         assert_eq!(with_query("/v1/apps", &[]), "/v1/apps");

@@ -15,18 +15,11 @@ use crate::time::{age_since, format_age, parse_rfc3339};
 /// Column headers for a kind; `wide` adds the `-o wide` columns.
 pub fn headers(kind: Kind, wide: bool) -> Vec<&'static str> {
     let (base, extra): (&[&str], &[&str]) = match kind {
-        Kind::Node => (
-            &["NAME", "STATUS", "AGE", "VERSION"],
-            &["OS/ARCH", "CPU", "MEMORY", "INSTANCES", "LIMITS", "LABELS"],
-        ),
-        Kind::App => (
-            &["NAME", "READY", "RUNTIME", "AGE"],
-            &["SELECTOR", "MESSAGE"],
-        ),
-        Kind::AppInstance => (
-            &["NAME", "APP", "NODE", "STATUS", "RESTARTS", "AGE"],
-            &["PID", "EXIT", "REASON"],
-        ),
+        Kind::Node => {
+            (&["NAME", "STATUS", "AGE", "VERSION"], &["OS/ARCH", "CPU", "MEMORY", "INSTANCES", "LIMITS", "LABELS"])
+        }
+        Kind::App => (&["NAME", "READY", "RUNTIME", "AGE"], &["SELECTOR", "MESSAGE"]),
+        Kind::AppInstance => (&["NAME", "APP", "NODE", "STATUS", "RESTARTS", "AGE"], &["PID", "EXIT", "REASON"]),
         Kind::Token => (&["NAME", "EXPIRES", "REVOKED", "JOINS", "DESCRIPTION"], &[]),
         Kind::NodeGroup => (&["NAME", "NODES", "READY", "SELECTOR"], &[]),
     };
@@ -53,11 +46,7 @@ pub fn row(kind: Kind, obj: &Value, wide: bool, now: i64) -> Vec<String> {
             vec![name, status, age, text(obj, "/status/info/agentVersion")]
         }
         Kind::App => {
-            let ready = format!(
-                "{}/{}",
-                number(obj, "/status/readyReplicas"),
-                number(obj, "/spec/replicas")
-            );
+            let ready = format!("{}/{}", number(obj, "/status/readyReplicas"), number(obj, "/spec/replicas"));
             vec![name, ready, text(obj, "/spec/runtime"), age]
         }
         Kind::AppInstance => vec![
@@ -86,29 +75,19 @@ pub fn row(kind: Kind, obj: &Value, wide: bool, now: i64) -> Vec<String> {
         match kind {
             Kind::Node => cells.extend([
                 os_arch(obj),
-                format!(
-                    "{}/{}",
-                    millis(number(obj, "/status/usage/cpuMillis")),
-                    number(obj, "/status/info/cpus")
-                ),
+                format!("{}/{}", millis(number(obj, "/status/usage/cpuMillis")), number(obj, "/status/info/cpus")),
                 format!(
                     "{}/{}",
                     bytes(unsigned(obj, "/status/usage/memoryBytes")),
                     bytes(unsigned(obj, "/status/info/memoryBytes"))
                 ),
                 number(obj, "/status/usage/instances"),
-                if flag(obj, "/status/limitsEnforced") {
-                    "enforced"
-                } else {
-                    "off"
-                }
-                .to_string(),
+                if flag(obj, "/status/limitsEnforced") { "enforced" } else { "off" }.to_string(),
                 pairs(obj.pointer("/metadata/labels")),
             ]),
-            Kind::App => cells.extend([
-                pairs(obj.pointer("/spec/placement/nodeSelector")),
-                text(obj, "/status/message"),
-            ]),
+            Kind::App => {
+                cells.extend([pairs(obj.pointer("/spec/placement/nodeSelector")), text(obj, "/status/message")])
+            }
             Kind::AppInstance => cells.extend([
                 number_opt(obj, "/status/pid"),
                 number_opt(obj, "/status/exitCode"),
@@ -117,26 +96,13 @@ pub fn row(kind: Kind, obj: &Value, wide: bool, now: i64) -> Vec<String> {
             Kind::Token | Kind::NodeGroup => {}
         }
     }
-    cells
-        .into_iter()
-        .map(|c| {
-            if c.is_empty() {
-                "<none>".to_string()
-            } else {
-                c
-            }
-        })
-        .collect()
+    cells.into_iter().map(|c| if c.is_empty() { "<none>".to_string() } else { c }).collect()
 }
 
 /// An instance's phase, with the reason of a failure (`Failed (OOMKilled)`).
 fn instance_status(obj: &Value) -> String {
     let phase = text(obj, "/status/phase");
-    let phase = if phase.is_empty() {
-        "Pending".to_string()
-    } else {
-        phase
-    };
+    let phase = if phase.is_empty() { "Pending".to_string() } else { phase };
     let reason = text(obj, "/status/reason");
     if !reason.is_empty() && matches!(phase.as_str(), "Failed" | "Pending" | "Starting") {
         format!("{phase} ({reason})")
@@ -197,9 +163,7 @@ fn unsigned(obj: &Value, pointer: &str) -> u64 {
 }
 
 fn flag(obj: &Value, pointer: &str) -> bool {
-    obj.pointer(pointer)
-        .and_then(Value::as_bool)
-        .unwrap_or(false)
+    obj.pointer(pointer).and_then(Value::as_bool).unwrap_or(false)
 }
 
 fn millis(m: String) -> String {
@@ -211,22 +175,9 @@ pub fn pairs(map: Option<&Value>) -> String {
     let Some(Value::Object(m)) = map else {
         return String::new();
     };
-    let sorted: BTreeMap<&String, String> = m
-        .iter()
-        .map(|(k, v)| {
-            (
-                k,
-                v.as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| v.to_string()),
-            )
-        })
-        .collect();
-    sorted
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
+    let sorted: BTreeMap<&String, String> =
+        m.iter().map(|(k, v)| (k, v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))).collect();
+    sorted.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
 /// Bytes in binary units, one decimal below 10 (`512Mi`, `7.6Gi`, `0`).
@@ -259,15 +210,9 @@ mod tests {
             "spec": {"replicas": 2, "runtime": "process", "placement": {"nodeSelector": {"site": "a"}}},
             "status": {"readyReplicas": 1}
         });
-        assert_eq!(
-            row(Kind::App, &app, false, 300),
-            ["hello", "1/2", "process", "5m"]
-        );
+        assert_eq!(row(Kind::App, &app, false, 300), ["hello", "1/2", "process", "5m"]);
         assert_eq!(row(Kind::App, &app, true, 300)[4..], ["site=a", "<none>"]);
-        assert_eq!(
-            headers(Kind::App, true).len(),
-            row(Kind::App, &app, true, 300).len()
-        );
+        assert_eq!(headers(Kind::App, true).len(), row(Kind::App, &app, true, 300).len());
     }
 
     #[test]
@@ -275,11 +220,7 @@ mod tests {
         let empty = json!({});
         for kind in Kind::ALL {
             for wide in [false, true] {
-                assert_eq!(
-                    headers(kind, wide).len(),
-                    row(kind, &empty, wide, 0).len(),
-                    "{kind} wide={wide}"
-                );
+                assert_eq!(headers(kind, wide).len(), row(kind, &empty, wide, 0).len(), "{kind} wide={wide}");
             }
         }
     }
@@ -294,22 +235,9 @@ mod tests {
         });
         let r = row(Kind::Node, &node, true, 0);
         assert_eq!(r[1], "Ready,SchedulingDisabled");
-        assert_eq!(
-            r[4..],
-            [
-                "linux/aarch64",
-                "120m/4",
-                "300Mi/7.6Gi",
-                "3",
-                "enforced",
-                "arch=arm,site=a"
-            ]
-        );
+        assert_eq!(r[4..], ["linux/aarch64", "120m/4", "300Mi/7.6Gi", "3", "enforced", "arch=arm,site=a"]);
         let tok = json!({"metadata": {"name": "abc"}, "spec": {"expires": "1970-01-02T00:00:00Z"}});
-        assert_eq!(
-            row(Kind::Token, &tok, false, 0),
-            ["abc", "in 24h", "false", "0", "<none>"]
-        );
+        assert_eq!(row(Kind::Token, &tok, false, 0), ["abc", "in 24h", "false", "0", "<none>"]);
         assert_eq!(row(Kind::Token, &tok, false, 90_000)[1], "expired");
     }
 

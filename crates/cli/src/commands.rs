@@ -168,9 +168,7 @@ impl Selector {
                 .ok_or_else(|| format!("{part:?}: expected k=v"))?;
             let (k, v) = (k.trim(), v.trim());
             let ok = |x: &str, slash: bool| {
-                x.chars().all(|c| {
-                    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') || (slash && c == '/')
-                })
+                x.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') || (slash && c == '/'))
             };
             if k.is_empty() || !ok(k, true) {
                 return Err(format!("{part:?}: bad label key {k:?}"));
@@ -189,20 +187,13 @@ impl Selector {
 
     /// The selector as sent in `?labelSelector=`.
     pub fn to_query(&self) -> String {
-        self.0
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",")
+        self.0.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
     }
 
     /// Whether the object's `metadata.labels` carry every pair.
     pub fn matches(&self, obj: &Value) -> bool {
         self.0.iter().all(|(k, v)| {
-            obj.pointer("/metadata/labels")
-                .and_then(|l| l.get(k))
-                .and_then(Value::as_str)
-                == Some(v.as_str())
+            obj.pointer("/metadata/labels").and_then(|l| l.get(k)).and_then(Value::as_str) == Some(v.as_str())
         })
     }
 }
@@ -252,20 +243,9 @@ async fn get(session: &Session, a: GetArgs) -> Result<()> {
         bail!("a name and --selector cannot be used together");
     }
     let client = session.client()?;
-    let options = ListOptions {
-        label_selector: a.selector.as_ref().map(Selector::to_query),
-        ..Default::default()
-    };
+    let options = ListOptions { label_selector: a.selector.as_ref().map(Selector::to_query), ..Default::default() };
     if a.watch {
-        return watch(
-            &client,
-            a.kind,
-            a.name.as_deref(),
-            a.selector.as_ref(),
-            &options,
-            a.output,
-        )
-        .await;
+        return watch(&client, a.kind, a.name.as_deref(), a.selector.as_ref(), &options, a.output).await;
     }
     let now = unix_now();
     let text = match &a.name {
@@ -280,9 +260,7 @@ async fn get(session: &Session, a: GetArgs) -> Result<()> {
                 items.retain(|o| sel.matches(o));
             }
             sort_by_name(&mut items);
-            if items.is_empty()
-                && !matches!(a.output, Some(OutputFormat::Json | OutputFormat::Yaml))
-            {
+            if items.is_empty() && !matches!(a.output, Some(OutputFormat::Json | OutputFormat::Yaml)) {
                 eprintln!("No {} found.", a.kind.plural());
                 return Ok(());
             }
@@ -313,17 +291,9 @@ fn render_one(kind: Kind, obj: &Value, output: Option<OutputFormat>, now: i64) -
     }
 }
 
-fn render_list(
-    kind: Kind,
-    items: &[Value],
-    output: Option<OutputFormat>,
-    now: i64,
-) -> Result<String> {
+fn render_list(kind: Kind, items: &[Value], output: Option<OutputFormat>, now: i64) -> Result<String> {
     match output {
-        Some(OutputFormat::Json) => Ok(format!(
-            "{}\n",
-            serde_json::to_string_pretty(&json!({ "items": items }))?
-        )),
+        Some(OutputFormat::Json) => Ok(format!("{}\n", serde_json::to_string_pretty(&json!({ "items": items }))?)),
         Some(OutputFormat::Yaml) => Ok(serde_yaml::to_string(&json!({ "items": items }))?),
         wide => Ok(table_of(kind, items, wide.is_some(), now).render()),
     }
@@ -341,9 +311,8 @@ async fn watch(
 ) -> Result<()> {
     let wide = output == Some(OutputFormat::Wide);
     let structured = matches!(output, Some(OutputFormat::Json | OutputFormat::Yaml));
-    let wanted = |o: &Value| {
-        name.is_none_or(|n| text(o, "/metadata/name") == n) && selector.is_none_or(|s| s.matches(o))
-    };
+    let wanted =
+        |o: &Value| name.is_none_or(|n| text(o, "/metadata/name") == n) && selector.is_none_or(|s| s.matches(o));
     let print_object = |o: &Value, table: &mut Table| -> Result<bool> {
         let out = match output {
             Some(OutputFormat::Json) => format!("{}\n", serde_json::to_string_pretty(o)?),
@@ -384,11 +353,7 @@ async fn watch(
                     Err(e) if e.status() == Some(410) => continue 'relist,
                     other => other?,
                 };
-                if let Some(rv) = event
-                    .object
-                    .pointer("/metadata/resourceVersion")
-                    .and_then(revision_of)
-                {
+                if let Some(rv) = event.object.pointer("/metadata/resourceVersion").and_then(revision_of) {
                     revision = revision.max(rv);
                 }
                 if wanted(&event.object) && !print_object(&event.object, &mut table)? {
@@ -402,8 +367,7 @@ async fn watch(
 }
 
 fn revision_of(v: &Value) -> Option<u64> {
-    v.as_u64()
-        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+    v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok()))
 }
 
 // ---------------------------------------------------------------- describe
@@ -413,53 +377,28 @@ async fn describe_cmd(session: &Session, kind: Kind, name: &str) -> Result<()> {
     let obj = client.get_object(kind, name).await?;
     let related = match kind {
         Kind::App => {
-            let options = ListOptions {
-                app: Some(name.to_string()),
-                ..Default::default()
-            };
+            let options = ListOptions { app: Some(name.to_string()), ..Default::default() };
             let mut items = client.list_with(Kind::AppInstance, &options).await?.items;
             items.retain(|i| text(i, "/spec/app") == name);
-            Some(Related {
-                title: "Instances",
-                kind: Kind::AppInstance,
-                items,
-            })
+            Some(Related { title: "Instances", kind: Kind::AppInstance, items })
         }
         Kind::Node => {
-            let options = ListOptions {
-                node: Some(name.to_string()),
-                ..Default::default()
-            };
+            let options = ListOptions { node: Some(name.to_string()), ..Default::default() };
             let mut items = client.list_with(Kind::AppInstance, &options).await?.items;
             items.retain(|i| text(i, "/spec/node") == name);
-            Some(Related {
-                title: "Instances",
-                kind: Kind::AppInstance,
-                items,
-            })
+            Some(Related { title: "Instances", kind: Kind::AppInstance, items })
         }
         Kind::NodeGroup => {
             let selector: BTreeMap<String, String> = obj
                 .pointer("/spec/selector")
                 .and_then(Value::as_object)
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
-                        .collect()
-                })
+                .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect())
                 .unwrap_or_default();
             let selector = Selector(selector);
-            let options = ListOptions {
-                label_selector: Some(selector.to_query()),
-                ..Default::default()
-            };
+            let options = ListOptions { label_selector: Some(selector.to_query()), ..Default::default() };
             let mut items = client.list_with(Kind::Node, &options).await?.items;
             items.retain(|n| selector.matches(n));
-            Some(Related {
-                title: "Nodes",
-                kind: Kind::Node,
-                items,
-            })
+            Some(Related { title: "Nodes", kind: Kind::Node, items })
         }
         Kind::Token | Kind::AppInstance => None,
     };
@@ -485,13 +424,8 @@ fn read_sources(paths: &[PathBuf]) -> Result<Vec<Source>> {
             }
             stdin_read = true;
             let mut text = String::new();
-            std::io::stdin()
-                .read_to_string(&mut text)
-                .context("read manifests from stdin")?;
-            out.push(Source {
-                name: "<stdin>".into(),
-                text,
-            });
+            std::io::stdin().read_to_string(&mut text).context("read manifests from stdin")?;
+            out.push(Source { name: "<stdin>".into(), text });
         } else if path.is_dir() {
             let mut files: Vec<PathBuf> = std::fs::read_dir(path)
                 .with_context(|| format!("read directory {}", path.display()))?
@@ -513,9 +447,7 @@ fn read_sources(paths: &[PathBuf]) -> Result<Vec<Source>> {
 }
 
 fn is_manifest_file(p: &Path) -> bool {
-    p.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+    p.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
 }
 
 fn read_file(path: &Path) -> Result<Source> {
@@ -543,14 +475,8 @@ async fn apply(session: &Session, paths: &[PathBuf]) -> Result<()> {
     let client = session.client()?;
     for r in resources {
         let label = format!("{}/{}", r.kind().noun(), r.name());
-        let created = client
-            .apply(&r.to_value())
-            .await
-            .map_err(|e| object_error(&label, e))?;
-        emit(format!(
-            "{label} {}\n",
-            if created { "created" } else { "configured" }
-        ))?;
+        let created = client.apply(&r.to_value()).await.map_err(|e| object_error(&label, e))?;
+        emit(format!("{label} {}\n", if created { "created" } else { "configured" }))?;
     }
     Ok(())
 }
@@ -602,10 +528,7 @@ impl LogTarget {
         match kind.parse::<Kind>().map_err(|e| anyhow!("logs: {e}"))? {
             Kind::App => Ok(LogTarget::App(name.to_string())),
             Kind::AppInstance => Ok(LogTarget::Instance(name.to_string())),
-            other => bail!(
-                "logs are kept for apps and instances, not {}s",
-                other.noun()
-            ),
+            other => bail!("logs are kept for apps and instances, not {}s", other.noun()),
         }
     }
 }
@@ -619,17 +542,10 @@ async fn logs(session: &Session, a: LogsArgs) -> Result<()> {
     let node = a.node.as_deref();
     let mut stream = match &target {
         LogTarget::App(n) => client.logs(Kind::App, n, a.tail, a.follow, node).await?,
-        LogTarget::Instance(n) => {
-            client
-                .logs(Kind::AppInstance, n, a.tail, a.follow, None)
-                .await?
-        }
+        LogTarget::Instance(n) => client.logs(Kind::AppInstance, n, a.tail, a.follow, None).await?,
         LogTarget::Either(n) => match client.logs(Kind::App, n, a.tail, a.follow, node).await {
             Err(e) if e.is_not_found() && node.is_none() => {
-                match client
-                    .logs(Kind::AppInstance, n, a.tail, a.follow, None)
-                    .await
-                {
+                match client.logs(Kind::AppInstance, n, a.tail, a.follow, None).await {
                     Err(e) if e.is_not_found() => bail!("no app or instance named {n:?}"),
                     other => other?,
                 }
@@ -655,17 +571,7 @@ async fn token(session: &Session, cmd: TokenCommand) -> Result<()> {
             emit(format!("{token}\n"))?;
         }
         TokenCommand::List { output } => {
-            return get(
-                session,
-                GetArgs {
-                    kind: Kind::Token,
-                    name: None,
-                    output,
-                    watch: false,
-                    selector: None,
-                },
-            )
-            .await;
+            return get(session, GetArgs { kind: Kind::Token, name: None, output, watch: false, selector: None }).await;
         }
         TokenCommand::Revoke { name } => {
             let client = session.client()?;
@@ -716,15 +622,8 @@ mod tests {
         assert!(s.matches(&json!({"metadata": {"labels": {"site": "a", "tier": "web", "x": "y"}}})));
         assert!(!s.matches(&json!({"metadata": {"labels": {"site": "a"}}})));
         assert!(!s.matches(&json!({})));
-        assert_eq!(
-            Selector::parse("example.com/zone=")
-                .expect("empty value")
-                .to_query(),
-            "example.com/zone="
-        );
-        for bad in [
-            "", "site", "site!=a", "=a", "a=b,", "a=b c", "a=1,a=2", "a=x/y",
-        ] {
+        assert_eq!(Selector::parse("example.com/zone=").expect("empty value").to_query(), "example.com/zone=");
+        for bad in ["", "site", "site!=a", "=a", "a=b,", "a=b c", "a=1,a=2", "a=x/y"] {
             assert!(Selector::parse(bad).is_err(), "{bad}");
         }
         assert!(Selector::parse("a=1,a=1").is_ok());
@@ -732,18 +631,14 @@ mod tests {
 
     #[test]
     fn get_arguments() {
-        let ClientCommand::Get(g) =
-            parse(&["get", "inst", "-o", "wide", "-w", "-l", "app=hello"]).expect("parses")
+        let ClientCommand::Get(g) = parse(&["get", "inst", "-o", "wide", "-w", "-l", "app=hello"]).expect("parses")
         else {
             panic!("not get")
         };
         assert_eq!(g.kind, Kind::AppInstance);
         assert_eq!(g.output, Some(OutputFormat::Wide));
         assert!(g.watch);
-        assert_eq!(
-            g.selector.map(|s| s.to_query()).as_deref(),
-            Some("app=hello")
-        );
+        assert_eq!(g.selector.map(|s| s.to_query()).as_deref(), Some("app=hello"));
         let e = parse(&["get", "pods"]).expect_err("unknown kind");
         assert!(e.to_string().contains("unknown kind"), "{e}");
         assert!(parse(&["get", "apps", "-o", "table"]).is_err());
@@ -768,18 +663,9 @@ mod tests {
 
     #[test]
     fn log_targets() {
-        assert_eq!(
-            LogTarget::parse("app/hello").ok(),
-            Some(LogTarget::App("hello".into()))
-        );
-        assert_eq!(
-            LogTarget::parse("instances/hello-x").ok(),
-            Some(LogTarget::Instance("hello-x".into()))
-        );
-        assert_eq!(
-            LogTarget::parse("hello").ok(),
-            Some(LogTarget::Either("hello".into()))
-        );
+        assert_eq!(LogTarget::parse("app/hello").ok(), Some(LogTarget::App("hello".into())));
+        assert_eq!(LogTarget::parse("instances/hello-x").ok(), Some(LogTarget::Instance("hello-x".into())));
+        assert_eq!(LogTarget::parse("hello").ok(), Some(LogTarget::Either("hello".into())));
         for bad in ["node/edge-1", "app/", "pod/x", "app/a/b", ""] {
             assert!(LogTarget::parse(bad).is_err(), "{bad}");
         }
@@ -791,20 +677,10 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("temp dir");
         let good = "apiVersion: yunbian.io/v1\nkind: App\nmetadata: {name: a}\nspec: {replicas: 1, runtime: fake}\n";
         std::fs::write(dir.join("1-good.yaml"), good).expect("write");
-        std::fs::write(
-            dir.join("2-bad.yml"),
-            good.replace("replicas: 1", "replicas: -1"),
-        )
-        .expect("write");
+        std::fs::write(dir.join("2-bad.yml"), good.replace("replicas: 1", "replicas: -1")).expect("write");
         std::fs::write(dir.join("notes.txt"), "not a manifest").expect("write");
         let e = load_manifests(std::slice::from_ref(&dir)).expect_err("invalid");
-        assert_eq!(
-            e.to_string(),
-            format!(
-                "{}: spec.replicas: must be >= 0",
-                dir.join("2-bad.yml").display()
-            )
-        );
+        assert_eq!(e.to_string(), format!("{}: spec.replicas: must be >= 0", dir.join("2-bad.yml").display()));
         std::fs::remove_file(dir.join("2-bad.yml")).expect("remove");
         let ok = load_manifests(std::slice::from_ref(&dir)).expect("valid");
         assert_eq!(ok.len(), 1);
@@ -820,10 +696,9 @@ mod tests {
             render_list(Kind::NodeGroup, &items, None, 0).expect("table"),
             "NAME   NODES   READY   SELECTOR\ng1     2       1       site=a\n"
         );
-        let j: Value = serde_json::from_str(
-            &render_list(Kind::NodeGroup, &items, Some(OutputFormat::Json), 0).expect("json"),
-        )
-        .expect("valid json");
+        let j: Value =
+            serde_json::from_str(&render_list(Kind::NodeGroup, &items, Some(OutputFormat::Json), 0).expect("json"))
+                .expect("valid json");
         assert_eq!(j["items"][0]["metadata"]["name"], "g1");
         let y = render_list(Kind::NodeGroup, &items, Some(OutputFormat::Yaml), 0).expect("yaml");
         assert!(y.starts_with("items:\n- metadata:\n    name: g1\n"), "{y}");

@@ -92,26 +92,16 @@ pub struct ServerAddr {
 impl ServerAddr {
     /// Parses `https://HOST[:PORT][/]`.
     pub fn parse(url: &str) -> Result<ServerAddr, String> {
-        let rest = url
-            .strip_prefix("https://")
-            .ok_or_else(|| format!("{url:?} must be an https:// URL"))?;
+        let rest = url.strip_prefix("https://").ok_or_else(|| format!("{url:?} must be an https:// URL"))?;
         let authority = rest.strip_suffix('/').unwrap_or(rest);
         if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
             return Err(format!("{url:?} must look like https://HOST[:PORT]"));
         }
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (host, after) = v6
-                .split_once(']')
-                .ok_or_else(|| format!("{url:?}: unclosed '[' in IPv6 address"))?;
+            let (host, after) = v6.split_once(']').ok_or_else(|| format!("{url:?}: unclosed '[' in IPv6 address"))?;
             match after {
                 "" => (host, None),
-                p => (
-                    host,
-                    Some(
-                        p.strip_prefix(':')
-                            .ok_or_else(|| format!("{url:?}: bad port"))?,
-                    ),
-                ),
+                p => (host, Some(p.strip_prefix(':').ok_or_else(|| format!("{url:?}: bad port"))?)),
             }
         } else {
             match authority.rsplit_once(':') {
@@ -124,15 +114,9 @@ impl ServerAddr {
         }
         let port = match port {
             None => 443,
-            Some(p) => p
-                .parse::<u16>()
-                .map_err(|_| format!("{url:?}: bad port {p:?}"))?,
+            Some(p) => p.parse::<u16>().map_err(|_| format!("{url:?}: bad port {p:?}"))?,
         };
-        Ok(ServerAddr {
-            host: host.to_string(),
-            port,
-            authority: authority.to_string(),
-        })
+        Ok(ServerAddr { host: host.to_string(), port, authority: authority.to_string() })
     }
 }
 
@@ -140,17 +124,12 @@ impl ClientConfig {
     /// Loads and checks the configuration: `explicit` (from `--config`),
     /// else `$YUNBIAN_CONFIG`, else `./admin.yaml`.
     pub fn load(explicit: Option<&Path>) -> Result<ClientConfig, ConfigError> {
-        let env = std::env::var_os(CONFIG_ENV)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from);
+        let env = std::env::var_os(CONFIG_ENV).filter(|v| !v.is_empty()).map(PathBuf::from);
         Self::load_from(explicit, env.as_deref())
     }
 
     /// [`ClientConfig::load`] with the environment passed in.
-    pub fn load_from(
-        explicit: Option<&Path>,
-        env: Option<&Path>,
-    ) -> Result<ClientConfig, ConfigError> {
+    pub fn load_from(explicit: Option<&Path>, env: Option<&Path>) -> Result<ClientConfig, ConfigError> {
         let path = match explicit.or(env) {
             Some(p) => p.to_path_buf(),
             None => {
@@ -162,10 +141,8 @@ impl ClientConfig {
             }
         };
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::Read {
-            path: shown.clone(),
-            reason: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| ConfigError::Read { path: shown.clone(), reason: e.to_string() })?;
         Self::from_yaml(&text).map_err(|e| ConfigError::Invalid {
             path: shown,
             reason: match e {
@@ -177,10 +154,8 @@ impl ClientConfig {
 
     /// Parses and checks the YAML text of an `admin.yaml`.
     pub fn from_yaml(text: &str) -> Result<ClientConfig, ConfigError> {
-        let config: ClientConfig = serde_yaml::from_str(text).map_err(|e| ConfigError::Field {
-            field: "yaml",
-            reason: e.to_string(),
-        })?;
+        let config: ClientConfig =
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Field { field: "yaml", reason: e.to_string() })?;
         config.check()?;
         Ok(config)
     }
@@ -191,41 +166,26 @@ impl ClientConfig {
         self.server_addr()?;
         self.ca_certificates()?;
         if self.token.trim().is_empty() {
-            return Err(ConfigError::Field {
-                field: "token",
-                reason: "is empty".into(),
-            });
+            return Err(ConfigError::Field { field: "token", reason: "is empty".into() });
         }
         if !self.token.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(ConfigError::Field {
-                field: "token",
-                reason: "must be printable ASCII without spaces".into(),
-            });
+            return Err(ConfigError::Field { field: "token", reason: "must be printable ASCII without spaces".into() });
         }
         Ok(())
     }
 
     /// The parsed `server` URL.
     pub fn server_addr(&self) -> Result<ServerAddr, ConfigError> {
-        ServerAddr::parse(self.server.trim()).map_err(|reason| ConfigError::Field {
-            field: "server",
-            reason,
-        })
+        ServerAddr::parse(self.server.trim()).map_err(|reason| ConfigError::Field { field: "server", reason })
     }
 
     /// The DER certificates of `ca`.
     pub fn ca_certificates(&self) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
         let certs = CertificateDer::pem_slice_iter(self.ca_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ConfigError::Field {
-                field: "ca",
-                reason: format!("bad PEM: {e}"),
-            })?;
+            .map_err(|e| ConfigError::Field { field: "ca", reason: format!("bad PEM: {e}") })?;
         if certs.is_empty() {
-            return Err(ConfigError::Field {
-                field: "ca",
-                reason: "no PEM certificate found".into(),
-            });
+            return Err(ConfigError::Field { field: "ca", reason: "no PEM certificate found".into() });
         }
         Ok(certs)
     }
@@ -238,22 +198,12 @@ mod tests {
     #[test]
     fn server_urls() {
         let a = ServerAddr::parse("https://127.0.0.1:7443").expect("valid");
-        assert_eq!(
-            (a.host.as_str(), a.port, a.authority.as_str()),
-            ("127.0.0.1", 7443, "127.0.0.1:7443")
-        );
+        assert_eq!((a.host.as_str(), a.port, a.authority.as_str()), ("127.0.0.1", 7443, "127.0.0.1:7443"));
         let a = ServerAddr::parse("https://cloud.example/").expect("valid");
         assert_eq!((a.host.as_str(), a.port), ("cloud.example", 443));
         let a = ServerAddr::parse("https://[::1]:9000").expect("valid");
         assert_eq!((a.host.as_str(), a.port), ("::1", 9000));
-        for bad in [
-            "http://x",
-            "https://",
-            "https://x:port",
-            "https://x/api",
-            "https://[::1",
-            "https://:1",
-        ] {
+        for bad in ["http://x", "https://", "https://x:port", "https://x/api", "https://[::1", "https://:1"] {
             assert!(ServerAddr::parse(bad).is_err(), "{bad}");
         }
     }
@@ -261,13 +211,8 @@ mod tests {
     #[test]
     fn missing_default_is_one_line() {
         // The explicit path wins over the environment and is reported as is.
-        let e = ClientConfig::load_from(Some(Path::new("/nonexistent/admin.yaml")), None)
-            .expect_err("missing");
-        assert!(
-            e.to_string()
-                .starts_with("cannot read client config /nonexistent/admin.yaml: "),
-            "{e}"
-        );
+        let e = ClientConfig::load_from(Some(Path::new("/nonexistent/admin.yaml")), None).expect_err("missing");
+        assert!(e.to_string().starts_with("cannot read client config /nonexistent/admin.yaml: "), "{e}");
         assert_eq!(
             ConfigError::NotFound.to_string(),
             "no client config: set YUNBIAN_CONFIG or pass --config (looked in ./admin.yaml)"
@@ -278,17 +223,10 @@ mod tests {
     fn bad_fields_are_named() {
         let e = ClientConfig::from_yaml("server: http://x\nca: x\ntoken: t\n").expect_err("http");
         assert!(e.to_string().contains("server:"), "{e}");
-        let e =
-            ClientConfig::from_yaml("server: https://x\nca: x\ntoken: t\n").expect_err("no pem");
+        let e = ClientConfig::from_yaml("server: https://x\nca: x\ntoken: t\n").expect_err("no pem");
         assert!(e.to_string().contains("ca: no PEM certificate"), "{e}");
-        let debug = format!(
-            "{:?}",
-            ClientConfig {
-                server: "https://x".into(),
-                ca_pem: String::new(),
-                token: "secret".into()
-            }
-        );
+        let debug =
+            format!("{:?}", ClientConfig { server: "https://x".into(), ca_pem: String::new(), token: "secret".into() });
         assert!(!debug.contains("secret"), "{debug}");
     }
 }

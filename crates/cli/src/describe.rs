@@ -24,11 +24,7 @@ pub struct Related {
 pub fn describe(kind: Kind, obj: &Value, related: Option<&Related>, now: i64) -> String {
     let mut out = String::new();
     let mut field = |label: &str, value: String| {
-        let value = if value.is_empty() {
-            "<none>".to_string()
-        } else {
-            value
-        };
+        let value = if value.is_empty() { "<none>".to_string() } else { value };
         out.push_str(&format!("{:<18}{value}\n", format!("{label}:")));
     };
     let created = text(obj, "/metadata/creationTimestamp");
@@ -38,11 +34,7 @@ pub fn describe(kind: Kind, obj: &Value, related: Option<&Related>, now: i64) ->
     field("Annotations", pairs(obj.pointer("/metadata/annotations")));
     field(
         "Created",
-        if created.is_empty() {
-            String::new()
-        } else {
-            format!("{created} ({} ago)", age_since(&created, now))
-        },
+        if created.is_empty() { String::new() } else { format!("{created} ({} ago)", age_since(&created, now)) },
     );
     field("UID", text(obj, "/metadata/uid"));
     field("Resource Version", text(obj, "/metadata/resourceVersion"));
@@ -50,10 +42,7 @@ pub fn describe(kind: Kind, obj: &Value, related: Option<&Related>, now: i64) ->
     if kind == Kind::Node {
         let hb = text(obj, "/status/lastHeartbeat");
         if !hb.is_empty() {
-            field(
-                "Last Heartbeat",
-                format!("{hb} ({} ago)", age_since(&hb, now)),
-            );
+            field("Last Heartbeat", format!("{hb} ({} ago)", age_since(&hb, now)));
         }
     }
     for section in ["spec", "status"] {
@@ -104,15 +93,7 @@ fn title_case(s: &str) -> String {
 }
 
 fn indent(text: &str, prefix: &str) -> String {
-    text.lines()
-        .map(|l| {
-            if l.is_empty() {
-                "\n".to_string()
-            } else {
-                format!("{prefix}{l}\n")
-            }
-        })
-        .collect()
+    text.lines().map(|l| if l.is_empty() { "\n".to_string() } else { format!("{prefix}{l}\n") }).collect()
 }
 
 #[cfg(test)]
@@ -130,58 +111,23 @@ mod tests {
         });
         let inst = json!({"metadata": {"name": "hello-abc"}, "spec": {"app": "hello", "node": "edge-1"},
                           "status": {"phase": "Running", "restartCount": 1}});
-        let rel = Related {
-            title: "Instances",
-            kind: Kind::AppInstance,
-            items: vec![inst],
-        };
+        let rel = Related { title: "Instances", kind: Kind::AppInstance, items: vec![inst] };
         let d = describe(Kind::App, &app, Some(&rel), 60);
-        assert!(
-            d.starts_with(
-                "Name:             hello\nKind:             App\nLabels:           team=x\n"
-            ),
-            "{d}"
-        );
-        assert!(
-            d.contains("Created:          1970-01-01T00:00:00Z (60s ago)\n"),
-            "{d}"
-        );
+        assert!(d.starts_with("Name:             hello\nKind:             App\nLabels:           team=x\n"), "{d}");
+        assert!(d.contains("Created:          1970-01-01T00:00:00Z (60s ago)\n"), "{d}");
         assert!(d.contains("Generation:       2\n"), "{d}");
-        assert!(
-            d.contains("Spec:\n  replicas: 2\n  runtime: process\n"),
-            "{d}"
-        );
+        assert!(d.contains("Spec:\n  replicas: 2\n  runtime: process\n"), "{d}");
         assert!(d.contains("Status:\n  readyReplicas: 1\n"), "{d}");
-        assert!(
-            d.contains("Instances:\n  NAME        APP     NODE     STATUS    RESTARTS   AGE\n"),
-            "{d}"
-        );
-        assert!(
-            d.contains("  hello-abc   hello   edge-1   Running   1          <unknown>\n"),
-            "{d}"
-        );
+        assert!(d.contains("Instances:\n  NAME        APP     NODE     STATUS    RESTARTS   AGE\n"), "{d}");
+        assert!(d.contains("  hello-abc   hello   edge-1   Running   1          <unknown>\n"), "{d}");
     }
 
     #[test]
     fn empty_sections() {
-        let d = describe(
-            Kind::Token,
-            &json!({"metadata": {"name": "t"}, "spec": {}}),
-            None,
-            0,
-        );
+        let d = describe(Kind::Token, &json!({"metadata": {"name": "t"}, "spec": {}}), None, 0);
         assert!(d.contains("Spec:             <none>\n"), "{d}");
-        let rel = Related {
-            title: "Nodes",
-            kind: Kind::Node,
-            items: vec![],
-        };
-        let d = describe(
-            Kind::NodeGroup,
-            &json!({"metadata": {"name": "g"}}),
-            Some(&rel),
-            0,
-        );
+        let rel = Related { title: "Nodes", kind: Kind::Node, items: vec![] };
+        let d = describe(Kind::NodeGroup, &json!({"metadata": {"name": "g"}}), Some(&rel), 0);
         assert!(d.ends_with("Nodes:\n  <none>\n"), "{d}");
     }
 }

@@ -22,11 +22,7 @@ impl Table {
     pub fn new<S: AsRef<str>>(headers: &[S]) -> Table {
         let headers: Vec<String> = headers.iter().map(|h| h.as_ref().to_uppercase()).collect();
         let widths = headers.iter().map(|h| width(h)).collect();
-        Table {
-            headers,
-            rows: Vec::new(),
-            widths,
-        }
+        Table { headers, rows: Vec::new(), widths }
     }
 
     /// Adds a row; missing cells are empty, extra cells are kept.
@@ -84,10 +80,7 @@ impl Table {
             out.push_str(cell);
             if i + 1 < n {
                 let w = self.widths.get(i).copied().unwrap_or(0);
-                out.extend(std::iter::repeat_n(
-                    ' ',
-                    w.saturating_sub(width(cell)) + GAP,
-                ));
+                out.extend(std::iter::repeat_n(' ', w.saturating_sub(width(cell)) + GAP));
             }
         }
         let trimmed = out.trim_end().len();
@@ -134,18 +127,9 @@ mod tests {
         let mut t = Table::new(&["NAME", "STATUS", "AGE"]);
         t.push(row(&["hello-1", "Running", "1m"]));
         let _ = t.render();
-        assert_eq!(
-            t.render_row(&row(&["h", "Failed", "2m"])),
-            "h         Failed    2m\n"
-        );
-        assert_eq!(
-            t.render_row(&row(&["much-longer-name", "Running", "3m"])),
-            "much-longer-name   Running   3m\n"
-        );
-        assert_eq!(
-            t.render_row(&row(&["x", "Pending", "3m"])),
-            "x                  Pending   3m\n"
-        );
+        assert_eq!(t.render_row(&row(&["h", "Failed", "2m"])), "h         Failed    2m\n");
+        assert_eq!(t.render_row(&row(&["much-longer-name", "Running", "3m"])), "much-longer-name   Running   3m\n");
+        assert_eq!(t.render_row(&row(&["x", "Pending", "3m"])), "x                  Pending   3m\n");
     }
 
     #[test]

@@ -160,8 +160,7 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
     if s == "0" {
         return Ok(0);
     }
-    let bad =
-        || format!("invalid duration {s:?}: use e.g. 30s, 15m, 24h, 7d, 1h30m or 0 for never");
+    let bad = || format!("invalid duration {s:?}: use e.g. 30s, 15m, 24h, 7d, 1h30m or 0 for never");
     if s.is_empty() {
         return Err(bad());
     }
@@ -180,10 +179,7 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
             _ => return Err(bad()),
         };
         let n: u64 = digits.parse().map_err(|_| bad())?;
-        total = n
-            .checked_mul(unit)
-            .and_then(|v| total.checked_add(v))
-            .ok_or_else(bad)?;
+        total = n.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or_else(bad)?;
         digits.clear();
     }
     if !digits.is_empty() {
@@ -200,18 +196,9 @@ mod tests {
     fn rfc3339() {
         assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
         assert_eq!(parse_rfc3339("2000-03-01T00:00:00Z"), Some(951_868_800));
-        assert_eq!(
-            parse_rfc3339("2024-02-29T12:34:56.789Z"),
-            Some(1_709_210_096)
-        );
-        assert_eq!(
-            parse_rfc3339("2024-02-29T14:34:56+02:00"),
-            Some(1_709_210_096)
-        );
-        assert_eq!(
-            parse_rfc3339("2024-02-29T10:04:56-02:30"),
-            Some(1_709_210_096)
-        );
+        assert_eq!(parse_rfc3339("2024-02-29T12:34:56.789Z"), Some(1_709_210_096));
+        assert_eq!(parse_rfc3339("2024-02-29T14:34:56+02:00"), Some(1_709_210_096));
+        assert_eq!(parse_rfc3339("2024-02-29T10:04:56-02:30"), Some(1_709_210_096));
         for bad in [
             "",
             "2024-02-30T00:00:00Z",
@@ -266,16 +253,7 @@ mod tests {
         assert_eq!(parse_duration("24h"), Ok(86_400));
         assert_eq!(parse_duration("7d"), Ok(604_800));
         assert_eq!(parse_duration("1h30m"), Ok(5400));
-        for bad in [
-            "",
-            "10",
-            "h",
-            "1x",
-            "-1h",
-            "1.5h",
-            "99999999999999999999d",
-            "1h 30m",
-        ] {
+        for bad in ["", "10", "h", "1x", "-1h", "1.5h", "99999999999999999999d", "1h 30m"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

@@ -20,9 +20,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use yunbian_api::{
-    ApiErrorBody, AppInstanceSpec, Kind, ManifestError, NodeSpec, Object, Resource, TokenSpec,
-};
+use yunbian_api::{ApiErrorBody, AppInstanceSpec, Kind, ManifestError, NodeSpec, Object, Resource, TokenSpec};
 use yunbian_pki::CertAuthority;
 use yunbian_store::{EventType, Store, StoreError, StoredObject};
 
@@ -174,7 +172,8 @@ fn kind_of(plural: &str) -> ApiResult<Kind> {
 
 fn parse_body(body: &[u8]) -> ApiResult<Value> {
     let text = std::str::from_utf8(body).map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "body is not UTF-8"))?;
-    serde_yaml::from_str(text).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("body is not JSON or YAML: {e}")))
+    serde_yaml::from_str(text)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("body is not JSON or YAML: {e}")))
 }
 
 async fn metrics(State(s): St, headers: HeaderMap, Extension(peer): Extension<Peer>) -> ApiResult<Response> {
@@ -218,10 +217,9 @@ impl Filter {
     }
 
     fn matches(&self, v: &Value) -> bool {
-        let label_ok = self
-            .labels
-            .iter()
-            .all(|(k, want)| v.pointer("/metadata/labels").and_then(|l| l.get(k)).and_then(Value::as_str) == Some(want));
+        let label_ok = self.labels.iter().all(|(k, want)| {
+            v.pointer("/metadata/labels").and_then(|l| l.get(k)).and_then(Value::as_str) == Some(want)
+        });
         let field_ok = |f: &Option<String>, ptr: &str| {
             f.as_ref().is_none_or(|want| v.pointer(ptr).and_then(Value::as_str) == Some(want.as_str()))
         };
@@ -298,10 +296,10 @@ async fn watch(s: Arc<ApiState>, kind: Kind, filter: Filter, from: Option<u64>) 
         }
     });
     let stream = futures_util::StreamExt::chain(futures_util::stream::iter(initial.into_iter().map(Ok)), live);
-    Ok(Response::builder()
+    Response::builder()
         .header("content-type", "application/x-ndjson")
         .body(Body::from_stream(stream))
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 async fn get_one(
@@ -422,7 +420,8 @@ async fn create_token(
     let req: TokenRequest = if body.is_empty() {
         TokenRequest::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("token request: {e}")))?
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("token request: {e}")))?
     };
     let ttl = req.ttl_seconds.unwrap_or(24 * 3600);
     let id = yunbian_pki::random_hex(3);
@@ -502,7 +501,11 @@ async fn check_token(s: &ApiState, token: &str) -> Result<String, String> {
     Ok(id.to_string())
 }
 
-async fn join(State(s): St, Extension(peer): Extension<Peer>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+async fn join(
+    State(s): St,
+    Extension(peer): Extension<Peer>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
     let req: JoinRequest = serde_json::from_slice(&body?)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("join request: {e}")))?;
     let reject = |code: StatusCode, msg: String| {
@@ -521,10 +524,9 @@ async fn join(State(s): St, Extension(peer): Extension<Peer>, body: Result<Bytes
     if s.store.get(Kind::Node, &req.name).await.is_ok() {
         return Err(reject(StatusCode::CONFLICT, format!("node name {} is already taken", req.name)));
     }
-    let cert = s
-        .ca
-        .sign_node_csr(&req.csr, &req.name, s.node_cert_ttl)
-        .map_err(|e| reject(StatusCode::BAD_REQUEST, format!("certificate request: {e}")))?;
+    let cert =
+        s.ca.sign_node_csr(&req.csr, &req.name, s.node_cert_ttl)
+            .map_err(|e| reject(StatusCode::BAD_REQUEST, format!("certificate request: {e}")))?;
     let mut v = node.to_value();
     objects::stamp_new(&mut v);
     match s.store.create(Kind::Node, &req.name, v).await {
@@ -550,20 +552,24 @@ struct RenewRequest {
 }
 
 fn require_node(peer: &Peer) -> ApiResult<String> {
-    peer.node
-        .clone()
-        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "a node client certificate is required"))
+    peer.node.clone().ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "a node client certificate is required"))
 }
 
-async fn renew(State(s): St, Extension(peer): Extension<Peer>, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
+async fn renew(
+    State(s): St,
+    Extension(peer): Extension<Peer>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
     let node = require_node(&peer)?;
-    s.store.get(Kind::Node, &node).await.map_err(|_| ApiError::new(StatusCode::FORBIDDEN, format!("node {node} was removed")))?;
+    s.store
+        .get(Kind::Node, &node)
+        .await
+        .map_err(|_| ApiError::new(StatusCode::FORBIDDEN, format!("node {node} was removed")))?;
     let req: RenewRequest = serde_json::from_slice(&body?)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("renew request: {e}")))?;
-    let cert = s
-        .ca
-        .sign_node_csr(&req.csr, &node, s.node_cert_ttl)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("certificate request: {e}")))?;
+    let cert =
+        s.ca.sign_node_csr(&req.csr, &node, s.node_cert_ttl)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("certificate request: {e}")))?;
     tracing::info!(node = %node, "node certificate renewed");
     Ok(Json(json!({ "certificate": cert })).into_response())
 }
@@ -672,7 +678,10 @@ async fn app_log(
         } else {
             down.join("; ")
         };
-        return Err(ApiError::new(if down.is_empty() { StatusCode::NOT_FOUND } else { StatusCode::SERVICE_UNAVAILABLE }, msg));
+        return Err(ApiError::new(
+            if down.is_empty() { StatusCode::NOT_FOUND } else { StatusCode::SERVICE_UNAVAILABLE },
+            msg,
+        ));
     }
     Ok(log_response(rxs))
 }

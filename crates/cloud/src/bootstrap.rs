@@ -97,7 +97,8 @@ pub fn init(dir: &Path, listen: &str, advertise: &str) -> Result<Credentials> {
             std::fs::read_to_string(dir.join("server.key")).context("read server.key")?,
         )
     } else {
-        let (c, k) = ca.issue_server(&sans, Duration::from_secs(2 * 365 * 86_400)).context("issue server certificate")?;
+        let (c, k) =
+            ca.issue_server(&sans, Duration::from_secs(2 * 365 * 86_400)).context("issue server certificate")?;
         write_atomic(&dir.join("server.key"), k.as_bytes(), 0o600)?;
         write_atomic(&dir.join("server.crt"), c.as_bytes(), 0o644)?;
         write_atomic(&sans_file, want.as_bytes(), 0o644)?;

@@ -12,9 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use serde_json::Value;
-use yunbian_api::{
-    AppInstance, AppInstanceSpec, AppSpec, InstancePhase, Kind, NodePhase, NodeSpec, Object,
-};
+use yunbian_api::{AppInstance, AppInstanceSpec, AppSpec, InstancePhase, Kind, NodePhase, NodeSpec, Object};
 use yunbian_store::{Store, StoreError};
 
 use crate::metrics::Metrics;
@@ -75,11 +73,8 @@ pub async fn reconcile_apps(store: &Arc<dyn Store>) -> Result<(), StoreError> {
     let nodes: Vec<Object<NodeSpec, _>> = nodes.iter().filter_map(|o| decode::<NodeSpec>(o).ok()).collect();
 
     let node_names: BTreeSet<String> = nodes.iter().map(|n| n.metadata.name.clone()).collect();
-    let ready: BTreeSet<String> = nodes
-        .iter()
-        .filter(|n| n.status.phase == NodePhase::Ready)
-        .map(|n| n.metadata.name.clone())
-        .collect();
+    let ready: BTreeSet<String> =
+        nodes.iter().filter(|n| n.status.phase == NodePhase::Ready).map(|n| n.metadata.name.clone()).collect();
     let app_names: BTreeSet<&str> = apps.iter().map(|a| a.metadata.name.as_str()).collect();
 
     let mut deletes: Vec<String> = Vec::new();

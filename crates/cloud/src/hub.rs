@@ -19,9 +19,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, WebSocket};
 use tokio::sync::{mpsc, Notify};
-use yunbian_api::{
-    AppInstanceSpec, Kind, NodeInfo, NodePhase, NodeSpec, NodeUsage,
-};
+use yunbian_api::{AppInstanceSpec, Kind, NodeInfo, NodePhase, NodeSpec, NodeUsage};
 use yunbian_store::{EventType, Store, StoreError, StoredObject};
 use yunbian_sync::wire::{decode_up, encode};
 use yunbian_sync::{Change, CloudAction, CloudSession, DesiredObject, Down, NodeView, Report, SessionConfig, Up};
@@ -45,7 +43,11 @@ pub struct HubConfig {
 
 impl Default for HubConfig {
     fn default() -> Self {
-        HubConfig { session: SessionConfig::default(), heartbeat: Duration::from_secs(5), grace: Duration::from_secs(20) }
+        HubConfig {
+            session: SessionConfig::default(),
+            heartbeat: Duration::from_secs(5),
+            grace: Duration::from_secs(20),
+        }
     }
 }
 
@@ -274,8 +276,7 @@ impl Hub {
             .live
             .iter()
             .map(|(n, l)| {
-                let ok = inner.links.contains_key(n)
-                    && l.last_heartbeat.is_some_and(|t| t.elapsed() < self.cfg.grace);
+                let ok = inner.links.contains_key(n) && l.last_heartbeat.is_some_and(|t| t.elapsed() < self.cfg.grace);
                 (n.clone(), ok)
             })
             .collect()

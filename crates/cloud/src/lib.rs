@@ -96,9 +96,8 @@ impl Drop for CloudHandle {
 
 /// Starts a cloud; returns once it is listening.
 pub async fn start(opts: CloudOptions) -> Result<CloudHandle> {
-    let listener = tokio::net::TcpListener::bind(&opts.listen)
-        .await
-        .with_context(|| format!("listen on {}", opts.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(&opts.listen).await.with_context(|| format!("listen on {}", opts.listen))?;
     let addr = listener.local_addr().context("local address")?;
     let url = opts.advertise.clone().unwrap_or_else(|| {
         let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };

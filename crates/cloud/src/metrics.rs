@@ -98,10 +98,17 @@ impl Metrics {
                 h.count
             );
             let _ = writeln!(out, "yunbian_controller_reconcile_duration_seconds_sum{{controller=\"{c}\"}} {}", h.sum);
-            let _ = writeln!(out, "yunbian_controller_reconcile_duration_seconds_count{{controller=\"{c}\"}} {}", h.count);
+            let _ =
+                writeln!(out, "yunbian_controller_reconcile_duration_seconds_count{{controller=\"{c}\"}} {}", h.count);
         }
         let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        g(&mut out, "yunbian_hub_connected_nodes", "Edge nodes with a live connection.", ld(&self.connected_nodes), "gauge");
+        g(
+            &mut out,
+            "yunbian_hub_connected_nodes",
+            "Edge nodes with a live connection.",
+            ld(&self.connected_nodes),
+            "gauge",
+        );
         g(
             &mut out,
             "yunbian_sync_queue_depth",
@@ -109,9 +116,21 @@ impl Metrics {
             ld(&self.sync_queue_depth),
             "gauge",
         );
-        g(&mut out, "yunbian_sync_messages_sent_total", "Sync messages sent to edges.", ld(&self.sync_messages_sent), "counter");
+        g(
+            &mut out,
+            "yunbian_sync_messages_sent_total",
+            "Sync messages sent to edges.",
+            ld(&self.sync_messages_sent),
+            "counter",
+        );
         g(&mut out, "yunbian_sync_reports_applied_total", "Edge reports stored.", ld(&self.reports_applied), "counter");
-        g(&mut out, "yunbian_hub_rejected_connections_total", "Hub connections refused.", ld(&self.hub_rejected), "counter");
+        g(
+            &mut out,
+            "yunbian_hub_rejected_connections_total",
+            "Hub connections refused.",
+            ld(&self.hub_rejected),
+            "counter",
+        );
         g(&mut out, "yunbian_store_revision", "Latest store revision.", ld(&self.store_revision), "gauge");
         yunbian_telemetry::process_metrics(&mut out);
         out

@@ -49,7 +49,12 @@ pub struct Unschedulable {
 impl std::fmt::Display for Unschedulable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let parts: Vec<String> = self.reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
-        write!(f, "0/{} nodes available: {}", self.nodes, if parts.is_empty() { "no nodes".into() } else { parts.join(", ") })
+        write!(
+            f,
+            "0/{} nodes available: {}",
+            self.nodes,
+            if parts.is_empty() { "no nodes".into() } else { parts.join(", ") }
+        )
     }
 }
 
@@ -76,7 +81,8 @@ pub fn place(req: &Request, nodes: &mut [Candidate]) -> Result<usize, Unschedula
         }
         // Per-mille share requested after placing, cpu and memory summed.
         let share = |used: u64, req: u64, alloc: u64| (used + req).saturating_mul(1000) / alloc.max(1);
-        let load = share(n.cpu_used, req.cpu, n.cpu_allocatable) + share(n.memory_used, req.memory, n.memory_allocatable);
+        let load =
+            share(n.cpu_used, req.cpu, n.cpu_allocatable) + share(n.memory_used, req.memory, n.memory_allocatable);
         let score = (n.same_app, load, n.name.as_str());
         if best.as_ref().is_none_or(|(_, b)| score < *b) {
             best = Some((i, score));
@@ -93,7 +99,11 @@ pub fn place(req: &Request, nodes: &mut [Candidate]) -> Result<usize, Unschedula
 /// Chooses which of an App's instances to remove when scaling down: those
 /// on unschedulable nodes first, then those on the most crowded nodes.
 /// `instances` is `(name, node, running)`; returns the names to delete.
-pub fn pick_victims(instances: &[(String, String, bool)], excess: usize, ready_nodes: &BTreeSet<String>) -> Vec<String> {
+pub fn pick_victims(
+    instances: &[(String, String, bool)],
+    excess: usize,
+    ready_nodes: &BTreeSet<String>,
+) -> Vec<String> {
     let mut per_node: BTreeMap<&str, u32> = BTreeMap::new();
     for (_, node, _) in instances {
         *per_node.entry(node.as_str()).or_default() += 1;
@@ -129,7 +139,8 @@ mod tests {
 
     #[test]
     fn spreads_and_respects_selector_and_fit() {
-        let mut nodes = vec![node("a", "x", 1000, 1 << 30), node("b", "x", 1000, 1 << 30), node("c", "y", 1000, 1 << 30)];
+        let mut nodes =
+            vec![node("a", "x", 1000, 1 << 30), node("b", "x", 1000, 1 << 30), node("c", "y", 1000, 1 << 30)];
         let req = Request { cpu: 400, memory: 1 << 20, selector: [("site".into(), "x".into())].into() };
         let picks: Vec<usize> = (0..4).map(|_| place(&req, &mut nodes).expect("fits")).collect();
         assert_eq!(picks, vec![0, 1, 0, 1]);

@@ -99,9 +99,21 @@ impl AgentStats {
         use yunbian_telemetry::metric;
         let mut out = String::new();
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        metric(&mut out, "yunbian_edge_connected", "gauge", "1 while the cloud connection is up.", u8::from(self.connected.load(Ordering::Relaxed)));
+        metric(
+            &mut out,
+            "yunbian_edge_connected",
+            "gauge",
+            "1 while the cloud connection is up.",
+            u8::from(self.connected.load(Ordering::Relaxed)),
+        );
         metric(&mut out, "yunbian_edge_instances", "gauge", "Instances in the desired view.", l(&self.instances));
-        metric(&mut out, "yunbian_edge_outbox_depth", "gauge", "Reports not yet acknowledged by the cloud.", l(&self.outbox));
+        metric(
+            &mut out,
+            "yunbian_edge_outbox_depth",
+            "gauge",
+            "Reports not yet acknowledged by the cloud.",
+            l(&self.outbox),
+        );
         metric(&mut out, "yunbian_edge_applied_revision", "gauge", "Desired-view revision applied.", l(&self.applied));
         metric(&mut out, "yunbian_edge_connects_total", "counter", "Connections established.", l(&self.connects));
         yunbian_telemetry::process_metrics(&mut out);
@@ -179,12 +191,10 @@ pub async fn run_agent(
     let mut last_heartbeat: Option<Instant> = None;
     let mut cpu = node_info::CpuSampler::default();
     let runtimes = [runtime.name()];
-    let info = if cfg.real_node_info {
-        node_info::node_info(&cfg.data_dir, &runtimes)
-    } else {
-        simulated_info(&runtimes)
-    };
+    let info =
+        if cfg.real_node_info { node_info::node_info(&cfg.data_dir, &runtimes) } else { simulated_info(&runtimes) };
     let mut renewing: Option<JoinHandle<Result<Identity>>> = None;
+    let mut last_renew_attempt = 0u64;
 
     let result = loop {
         let Some(ev) = ev_rx.recv().await else { break Ok(()) };
@@ -209,7 +219,10 @@ pub async fn run_agent(
                 Ok(Down::LogRequest { stream, instance, tail, follow }) => {
                     if let Some(tx) = &out {
                         let opts = LogOptions { tail: tail.map(|t| t as usize), follow };
-                        logs.insert(stream, spawn_log(runtime.clone(), instance, opts, stream, tx.clone(), ev_tx.clone()));
+                        logs.insert(
+                            stream,
+                            spawn_log(runtime.clone(), instance, opts, stream, tx.clone(), ev_tx.clone()),
+                        );
                     }
                     continue;
                 }
@@ -269,16 +282,21 @@ pub async fn run_agent(
                             }
                             reconnect.notify_one();
                         }
-                        Ok(Err(e)) => tracing::warn!(node = %node, error = %format!("{e:#}"), "certificate renewal failed; will retry"),
+                        Ok(Err(e)) => {
+                            tracing::warn!(node = %node, error = %format!("{e:#}"), "certificate renewal failed; will retry")
+                        }
                         Err(e) => tracing::warn!(node = %node, error = %e, "renewal task"),
                     }
                 } else if renewing.is_none() && out.is_some() {
-                    let due = identity.read().ok().and_then(|id| id.validity().ok()).is_some_and(|(nb, na)| {
-                        let at = nb as f64 + (na.saturating_sub(nb)) as f64 * cfg.renew_at;
-                        (unix_now() as f64) >= at
-                    });
+                    let due = identity
+                        .read()
+                        .ok()
+                        .and_then(|id| id.renew_due(cfg.renew_at).ok())
+                        .is_some_and(|at| unix_now() >= at && unix_now() >= last_renew_attempt + 10);
                     if due {
-                        let mut id = identity.read().map(|i| i.clone()).map_err(|_| anyhow::anyhow!("identity lock"))?;
+                        last_renew_attempt = unix_now();
+                        let mut id =
+                            identity.read().map(|i| i.clone()).map_err(|_| anyhow::anyhow!("identity lock"))?;
                         renewing = Some(tokio::spawn(async move {
                             id.renew().await?;
                             Ok(id)
@@ -527,7 +545,10 @@ struct Jitter(u64);
 
 impl Jitter {
     fn seeded() -> Self {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
         Jitter(t ^ (u64::from(std::process::id()) << 32) | 1)
     }
 

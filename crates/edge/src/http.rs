@@ -43,10 +43,7 @@ pub async fn connect_tls(
         .map_err(|e| format!("cannot reach cloud at {url}: {e}"))?;
     let _ = tcp.set_nodelay(true);
     let name = ServerName::try_from(host.clone()).map_err(|e| format!("{host}: {e}"))?;
-    tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("TLS with {url}: {e}"))
+    tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| format!("TLS with {url}: {e}"))
 }
 
 /// Sends one request; returns status and body.

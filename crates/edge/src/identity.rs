@@ -42,6 +42,14 @@ pub struct Identity {
     pub cert: String,
     /// Node key PEM.
     pub key: String,
+    /// When this node received its current certificate (Unix seconds);
+    /// rotation is timed from here, not from the certificate's back-dated
+    /// `notBefore`.
+    pub received_at: u64,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// Writes a file atomically with `mode`.
@@ -65,11 +73,24 @@ impl Identity {
     /// Loads the identity written by [`join`].
     pub fn load(dir: &Path) -> Result<Identity> {
         let read = |f: &str| {
-            std::fs::read_to_string(dir.join(f))
-                .with_context(|| format!("read {} (has this node joined? run `yunbian edge join` first)", dir.join(f).display()))
+            std::fs::read_to_string(dir.join(f)).with_context(|| {
+                format!("read {} (has this node joined? run `yunbian edge join` first)", dir.join(f).display())
+            })
         };
         let config: NodeConfig = serde_yaml::from_str(&read("node.yaml")?).context("parse node.yaml")?;
-        Ok(Identity { dir: dir.to_path_buf(), config, ca: read("ca.crt")?, cert: read("node.crt")?, key: read("node.key")? })
+        let received_at = std::fs::metadata(dir.join("node.crt"))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or_else(unix_now, |d| d.as_secs());
+        Ok(Identity {
+            dir: dir.to_path_buf(),
+            config,
+            ca: read("ca.crt")?,
+            cert: read("node.crt")?,
+            key: read("node.key")?,
+            received_at,
+        })
     }
 
     /// Whether `dir` holds a joined node.
@@ -82,10 +103,13 @@ impl Identity {
         yunbian_pki::client_config(&self.ca, Some((&self.cert, &self.key))).context("node TLS configuration")
     }
 
-    /// (not before, not after) of the current certificate, Unix seconds.
-    pub fn validity(&self) -> Result<(u64, u64)> {
+    /// When the certificate should be renewed: after `fraction` of the
+    /// time between receiving it and its expiry (Unix seconds).
+    pub fn renew_due(&self, fraction: f64) -> Result<u64> {
         let der = yunbian_pki::pem_to_der(&self.cert)?;
-        Ok(yunbian_pki::cert_validity(der.as_ref())?)
+        let (_, not_after) = yunbian_pki::cert_validity(der.as_ref())?;
+        let life = not_after.saturating_sub(self.received_at);
+        Ok(self.received_at + (life as f64 * fraction) as u64)
     }
 
     /// Obtains a new certificate for a new key, authenticated by the current
@@ -114,6 +138,7 @@ impl Identity {
         write_atomic(&self.dir.join("node.crt"), r.certificate.as_bytes(), 0o644)?;
         self.key = key.pem();
         self.cert = r.certificate;
+        self.received_at = unix_now();
         Ok(())
     }
 }
@@ -174,7 +199,10 @@ impl std::str::FromStr for JoinToken {
         let parts: Vec<&str> = s.trim().split('.').collect();
         match parts.as_slice() {
             ["YB1", fp, id, secret]
-                if fp.len() == 64 && !id.is_empty() && !secret.is_empty() && fp.chars().all(|c| c.is_ascii_hexdigit()) =>
+                if fp.len() == 64
+                    && !id.is_empty()
+                    && !secret.is_empty()
+                    && fp.chars().all(|c| c.is_ascii_hexdigit()) =>
             {
                 Ok(JoinToken { ca_fingerprint: fp.to_ascii_lowercase(), raw: s.trim().to_string() })
             }
@@ -192,7 +220,11 @@ pub async fn join(
     labels: &std::collections::BTreeMap<String, String>,
 ) -> Result<Identity> {
     if Identity::exists(dir) {
-        bail!("{} already holds a joined node; start it with `yunbian edge --data-dir {}`", dir.display(), dir.display());
+        bail!(
+            "{} already holds a joined node; start it with `yunbian edge --data-dir {}`",
+            dir.display(),
+            dir.display()
+        );
     }
     let id = enroll(dir, cloud, token, name, labels).await?;
     // Persist: key, CA, cert, and node.yaml last (it marks a complete join).
@@ -236,7 +268,8 @@ pub async fn enroll(
     // 2. Key and CSR, then join over a connection that trusts only that CA.
     let key = NodeKey::generate()?;
     let csr = key.csr(name)?;
-    let body = serde_json::to_vec(&serde_json::json!({ "token": token.raw, "name": name, "csr": csr, "labels": labels }))?;
+    let body =
+        serde_json::to_vec(&serde_json::json!({ "token": token.raw, "name": name, "csr": csr, "labels": labels }))?;
     let tls = yunbian_pki::client_config(&ca, None)?;
     let (status, resp) = http::request(cloud, tls, "POST", "/v1/join", Some(body)).await.map_err(|e| anyhow!(e))?;
     if status != 200 {
@@ -249,5 +282,12 @@ pub async fn enroll(
     let joined: Joined = serde_json::from_slice(&resp).context("join response")?;
 
     let config = NodeConfig { cloud: cloud.to_string(), name: name.to_string() };
-    Ok(Identity { dir: dir.to_path_buf(), config, ca, cert: joined.certificate, key: key.pem() })
+    Ok(Identity {
+        dir: dir.to_path_buf(),
+        config,
+        ca,
+        cert: joined.certificate,
+        key: key.pem(),
+        received_at: unix_now(),
+    })
 }

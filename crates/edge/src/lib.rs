@@ -77,8 +77,9 @@ pub async fn start(opts: EdgeOptions) -> Result<EdgeHandle> {
     let identity = Identity::load(&opts.data_dir)?;
     let store = open_store(&opts.data_dir)?;
     let (tx, rx) = mpsc::unbounded_channel();
-    let runtime: Arc<dyn Runtime> = ProcessRuntime::new(opts.data_dir.join("instances"), identity.config.name.clone(), tx)
-        .context("start the process runtime")?;
+    let runtime: Arc<dyn Runtime> =
+        ProcessRuntime::new(opts.data_dir.join("instances"), identity.config.name.clone(), tx)
+            .context("start the process runtime")?;
     let limits = runtime.limits_support();
     tracing::info!(node = %identity.config.name, enforced = limits.enforced, note = %limits.note, "resource limits");
     spawn(identity, store, runtime, rx, opts.agent, opts.metrics_listen.as_deref()).await

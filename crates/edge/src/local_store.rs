@@ -120,8 +120,10 @@ impl LocalStore {
         let mut outbox = Vec::new();
         for e in r.open_table(OUTBOX).map_err(db)?.iter().map_err(db)? {
             let (k, v) = e.map_err(db)?;
-            let rep: Report = serde_json::from_slice(v.value())
-                .map_err(|e| LocalStoreError::Corrupt { key: format!("outbox/{}", k.value()), detail: e.to_string() })?;
+            let rep: Report = serde_json::from_slice(v.value()).map_err(|e| LocalStoreError::Corrupt {
+                key: format!("outbox/{}", k.value()),
+                detail: e.to_string(),
+            })?;
             outbox.push((k.value(), rep));
         }
         Ok(Restored { applied, desired, outbox, next_seq })
@@ -222,7 +224,12 @@ mod tests {
     use yunbian_api::AppInstanceStatus;
 
     fn obj(name: &str) -> DesiredObject {
-        DesiredObject { kind: Kind::AppInstance, name: name.into(), revision: 1, value: serde_json::json!({ "n": name }) }
+        DesiredObject {
+            kind: Kind::AppInstance,
+            name: name.into(),
+            revision: 1,
+            value: serde_json::json!({ "n": name }),
+        }
     }
 
     #[test]

@@ -235,10 +235,11 @@ fn chain(cert_pem: &str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
 /// against the CA when a client offers one (clients without one — the CLI
 /// and joining nodes — authenticate by token instead).
 pub fn server_config(cert_pem: &str, key_pem: &str, ca_pem: &str) -> Result<Arc<rustls::ServerConfig>, PkiError> {
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(ca_pem)?), provider())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| PkiError::Malformed { what: "client verifier", detail: e.to_string() })?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(ca_pem)?), provider())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| PkiError::Malformed { what: "client verifier", detail: e.to_string() })?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)

@@ -78,9 +78,7 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 
-use redb::{
-    Database, ReadableTable, ReadableTableMetadata, Table, TableDefinition, WriteTransaction,
-};
+use redb::{Database, ReadableTable, ReadableTableMetadata, Table, TableDefinition, WriteTransaction};
 use serde_json::Value;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
@@ -118,10 +116,7 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions {
-            history: 100_000,
-            watch_buffer: 10_000,
-        }
+        StoreOptions { history: 100_000, watch_buffer: 10_000 }
     }
 }
 
@@ -212,16 +207,15 @@ fn object_key(kind: Kind, name: &str) -> String {
 /// Sets `metadata.resourceVersion` to `revision`, creating `metadata` if it
 /// is missing or null.
 fn set_resource_version(value: &mut Value, revision: u64) -> Result<(), StoreError> {
-    let obj = value
-        .as_object_mut()
-        .ok_or_else(|| StoreError::Backend("a stored value must be a JSON object".to_string()))?;
+    let obj =
+        value.as_object_mut().ok_or_else(|| StoreError::Backend("a stored value must be a JSON object".to_string()))?;
     let meta = obj.entry("metadata").or_insert(Value::Null);
     if meta.is_null() {
         *meta = Value::Object(serde_json::Map::new());
     }
-    let meta = meta.as_object_mut().ok_or_else(|| {
-        StoreError::Backend("metadata of a stored value must be a JSON object".to_string())
-    })?;
+    let meta = meta
+        .as_object_mut()
+        .ok_or_else(|| StoreError::Backend("metadata of a stored value must be a JSON object".to_string()))?;
     meta.insert("resourceVersion".to_string(), Value::from(revision));
     Ok(())
 }
@@ -241,10 +235,8 @@ fn event_type_code(t: EventType) -> u8 {
 
 fn encode_event(t: EventType, kind: Kind, name: &str, json: &[u8]) -> Result<Vec<u8>, StoreError> {
     let kind = kind.as_str().as_bytes();
-    let kind_len = u8::try_from(kind.len())
-        .map_err(|_| StoreError::Backend("kind name too long".to_string()))?;
-    let name_len = u32::try_from(name.len())
-        .map_err(|_| StoreError::Backend("object name too long".to_string()))?;
+    let kind_len = u8::try_from(kind.len()).map_err(|_| StoreError::Backend("kind name too long".to_string()))?;
+    let name_len = u32::try_from(name.len()).map_err(|_| StoreError::Backend("object name too long".to_string()))?;
     let mut out = Vec::with_capacity(7 + kind.len() + name.len() + json.len());
     out.push(EVENT_CODEC_VERSION);
     out.push(event_type_code(t));
@@ -270,20 +262,13 @@ fn decode_event(revision: u64, mut bytes: &[u8]) -> Result<StoreEvent, StoreErro
     let b = &mut bytes;
     let header = take(b, 3, revision)?;
     if header[0] != EVENT_CODEC_VERSION {
-        return Err(corrupt(format_args!(
-            "event {revision} has unknown codec version {}",
-            header[0]
-        )));
+        return Err(corrupt(format_args!("event {revision} has unknown codec version {}", header[0])));
     }
     let event = match header[1] {
         0 => EventType::Added,
         1 => EventType::Modified,
         2 => EventType::Deleted,
-        other => {
-            return Err(corrupt(format_args!(
-                "event {revision} has unknown type {other}"
-            )))
-        }
+        other => return Err(corrupt(format_args!("event {revision} has unknown type {other}"))),
     };
     let kind_bytes = take(b, usize::from(header[2]), revision)?;
     let kind = std::str::from_utf8(kind_bytes)
@@ -295,22 +280,12 @@ fn decode_event(revision: u64, mut bytes: &[u8]) -> Result<StoreEvent, StoreErro
     let name_len = usize::try_from(u32::from_le_bytes(len))
         .map_err(|_| corrupt(format_args!("event {revision} has a bad name length")))?;
     let name = std::str::from_utf8(take(b, name_len, revision)?)
-        .map_err(|_| {
-            corrupt(format_args!(
-                "event {revision} has a name that is not UTF-8"
-            ))
-        })?
+        .map_err(|_| corrupt(format_args!("event {revision} has a name that is not UTF-8")))?
         .to_string();
-    let value: Value = serde_json::from_slice(b).map_err(|e| {
-        corrupt(format_args!(
-            "event {revision} ({kind} {name}) is not JSON: {e}"
-        ))
-    })?;
-    let object_revision = resource_version(&value).ok_or_else(|| {
-        corrupt(format_args!(
-            "event {revision} ({kind} {name}) has no metadata.resourceVersion"
-        ))
-    })?;
+    let value: Value = serde_json::from_slice(b)
+        .map_err(|e| corrupt(format_args!("event {revision} ({kind} {name}) is not JSON: {e}")))?;
+    let object_revision = resource_version(&value)
+        .ok_or_else(|| corrupt(format_args!("event {revision} ({kind} {name}) has no metadata.resourceVersion")))?;
     let consistent = match event {
         EventType::Added | EventType::Modified => object_revision == revision,
         EventType::Deleted => object_revision < revision,
@@ -323,12 +298,7 @@ fn decode_event(revision: u64, mut bytes: &[u8]) -> Result<StoreEvent, StoreErro
     Ok(StoreEvent {
         revision,
         event,
-        object: StoredObject {
-            kind,
-            name,
-            revision: object_revision,
-            value: Arc::new(value),
-        },
+        object: StoredObject { kind, name, revision: object_revision, value: Arc::new(value) },
     })
 }
 
@@ -337,34 +307,22 @@ fn decode_object(key: &str, bytes: &[u8]) -> Result<StoredObject, StoreError> {
         .split_once('/')
         .and_then(|(k, n)| Some((kind_from_str(k)?, n)))
         .ok_or_else(|| corrupt(format_args!("bad object key {key:?}")))?;
-    let value: Value = serde_json::from_slice(bytes)
-        .map_err(|e| corrupt(format_args!("object {key:?} is not JSON: {e}")))?;
-    let revision = resource_version(&value).filter(|r| *r > 0).ok_or_else(|| {
-        corrupt(format_args!(
-            "object {key:?} has no metadata.resourceVersion"
-        ))
-    })?;
-    Ok(StoredObject {
-        kind,
-        name: name.to_string(),
-        revision,
-        value: Arc::new(value),
-    })
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|e| corrupt(format_args!("object {key:?} is not JSON: {e}")))?;
+    let revision = resource_version(&value)
+        .filter(|r| *r > 0)
+        .ok_or_else(|| corrupt(format_args!("object {key:?} has no metadata.resourceVersion")))?;
+    Ok(StoredObject { kind, name: name.to_string(), revision, value: Arc::new(value) })
 }
 
 fn meta_get(table: &Table<&str, u64>, key: &str) -> Result<Option<u64>, StoreError> {
-    Ok(table
-        .get(key)
-        .map_err(|e| backend("read meta", e))?
-        .map(|g| g.value()))
+    Ok(table.get(key).map_err(|e| backend("read meta", e))?.map(|g| g.value()))
 }
 
 /// Deletes the events `from + 1 ..= to`.
 fn delete_events(events: &mut Table<u64, &[u8]>, from: u64, to: u64) -> Result<(), StoreError> {
     if to > from {
-        events
-            .retain_in(from + 1..=to, |_, _| false)
-            .map_err(|e| backend("compact events", e))?;
+        events.retain_in(from + 1..=to, |_, _| false).map_err(|e| backend("compact events", e))?;
     }
     Ok(())
 }
@@ -381,15 +339,9 @@ struct Loaded {
 /// history down to `history` events (it may have been opened with a larger
 /// setting before). Runs in the given write transaction.
 fn load(txn: &WriteTransaction, history: u64) -> Result<Loaded, StoreError> {
-    let mut meta = txn
-        .open_table(META)
-        .map_err(|e| backend("open meta table", e))?;
-    let objects_table = txn
-        .open_table(OBJECTS)
-        .map_err(|e| backend("open objects table", e))?;
-    let mut events_table = txn
-        .open_table(EVENTS)
-        .map_err(|e| backend("open events table", e))?;
+    let mut meta = txn.open_table(META).map_err(|e| backend("open meta table", e))?;
+    let objects_table = txn.open_table(OBJECTS).map_err(|e| backend("open objects table", e))?;
+    let mut events_table = txn.open_table(EVENTS).map_err(|e| backend("open events table", e))?;
 
     let format = meta_get(&meta, META_FORMAT)?;
     match format {
@@ -397,17 +349,12 @@ fn load(txn: &WriteTransaction, history: u64) -> Result<Loaded, StoreError> {
         Some(other) => return Err(corrupt(format_args!("unknown format version {other}"))),
         None => {
             let empty = meta.is_empty().map_err(|e| backend("read meta", e))?
-                && objects_table
-                    .is_empty()
-                    .map_err(|e| backend("read objects", e))?
-                && events_table
-                    .is_empty()
-                    .map_err(|e| backend("read events", e))?;
+                && objects_table.is_empty().map_err(|e| backend("read objects", e))?
+                && events_table.is_empty().map_err(|e| backend("read events", e))?;
             if !empty {
                 return Err(corrupt("data present but no format version"));
             }
-            meta.insert(META_FORMAT, FORMAT_VERSION)
-                .map_err(|e| backend("write meta", e))?;
+            meta.insert(META_FORMAT, FORMAT_VERSION).map_err(|e| backend("write meta", e))?;
         }
     }
     let revision = meta_get(&meta, META_REVISION)?.unwrap_or(0);
@@ -416,16 +363,11 @@ fn load(txn: &WriteTransaction, history: u64) -> Result<Loaded, StoreError> {
         return Err(corrupt("revision is out of range"));
     }
     if compacted > revision {
-        return Err(corrupt(format_args!(
-            "compacted revision {compacted} is above revision {revision}"
-        )));
+        return Err(corrupt(format_args!("compacted revision {compacted} is above revision {revision}")));
     }
 
     let mut objects: HashMap<Kind, BTreeMap<String, StoredObject>> = HashMap::new();
-    for entry in objects_table
-        .iter()
-        .map_err(|e| backend("read objects", e))?
-    {
+    for entry in objects_table.iter().map_err(|e| backend("read objects", e))? {
         let (key, value) = entry.map_err(|e| backend("read objects", e))?;
         let obj = decode_object(key.value(), value.value())?;
         if obj.revision > revision {
@@ -435,10 +377,7 @@ fn load(txn: &WriteTransaction, history: u64) -> Result<Loaded, StoreError> {
                 obj.revision
             )));
         }
-        objects
-            .entry(obj.kind)
-            .or_default()
-            .insert(obj.name.clone(), obj);
+        objects.entry(obj.kind).or_default().insert(obj.name.clone(), obj);
     }
 
     let mut loaded_history = VecDeque::new();
@@ -447,9 +386,7 @@ fn load(txn: &WriteTransaction, history: u64) -> Result<Loaded, StoreError> {
         let (key, value) = entry.map_err(|e| backend("read events", e))?;
         let rev = key.value();
         if rev != expected || rev > revision {
-            return Err(corrupt(format_args!(
-                "expected event {expected}, found event {rev}"
-            )));
+            return Err(corrupt(format_args!("expected event {expected}, found event {rev}")));
         }
         loaded_history.push_back(decode_event(rev, value.value())?);
         expected += 1;
@@ -465,41 +402,28 @@ fn load(txn: &WriteTransaction, history: u64) -> Result<Loaded, StoreError> {
     if target > compacted {
         delete_events(&mut events_table, compacted, target)?;
         compacted = target;
-        meta.insert(META_COMPACTED, compacted)
-            .map_err(|e| backend("write meta", e))?;
-        while loaded_history
-            .front()
-            .is_some_and(|e| e.revision <= compacted)
-        {
+        meta.insert(META_COMPACTED, compacted).map_err(|e| backend("write meta", e))?;
+        while loaded_history.front().is_some_and(|e| e.revision <= compacted) {
             loaded_history.pop_front();
         }
     }
     // Share the values of events that are an object's current state with
     // the index instead of holding them twice.
     for ev in loaded_history.iter_mut() {
-        if let Some(obj) = objects
-            .get(&ev.object.kind)
-            .and_then(|m| m.get(&ev.object.name))
-        {
+        if let Some(obj) = objects.get(&ev.object.kind).and_then(|m| m.get(&ev.object.name)) {
             if obj.revision == ev.object.revision && obj.value == ev.object.value {
                 ev.object.value = obj.value.clone();
             }
         }
     }
-    Ok(Loaded {
-        objects,
-        history: loaded_history,
-        revision,
-        compacted,
-    })
+    Ok(Loaded { objects, history: loaded_history, revision, compacted })
 }
 
 impl RedbStore {
     /// Opens (creating if needed) the store file at `path`, loads it and
     /// starts the writer thread.
     pub fn open(path: &Path, opts: StoreOptions) -> Result<Arc<RedbStore>, StoreError> {
-        let db =
-            Database::create(path).map_err(|e| backend(&format!("open {}", path.display()), e))?;
+        let db = Database::create(path).map_err(|e| backend(&format!("open {}", path.display()), e))?;
         let txn = db.begin_write().map_err(|e| backend("begin write", e))?;
         let loaded = load(&txn, opts.history)?;
         txn.commit().map_err(|e| backend("commit", e))?;
@@ -523,12 +447,7 @@ impl RedbStore {
             .spawn(move || writer_loop(db, writer_shared, receiver))
             .map_err(|e| backend("spawn store writer", e))?;
         tracing::debug!(path = %path.display(), revision = loaded.revision, "store opened");
-        Ok(Arc::new(RedbStore {
-            shared,
-            sender: Some(sender),
-            writer: Some(writer),
-            path: path.to_path_buf(),
-        }))
+        Ok(Arc::new(RedbStore { shared, sender: Some(sender), writer: Some(writer), path: path.to_path_buf() }))
     }
 
     /// The file this store lives in.
@@ -539,14 +458,7 @@ impl RedbStore {
     async fn submit(&self, kind: Kind, name: &str, op: Op) -> Result<StoredObject, StoreError> {
         let (reply, answer) = oneshot::channel();
         let sender = self.sender.as_ref().ok_or_else(closed)?;
-        sender
-            .send(Request {
-                kind,
-                name: name.to_string(),
-                op,
-                reply,
-            })
-            .map_err(|_| closed())?;
+        sender.send(Request { kind, name: name.to_string(), op, reply }).map_err(|_| closed())?;
         answer.await.map_err(|_| closed())?
     }
 }
@@ -591,19 +503,11 @@ fn writer_loop(db: Database, shared: Arc<Shared>, queue: std_mpsc::Receiver<Requ
     shared.write().watchers.clear();
 }
 
-fn check_expected(
-    kind: Kind,
-    name: &str,
-    current: &StoredObject,
-    expected: Option<u64>,
-) -> Result<(), StoreError> {
+fn check_expected(kind: Kind, name: &str, current: &StoredObject, expected: Option<u64>) -> Result<(), StoreError> {
     match expected {
-        Some(rv) if rv != current.revision => Err(StoreError::Conflict {
-            kind,
-            name: name.to_string(),
-            expected: rv,
-            current: current.revision,
-        }),
+        Some(rv) if rv != current.revision => {
+            Err(StoreError::Conflict { kind, name: name.to_string(), expected: rv, current: current.revision })
+        }
         _ => Ok(()),
     }
 }
@@ -617,42 +521,20 @@ fn decide(
     current: Option<&StoredObject>,
     revision: u64,
 ) -> Result<StoreEvent, StoreError> {
-    let not_found = || StoreError::NotFound {
-        kind,
-        name: name.to_string(),
-    };
+    let not_found = || StoreError::NotFound { kind, name: name.to_string() };
     let (event, object) = match op {
         Op::Create(mut value) => {
             if current.is_some() {
-                return Err(StoreError::AlreadyExists {
-                    kind,
-                    name: name.to_string(),
-                });
+                return Err(StoreError::AlreadyExists { kind, name: name.to_string() });
             }
             set_resource_version(&mut value, revision)?;
-            (
-                EventType::Added,
-                StoredObject {
-                    kind,
-                    name: name.to_string(),
-                    revision,
-                    value: Arc::new(value),
-                },
-            )
+            (EventType::Added, StoredObject { kind, name: name.to_string(), revision, value: Arc::new(value) })
         }
         Op::Update(mut value, expected) => {
             let current = current.ok_or_else(not_found)?;
             check_expected(kind, name, current, expected)?;
             set_resource_version(&mut value, revision)?;
-            (
-                EventType::Modified,
-                StoredObject {
-                    kind,
-                    name: name.to_string(),
-                    revision,
-                    value: Arc::new(value),
-                },
-            )
+            (EventType::Modified, StoredObject { kind, name: name.to_string(), revision, value: Arc::new(value) })
         }
         Op::Delete(expected) => {
             let current = current.ok_or_else(not_found)?;
@@ -660,11 +542,7 @@ fn decide(
             (EventType::Deleted, current.clone())
         }
     };
-    Ok(StoreEvent {
-        revision,
-        event,
-        object,
-    })
+    Ok(StoreEvent { revision, event, object })
 }
 
 fn process_batch(db: &Database, shared: &Shared, batch: Vec<Request>) {
@@ -678,30 +556,18 @@ fn process_batch(db: &Database, shared: &Shared, batch: Vec<Request>) {
     let mut replies = Vec::with_capacity(batch.len());
     let mut revision = base_revision;
 
-    for Request {
-        kind,
-        name,
-        op,
-        reply,
-    } in batch
-    {
+    for Request { kind, name, op, reply } in batch {
         let key = (kind, name);
         let committed;
         let current = match overlay.get(&key) {
             Some(v) => v.as_ref(),
             None => {
-                committed = shared
-                    .read()
-                    .objects
-                    .get(&kind)
-                    .and_then(|m| m.get(&key.1))
-                    .cloned();
+                committed = shared.read().objects.get(&kind).and_then(|m| m.get(&key.1)).cloned();
                 committed.as_ref()
             }
         };
         let outcome = decide(kind, &key.1, op, current, revision + 1).and_then(|event| {
-            let json = serde_json::to_vec(&*event.object.value)
-                .map_err(|e| backend("encode object", e))?;
+            let json = serde_json::to_vec(&*event.object.value).map_err(|e| backend("encode object", e))?;
             Ok(Change { event, json })
         });
         match outcome {
@@ -734,12 +600,7 @@ fn process_batch(db: &Database, shared: &Shared, batch: Vec<Request>) {
         }
         return;
     }
-    tracing::trace!(
-        requests = replies.len(),
-        writes = changes.len(),
-        revision,
-        "store batch committed"
-    );
+    tracing::trace!(requests = replies.len(), writes = changes.len(), revision, "store batch committed");
 
     {
         let mut guard = shared.write();
@@ -782,51 +643,33 @@ fn commit(
 ) -> Result<(), StoreError> {
     let txn = db.begin_write().map_err(|e| backend("begin write", e))?;
     {
-        let mut objects = txn
-            .open_table(OBJECTS)
-            .map_err(|e| backend("open objects table", e))?;
-        let mut events = txn
-            .open_table(EVENTS)
-            .map_err(|e| backend("open events table", e))?;
-        let mut meta = txn
-            .open_table(META)
-            .map_err(|e| backend("open meta table", e))?;
+        let mut objects = txn.open_table(OBJECTS).map_err(|e| backend("open objects table", e))?;
+        let mut events = txn.open_table(EVENTS).map_err(|e| backend("open events table", e))?;
+        let mut meta = txn.open_table(META).map_err(|e| backend("open meta table", e))?;
         for change in changes {
             let ev = &change.event;
             let key = object_key(ev.object.kind, &ev.object.name);
             match ev.event {
                 EventType::Deleted => {
-                    objects
-                        .remove(key.as_str())
-                        .map_err(|e| backend("delete object", e))?;
+                    objects.remove(key.as_str()).map_err(|e| backend("delete object", e))?;
                 }
                 EventType::Added | EventType::Modified => {
-                    objects
-                        .insert(key.as_str(), change.json.as_slice())
-                        .map_err(|e| backend("write object", e))?;
+                    objects.insert(key.as_str(), change.json.as_slice()).map_err(|e| backend("write object", e))?;
                 }
             }
             let encoded = encode_event(ev.event, ev.object.kind, &ev.object.name, &change.json)?;
-            events
-                .insert(ev.revision, encoded.as_slice())
-                .map_err(|e| backend("write event", e))?;
+            events.insert(ev.revision, encoded.as_slice()).map_err(|e| backend("write event", e))?;
         }
         delete_events(&mut events, old_compacted, compacted)?;
-        meta.insert(META_REVISION, revision)
-            .map_err(|e| backend("write meta", e))?;
-        meta.insert(META_COMPACTED, compacted)
-            .map_err(|e| backend("write meta", e))?;
+        meta.insert(META_REVISION, revision).map_err(|e| backend("write meta", e))?;
+        meta.insert(META_COMPACTED, compacted).map_err(|e| backend("write meta", e))?;
     }
     txn.commit().map_err(|e| backend("commit", e))
 }
 
 /// Sends `events` to every interested watcher without blocking; ends the
 /// ones that are full or gone (see the module docs).
-fn fan_out<'a>(
-    watchers: &mut Vec<Watcher>,
-    events: impl Iterator<Item = &'a StoreEvent> + Clone,
-    compacted: u64,
-) {
+fn fan_out<'a>(watchers: &mut Vec<Watcher>, events: impl Iterator<Item = &'a StoreEvent> + Clone, compacted: u64) {
     watchers.retain(|w| {
         if w.tx.is_closed() {
             return false;
@@ -860,28 +703,16 @@ impl Store for RedbStore {
             .get(&kind)
             .and_then(|m| m.get(name))
             .cloned()
-            .ok_or_else(|| StoreError::NotFound {
-                kind,
-                name: name.to_string(),
-            })
+            .ok_or_else(|| StoreError::NotFound { kind, name: name.to_string() })
     }
 
     async fn list(&self, kind: Kind) -> Result<(Vec<StoredObject>, u64), StoreError> {
         let s = self.shared.read();
-        let objects = s
-            .objects
-            .get(&kind)
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default();
+        let objects = s.objects.get(&kind).map(|m| m.values().cloned().collect()).unwrap_or_default();
         Ok((objects, s.revision))
     }
 
-    async fn create(
-        &self,
-        kind: Kind,
-        name: &str,
-        value: Value,
-    ) -> Result<StoredObject, StoreError> {
+    async fn create(&self, kind: Kind, name: &str, value: Value) -> Result<StoredObject, StoreError> {
         self.submit(kind, name, Op::Create(value)).await
     }
 
@@ -895,12 +726,7 @@ impl Store for RedbStore {
         self.submit(kind, name, Op::Update(value, expected)).await
     }
 
-    async fn delete(
-        &self,
-        kind: Kind,
-        name: &str,
-        expected: Option<u64>,
-    ) -> Result<StoredObject, StoreError> {
+    async fn delete(&self, kind: Kind, name: &str, expected: Option<u64>) -> Result<StoredObject, StoreError> {
         self.submit(kind, name, Op::Delete(expected)).await
     }
 
@@ -909,36 +735,18 @@ impl Store for RedbStore {
         // and registering the watcher: no gap, no duplicate.
         let mut s = self.shared.write();
         if from_revision < s.compacted {
-            return Err(StoreError::Compacted {
-                requested: from_revision,
-                oldest: s.compacted,
-            });
+            return Err(StoreError::Compacted { requested: from_revision, oldest: s.compacted });
         }
         let start = s.history.partition_point(|e| e.revision <= from_revision);
-        let replay: Vec<StoreEvent> = s
-            .history
-            .range(start..)
-            .filter(|e| kind.is_none_or(|k| k == e.object.kind))
-            .cloned()
-            .collect();
-        let capacity = self
-            .shared
-            .opts
-            .watch_buffer
-            .clamp(1, MAX_WATCH_CAPACITY)
-            .saturating_add(replay.len())
-            .saturating_add(1);
+        let replay: Vec<StoreEvent> =
+            s.history.range(start..).filter(|e| kind.is_none_or(|k| k == e.object.kind)).cloned().collect();
+        let capacity =
+            self.shared.opts.watch_buffer.clamp(1, MAX_WATCH_CAPACITY).saturating_add(replay.len()).saturating_add(1);
         let (tx, rx) = mpsc::channel(capacity);
         for ev in replay {
-            tx.try_send(Ok(ev)).map_err(|_| {
-                StoreError::Backend("watch channel rejected the replay".to_string())
-            })?;
+            tx.try_send(Ok(ev)).map_err(|_| StoreError::Backend("watch channel rejected the replay".to_string()))?;
         }
-        s.watchers.push(Watcher {
-            kind,
-            from: from_revision,
-            tx,
-        });
+        s.watchers.push(Watcher { kind, from: from_revision, tx });
         Ok(rx)
     }
 
@@ -962,16 +770,10 @@ mod tests {
     fn event_round_trip() {
         let value = json!({"metadata": {"name": "a/b", "resourceVersion": 7}, "spec": {"x": 1}});
         let json = serde_json::to_vec(&value).expect("encode");
-        let bytes =
-            encode_event(EventType::Modified, Kind::AppInstance, "a/b", &json).expect("encode");
+        let bytes = encode_event(EventType::Modified, Kind::AppInstance, "a/b", &json).expect("encode");
         let ev = decode_event(7, &bytes).expect("decode");
         assert_eq!(
-            (
-                ev.revision,
-                ev.event,
-                ev.object.kind,
-                ev.object.name.as_str()
-            ),
+            (ev.revision, ev.event, ev.object.kind, ev.object.name.as_str()),
             (7, EventType::Modified, Kind::AppInstance, "a/b")
         );
         assert_eq!((ev.object.revision, &*ev.object.value), (7, &value));

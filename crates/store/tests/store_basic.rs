@@ -16,21 +16,12 @@ fn open(dir: &TempDir) -> Arc<RedbStore> {
 }
 
 fn open_with(dir: &TempDir, history: u64, watch_buffer: usize) -> Arc<RedbStore> {
-    RedbStore::open(
-        &dir.db(),
-        StoreOptions {
-            history,
-            watch_buffer,
-        },
-    )
-    .expect("open store")
+    RedbStore::open(&dir.db(), StoreOptions { history, watch_buffer }).expect("open store")
 }
 
 /// Next item of a watch, failing the test after 5 s.
 async fn next(w: &mut Watch) -> Option<Result<StoreEvent, StoreError>> {
-    tokio::time::timeout(Duration::from_secs(5), w.recv())
-        .await
-        .expect("watch timed out")
+    tokio::time::timeout(Duration::from_secs(5), w.recv()).await.expect("watch timed out")
 }
 
 async fn next_ok(w: &mut Watch) -> StoreEvent {
@@ -50,107 +41,54 @@ async fn crud_and_conflicts() {
     assert_eq!(store.revision(), 0);
     assert_eq!(store.compacted_revision(), 0);
 
-    let a = store
-        .create(Kind::App, "a", obj("a", 1))
-        .await
-        .expect("create");
+    let a = store.create(Kind::App, "a", obj("a", 1)).await.expect("create");
     assert_eq!((a.kind, a.name.as_str(), a.revision), (Kind::App, "a", 1));
     assert_eq!(*a.value, with_rv(obj("a", 1), 1));
     assert_eq!(store.get(Kind::App, "a").await.expect("get"), a);
 
     assert_eq!(
         store.create(Kind::App, "a", obj("a", 9)).await,
-        Err(StoreError::AlreadyExists {
-            kind: Kind::App,
-            name: "a".into()
-        })
+        Err(StoreError::AlreadyExists { kind: Kind::App, name: "a".into() })
     );
     // A failed write takes no revision.
     assert_eq!(store.revision(), 1);
 
-    let a2 = store
-        .update(Kind::App, "a", obj("a", 2), None)
-        .await
-        .expect("update");
+    let a2 = store.update(Kind::App, "a", obj("a", 2), None).await.expect("update");
     assert_eq!(a2.revision, 2);
-    let a3 = store
-        .update(Kind::App, "a", obj("a", 3), Some(2))
-        .await
-        .expect("update rv");
+    let a3 = store.update(Kind::App, "a", obj("a", 3), Some(2)).await.expect("update rv");
     assert_eq!(a3.revision, 3);
     assert_eq!(*a3.value, with_rv(obj("a", 3), 3));
     assert_eq!(
         store.update(Kind::App, "a", obj("a", 4), Some(2)).await,
-        Err(StoreError::Conflict {
-            kind: Kind::App,
-            name: "a".into(),
-            expected: 2,
-            current: 3
-        })
+        Err(StoreError::Conflict { kind: Kind::App, name: "a".into(), expected: 2, current: 3 })
     );
     assert_eq!(
         store.delete(Kind::App, "a", Some(1)).await,
-        Err(StoreError::Conflict {
-            kind: Kind::App,
-            name: "a".into(),
-            expected: 1,
-            current: 3
-        })
+        Err(StoreError::Conflict { kind: Kind::App, name: "a".into(), expected: 1, current: 3 })
     );
     assert_eq!(store.get(Kind::App, "a").await.expect("get"), a3);
 
-    let not_found = Err(StoreError::NotFound {
-        kind: Kind::App,
-        name: "zz".into(),
-    });
-    assert_eq!(
-        store.update(Kind::App, "zz", obj("zz", 1), None).await,
-        not_found
-    );
-    assert_eq!(
-        store.update(Kind::App, "zz", obj("zz", 1), Some(3)).await,
-        not_found
-    );
+    let not_found = Err(StoreError::NotFound { kind: Kind::App, name: "zz".into() });
+    assert_eq!(store.update(Kind::App, "zz", obj("zz", 1), None).await, not_found);
+    assert_eq!(store.update(Kind::App, "zz", obj("zz", 1), Some(3)).await, not_found);
     assert_eq!(store.delete(Kind::App, "zz", None).await, not_found);
     assert_eq!(store.get(Kind::App, "zz").await, not_found);
 
     for name in ["c", "b", "d"] {
-        store
-            .create(Kind::App, name, obj(name, 0))
-            .await
-            .expect("create");
+        store.create(Kind::App, name, obj(name, 0)).await.expect("create");
     }
     let (list, rev) = store.list(Kind::App).await.expect("list");
     assert_eq!(rev, 6);
-    assert_eq!(
-        list.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(),
-        ["a", "b", "c", "d"]
-    );
+    assert_eq!(list.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), ["a", "b", "c", "d"]);
 
     let gone = store.delete(Kind::App, "a", Some(3)).await.expect("delete");
     assert_eq!(gone, a3, "delete returns the last state");
     assert_eq!(store.revision(), 7);
-    assert_eq!(
-        store.get(Kind::App, "a").await,
-        Err(StoreError::NotFound {
-            kind: Kind::App,
-            name: "a".into()
-        })
-    );
+    assert_eq!(store.get(Kind::App, "a").await, Err(StoreError::NotFound { kind: Kind::App, name: "a".into() }));
     // The name can be used again.
-    let again = store
-        .create(Kind::App, "a", obj("a", 5))
-        .await
-        .expect("recreate");
+    let again = store.create(Kind::App, "a", obj("a", 5)).await.expect("recreate");
     assert_eq!(again.revision, 8);
-    assert_eq!(
-        store
-            .delete(Kind::App, "a", None)
-            .await
-            .expect("delete")
-            .revision,
-        8
-    );
+    assert_eq!(store.delete(Kind::App, "a", None).await.expect("delete").revision, 8);
     assert_eq!(store.revision(), 9);
 }
 
@@ -158,28 +96,16 @@ async fn crud_and_conflicts() {
 async fn revisions_are_global_across_kinds() {
     let dir = TempDir::new("global");
     let store = open(&dir);
-    let n = store
-        .create(Kind::Node, "x", obj("x", 0))
-        .await
-        .expect("create");
-    let a = store
-        .create(Kind::App, "x", obj("x", 0))
-        .await
-        .expect("same name, other kind");
-    let t = store
-        .create(Kind::Token, "y", obj("y", 0))
-        .await
-        .expect("create");
+    let n = store.create(Kind::Node, "x", obj("x", 0)).await.expect("create");
+    let a = store.create(Kind::App, "x", obj("x", 0)).await.expect("same name, other kind");
+    let t = store.create(Kind::Token, "y", obj("y", 0)).await.expect("create");
     assert_eq!((n.revision, a.revision, t.revision), (1, 2, 3));
     let (apps, rev) = store.list(Kind::App).await.expect("list");
     assert_eq!((apps.len(), rev), (1, 3));
     let (groups, rev) = store.list(Kind::NodeGroup).await.expect("list");
     assert_eq!((groups.len(), rev), (0, 3));
     store.delete(Kind::Node, "x", None).await.expect("delete");
-    assert!(
-        store.get(Kind::App, "x").await.is_ok(),
-        "other kinds untouched"
-    );
+    assert!(store.get(Kind::App, "x").await.is_ok(), "other kinds untouched");
     assert_eq!(store.revision(), 4);
 }
 
@@ -187,34 +113,16 @@ async fn revisions_are_global_across_kinds() {
 async fn metadata_is_created_and_values_must_be_objects() {
     let dir = TempDir::new("meta");
     let store = open(&dir);
-    let o = store
-        .create(Kind::Node, "bare", json!({"spec": 1}))
-        .await
-        .expect("create");
-    assert_eq!(
-        *o.value,
-        json!({"spec": 1, "metadata": {"resourceVersion": 1}})
-    );
-    let o = store
-        .update(Kind::Node, "bare", json!({"metadata": null}), None)
-        .await
-        .expect("update");
+    let o = store.create(Kind::Node, "bare", json!({"spec": 1})).await.expect("create");
+    assert_eq!(*o.value, json!({"spec": 1, "metadata": {"resourceVersion": 1}}));
+    let o = store.update(Kind::Node, "bare", json!({"metadata": null}), None).await.expect("update");
     assert_eq!(*o.value, json!({"metadata": {"resourceVersion": 2}}));
     // resourceVersion sent by the caller is overwritten.
-    let o = store
-        .update(Kind::Node, "bare", with_rv(obj("bare", 0), 77), None)
-        .await
-        .expect("update");
+    let o = store.update(Kind::Node, "bare", with_rv(obj("bare", 0), 77), None).await.expect("update");
     assert_eq!(*o.value, with_rv(obj("bare", 0), 3));
 
-    assert!(matches!(
-        store.create(Kind::Node, "s", json!("str")).await,
-        Err(StoreError::Backend(_))
-    ));
-    assert!(matches!(
-        store.create(Kind::Node, "m", json!({"metadata": 5})).await,
-        Err(StoreError::Backend(_))
-    ));
+    assert!(matches!(store.create(Kind::Node, "s", json!("str")).await, Err(StoreError::Backend(_))));
+    assert!(matches!(store.create(Kind::Node, "m", json!({"metadata": 5})).await, Err(StoreError::Backend(_))));
     assert_eq!(store.revision(), 3);
     assert!(store.get(Kind::Node, "s").await.is_err());
 }
@@ -224,22 +132,10 @@ async fn persists_across_reopen() {
     let dir = TempDir::new("persist");
     let before = {
         let store = open(&dir);
-        store
-            .create(Kind::App, "a", obj("a", 1))
-            .await
-            .expect("create");
-        store
-            .create(Kind::App, "b", obj("b", 1))
-            .await
-            .expect("create");
-        store
-            .create(Kind::Node, "n/with/slash", obj("n", 1))
-            .await
-            .expect("create");
-        store
-            .update(Kind::App, "a", obj("a", 2), Some(1))
-            .await
-            .expect("update");
+        store.create(Kind::App, "a", obj("a", 1)).await.expect("create");
+        store.create(Kind::App, "b", obj("b", 1)).await.expect("create");
+        store.create(Kind::Node, "n/with/slash", obj("n", 1)).await.expect("create");
+        store.update(Kind::App, "a", obj("a", 2), Some(1)).await.expect("update");
         store.delete(Kind::App, "b", None).await.expect("delete");
         let mut all = Vec::new();
         for kind in Kind::ALL {
@@ -255,14 +151,7 @@ async fn persists_across_reopen() {
         assert_eq!(store.list(kind).await.expect("list"), listed);
     }
     assert_eq!(store.get(Kind::App, "a").await.expect("get").revision, 4);
-    assert_eq!(
-        store
-            .get(Kind::Node, "n/with/slash")
-            .await
-            .expect("get")
-            .revision,
-        3
-    );
+    assert_eq!(store.get(Kind::Node, "n/with/slash").await.expect("get").revision, 3);
 
     // The history came back too.
     let mut w = store.watch(None, 0).await.expect("watch");
@@ -285,10 +174,7 @@ async fn persists_across_reopen() {
         ]
     );
     // Writes continue from the stored revision.
-    let c = store
-        .create(Kind::App, "c", obj("c", 1))
-        .await
-        .expect("create");
+    let c = store.create(Kind::App, "c", obj("c", 1)).await.expect("create");
     assert_eq!(c.revision, 6);
     assert_eq!(next_ok(&mut w).await.revision, 6);
 }
@@ -297,36 +183,18 @@ async fn persists_across_reopen() {
 async fn watch_replays_then_goes_live() {
     let dir = TempDir::new("watch");
     let store = open(&dir);
-    store
-        .create(Kind::App, "a", obj("a", 1))
-        .await
-        .expect("create");
-    store
-        .create(Kind::Node, "n", obj("n", 1))
-        .await
-        .expect("create");
-    store
-        .update(Kind::App, "a", obj("a", 2), None)
-        .await
-        .expect("update");
+    store.create(Kind::App, "a", obj("a", 1)).await.expect("create");
+    store.create(Kind::Node, "n", obj("n", 1)).await.expect("create");
+    store.update(Kind::App, "a", obj("a", 2), None).await.expect("update");
 
     let mut all = store.watch(None, 1).await.expect("watch");
     let mut apps = store.watch(Some(Kind::App), 0).await.expect("watch");
-    let mut nodes_live = store
-        .watch(Some(Kind::Node), store.revision())
-        .await
-        .expect("watch");
+    let mut nodes_live = store.watch(Some(Kind::Node), store.revision()).await.expect("watch");
 
     let e = next_ok(&mut all).await;
-    assert_eq!(
-        (e.revision, e.event, e.object.kind),
-        (2, EventType::Added, Kind::Node)
-    );
+    assert_eq!((e.revision, e.event, e.object.kind), (2, EventType::Added, Kind::Node));
     let e = next_ok(&mut all).await;
-    assert_eq!(
-        (e.revision, e.event, e.object.kind),
-        (3, EventType::Modified, Kind::App)
-    );
+    assert_eq!((e.revision, e.event, e.object.kind), (3, EventType::Modified, Kind::App));
     assert_eq!(*e.object.value, with_rv(obj("a", 2), 3));
     assert_idle(&mut all).await;
 
@@ -341,15 +209,9 @@ async fn watch_replays_then_goes_live() {
     store.delete(Kind::App, "a", Some(3)).await.expect("delete");
 
     let e = next_ok(&mut all).await;
-    assert_eq!(
-        (e.revision, e.event, e.object.kind, e.object.revision),
-        (4, EventType::Deleted, Kind::Node, 2)
-    );
+    assert_eq!((e.revision, e.event, e.object.kind, e.object.revision), (4, EventType::Deleted, Kind::Node, 2));
     let e = next_ok(&mut all).await;
-    assert_eq!(
-        (e.revision, e.event, e.object.kind, e.object.revision),
-        (5, EventType::Deleted, Kind::App, 3)
-    );
+    assert_eq!((e.revision, e.event, e.object.kind, e.object.revision), (5, EventType::Deleted, Kind::App, 3));
     let e = next_ok(&mut apps).await;
     assert_eq!((e.revision, e.event), (5, EventType::Deleted));
     let e = next_ok(&mut nodes_live).await;
@@ -364,10 +226,7 @@ async fn watch_from_the_future_skips_older_events() {
     let store = open(&dir);
     let mut w = store.watch(None, 2).await.expect("watch");
     for name in ["a", "b", "c"] {
-        store
-            .create(Kind::App, name, obj(name, 0))
-            .await
-            .expect("create");
+        store.create(Kind::App, name, obj(name, 0)).await.expect("create");
     }
     assert_eq!(next_ok(&mut w).await.revision, 3);
     assert_idle(&mut w).await;
@@ -379,31 +238,16 @@ async fn compaction() {
     {
         let store = open_with(&dir, 5, 100);
         for i in 0..12 {
-            store
-                .create(Kind::App, &format!("a{i:02}"), obj("a", i))
-                .await
-                .expect("create");
+            store.create(Kind::App, &format!("a{i:02}"), obj("a", i)).await.expect("create");
         }
         assert_eq!(store.revision(), 12);
         assert_eq!(store.compacted_revision(), 7);
-        assert_eq!(
-            store.watch(None, 6).await.err(),
-            Some(StoreError::Compacted {
-                requested: 6,
-                oldest: 7
-            })
-        );
+        assert_eq!(store.watch(None, 6).await.err(), Some(StoreError::Compacted { requested: 6, oldest: 7 }));
         assert_eq!(
             store.watch(Some(Kind::App), 0).await.err(),
-            Some(StoreError::Compacted {
-                requested: 0,
-                oldest: 7
-            })
+            Some(StoreError::Compacted { requested: 0, oldest: 7 })
         );
-        let mut w = store
-            .watch(None, 7)
-            .await
-            .expect("watch from the compaction point");
+        let mut w = store.watch(None, 7).await.expect("watch from the compaction point");
         for rev in 8..=12 {
             assert_eq!(next_ok(&mut w).await.revision, rev);
         }
@@ -456,29 +300,17 @@ async fn slow_watcher_is_ended_with_compacted() {
     let mut slow = store.watch(None, 0).await.expect("watch");
     let mut other_kind = store.watch(Some(Kind::Node), 0).await.expect("watch");
     for i in 0..10 {
-        store
-            .create(Kind::App, &format!("a{i}"), obj("a", i))
-            .await
-            .expect("create");
+        store.create(Kind::App, &format!("a{i}"), obj("a", i)).await.expect("create");
     }
     for rev in 1..=4 {
         assert_eq!(next_ok(&mut slow).await.revision, rev);
     }
-    assert_eq!(
-        next(&mut slow).await,
-        Some(Err(StoreError::Compacted {
-            requested: 4,
-            oldest: 0
-        }))
-    );
+    assert_eq!(next(&mut slow).await, Some(Err(StoreError::Compacted { requested: 4, oldest: 0 })));
     assert_eq!(next(&mut slow).await, None);
 
     // Watchers of other kinds are unaffected; writes went on.
     assert_eq!(store.revision(), 10);
-    store
-        .create(Kind::Node, "n", obj("n", 0))
-        .await
-        .expect("create");
+    store.create(Kind::Node, "n", obj("n", 0)).await.expect("create");
     assert_eq!(next_ok(&mut other_kind).await.revision, 11);
 
     // A replay larger than the buffer is delivered whole.
@@ -486,10 +318,7 @@ async fn slow_watcher_is_ended_with_compacted() {
     for rev in 1..=11 {
         assert_eq!(next_ok(&mut replay).await.revision, rev);
     }
-    store
-        .create(Kind::Node, "m", obj("m", 0))
-        .await
-        .expect("create");
+    store.create(Kind::Node, "m", obj("m", 0)).await.expect("create");
     assert_eq!(next_ok(&mut replay).await.revision, 12);
 }
 
@@ -498,15 +327,9 @@ async fn dropping_the_store_ends_watches_and_releases_the_file() {
     let dir = TempDir::new("drop");
     let store = open(&dir);
     let mut w = store.watch(None, 0).await.expect("watch");
-    store
-        .create(Kind::App, "a", obj("a", 0))
-        .await
-        .expect("create");
+    store.create(Kind::App, "a", obj("a", 0)).await.expect("create");
     // The file is locked while open.
-    assert!(matches!(
-        RedbStore::open(&dir.db(), StoreOptions::default()),
-        Err(StoreError::Backend(_))
-    ));
+    assert!(matches!(RedbStore::open(&dir.db(), StoreOptions::default()), Err(StoreError::Backend(_))));
     drop(store);
     assert_eq!(next_ok(&mut w).await.revision, 1);
     assert_eq!(next(&mut w).await, None);
@@ -526,10 +349,7 @@ async fn concurrent_creates_get_unique_revisions() {
             let mut revs = Vec::new();
             for i in 0..200 {
                 let name = format!("t{t}-{i:03}");
-                let o = store
-                    .create(Kind::AppInstance, &name, obj(&name, i))
-                    .await
-                    .expect("create");
+                let o = store.create(Kind::AppInstance, &name, obj(&name, i)).await.expect("create");
                 revs.push(o.revision);
             }
             revs
@@ -551,40 +371,26 @@ async fn concurrent_creates_get_unique_revisions() {
     }
     drop(store);
     let store = open(&dir);
-    assert_eq!(
-        store.list(Kind::AppInstance).await.expect("list"),
-        (list, 1600)
-    );
+    assert_eq!(store.list(Kind::AppInstance).await.expect("list"), (list, 1600));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn racing_writes_are_decided_one_by_one() {
     let dir = TempDir::new("race");
     let store = open(&dir);
-    let base = store
-        .create(Kind::App, "x", obj("x", 0))
-        .await
-        .expect("create");
+    let base = store.create(Kind::App, "x", obj("x", 0)).await.expect("create");
 
     // Many creates of one name: exactly one wins.
     let mut creates = Vec::new();
     for i in 0..32 {
         let store = store.clone();
-        creates.push(tokio::spawn(async move {
-            store.create(Kind::App, "y", obj("y", i)).await
-        }));
+        creates.push(tokio::spawn(async move { store.create(Kind::App, "y", obj("y", i)).await }));
     }
     let mut won = 0;
     for c in creates {
         match c.await.expect("task") {
             Ok(_) => won += 1,
-            Err(e) => assert_eq!(
-                e,
-                StoreError::AlreadyExists {
-                    kind: Kind::App,
-                    name: "y".into()
-                }
-            ),
+            Err(e) => assert_eq!(e, StoreError::AlreadyExists { kind: Kind::App, name: "y".into() }),
         }
     }
     assert_eq!(won, 1);
@@ -593,11 +399,7 @@ async fn racing_writes_are_decided_one_by_one() {
     let mut updates = Vec::new();
     for i in 0..32 {
         let store = store.clone();
-        updates.push(tokio::spawn(async move {
-            store
-                .update(Kind::App, "x", obj("x", i), Some(base.revision))
-                .await
-        }));
+        updates.push(tokio::spawn(async move { store.update(Kind::App, "x", obj("x", i), Some(base.revision)).await }));
     }
     let mut winner = None;
     for u in updates {
@@ -606,9 +408,7 @@ async fn racing_writes_are_decided_one_by_one() {
                 assert!(winner.is_none(), "two updates won");
                 winner = Some(o.revision);
             }
-            Err(StoreError::Conflict {
-                expected, current, ..
-            }) => {
+            Err(StoreError::Conflict { expected, current, .. }) => {
                 assert_eq!(expected, base.revision);
                 assert!(current > base.revision);
             }
@@ -616,10 +416,7 @@ async fn racing_writes_are_decided_one_by_one() {
         }
     }
     let winner = winner.expect("one update won");
-    assert_eq!(
-        store.get(Kind::App, "x").await.expect("get").revision,
-        winner
-    );
+    assert_eq!(store.get(Kind::App, "x").await.expect("get").revision, winner);
     assert_eq!(store.revision(), 3);
 }
 
@@ -629,10 +426,7 @@ async fn bad_files_are_backend_errors() {
 
     let garbage = dir.path().join("garbage.redb");
     std::fs::write(&garbage, vec![0x5au8; 10_000]).expect("write");
-    assert!(matches!(
-        RedbStore::open(&garbage, StoreOptions::default()),
-        Err(StoreError::Backend(_))
-    ));
+    assert!(matches!(RedbStore::open(&garbage, StoreOptions::default()), Err(StoreError::Backend(_))));
 
     // Build a valid store, then damage single entries with redb directly.
     let cases: [(&str, Damage); 6] = [
@@ -642,13 +436,11 @@ async fn bad_files_are_backend_errors() {
         }),
         ("object without rv", |txn| {
             let mut t = txn.open_table(OBJECTS).expect("table");
-            t.insert("App/a", br#"{"metadata":{}}"#.as_slice())
-                .expect("insert");
+            t.insert("App/a", br#"{"metadata":{}}"#.as_slice()).expect("insert");
         }),
         ("unknown kind", |txn| {
             let mut t = txn.open_table(OBJECTS).expect("table");
-            t.insert("Pod/a", br#"{"metadata":{"resourceVersion":1}}"#.as_slice())
-                .expect("insert");
+            t.insert("Pod/a", br#"{"metadata":{"resourceVersion":1}}"#.as_slice()).expect("insert");
         }),
         ("truncated event", |txn| {
             let mut t = txn.open_table(EVENTS).expect("table");
@@ -667,14 +459,8 @@ async fn bad_files_are_backend_errors() {
         let path = dir.path().join(format!("{}.redb", what.replace(' ', "-")));
         {
             let store = RedbStore::open(&path, StoreOptions::default()).expect("open");
-            store
-                .create(Kind::App, "a", obj("a", 0))
-                .await
-                .expect("create");
-            store
-                .create(Kind::App, "b", obj("b", 0))
-                .await
-                .expect("create");
+            store.create(Kind::App, "a", obj("a", 0)).await.expect("create");
+            store.create(Kind::App, "b", obj("b", 0)).await.expect("create");
         }
         {
             let db = redb::Database::create(&path).expect("redb open");

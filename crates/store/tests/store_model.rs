@@ -48,11 +48,7 @@ fn name() -> impl Strategy<Value = &'static str> {
 }
 
 fn expect() -> impl Strategy<Value = Expect> {
-    prop_oneof![
-        Just(Expect::Any),
-        Just(Expect::Current),
-        (0u64..12).prop_map(Expect::Exact)
-    ]
+    prop_oneof![Just(Expect::Any), Just(Expect::Current), (0u64..12).prop_map(Expect::Exact)]
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -87,25 +83,12 @@ impl Model {
         }
     }
 
-    fn check(
-        &self,
-        kind: Kind,
-        name: &str,
-        expected: Option<u64>,
-    ) -> Result<StoredObject, StoreError> {
-        let cur = self
-            .current(kind, name)
-            .ok_or_else(|| StoreError::NotFound {
-                kind,
-                name: name.to_string(),
-            })?;
+    fn check(&self, kind: Kind, name: &str, expected: Option<u64>) -> Result<StoredObject, StoreError> {
+        let cur = self.current(kind, name).ok_or_else(|| StoreError::NotFound { kind, name: name.to_string() })?;
         match expected {
-            Some(rv) if rv != cur.revision => Err(StoreError::Conflict {
-                kind,
-                name: name.to_string(),
-                expected: rv,
-                current: cur.revision,
-            }),
+            Some(rv) if rv != cur.revision => {
+                Err(StoreError::Conflict { kind, name: name.to_string(), expected: rv, current: cur.revision })
+            }
             _ => Ok(cur.clone()),
         }
     }
@@ -119,20 +102,13 @@ impl Model {
             value: Arc::new(with_rv(value, self.revision)),
         };
         self.objects.insert((kind, name.to_string()), o.clone());
-        self.events.push(StoreEvent {
-            revision: self.revision,
-            event,
-            object: o.clone(),
-        });
+        self.events.push(StoreEvent { revision: self.revision, event, object: o.clone() });
         o
     }
 
     fn create(&mut self, kind: Kind, name: &str, value: Value) -> Result<StoredObject, StoreError> {
         if self.current(kind, name).is_some() {
-            return Err(StoreError::AlreadyExists {
-                kind,
-                name: name.to_string(),
-            });
+            return Err(StoreError::AlreadyExists { kind, name: name.to_string() });
         }
         Ok(self.put(EventType::Added, kind, name, value))
     }
@@ -148,29 +124,16 @@ impl Model {
         Ok(self.put(EventType::Modified, kind, name, value))
     }
 
-    fn delete(
-        &mut self,
-        kind: Kind,
-        name: &str,
-        expected: Option<u64>,
-    ) -> Result<StoredObject, StoreError> {
+    fn delete(&mut self, kind: Kind, name: &str, expected: Option<u64>) -> Result<StoredObject, StoreError> {
         let last = self.check(kind, name, expected)?;
         self.revision += 1;
         self.objects.remove(&(kind, name.to_string()));
-        self.events.push(StoreEvent {
-            revision: self.revision,
-            event: EventType::Deleted,
-            object: last.clone(),
-        });
+        self.events.push(StoreEvent { revision: self.revision, event: EventType::Deleted, object: last.clone() });
         Ok(last)
     }
 
     fn list(&self, kind: Kind) -> Vec<StoredObject> {
-        self.objects
-            .iter()
-            .filter(|((k, _), _)| *k == kind)
-            .map(|(_, o)| o.clone())
-            .collect()
+        self.objects.iter().filter(|((k, _), _)| *k == kind).map(|(_, o)| o.clone()).collect()
     }
 }
 
@@ -188,20 +151,12 @@ fn drain(w: &mut Watch) -> (Vec<StoreEvent>, bool) {
 }
 
 fn events_after(model: &Model, from: u64, kind: Option<Kind>) -> Vec<StoreEvent> {
-    model
-        .events
-        .iter()
-        .filter(|e| e.revision > from && kind.is_none_or(|k| k == e.object.kind))
-        .cloned()
-        .collect()
+    model.events.iter().filter(|e| e.revision > from && kind.is_none_or(|k| k == e.object.kind)).cloned().collect()
 }
 
 async fn run(ops: Vec<Op>, history: u64) -> Result<(), TestCaseError> {
     let dir = TempDir::new("model");
-    let opts = StoreOptions {
-        history,
-        watch_buffer: 10_000,
-    };
+    let opts = StoreOptions { history, watch_buffer: 10_000 };
     let open = || RedbStore::open(&dir.db(), opts).expect("open store");
     let mut store = open();
     let mut model = Model::default();
@@ -225,17 +180,11 @@ async fn run(ops: Vec<Op>, history: u64) -> Result<(), TestCaseError> {
                 prop_assert_eq!(got, model.delete(k, n, expected));
             }
             Op::Get(k, n) => {
-                let want = model.current(k, n).cloned().ok_or(StoreError::NotFound {
-                    kind: k,
-                    name: n.to_string(),
-                });
+                let want = model.current(k, n).cloned().ok_or(StoreError::NotFound { kind: k, name: n.to_string() });
                 prop_assert_eq!(store.get(k, n).await, want);
             }
             Op::List(k) => {
-                prop_assert_eq!(
-                    store.list(k).await.expect("list"),
-                    (model.list(k), model.revision)
-                );
+                prop_assert_eq!(store.list(k).await.expect("list"), (model.list(k), model.revision));
             }
             Op::Reopen => {
                 drop(store);
@@ -243,17 +192,11 @@ async fn run(ops: Vec<Op>, history: u64) -> Result<(), TestCaseError> {
                 prop_assert!(ended, "watch not ended by drop");
                 prop_assert_eq!(got, events_after(&model, live.1, None));
                 store = open();
-                live = (
-                    store.watch(None, model.revision).await.expect("watch"),
-                    model.revision,
-                );
+                live = (store.watch(None, model.revision).await.expect("watch"), model.revision);
             }
         }
         prop_assert_eq!(store.revision(), model.revision);
-        prop_assert_eq!(
-            store.compacted_revision(),
-            model.revision.saturating_sub(history)
-        );
+        prop_assert_eq!(store.compacted_revision(), model.revision.saturating_sub(history));
     }
 
     // The live watch saw exactly the successful writes since it started.
@@ -264,20 +207,14 @@ async fn run(ops: Vec<Op>, history: u64) -> Result<(), TestCaseError> {
     // Replays from the compaction point, for all kinds and each kind.
     let compacted = store.compacted_revision();
     for kind in [None, Some(Kind::Node), Some(Kind::App), Some(Kind::Token)] {
-        let mut w = store
-            .watch(kind, compacted)
-            .await
-            .expect("watch from the compaction point");
+        let mut w = store.watch(kind, compacted).await.expect("watch from the compaction point");
         let (got, _) = drain(&mut w);
         prop_assert_eq!(got, events_after(&model, compacted, kind));
     }
     if compacted > 0 {
         prop_assert_eq!(
             store.watch(None, compacted - 1).await.err(),
-            Some(StoreError::Compacted {
-                requested: compacted - 1,
-                oldest: compacted
-            })
+            Some(StoreError::Compacted { requested: compacted - 1, oldest: compacted })
         );
     }
 
@@ -286,10 +223,7 @@ async fn run(ops: Vec<Op>, history: u64) -> Result<(), TestCaseError> {
     let store = open();
     prop_assert_eq!(store.revision(), model.revision);
     for kind in Kind::ALL {
-        prop_assert_eq!(
-            store.list(kind).await.expect("list"),
-            (model.list(kind), model.revision)
-        );
+        prop_assert_eq!(store.list(kind).await.expect("list"), (model.list(kind), model.revision));
     }
     Ok(())
 }

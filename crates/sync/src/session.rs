@@ -95,11 +95,7 @@ impl CloudSession {
         match view.deltas_since(from) {
             Some(ds) => {
                 for d in ds {
-                    out.push(CloudAction::Send(Down::Delta {
-                        base: d.base,
-                        revision: d.revision,
-                        changes: d.changes,
-                    }));
+                    out.push(CloudAction::Send(Down::Delta { base: d.base, revision: d.revision, changes: d.changes }));
                 }
             }
             None => out.push(CloudAction::Send(Down::Snapshot {
@@ -306,11 +302,8 @@ impl EdgeSession {
         self.heard = false;
         self.last_hello = now;
         let outbox_first = self.outbox.keys().next().copied().unwrap_or(self.next_seq);
-        let mut out = vec![EdgeAction::Send(Up::Hello {
-            version: PROTOCOL_VERSION,
-            applied: self.applied,
-            outbox_first,
-        })];
+        let mut out =
+            vec![EdgeAction::Send(Up::Hello { version: PROTOCOL_VERSION, applied: self.applied, outbox_first })];
         self.send_outbox(now, &mut out);
         out
     }

@@ -18,8 +18,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use yunbian_api::{AppInstanceStatus, Kind};
 use yunbian_sync::{
-    Change, CloudAction, CloudSession, DesiredObject, Down, EdgeAction, EdgeSession, NodeView, Report,
-    SessionConfig, Up,
+    Change, CloudAction, CloudSession, DesiredObject, Down, EdgeAction, EdgeSession, NodeView, Report, SessionConfig,
+    Up,
 };
 
 /// splitmix64: small, fast, deterministic.

@@ -83,7 +83,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let t0 = Instant::now();
     loop {
         let nodes = client.list(Kind::Node).await?;
-        let ready = nodes.iter().filter(|n| n.pointer("/status/phase").and_then(Value::as_str) == Some("Ready")).count();
+        let ready =
+            nodes.iter().filter(|n| n.pointer("/status/phase").and_then(Value::as_str) == Some("Ready")).count();
         if ready >= NODES.len() {
             say(&format!("{ready} nodes Ready"));
             break;

@@ -50,7 +50,9 @@ pub async fn run(args: SimArgs) -> Result<()> {
         joins.push(tokio::spawn(async move {
             let _permit = permit;
             let dir = std::env::temp_dir();
-            let id = yunbian_edge::enroll(&dir, &cloud, &token, &name, &labels).await.with_context(|| format!("join {name}"))?;
+            let id = yunbian_edge::enroll(&dir, &cloud, &token, &name, &labels)
+                .await
+                .with_context(|| format!("join {name}"))?;
             let mut cfg = yunbian_edge::AgentConfig::new(dir);
             cfg.heartbeat = heartbeat;
             cfg.real_node_info = false;
