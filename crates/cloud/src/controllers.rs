@@ -107,6 +107,7 @@ pub async fn reconcile_apps(store: &Arc<dyn Store>) -> Result<(), StoreError> {
                 cpu_used,
                 memory_used,
                 same_app: 0,
+                runtimes: n.status.info.runtimes.clone(),
             }
         })
         .collect();
@@ -145,6 +146,7 @@ pub async fn reconcile_apps(store: &Arc<dyn Store>) -> Result<(), StoreError> {
                 cpu: template.resources.requests.cpu_millis(),
                 memory: template.resources.requests.memory_bytes(),
                 selector: app.spec.placement.node_selector.clone(),
+                runtime: template.runtime.as_str().to_string(),
             };
             for _ in live.len()..want {
                 match scheduler::place(&req, &mut candidates) {

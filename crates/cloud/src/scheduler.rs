@@ -24,6 +24,8 @@ pub struct Candidate {
     pub memory_used: u64,
     /// Instances of the App being placed, already on this node.
     pub same_app: u32,
+    /// Runtimes the node's agent offers (`process`, `fake`).
+    pub runtimes: Vec<String>,
 }
 
 /// What one instance needs.
@@ -35,6 +37,8 @@ pub struct Request {
     pub memory: u64,
     /// Required labels.
     pub selector: BTreeMap<String, String>,
+    /// Runtime the instance needs.
+    pub runtime: String,
 }
 
 /// Why nothing fits, counted per reason (`2 not ready, 1 insufficient memory`).
@@ -68,6 +72,8 @@ pub fn place(req: &Request, nodes: &mut [Candidate]) -> Result<usize, Unschedula
             Some("not ready or unschedulable")
         } else if !yunbian_api::selector_matches(&req.selector, &n.labels) {
             Some("node selector mismatch")
+        } else if !req.runtime.is_empty() && !n.runtimes.iter().any(|r| *r == req.runtime) {
+            Some("runtime not offered")
         } else if n.cpu_used + req.cpu > n.cpu_allocatable {
             Some("insufficient cpu")
         } else if n.memory_used + req.memory > n.memory_allocatable {
@@ -134,6 +140,7 @@ mod tests {
             cpu_used: 0,
             memory_used: 0,
             same_app: 0,
+            runtimes: vec!["process".into()],
         }
     }
 
@@ -141,7 +148,7 @@ mod tests {
     fn spreads_and_respects_selector_and_fit() {
         let mut nodes =
             vec![node("a", "x", 1000, 1 << 30), node("b", "x", 1000, 1 << 30), node("c", "y", 1000, 1 << 30)];
-        let req = Request { cpu: 400, memory: 1 << 20, selector: [("site".into(), "x".into())].into() };
+        let req = Request { cpu: 400, memory: 1 << 20, selector: [("site".into(), "x".into())].into(), runtime: "process".into() };
         let picks: Vec<usize> = (0..4).map(|_| place(&req, &mut nodes).expect("fits")).collect();
         assert_eq!(picks, vec![0, 1, 0, 1]);
         // a and b have 800m used: a fifth 400m request fits nowhere.

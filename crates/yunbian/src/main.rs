@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+mod bench;
 mod demo;
 mod sim;
 
@@ -31,6 +32,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run many simulated edge nodes in one process, for scale tests.
     Sim(sim::SimArgs),
+    /// Measure the system (see docs/benchmarks.md).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     #[command(flatten)]
     Client(yunbian_cli::ClientCommand),
 }
@@ -160,6 +164,7 @@ fn main() {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Client(cmd) => yunbian_cli::run(cli.config, cmd).await,
+        Command::Bench(cmd) => bench::run(cli.config, cmd).await,
         Command::Cloud(a) => {
             init_tracing();
             let mut opts = yunbian_cloud::CloudOptions::new(&a.data_dir, &a.listen);

@@ -1,0 +1,125 @@
+//! `yunbian bench apply`: measures the time from applying an App until each
+//! of its instances reports Running, as seen through the API's watch
+//! stream. Used with `yunbian sim` for the scale figures in
+//! docs/benchmarks.md.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+use yunbian_api::Kind;
+
+/// `yunbian bench …`.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Apply an App and time every instance to Running.
+    Apply(ApplyBench),
+}
+
+/// Arguments of `bench apply`.
+#[derive(Debug, Args)]
+pub struct ApplyBench {
+    /// Instances (spread one per node when replicas ≤ nodes).
+    #[arg(long, default_value_t = 1000)]
+    replicas: u64,
+    /// Node selector k=v,… (default: the simulator's label).
+    #[arg(long, value_parser = crate::parse_labels, default_value = "sim=true")]
+    selector: std::collections::BTreeMap<String, String>,
+    /// Runtime of the App: `fake` for simulated nodes, `process` for real ones.
+    #[arg(long, default_value = "fake")]
+    runtime: String,
+    /// Give up after this long.
+    #[arg(long, default_value = "600s", value_parser = crate::parse_duration)]
+    timeout: Duration,
+    /// Keep the App afterwards.
+    #[arg(long)]
+    keep: bool,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+/// Runs a bench command.
+pub async fn run(config: Option<std::path::PathBuf>, cmd: BenchCommand) -> Result<()> {
+    let client = yunbian_cli::Client::new(yunbian_cli::ClientConfig::load(config.as_deref())?)?;
+    match cmd {
+        BenchCommand::Apply(a) => apply(&client, a).await,
+    }
+}
+
+async fn apply(client: &yunbian_cli::Client, a: ApplyBench) -> Result<()> {
+    const NAME: &str = "bench-apply";
+    if client.get_object(Kind::App, NAME).await.is_ok() {
+        client.delete_object(Kind::App, NAME).await?;
+    }
+    let opts = yunbian_cli::ListOptions { app: Some(NAME.into()), ..Default::default() };
+    let t_clear = Instant::now();
+    while !client.list_with(Kind::AppInstance, &opts).await?.items.is_empty() {
+        if t_clear.elapsed() > a.timeout {
+            bail!("instances of an earlier run did not go away");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rv = client.list_with(Kind::AppInstance, &opts).await?.resource_version;
+    let mut watch = client.watch(Kind::AppInstance, &opts, Some(rv)).await?;
+    let mut spec = json!({ "replicas": a.replicas, "runtime": a.runtime, "placement": { "nodeSelector": a.selector } });
+    if a.runtime == "process" {
+        spec["process"] = json!({ "command": ["/bin/sh", "-c", "exec sleep 3600"] });
+    }
+    let app = json!({ "apiVersion": "yunbian.io/v1", "kind": "App", "metadata": { "name": NAME }, "spec": spec });
+    let t0 = Instant::now();
+    client.apply(&app).await.context("apply the bench app")?;
+    let mut running: std::collections::HashMap<String, Duration> = std::collections::HashMap::new();
+    let mut created: Option<Duration> = None;
+    let mut seen = 0u64;
+    while (running.len() as u64) < a.replicas {
+        let left = a.timeout.checked_sub(t0.elapsed()).context("timed out")?;
+        let ev = match tokio::time::timeout(left, watch.next_event()).await {
+            Ok(Some(ev)) => ev?,
+            Ok(None) => bail!("watch ended after {} of {} instances were Running", running.len(), a.replicas),
+            Err(_) => bail!("timed out: {} of {} instances Running", running.len(), a.replicas),
+        };
+        let name = ev.object.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_string();
+        seen += 1;
+        if created.is_none() && seen >= a.replicas {
+            created = Some(t0.elapsed());
+        }
+        if ev.object.pointer("/status/phase").and_then(Value::as_str) == Some("Running") {
+            running.entry(name).or_insert_with(|| t0.elapsed());
+        }
+    }
+    let mut lat: Vec<Duration> = running.into_values().collect();
+    lat.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "apply -> Running: {} instances, p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        lat.len(),
+        ms(percentile(&lat, 0.50)),
+        ms(percentile(&lat, 0.99)),
+        ms(percentile(&lat, 1.0)),
+    );
+    if !a.keep {
+        client.delete_object(Kind::App, NAME).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&v, 0.5), Duration::from_millis(50));
+        assert_eq!(percentile(&v, 0.99), Duration::from_millis(99));
+        assert_eq!(percentile(&v, 1.0), Duration::from_millis(100));
+        assert_eq!(percentile(&[], 0.5), Duration::ZERO);
+    }
+}
