@@ -585,7 +585,12 @@ async fn hub(State(s): St, Extension(peer): Extension<Peer>, ws: WebSocketUpgrad
         return Err(ApiError::new(StatusCode::FORBIDDEN, format!("node {node} was removed; join again")));
     }
     let hub = s.hub.clone();
+    // tungstenite's default 128 KiB read and write buffers per connection
+    // dominate memory at 10k+ nodes; sync traffic is small messages.
     Ok(ws
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(yunbian_sync::wire::MAX_FRAME * 2)
         .max_message_size(yunbian_sync::wire::MAX_FRAME)
         .on_upgrade(move |socket| hub.serve(node, peer.address, peer.cert_expiry, socket)))
 }

@@ -521,9 +521,14 @@ async fn connect(id: &Identity) -> Result<Ws, String> {
     let (host, port) = crate::http::host_port(&id.config.cloud)?;
     let host = if host.contains(':') { format!("[{host}]") } else { host };
     let req = format!("wss://{host}:{port}/v1/hub").into_client_request().map_err(|e| e.to_string())?;
-    let mut cfg = WebSocketConfig::default();
-    cfg.max_message_size = Some(MAX_FRAME);
-    cfg.max_frame_size = Some(MAX_FRAME);
+    // Small buffers: sync traffic is small messages, and the simulator runs
+    // thousands of these connections in one process.
+    let cfg = WebSocketConfig::default()
+        .max_message_size(Some(MAX_FRAME))
+        .max_frame_size(Some(MAX_FRAME))
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(MAX_FRAME * 2);
     let (ws, _) = tokio::time::timeout(
         Duration::from_secs(15),
         tokio_tungstenite::client_async_with_config(req, stream, Some(cfg)),
