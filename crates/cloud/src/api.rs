@@ -536,13 +536,19 @@ async fn join(
         }
         Err(e) => return Err(e.into()),
     }
-    let _ = objects::update_status::<TokenSpec>(&s.store, &token_id, |t| {
-        t.status.joins += 1;
-        true
-    })
-    .await;
+    count_join(&s.store, &token_id).await;
     tracing::info!(node = %req.name, token = %token_id, from = %peer.address, "node joined");
     Ok(Json(json!({ "certificate": cert, "ca": s.ca.cert_pem() })).into_response())
+}
+
+/// Counts a join on the token, best effort: one attempt, no retry on a
+/// conflicting concurrent join (a mass enrollment must not turn one Token
+/// object into a write hotspot).
+async fn count_join(store: &Arc<dyn Store>, token_id: &str) {
+    let Ok(cur) = store.get(Kind::Token, token_id).await else { return };
+    let Ok(mut t) = decode::<TokenSpec>(&cur) else { return };
+    t.status.joins += 1;
+    let _ = store.update(Kind::Token, token_id, t.to_value(), Some(cur.revision)).await;
 }
 
 #[derive(Debug, Deserialize)]

@@ -33,9 +33,17 @@ pub async fn run_app_controller(store: Arc<dyn Store>, metrics: Arc<Metrics>) {
                 let from = store.revision();
                 match store.watch(Some(kind), from).await {
                     Ok(mut w) => {
+                        // Node status changes every heartbeat period (usage);
+                        // only what scheduling reads may trigger a pass.
+                        let mut seen: HashMap<String, String> = HashMap::new();
                         while let Some(ev) = w.recv().await {
-                            if ev.is_err() {
-                                break;
+                            let Ok(ev) = ev else { break };
+                            if kind == Kind::Node && ev.event != yunbian_store::EventType::Deleted {
+                                let key = scheduling_key(&ev.object.value);
+                                if seen.get(&ev.object.name) == Some(&key) {
+                                    continue;
+                                }
+                                seen.insert(ev.object.name.clone(), key);
                             }
                             let _ = tx.try_send(());
                         }
@@ -52,15 +60,31 @@ pub async fn run_app_controller(store: Arc<dyn Store>, metrics: Arc<Metrics>) {
         if let Err(e) = reconcile_apps(&store).await {
             tracing::warn!(error = %e, "app reconcile pass failed");
         }
-        metrics.reconcile("app", t0.elapsed());
-        // Wait for a change or the periodic resync, then let a burst settle.
+        let took = t0.elapsed();
+        metrics.reconcile("app", took);
+        // Wait for a change or the periodic resync, then let a burst settle
+        // for at least as long as a pass takes, so that passes never use
+        // more than half a core however fast changes arrive.
         let _ = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(20).max(took)).await;
         while rx.try_recv().is_ok() {}
     }
 }
 
 type Instance = AppInstance;
+
+/// The parts of a Node the scheduler and the App controller read.
+fn scheduling_key(node: &Value) -> String {
+    let p = |ptr: &str| node.pointer(ptr).map(|v| v.to_string()).unwrap_or_default();
+    [
+        p("/metadata/labels"),
+        p("/spec"),
+        p("/status/phase"),
+        p("/status/allocatable"),
+        p("/status/info/runtimes"),
+    ]
+    .join("|")
+}
 
 /// One full reconcile pass over every App.
 pub async fn reconcile_apps(store: &Arc<dyn Store>) -> Result<(), StoreError> {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, WebSocket};
 use tokio::sync::{mpsc, Notify};
-use yunbian_api::{AppInstanceSpec, Kind, NodeInfo, NodePhase, NodeSpec, NodeUsage};
+use yunbian_api::{AppInstanceSpec, Kind, NodeGroupSpec, NodeGroupStatus, NodeInfo, NodePhase, NodeSpec, NodeUsage};
 use yunbian_store::{EventType, Store, StoreError, StoredObject};
 use yunbian_sync::wire::{decode_up, encode};
 use yunbian_sync::{Change, CloudAction, CloudSession, DesiredObject, Down, NodeView, Report, SessionConfig, Up};
@@ -546,6 +546,28 @@ impl Hub {
         }
     }
 
+    /// Recomputes every NodeGroup's membership counts.
+    async fn update_node_groups(&self, nodes: &[StoredObject]) {
+        let Ok((groups, _)) = self.store.list(Kind::NodeGroup).await else { return };
+        let nodes: Vec<_> = nodes.iter().filter_map(|n| objects::decode::<NodeSpec>(n).ok()).collect();
+        for g in groups {
+            let Ok(group) = objects::decode::<NodeGroupSpec>(&g) else { continue };
+            let members: Vec<_> =
+                nodes.iter().filter(|n| yunbian_api::selector_matches(&group.spec.selector, &n.metadata.labels)).collect();
+            let want = NodeGroupStatus {
+                nodes: members.len() as u32,
+                ready_nodes: members.iter().filter(|n| n.status.phase == NodePhase::Ready).count() as u32,
+            };
+            if group.status != want {
+                let _ = update_status::<NodeGroupSpec>(&self.store, &g.name, |o| {
+                    o.status = want.clone();
+                    true
+                })
+                .await;
+            }
+        }
+    }
+
     /// Runs the node lifecycle controller: Ready while heartbeating,
     /// NotReady after the grace period. Idempotent; writes only changes.
     pub async fn run_node_lifecycle(self: Arc<Self>) {
@@ -565,6 +587,17 @@ impl Hub {
                     continue;
                 }
             };
+            // A deleted node loses its connection (its certificate stays
+            // valid until expiry, but the hub refuses it without a Node).
+            let names: std::collections::HashSet<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+            self.lock().links.retain(|n, _| {
+                let keep = names.contains(n.as_str());
+                if !keep {
+                    tracing::info!(node = %n, "node deleted; closing its connection");
+                }
+                keep
+            });
+            self.update_node_groups(&nodes).await;
             for n in nodes {
                 let Ok(node) = objects::decode::<NodeSpec>(&n) else { continue };
                 let is_ready = ready.get(&n.name).copied().unwrap_or(false);

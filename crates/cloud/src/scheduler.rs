@@ -72,7 +72,7 @@ pub fn place(req: &Request, nodes: &mut [Candidate]) -> Result<usize, Unschedula
             Some("not ready or unschedulable")
         } else if !yunbian_api::selector_matches(&req.selector, &n.labels) {
             Some("node selector mismatch")
-        } else if !req.runtime.is_empty() && !n.runtimes.iter().any(|r| *r == req.runtime) {
+        } else if !req.runtime.is_empty() && !n.runtimes.contains(&req.runtime) {
             Some("runtime not offered")
         } else if n.cpu_used + req.cpu > n.cpu_allocatable {
             Some("insufficient cpu")
