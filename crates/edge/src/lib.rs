@@ -110,13 +110,19 @@ async fn spawn(
     let name = identity.config.name.clone();
     let stats = Arc::new(AgentStats::default());
     let (metrics_addr, metrics_task) = match metrics_listen {
-        Some(addr) => {
-            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("metrics listen on {addr}"))?;
-            let bound = l.local_addr().ok();
-            let s = stats.clone();
-            let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || s.render());
-            (bound, Some(tokio::spawn(yunbian_telemetry::serve_metrics(l, render))))
-        }
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                let bound = l.local_addr().ok();
+                let s = stats.clone();
+                let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || s.render());
+                (bound, Some(tokio::spawn(yunbian_telemetry::serve_metrics(l, render))))
+            }
+            Err(e) => {
+                // Metrics are not worth refusing to run workloads for.
+                tracing::warn!(%addr, error = %e, "cannot serve metrics; running without them");
+                (None, None)
+            }
+        },
         None => (None, None),
     };
     let task = tokio::spawn(agent::run_agent(agent, identity, store, runtime, rx, stats.clone()));

@@ -79,7 +79,9 @@ fn key(kind: Kind, name: &str) -> String {
 impl LocalStore {
     /// Opens (or creates) the store file.
     pub fn open(path: &Path) -> Result<LocalStore, LocalStoreError> {
-        let database = Database::create(path).map_err(db)?;
+        // The view and outbox are small; redb's default cache (up to 1 GiB)
+        // would only grow the agent's resident memory.
+        let database = Database::builder().set_cache_size(1 << 20).create(path).map_err(db)?;
         let w = database.begin_write().map_err(db)?;
         {
             w.open_table(DESIRED).map_err(db)?;

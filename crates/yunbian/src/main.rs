@@ -75,9 +75,10 @@ struct EdgeRunArgs {
     /// The node's data directory.
     #[arg(long, default_value = "yunbian-edge")]
     data_dir: PathBuf,
-    /// Serve agent metrics on this address (plain HTTP, e.g. 127.0.0.1:9470).
-    #[arg(long)]
-    metrics_listen: Option<String>,
+    /// Serve agent metrics on this address (plain HTTP); "off" to disable.
+    /// If the address is taken, the agent runs without metrics and says so.
+    #[arg(long, default_value = "127.0.0.1:9470")]
+    metrics_listen: String,
     /// Heartbeat interval.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     heartbeat: Duration,
@@ -148,7 +149,17 @@ fn init_tracing() {
 
 fn main() {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // The edge agent is mostly idle I/O: one worker thread keeps it small.
+    // The cloud, demo and simulator use one worker per core.
+    let mut builder = match cli.command {
+        Command::Edge(_) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(1).max_blocking_threads(8);
+            b
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: start the async runtime: {e}");
@@ -194,7 +205,7 @@ async fn run(cli: Cli) -> Result<()> {
                 None => e.run,
             };
             let mut opts = yunbian_edge::EdgeOptions::new(&run.data_dir);
-            opts.metrics_listen = run.metrics_listen;
+            opts.metrics_listen = Some(run.metrics_listen).filter(|m| m != "off");
             opts.agent.heartbeat = run.heartbeat;
             let agent = yunbian_edge::start(opts).await?;
             tokio::select! {
