@@ -8,6 +8,7 @@
 //! `metadata`, `spec`, `status`. Adding a kind means: a spec/status pair in
 //! [`kinds`], a variant in [`Kind`] and [`Resource`], and a `Validate` impl.
 
+pub mod fuzzing;
 pub mod kinds;
 pub mod manifest;
 pub mod meta;

@@ -343,7 +343,10 @@ impl Hub {
             inner.links.insert(node.clone(), Link { conn, notify: notify.clone(), control: control_tx });
             let live = inner.live.entry(node.clone()).or_default();
             live.address = address;
-            live.last_heartbeat = Some(Instant::now());
+            // `last_heartbeat` is left alone: Ready needs a heartbeat (which
+            // carries node info), not just a connection, so a node that never
+            // reported its capacity cannot look Ready; a reconnecting node
+            // keeps its last one and does not flap.
             live.last_status_write = None;
         }
         self.refresh_gauges();

@@ -7,6 +7,7 @@
 //! these with real connections; the simulation tests drive them with a
 //! virtual network and clock.
 
+pub mod fuzzing;
 pub mod session;
 pub mod view;
 pub mod wire;

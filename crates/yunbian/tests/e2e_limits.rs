@@ -1,0 +1,64 @@
+//! Memory limits are enforced on the node and an OOM kill is reported.
+
+mod harness;
+
+use std::process::Command;
+
+use harness::{eventually, s, summary, u, App, Cluster, WAIT};
+
+/// The real python3 binary (not a pyenv shim script), if there is one.
+fn python3() -> Option<String> {
+    let o = Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output().ok()?;
+    let p = String::from_utf8(o.stdout).ok()?.trim().to_string();
+    (o.status.success() && !p.is_empty()).then_some(p)
+}
+
+#[test]
+fn memory_hog_is_oom_killed() {
+    let mut c = Cluster::start("limits");
+    let node = c.join("edge-1");
+    let note = s(&node, "/status/limitsNote").to_string();
+    assert!(!note.is_empty(), "the node explains its limits support: {node}");
+    // CI runs on the same kind of machine: limits must be enforced here.
+    assert_eq!(
+        node.pointer("/status/limitsEnforced").and_then(|v| v.as_bool()),
+        Some(true),
+        "resource limits are not enforced on this node: {note}"
+    );
+
+    let argv: Vec<String> = match python3() {
+        Some(py) => vec![py, "-c".into(), "b = bytearray(200 * 1024 * 1024); import time; time.sleep(30)".into()],
+        None => vec![
+            "awk".into(),
+            "BEGIN { s = \"0123456789abcdef\"; while (length(s) < 400000000) s = s s; print length(s) }".into(),
+        ],
+    };
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    c.apply(&App::new("hog").command(&argv).restart_policy("Never").memory_limit("16Mi").replicas(1).yaml());
+
+    let inst = eventually(WAIT, "the hog to be OOM-killed", || {
+        let items = c.instances_of("hog")?;
+        match items.first() {
+            Some(i) if items.len() == 1 && s(i, "/status/phase") == "Failed" => Ok(i.clone()),
+            _ => Err(summary(&items)),
+        }
+    });
+    assert_eq!(s(&inst, "/status/reason"), "OOMKilled", "{inst}");
+    assert!(s(&inst, "/status/message").contains("16Mi"), "{inst}");
+    // restartPolicy Never: it stays failed.
+    assert_eq!(u(&inst, "/status/restartCount"), Some(0), "{inst}");
+    let o = c.cli(&["get", "instances"]);
+    assert!(o.ok().contains("OOMKilled"), "{o:?}");
+
+    let cgroup = format!("/sys/fs/cgroup/memory/yunbian/{}", s(&inst, "/metadata/name"));
+    c.delete_app("hog");
+    if note.starts_with("cgroup v1") {
+        eventually(WAIT, "the instance's memory cgroup to be removed", || {
+            if std::path::Path::new(&cgroup).exists() {
+                Err(format!("{cgroup} still exists"))
+            } else {
+                Ok(())
+            }
+        });
+    }
+}
