@@ -127,7 +127,8 @@ fn random_and_mutated_manifests() {
 #[test]
 fn random_and_mutated_quantities() {
     let seeds: Vec<Vec<u8>> = corpus("quantities").into_iter().map(|(_, d)| d).collect();
-    let dict: &[&[u8]] = &[b"m", b"Ki", b"Mi", b"Gi", b"Ti", b"K", b"M", b"G", b"e", b".", b"-", b"+", b"Z", b"T", b":"];
+    let dict: &[&[u8]] =
+        &[b"m", b"Ki", b"Mi", b"Gi", b"Ti", b"K", b"M", b"G", b"e", b".", b"-", b"+", b"Z", b"T", b":"];
     let mut m = Mutator::new(0x7975_6e62_6961_6e03);
     for i in 0..iterations() {
         let input = m.input(&seeds, dict);

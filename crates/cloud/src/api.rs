@@ -163,6 +163,18 @@ fn require_admin(s: &ApiState, headers: &HeaderMap, peer: &Peer) -> ApiResult<()
     }
 }
 
+/// Extractor proving the request carries the admin token.
+pub struct Admin;
+
+impl axum::extract::FromRequestParts<Arc<ApiState>> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, s: &Arc<ApiState>) -> ApiResult<Self> {
+        let peer = parts.extensions.get::<Peer>().cloned().unwrap_or_default();
+        require_admin(s, &parts.headers, &peer).map(|()| Admin)
+    }
+}
+
 fn kind_of(plural: &str) -> ApiResult<Kind> {
     Kind::ALL
         .into_iter()
@@ -176,8 +188,7 @@ fn parse_body(body: &[u8]) -> ApiResult<Value> {
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("body is not JSON or YAML: {e}")))
 }
 
-async fn metrics(State(s): St, headers: HeaderMap, Extension(peer): Extension<Peer>) -> ApiResult<Response> {
-    require_admin(&s, &headers, &peer)?;
+async fn metrics(State(s): St, _admin: Admin) -> ApiResult<Response> {
     s.hub.refresh_gauges();
     Ok(([("content-type", "text/plain; version=0.0.4")], s.metrics.render()).into_response())
 }
@@ -229,22 +240,14 @@ impl Filter {
 
 async fn list(
     State(s): St,
-    headers: HeaderMap,
-    Extension(peer): Extension<Peer>,
+    _admin: Admin,
     Path(plural): Path<String>,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Response> {
-    require_admin(&s, &headers, &peer)?;
     list_kind(s, kind_of(&plural)?, q).await
 }
 
-async fn list_tokens(
-    State(s): St,
-    headers: HeaderMap,
-    Extension(peer): Extension<Peer>,
-    Query(q): Query<ListQuery>,
-) -> ApiResult<Response> {
-    require_admin(&s, &headers, &peer)?;
+async fn list_tokens(State(s): St, _admin: Admin, Query(q): Query<ListQuery>) -> ApiResult<Response> {
     list_kind(s, Kind::Token, q).await
 }
 
@@ -302,13 +305,7 @@ async fn watch(s: Arc<ApiState>, kind: Kind, filter: Filter, from: Option<u64>) 
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
-async fn get_one(
-    State(s): St,
-    headers: HeaderMap,
-    Extension(peer): Extension<Peer>,
-    Path((plural, name)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
-    require_admin(&s, &headers, &peer)?;
+async fn get_one(State(s): St, _admin: Admin, Path((plural, name)): Path<(String, String)>) -> ApiResult<Json<Value>> {
     let kind = kind_of(&plural)?;
     Ok(Json((*s.store.get(kind, &name).await?.value).clone()))
 }
@@ -335,12 +332,10 @@ fn admit(kind: Kind, name: Option<&str>, body: Value) -> ApiResult<(String, Valu
 
 async fn create(
     State(s): St,
-    headers: HeaderMap,
-    Extension(peer): Extension<Peer>,
+    _admin: Admin,
     Path(plural): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    require_admin(&s, &headers, &peer)?;
     let kind = kind_of(&plural)?;
     refuse_user_writes(kind, true)?;
     let (name, mut v) = admit(kind, None, parse_body(&body?)?)?;
@@ -365,12 +360,10 @@ fn refuse_user_writes(kind: Kind, creating: bool) -> ApiResult<()> {
 
 async fn put(
     State(s): St,
-    headers: HeaderMap,
-    Extension(peer): Extension<Peer>,
+    _admin: Admin,
     Path((plural, name)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    require_admin(&s, &headers, &peer)?;
     let kind = kind_of(&plural)?;
     let exists = s.store.get(kind, &name).await.is_ok();
     refuse_user_writes(kind, !exists)?;
@@ -386,13 +379,7 @@ async fn put(
     Ok((code, [("x-yunbian-apply", format!("{outcome:?}").to_lowercase())], Json((*o.value).clone())).into_response())
 }
 
-async fn delete(
-    State(s): St,
-    headers: HeaderMap,
-    Extension(peer): Extension<Peer>,
-    Path((plural, name)): Path<(String, String)>,
-) -> ApiResult<Json<Value>> {
-    require_admin(&s, &headers, &peer)?;
+async fn delete(State(s): St, _admin: Admin, Path((plural, name)): Path<(String, String)>) -> ApiResult<Json<Value>> {
     let kind = kind_of(&plural)?;
     let o = s.store.delete(kind, &name, None).await?;
     tracing::info!(kind = %kind, name = %name, "deleted");
@@ -409,13 +396,7 @@ struct TokenRequest {
     description: String,
 }
 
-async fn create_token(
-    State(s): St,
-    headers: HeaderMap,
-    Extension(peer): Extension<Peer>,
-    body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Response> {
-    require_admin(&s, &headers, &peer)?;
+async fn create_token(State(s): St, _admin: Admin, body: Result<Bytes, BytesRejection>) -> ApiResult<Response> {
     let body = body?;
     let req: TokenRequest = if body.is_empty() {
         TokenRequest::default()
@@ -440,13 +421,7 @@ async fn create_token(
     Ok((StatusCode::CREATED, Json(json!({ "token": token, "object": &*o.value }))).into_response())
 }
 
-async fn revoke_token(
-    State(s): St,
-    headers: HeaderMap,
-    Extension(peer): Extension<Peer>,
-    Path(name): Path<String>,
-) -> ApiResult<Json<Value>> {
-    require_admin(&s, &headers, &peer)?;
+async fn revoke_token(State(s): St, _admin: Admin, Path(name): Path<String>) -> ApiResult<Json<Value>> {
     objects::update_status::<TokenSpec>(&s.store, &name, |t| {
         let changed = !t.spec.revoked;
         t.spec.revoked = true;
@@ -648,12 +623,10 @@ fn hub_err(e: HubError) -> ApiError {
 
 async fn instance_log(
     State(s): St,
-    headers: HeaderMap,
-    Extension(peer): Extension<Peer>,
+    _admin: Admin,
     Path(name): Path<String>,
     Query(q): Query<LogQuery>,
 ) -> ApiResult<Response> {
-    require_admin(&s, &headers, &peer)?;
     let inst = decode::<AppInstanceSpec>(&s.store.get(Kind::AppInstance, &name).await?)?;
     let follow = q.follow.as_deref().is_some_and(|f| f == "true" || f == "1");
     let rx = s.hub.open_log(&inst.spec.node, &name, q.tail, follow).map_err(hub_err)?;
@@ -662,12 +635,10 @@ async fn instance_log(
 
 async fn app_log(
     State(s): St,
-    headers: HeaderMap,
-    Extension(peer): Extension<Peer>,
+    _admin: Admin,
     Path(name): Path<String>,
     Query(q): Query<LogQuery>,
 ) -> ApiResult<Response> {
-    require_admin(&s, &headers, &peer)?;
     s.store.get(Kind::App, &name).await?;
     let (insts, _) = s.store.list(Kind::AppInstance).await?;
     let follow = q.follow.as_deref().is_some_and(|f| f == "true" || f == "1");

@@ -31,22 +31,9 @@ pub struct Credentials {
     pub admin_config: PathBuf,
 }
 
-/// Writes `contents` to `path` atomically with `mode`.
+/// Writes a file atomically with `mode` (see `yunbian_pki::write_atomic`).
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("create {}", tmp.display()))?;
-    f.write_all(contents).with_context(|| format!("write {}", tmp.display()))?;
-    f.sync_all().with_context(|| format!("sync {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))?;
-    Ok(())
+    yunbian_pki::write_atomic(path, contents, mode).with_context(|| format!("write {}", path.display()))
 }
 
 /// Host names and addresses the server certificate must cover.

@@ -76,14 +76,8 @@ type Instance = AppInstance;
 /// The parts of a Node the scheduler and the App controller read.
 fn scheduling_key(node: &Value) -> String {
     let p = |ptr: &str| node.pointer(ptr).map(|v| v.to_string()).unwrap_or_default();
-    [
-        p("/metadata/labels"),
-        p("/spec"),
-        p("/status/phase"),
-        p("/status/allocatable"),
-        p("/status/info/runtimes"),
-    ]
-    .join("|")
+    [p("/metadata/labels"), p("/spec"), p("/status/phase"), p("/status/allocatable"), p("/status/info/runtimes")]
+        .join("|")
 }
 
 /// One full reconcile pass over every App.

@@ -555,8 +555,10 @@ impl Hub {
         let nodes: Vec<_> = nodes.iter().filter_map(|n| objects::decode::<NodeSpec>(n).ok()).collect();
         for g in groups {
             let Ok(group) = objects::decode::<NodeGroupSpec>(&g) else { continue };
-            let members: Vec<_> =
-                nodes.iter().filter(|n| yunbian_api::selector_matches(&group.spec.selector, &n.metadata.labels)).collect();
+            let members: Vec<_> = nodes
+                .iter()
+                .filter(|n| yunbian_api::selector_matches(&group.spec.selector, &n.metadata.labels))
+                .collect();
             let want = NodeGroupStatus {
                 nodes: members.len() as u32,
                 ready_nodes: members.iter().filter(|n| n.status.phase == NodePhase::Ready).count() as u32,

@@ -148,7 +148,12 @@ mod tests {
     fn spreads_and_respects_selector_and_fit() {
         let mut nodes =
             vec![node("a", "x", 1000, 1 << 30), node("b", "x", 1000, 1 << 30), node("c", "y", 1000, 1 << 30)];
-        let req = Request { cpu: 400, memory: 1 << 20, selector: [("site".into(), "x".into())].into(), runtime: "process".into() };
+        let req = Request {
+            cpu: 400,
+            memory: 1 << 20,
+            selector: [("site".into(), "x".into())].into(),
+            runtime: "process".into(),
+        };
         let picks: Vec<usize> = (0..4).map(|_| place(&req, &mut nodes).expect("fits")).collect();
         assert_eq!(picks, vec![0, 1, 0, 1]);
         // a and b have 800m used: a fifth 400m request fits nowhere.

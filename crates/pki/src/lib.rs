@@ -34,6 +34,19 @@ pub enum PkiError {
     Tls(#[from] rustls::Error),
 }
 
+/// Writes a credential file atomically: to a temporary name with `mode`,
+/// fsynced, then renamed over `path`, so a crash never leaves a
+/// half-written key or certificate.
+pub fn write_atomic(path: &std::path::Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 /// The crypto provider used everywhere (ring: small, no C toolchain needs beyond cc).
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())

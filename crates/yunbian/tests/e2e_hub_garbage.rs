@@ -103,7 +103,8 @@ fn read_response(tls: &mut Tls) -> String {
 /// `(status, body)` of a raw HTTP/1.1 response (body de-chunked if needed).
 fn parse_response(raw: &str, what: &str) -> (u16, String) {
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("{what}: no HTTP response: {raw:?}"));
-    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("{what}: {raw:?}"));
+    let status =
+        head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("{what}: {raw:?}"));
     let chunked = head.lines().any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
     if !chunked {
         return (status, body.to_string());
@@ -279,7 +280,16 @@ fn node_is_not_ready_before_its_first_heartbeat() {
     let dir = c.dir.join("ghost");
     let url = c.url.clone();
     let o = harness::yunbian(&[
-        "edge", "join", "--no-run", "--cloud", &url, "--token", &token, "--name", "ghost", "--data-dir",
+        "edge",
+        "join",
+        "--no-run",
+        "--cloud",
+        &url,
+        "--token",
+        &token,
+        "--name",
+        "ghost",
+        "--data-dir",
         &dir.to_string_lossy(),
     ]);
     o.ok();

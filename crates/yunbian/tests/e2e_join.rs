@@ -138,8 +138,17 @@ fn join_arguments_are_checked_locally() {
     let dir = c.edge("edge-1").dir.clone();
     let url = c.url.clone();
     let o = harness::yunbian(&[
-        "edge", "join", "--cloud", &url, "--token", &token, "--name", "edge-2", "--data-dir",
-        &dir.to_string_lossy(), "--no-run",
+        "edge",
+        "join",
+        "--cloud",
+        &url,
+        "--token",
+        &token,
+        "--name",
+        "edge-2",
+        "--data-dir",
+        &dir.to_string_lossy(),
+        "--no-run",
     ]);
     assert_refused(&o, "already holds a joined node");
     assert_nodes(&c, &["edge-1"]);
@@ -150,7 +159,15 @@ fn join_arguments_are_checked_locally() {
     };
     let nowhere = format!("https://127.0.0.1:{port}");
     let o = harness::yunbian(&[
-        "edge", "join", "--cloud", &nowhere, "--token", &token, "--name", "edge-3", "--data-dir",
+        "edge",
+        "join",
+        "--cloud",
+        &nowhere,
+        "--token",
+        &token,
+        "--name",
+        "edge-3",
+        "--data-dir",
         &c.dir.join("nowhere").to_string_lossy(),
     ]);
     assert_refused(&o, "cannot reach cloud at");

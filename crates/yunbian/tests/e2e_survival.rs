@@ -39,7 +39,8 @@ fn agent_restart_adopts_running_workload() {
     // the old instance before the new one runs has arrived by then.
     c.apply(&app.clone().replicas(2).yaml());
     let after = c.wait_running("keep", 2);
-    let same = after.iter().find(|i| s(i, "/metadata/name") == name).unwrap_or_else(|| panic!("{name} gone: {after:?}"));
+    let same =
+        after.iter().find(|i| s(i, "/metadata/name") == name).unwrap_or_else(|| panic!("{name} gone: {after:?}"));
     assert_eq!(u(same, "/status/pid"), Some(u64::from(pid)), "pid changed: {same}");
     assert_eq!(u(same, "/status/restartCount"), restarts, "restarted: {same}");
     assert_eq!(s(same, "/status/phase"), "Running", "{same}");
@@ -100,7 +101,8 @@ fn cloud_restart_on_same_port_keeps_everything() {
     c.apply(&app.clone().replicas(2).yaml());
     let after = c.wait_running("keep", 2);
     assert!(after.iter().all(|i| s(i, "/spec/node") == "edge-1"), "{after:?}");
-    let same = after.iter().find(|i| s(i, "/metadata/name") == name).unwrap_or_else(|| panic!("{name} gone: {after:?}"));
+    let same =
+        after.iter().find(|i| s(i, "/metadata/name") == name).unwrap_or_else(|| panic!("{name} gone: {after:?}"));
     assert_eq!(u(same, "/status/pid"), Some(u64::from(pid)), "{same}");
     assert!(pid_alive(pid));
 

@@ -444,10 +444,14 @@ impl Cluster {
         self.cloud_starts += 1;
         let log = self.dir.join(format!("cloud.{}.log", self.cloud_starts));
         let mut cmd = Command::new(BIN);
-        cmd.arg("cloud")
-            .arg("--data-dir")
-            .arg(&self.cloud_dir)
-            .args(["--listen", listen, "--heartbeat", &self.opts.heartbeat, "--grace", &self.opts.grace]);
+        cmd.arg("cloud").arg("--data-dir").arg(&self.cloud_dir).args([
+            "--listen",
+            listen,
+            "--heartbeat",
+            &self.opts.heartbeat,
+            "--grace",
+            &self.opts.grace,
+        ]);
         if let Some(ttl) = &self.opts.node_cert_ttl {
             cmd.args(["--node-cert-ttl", ttl]);
         }
@@ -864,7 +868,11 @@ impl Drop for Cluster {
         }
         self.kill_cloud();
         if failed {
-            let mut msg = format!("\n==== test failed; kept {}\n---- cloud log (tail)\n{}\n", self.dir.display(), tail(&self.cloud_log(), 40));
+            let mut msg = format!(
+                "\n==== test failed; kept {}\n---- cloud log (tail)\n{}\n",
+                self.dir.display(),
+                tail(&self.cloud_log(), 40)
+            );
             for name in self.edges.keys() {
                 msg.push_str(&format!("---- edge {name} log (tail)\n{}\n", tail(&self.edge_log(name), 25)));
             }
