@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use serde_json::Value;
 use yunbian_api::{AppInstance, AppInstanceSpec, AppSpec, InstancePhase, Kind, NodePhase, NodeSpec, Object};
-use yunbian_store::{Store, StoreError};
+use yunbian_api::KindOf;
+use yunbian_store::{Store, StoreError, StoredObject};
 
 use crate::metrics::Metrics;
 use crate::objects::{decode, stamp_new, update_status};
@@ -55,9 +56,10 @@ pub async fn run_app_controller(store: Arc<dyn Store>, metrics: Arc<Metrics>) {
             }
         });
     }
+    let mut cache = DecodeCache::default();
     loop {
         let t0 = Instant::now();
-        if let Err(e) = reconcile_apps(&store).await {
+        if let Err(e) = reconcile_apps(&store, &mut cache).await {
             tracing::warn!(error = %e, "app reconcile pass failed");
         }
         let took = t0.elapsed();
@@ -80,15 +82,61 @@ fn scheduling_key(node: &Value) -> String {
         .join("|")
 }
 
+/// Typed objects of one kind from the previous pass, reused while their
+/// revision is unchanged: at 10k nodes, decoding everything on every pass
+/// was the controller's main cost.
+struct Decoded<S: KindOf> {
+    map: HashMap<String, (u64, Typed<S>)>,
+}
+
+type Typed<S> = Arc<Object<S, <S as KindOf>::Status>>;
+
+impl<S: KindOf> Default for Decoded<S> {
+    fn default() -> Self {
+        Decoded { map: HashMap::new() }
+    }
+}
+
+impl<S: KindOf> Decoded<S> {
+    fn refresh(&mut self, objs: &[StoredObject]) -> Vec<Typed<S>> {
+        let mut next = HashMap::with_capacity(objs.len());
+        let mut out = Vec::with_capacity(objs.len());
+        for o in objs {
+            let d = match self.map.remove(&o.name) {
+                Some((rev, d)) if rev == o.revision => d,
+                _ => match decode::<S>(o) {
+                    Ok(d) => Arc::new(d),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "skipping undecodable object");
+                        continue;
+                    }
+                },
+            };
+            out.push(d.clone());
+            next.insert(o.name.clone(), (o.revision, d));
+        }
+        self.map = next;
+        out
+    }
+}
+
+/// The controller's decode caches.
+#[derive(Default)]
+pub struct DecodeCache {
+    apps: Decoded<AppSpec>,
+    insts: Decoded<AppInstanceSpec>,
+    nodes: Decoded<NodeSpec>,
+}
+
 /// One full reconcile pass over every App.
-pub async fn reconcile_apps(store: &Arc<dyn Store>) -> Result<(), StoreError> {
+pub async fn reconcile_apps(store: &Arc<dyn Store>, cache: &mut DecodeCache) -> Result<(), StoreError> {
     let (apps, _) = store.list(Kind::App).await?;
     let (insts, _) = store.list(Kind::AppInstance).await?;
     let (nodes, _) = store.list(Kind::Node).await?;
 
-    let apps: Vec<Object<AppSpec, _>> = apps.iter().filter_map(|o| decode::<AppSpec>(o).ok()).collect();
-    let insts: Vec<Instance> = insts.iter().filter_map(|o| decode::<AppInstanceSpec>(o).ok()).collect();
-    let nodes: Vec<Object<NodeSpec, _>> = nodes.iter().filter_map(|o| decode::<NodeSpec>(o).ok()).collect();
+    let apps = cache.apps.refresh(&apps);
+    let insts = cache.insts.refresh(&insts);
+    let nodes = cache.nodes.refresh(&nodes);
 
     let node_names: BTreeSet<String> = nodes.iter().map(|n| n.metadata.name.clone()).collect();
     let ready: BTreeSet<String> =

@@ -108,14 +108,25 @@ pub struct Hub {
     started: Instant,
 }
 
-fn desired_of(o: &StoredObject) -> Option<(String, u64, DesiredObject)> {
+/// Node and generation of an instance (cheap: no copy of the object).
+fn placement_of(o: &StoredObject) -> Option<(String, u64)> {
     let node = o.value.pointer("/spec/node")?.as_str()?.to_string();
     let generation = o.value.pointer("/metadata/generation").and_then(|g| g.as_u64()).unwrap_or(0);
+    Some((node, generation))
+}
+
+/// The object as the edge gets it: without status.
+fn desired_value(o: &StoredObject) -> DesiredObject {
     let mut value = (*o.value).clone();
     if let Some(m) = value.as_object_mut() {
         m.remove("status");
     }
-    Some((node, generation, DesiredObject { kind: o.kind, name: o.name.clone(), revision: o.revision, value }))
+    DesiredObject { kind: o.kind, name: o.name.clone(), revision: o.revision, value }
+}
+
+fn desired_of(o: &StoredObject) -> Option<(String, u64, DesiredObject)> {
+    let (node, generation) = placement_of(o)?;
+    Some((node, generation, desired_value(o)))
 }
 
 impl Hub {
@@ -240,10 +251,11 @@ impl Hub {
                     }
                 }
                 EventType::Added | EventType::Modified => {
-                    let Some((node, generation, obj)) = desired_of(o) else { return };
+                    let Some((node, generation)) = placement_of(o) else { return };
                     if prev.as_ref() == Some(&(node.clone(), generation)) {
                         return; // status-only change
                     }
+                    let obj = desired_value(o);
                     if let Some((old_node, _)) = prev.filter(|(n, _)| *n != node) {
                         let c = Change::Remove { kind: o.kind, name: o.name.clone() };
                         if inner.view_mut(&old_node).apply(rev, vec![c]).is_some() {
