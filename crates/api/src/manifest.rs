@@ -135,8 +135,14 @@ fn typed<T: DeserializeOwned>(v: serde_json::Value) -> Result<T, ManifestError> 
     })
 }
 
+/// Files saved by some editors start with a UTF-8 byte-order mark.
+fn strip_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
+}
+
 /// Parses one document (YAML or JSON) into a validated resource.
 pub fn parse_one(text: &str) -> Result<Resource, ManifestError> {
+    let text = strip_bom(text);
     let v: serde_json::Value = serde_yaml::from_str(text).map_err(|e| ManifestError::Syntax(e.to_string()))?;
     Resource::from_value(v)
 }
@@ -144,6 +150,7 @@ pub fn parse_one(text: &str) -> Result<Resource, ManifestError> {
 /// Parses a stream of `---`-separated YAML documents (or one JSON document,
 /// or a JSON `{"items": [...]}` list). Empty documents are skipped.
 pub fn parse_manifests(text: &str) -> Result<Vec<Resource>, ManifestError> {
+    let text = strip_bom(text);
     let mut out = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(text) {
         let v: serde_json::Value =

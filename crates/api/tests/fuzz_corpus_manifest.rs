@@ -120,6 +120,7 @@ fn random_and_mutated_manifests() {
         });
         accepted += usize::from(got.is_some_and(|n| n > 0));
     }
+    eprintln!("{} generated manifests: {accepted} accepted", iterations());
     // The mutations must keep some manifests valid, or this tests only the error paths.
     assert!(accepted > 0, "no generated manifest was accepted");
 }

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use serde_json::Value;
-use yunbian_api::{AppInstance, AppInstanceSpec, AppSpec, InstancePhase, Kind, NodePhase, NodeSpec, Object};
 use yunbian_api::KindOf;
+use yunbian_api::{AppInstance, AppInstanceSpec, AppSpec, InstancePhase, Kind, NodePhase, NodeSpec, Object};
 use yunbian_store::{Store, StoreError, StoredObject};
 
 use crate::metrics::Metrics;

@@ -109,6 +109,7 @@ fn random_and_mutated_frames() {
         ups += usize::from(got.up);
         downs += usize::from(got.down);
     }
+    eprintln!("{} generated frames: {ups} decoded as Up, {downs} as Down", iterations());
     // The mutations must keep some frames valid, or this tests only the error paths.
     assert!(ups > 0 && downs > 0, "no generated frame decoded ({ups} up, {downs} down)");
 }
