@@ -205,8 +205,12 @@ pub async fn reconcile_apps(store: &Arc<dyn Store>, cache: &mut DecodeCache) -> 
         let mut message = String::new();
         let mut placed = live.len();
         if live.len() < want {
+            let mut per_node: HashMap<&str, u32> = HashMap::new();
+            for i in &live {
+                *per_node.entry(i.spec.node.as_str()).or_default() += 1;
+            }
             for c in candidates.iter_mut() {
-                c.same_app = live.iter().filter(|i| i.spec.node == c.name).count() as u32;
+                c.same_app = per_node.get(c.name.as_str()).copied().unwrap_or(0);
             }
             let req = Request {
                 cpu: template.resources.requests.cpu_millis(),
