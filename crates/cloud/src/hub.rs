@@ -309,7 +309,8 @@ impl Hub {
         self.cfg.grace
     }
 
-    /// Updates the sync-queue-depth gauge: connected nodes not yet in sync.
+    /// Updates the connected-nodes and sync-queue-depth gauges. O(nodes):
+    /// called from the periodic node loop and on scrape, never per message.
     pub fn refresh_gauges(&self) {
         let inner = self.lock();
         let behind = inner
@@ -365,7 +366,6 @@ impl Hub {
             // keeps its last one and does not flap.
             live.last_status_write = None;
         }
-        self.refresh_gauges();
         tracing::info!(node = %node, "edge connected");
         let expiry = yunbian_api::time::format_rfc3339(cert_expiry);
         let _ = update_status::<NodeSpec>(&self.store, &node, |n| {
@@ -451,7 +451,6 @@ impl Hub {
         }
         // End this node's log streams.
         self.logs.lock().expect("log map lock").retain(|_, (n, _)| *n != node);
-        self.refresh_gauges();
     }
 
     async fn execute(&self, node: &str, actions: Vec<CloudAction>, ws: &mut WebSocket) -> Result<(), String> {
@@ -468,7 +467,6 @@ impl Hub {
                     if let Some(l) = self.lock().live.get_mut(node) {
                         l.synced = rev;
                     }
-                    self.refresh_gauges();
                 }
                 CloudAction::Close(reason) => return Err(reason),
             }
