@@ -20,8 +20,10 @@ use crate::metrics::Metrics;
 use crate::objects::{decode, stamp_new, update_status};
 use crate::scheduler::{self, Candidate, Request};
 
-/// Writes issued concurrently by one pass.
-const PARALLEL_WRITES: usize = 512;
+/// Writes issued concurrently by one pass. Each store commit costs an
+/// fsync (hundreds of ms on slow disks), so the whole set should fit in a
+/// few group commits: this matches the store's largest batch.
+const PARALLEL_WRITES: usize = 4096;
 
 /// Runs the App controller forever.
 pub async fn run_app_controller(store: Arc<dyn Store>, metrics: Arc<Metrics>) {
@@ -155,7 +157,8 @@ pub async fn reconcile_apps(store: &Arc<dyn Store>, cache: &mut DecodeCache) -> 
 
     // Capacity already booked per node (by instances that stay).
     let mut booked: HashMap<&str, (u64, u64)> = HashMap::new();
-    for i in insts.iter().filter(|i| !deletes.contains(&i.metadata.name)) {
+    let orphaned: std::collections::HashSet<&str> = deletes.iter().map(String::as_str).collect();
+    for i in insts.iter().filter(|i| !orphaned.contains(i.metadata.name.as_str())) {
         let b = booked.entry(i.spec.node.as_str()).or_default();
         b.0 += i.spec.template.resources.requests.cpu_millis();
         b.1 += i.spec.template.resources.requests.memory_bytes();
@@ -199,7 +202,8 @@ pub async fn reconcile_apps(store: &Arc<dyn Store>, cache: &mut DecodeCache) -> 
                 .map(|i| (i.metadata.name.clone(), i.spec.node.clone(), i.status.phase == InstancePhase::Running))
                 .collect();
             let victims = scheduler::pick_victims(&view, live.len() - want, &ready);
-            live.retain(|i| !victims.contains(&i.metadata.name));
+            let gone: std::collections::HashSet<&str> = victims.iter().map(String::as_str).collect();
+            live.retain(|i| !gone.contains(i.metadata.name.as_str()));
             deletes.extend(victims);
         }
         let mut message = String::new();
@@ -218,25 +222,21 @@ pub async fn reconcile_apps(store: &Arc<dyn Store>, cache: &mut DecodeCache) -> 
                 selector: app.spec.placement.node_selector.clone(),
                 runtime: template.runtime.as_str().to_string(),
             };
-            for _ in live.len()..want {
-                match scheduler::place(&req, &mut candidates) {
-                    Ok(idx) => {
-                        let spec = AppInstanceSpec {
-                            app: name.to_string(),
-                            node: candidates[idx].name.clone(),
-                            template: template.clone(),
-                            template_hash: hash.clone(),
-                        };
-                        let mut inst = Object::new(instance_name(name), spec);
-                        inst.metadata.labels.insert("app".into(), name.to_string());
-                        creates.push(inst.to_value());
-                        placed += 1;
-                    }
-                    Err(why) => {
-                        message = why.to_string();
-                        break;
-                    }
-                }
+            let (chosen, unplaced) = scheduler::place_many(&req, &mut candidates, want - live.len());
+            for idx in chosen {
+                let spec = AppInstanceSpec {
+                    app: name.to_string(),
+                    node: candidates[idx].name.clone(),
+                    template: template.clone(),
+                    template_hash: hash.clone(),
+                };
+                let mut inst = Object::new(instance_name(name), spec);
+                inst.metadata.labels.insert("app".into(), name.to_string());
+                creates.push(inst.to_value());
+                placed += 1;
+            }
+            if let Some(why) = unplaced {
+                message = why.to_string();
             }
         }
         let ready_count =

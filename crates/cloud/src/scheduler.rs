@@ -62,44 +62,83 @@ impl std::fmt::Display for Unschedulable {
     }
 }
 
-/// Places one instance: returns the index of the chosen node and books the
-/// request on it, so the next call sees it.
-pub fn place(req: &Request, nodes: &mut [Candidate]) -> Result<usize, Unschedulable> {
+/// Why a node can never take this request, whatever is placed meanwhile.
+fn static_misfit(req: &Request, n: &Candidate) -> Option<&'static str> {
+    if !n.schedulable {
+        Some("not ready or unschedulable")
+    } else if !yunbian_api::selector_matches(&req.selector, &n.labels) {
+        Some("node selector mismatch")
+    } else if !req.runtime.is_empty() && !n.runtimes.contains(&req.runtime) {
+        Some("runtime not offered")
+    } else {
+        None
+    }
+}
+
+/// Why a node cannot take the request now, given what is booked on it.
+fn resource_misfit(req: &Request, n: &Candidate) -> Option<&'static str> {
+    if n.cpu_used + req.cpu > n.cpu_allocatable {
+        Some("insufficient cpu")
+    } else if n.memory_used + req.memory > n.memory_allocatable {
+        Some("insufficient memory")
+    } else {
+        None
+    }
+}
+
+/// Score of a node for the request; lower is better: fewest instances of
+/// the same App (spread), then least requested share after placing
+/// (per mille, cpu + memory), then position (candidates come sorted by name).
+fn score(req: &Request, n: &Candidate, index: usize) -> (u32, u64, usize) {
+    let share = |used: u64, req: u64, alloc: u64| (used + req).saturating_mul(1000) / alloc.max(1);
+    let load = share(n.cpu_used, req.cpu, n.cpu_allocatable) + share(n.memory_used, req.memory, n.memory_allocatable);
+    (n.same_app, load, index)
+}
+
+/// Places `count` instances of one request and books each on its node, so
+/// later placements see it. Returns the chosen node indexes, and why the
+/// rest could not be placed when fewer than `count` fit.
+///
+/// Nodes are filtered once (readiness, selector, runtime), then kept in a
+/// min-heap by score: each placement is O(log nodes), not O(nodes). A node
+/// whose resources no longer fit is dropped for good (booking only grows).
+pub fn place_many(req: &Request, nodes: &mut [Candidate], count: usize) -> (Vec<usize>, Option<Unschedulable>) {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+
     let mut why = Unschedulable { nodes: nodes.len() as u32, ..Default::default() };
-    let mut best: Option<(usize, (u32, u64, &str))> = None;
+    let mut heap = BinaryHeap::new();
     for (i, n) in nodes.iter().enumerate() {
-        let reason = if !n.schedulable {
-            Some("not ready or unschedulable")
-        } else if !yunbian_api::selector_matches(&req.selector, &n.labels) {
-            Some("node selector mismatch")
-        } else if !req.runtime.is_empty() && !n.runtimes.contains(&req.runtime) {
-            Some("runtime not offered")
-        } else if n.cpu_used + req.cpu > n.cpu_allocatable {
-            Some("insufficient cpu")
-        } else if n.memory_used + req.memory > n.memory_allocatable {
-            Some("insufficient memory")
-        } else {
-            None
-        };
-        if let Some(r) = reason {
+        match static_misfit(req, n) {
+            Some(r) => *why.reasons.entry(r).or_default() += 1,
+            None => heap.push(Reverse(score(req, n, i))),
+        }
+    }
+    let mut chosen = Vec::with_capacity(count.min(nodes.len().max(1) * 64));
+    while chosen.len() < count {
+        let Some(Reverse((_, _, i))) = heap.pop() else { break };
+        let n = &mut nodes[i];
+        if let Some(r) = resource_misfit(req, n) {
             *why.reasons.entry(r).or_default() += 1;
             continue;
         }
-        // Per-mille share requested after placing, cpu and memory summed.
-        let share = |used: u64, req: u64, alloc: u64| (used + req).saturating_mul(1000) / alloc.max(1);
-        let load =
-            share(n.cpu_used, req.cpu, n.cpu_allocatable) + share(n.memory_used, req.memory, n.memory_allocatable);
-        let score = (n.same_app, load, n.name.as_str());
-        if best.as_ref().is_none_or(|(_, b)| score < *b) {
-            best = Some((i, score));
-        }
+        n.cpu_used += req.cpu;
+        n.memory_used += req.memory;
+        n.same_app += 1;
+        chosen.push(i);
+        heap.push(Reverse(score(req, n, i)));
     }
-    let (i, _) = best.ok_or(why)?;
-    let n = &mut nodes[i];
-    n.cpu_used += req.cpu;
-    n.memory_used += req.memory;
-    n.same_app += 1;
-    Ok(i)
+    let unplaced = (chosen.len() < count).then_some(why);
+    (chosen, unplaced)
+}
+
+/// Places one instance: returns the index of the chosen node and books the
+/// request on it, so the next call sees it.
+pub fn place(req: &Request, nodes: &mut [Candidate]) -> Result<usize, Unschedulable> {
+    match place_many(req, nodes, 1) {
+        (v, _) if !v.is_empty() => Ok(v[0]),
+        (_, why) => Err(why.unwrap_or_default()),
+    }
 }
 
 /// Chooses which of an App's instances to remove when scaling down: those
@@ -159,6 +198,43 @@ mod tests {
         // a and b have 800m used: a fifth 400m request fits nowhere.
         let err = place(&req, &mut nodes).expect_err("full");
         assert_eq!(err.to_string(), "0/3 nodes available: 2 insufficient cpu, 1 node selector mismatch");
+    }
+
+    #[test]
+    fn place_many_matches_one_by_one() {
+        let mk = || -> Vec<Candidate> {
+            (0..50)
+                .map(|i| {
+                    let mut n = node(&format!("n{i:03}"), if i % 3 == 0 { "y" } else { "x" }, 1000 + i * 10, 1 << 30);
+                    n.cpu_used = (i * 37) % 500;
+                    n
+                })
+                .collect()
+        };
+        let req = Request {
+            cpu: 100,
+            memory: 1 << 20,
+            selector: [("site".into(), "x".into())].into(),
+            runtime: "process".into(),
+        };
+        let (mut a, mut b) = (mk(), mk());
+        let (many, why) = place_many(&req, &mut a, 400);
+        let mut single = Vec::new();
+        while let Ok(i) = place(&req, &mut b) {
+            single.push(i);
+        }
+        assert_eq!(many, single[..many.len()].to_vec());
+        assert_eq!(many.len(), single.len());
+        assert!(why.is_some(), "400 do not fit");
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn runtime_must_be_offered() {
+        let mut nodes = vec![node("a", "x", 1000, 1 << 30)];
+        let req = Request { runtime: "fake".into(), ..Default::default() };
+        let err = place(&req, &mut nodes).expect_err("no fake runtime");
+        assert_eq!(err.to_string(), "0/1 nodes available: 1 runtime not offered");
     }
 
     #[test]
