@@ -15,6 +15,60 @@ use yunbian_api::Kind;
 pub enum BenchCommand {
     /// Apply an App and time every instance to Running.
     Apply(ApplyBench),
+    /// Placements per second of the scheduler alone (no I/O).
+    Scheduler(SchedulerBench),
+}
+
+/// Arguments of `bench scheduler`.
+#[derive(Debug, Args)]
+pub struct SchedulerBench {
+    /// Candidate nodes.
+    #[arg(long, default_value_t = 10_000)]
+    nodes: usize,
+    /// Instances to place (one App).
+    #[arg(long, default_value_t = 10_000)]
+    placements: usize,
+    /// Repetitions (the best one is reported).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+}
+
+fn scheduler(a: SchedulerBench) {
+    use yunbian_cloud::scheduler::{place_many, Candidate, Request};
+    let nodes: Vec<Candidate> = (0..a.nodes)
+        .map(|i| Candidate {
+            name: format!("node-{i:06}"),
+            labels: [("site".to_string(), format!("s{}", i % 10)), ("sim".to_string(), "true".to_string())].into(),
+            schedulable: i % 50 != 0,
+            cpu_allocatable: 4000,
+            memory_allocatable: 8 << 30,
+            cpu_used: (i as u64 * 37) % 2000,
+            memory_used: ((i as u64 * 7919) % 4096) << 20,
+            same_app: 0,
+            runtimes: vec!["process".into()],
+        })
+        .collect();
+    let req = Request {
+        cpu: 100,
+        memory: 64 << 20,
+        selector: [("sim".to_string(), "true".to_string())].into(),
+        runtime: "process".into(),
+    };
+    let mut best = Duration::MAX;
+    let mut placed = 0;
+    for _ in 0..a.rounds.max(1) {
+        let mut c = nodes.clone();
+        let t = Instant::now();
+        let (chosen, _) = place_many(&req, &mut c, a.placements);
+        best = best.min(t.elapsed());
+        placed = chosen.len();
+    }
+    println!(
+        "scheduler: {placed} placements over {} nodes in {:.1} ms: {:.0} placements/s",
+        a.nodes,
+        best.as_secs_f64() * 1000.0,
+        placed as f64 / best.as_secs_f64()
+    );
 }
 
 /// Arguments of `bench apply`.
@@ -47,9 +101,15 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// Runs a bench command.
 pub async fn run(config: Option<std::path::PathBuf>, cmd: BenchCommand) -> Result<()> {
-    let client = yunbian_cli::Client::new(yunbian_cli::ClientConfig::load(config.as_deref())?)?;
     match cmd {
-        BenchCommand::Apply(a) => apply(&client, a).await,
+        BenchCommand::Scheduler(a) => {
+            scheduler(a);
+            Ok(())
+        }
+        BenchCommand::Apply(a) => {
+            let client = yunbian_cli::Client::new(yunbian_cli::ClientConfig::load(config.as_deref())?)?;
+            apply(&client, a).await
+        }
     }
 }
 
