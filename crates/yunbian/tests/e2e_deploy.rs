@@ -100,6 +100,22 @@ fn cli_errors() {
     assert_ne!(o.code, 0, "{o:?}");
     assert!(o.stderr.contains("app nosuch not found"), "{o:?}");
 
+    // Optimistic concurrency: an update based on a stale resourceVersion is
+    // refused with 409 and changes nothing.
+    let zero = App::new("occ").replicas(0).yaml();
+    c.apply(&zero);
+    let rv = c.app("occ").and_then(|a| a.pointer("/metadata/resourceVersion").and_then(|v| v.as_u64())).expect("rv");
+    c.apply(&App::new("occ").replicas(0).shell("exit 0").yaml()); // moves the object past `rv`
+    let mut stale: serde_json::Value = serde_yaml::from_str(&zero).expect("yaml");
+    stale["metadata"]["resourceVersion"] = serde_json::json!(rv);
+    stale["spec"]["replicas"] = serde_json::json!(0);
+    stale["metadata"]["labels"] = serde_json::json!({"stale": "yes"});
+    let o = c.try_apply(&serde_json::to_string(&stale).expect("json"));
+    assert_ne!(o.code, 0, "{o:?}");
+    assert!(o.stderr.contains("was modified"), "{o:?}");
+    let labels = c.app("occ").and_then(|a| a.pointer("/metadata/labels/stale").cloned());
+    assert!(labels.is_none(), "a stale write was applied");
+
     // A config pointing at a port nothing listens on.
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
