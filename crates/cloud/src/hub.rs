@@ -509,7 +509,7 @@ impl Hub {
             let l = inner.live.entry(node.to_string()).or_default();
             l.synced = synced;
             l.last_heartbeat = Some(Instant::now());
-            let changed = l.info != info || l.limits != limits;
+            let changed = l.info != info || l.limits != limits || l.usage.instances != usage.instances;
             l.info = info;
             l.usage = usage;
             l.limits = limits;

@@ -1,6 +1,6 @@
 //! `yunbian demo`: a cloud and three edge agents on this machine, each with
 //! its own data directory, real sockets and mTLS, two sites, and a sample
-//! app. Runs until Ctrl-C, then removes the sample app's workloads.
+//! app. Runs until Ctrl-C, then deletes every app deployed in it.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -119,7 +119,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
     let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "yunbian".into());
     println!(
-        "\nThe cluster is up. In another terminal:\n\n    export YUNBIAN_CONFIG={}\n    {exe} get nodes -o wide\n    {exe} get instances\n    {exe} logs app/hello --follow\n    {exe} apply -f <your-app.yaml>\n\nPress Ctrl-C to stop (the sample app's workloads are removed first).",
+        "\nThe cluster is up. In another terminal:\n\n    export YUNBIAN_CONFIG={}\n    {exe} get nodes -o wide\n    {exe} get instances\n    {exe} logs app/hello --follow\n    {exe} apply -f <your-app.yaml>\n\nPress Ctrl-C to stop (the demo's apps are deleted first, so no workload outlives it).",
         cloud.admin_config.display()
     );
     if args.exit_when_ready {
@@ -130,8 +130,14 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 }
 
 async fn cleanup(client: &yunbian_cli::Client) -> Result<()> {
-    say("deleting the sample app and waiting for its workloads to stop");
-    let _ = client.delete_object(Kind::App, "hello").await;
+    // The demo is a sandbox: everything deployed in it stops with it, so no
+    // workload outlives the agents that supervise it.
+    say("deleting the demo's apps and waiting for their workloads to stop");
+    for app in client.list(Kind::App).await.unwrap_or_default() {
+        if let Some(name) = app.pointer("/metadata/name").and_then(Value::as_str) {
+            let _ = client.delete_object(Kind::App, name).await;
+        }
+    }
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(20) {
         if client.list(Kind::AppInstance).await.map(|l| l.is_empty()).unwrap_or(true) {
