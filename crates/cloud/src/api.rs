@@ -560,6 +560,11 @@ async fn hub(State(s): St, Extension(peer): Extension<Peer>, ws: WebSocketUpgrad
     let node = require_node(&peer).inspect_err(|_| {
         s.metrics.hub_rejected.fetch_add(1, Ordering::Relaxed);
     })?;
+    if !s.hub.is_ready() {
+        // Edges retry with back-off; serving before the views are built
+        // would hand them an empty desired state.
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "cloud is starting; retry"));
+    }
     if s.store.get(Kind::Node, &node).await.is_err() {
         s.metrics.hub_rejected.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(node = %node, "hub: certificate of a removed node");

@@ -106,6 +106,9 @@ pub struct Hub {
     logs: Mutex<HashMap<u64, (String, mpsc::Sender<String>)>>,
     next_id: AtomicU64,
     started: Instant,
+    /// Set once the views were built from the store; connections before
+    /// that would be served an empty view.
+    views_ready: std::sync::atomic::AtomicBool,
 }
 
 /// Node and generation of an instance (cheap: no copy of the object).
@@ -140,6 +143,7 @@ impl Hub {
             logs: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             started: Instant::now(),
+            views_ready: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -166,6 +170,7 @@ impl Hub {
             };
             self.resync(items, rev, first);
             first = false;
+            self.views_ready.store(true, Ordering::Release);
             let mut watch = match self.store.watch(Some(Kind::AppInstance), rev).await {
                 Ok(w) => w,
                 Err(e) => {
@@ -278,6 +283,11 @@ impl Hub {
         if let Some(l) = self.lock().links.get(node) {
             l.notify.notify_one();
         }
+    }
+
+    /// Whether the views are built and edges may be served.
+    pub fn is_ready(&self) -> bool {
+        self.views_ready.load(Ordering::Acquire)
     }
 
     /// Whether `node` has a live connection.
@@ -401,14 +411,14 @@ impl Hub {
                             continue;
                         }
                         Up::LogData { stream, data } => {
-                            if !self.log_data(stream, data).await {
+                            if !self.log_data(&node, stream, data) {
                                 vec![CloudAction::Send(Down::LogCancel { stream })]
                             } else {
                                 continue;
                             }
                         }
                         Up::LogEnd { stream, error } => {
-                            self.log_end(stream, error).await;
+                            self.log_end(&node, stream, error);
                             continue;
                         }
                         up => {
@@ -541,25 +551,29 @@ impl Hub {
         }
     }
 
-    async fn log_data(&self, stream: u64, data: String) -> bool {
-        let tx = self.logs.lock().expect("log map lock").get(&stream).map(|(_, tx)| tx.clone());
-        match tx {
-            Some(tx) => {
-                if tx.send(data).await.is_ok() {
-                    true
-                } else {
-                    self.logs.lock().expect("log map lock").remove(&stream);
-                    false
-                }
-            }
-            None => false,
+    /// Forwards log data of `node`'s stream; false when the stream is gone
+    /// or its reader cannot keep up (the stream is then cancelled: the
+    /// connection loop never waits for a log reader).
+    fn log_data(&self, node: &str, stream: u64, data: String) -> bool {
+        let mut logs = self.logs.lock().expect("log map lock");
+        let Some((owner, tx)) = logs.get(&stream) else { return false };
+        if owner != node {
+            tracing::warn!(node, stream, "log data for another node's stream ignored");
+            return true;
         }
+        if tx.try_send(data).is_ok() {
+            return true;
+        }
+        logs.remove(&stream);
+        false
     }
 
-    async fn log_end(&self, stream: u64, error: Option<String>) {
-        let tx = self.logs.lock().expect("log map lock").remove(&stream);
-        if let (Some((_, tx)), Some(e)) = (tx, error) {
-            let _ = tx.send(format!("error: {e}\n")).await;
+    fn log_end(&self, node: &str, stream: u64, error: Option<String>) {
+        let mut logs = self.logs.lock().expect("log map lock");
+        if logs.get(&stream).is_some_and(|(owner, _)| owner == node) {
+            if let (Some((_, tx)), Some(e)) = (logs.remove(&stream), error) {
+                let _ = tx.try_send(format!("error: {e}\n"));
+            }
         }
     }
 
@@ -631,10 +645,11 @@ impl Hub {
                 let is_ready = ready.get(&n.name).copied().unwrap_or(false);
                 let (want, reason) = if is_ready {
                     (NodePhase::Ready, "")
-                } else if phase == NodePhase::Ready || self.uptime() >= self.cfg.grace {
+                } else if self.uptime() >= self.cfg.grace {
                     (NodePhase::NotReady, "no heartbeat within the grace period")
                 } else {
-                    continue; // just started: give the node one grace period to reconnect
+                    // Just started: every node gets one grace period to reconnect.
+                    continue;
                 };
                 if phase != want {
                     tracing::info!(node = %n.name, phase = ?want, "node phase changed");

@@ -75,6 +75,14 @@ pub async fn apply(
             }
             Err(e) => return Err(e),
             Ok(cur) => {
+                if let Some(rv) = expected.filter(|rv| *rv != cur.revision) {
+                    return Err(StoreError::Conflict {
+                        kind,
+                        name: name.to_string(),
+                        expected: rv,
+                        current: cur.revision,
+                    });
+                }
                 let mut next = (*cur.value).clone();
                 let spec_changed = next.get("spec") != incoming.get("spec");
                 let meta_changed = ["labels", "annotations"]

@@ -256,7 +256,6 @@ pub async fn run_agent(
             Event::Tick => {
                 if let Some(tx) = &out {
                     if last_heartbeat.is_none_or(|t| t.elapsed() >= cfg.heartbeat) {
-                        last_heartbeat = Some(Instant::now());
                         let limits = runtime.limits_support();
                         let usage = if cfg.real_node_info {
                             node_info::node_usage(&cfg.data_dir, &mut cpu, info.cpus, desired.len() as u32)
@@ -269,7 +268,9 @@ pub async fn run_agent(
                             limits_enforced: limits.enforced,
                             limits_note: limits.note,
                         };
-                        let _ = tx.try_send(encode(&hb));
+                        if tx.try_send(encode(&hb)).is_ok() {
+                            last_heartbeat = Some(Instant::now());
+                        }
                     }
                 }
                 // Certificate rotation.
@@ -411,6 +412,14 @@ fn spawn_log(
         };
         let mut failed = false;
         while let Some(chunk) = rx.recv().await {
+            // Logs never take the last slots of the connection's queue:
+            // heartbeats, acks and reports must always fit.
+            while out.capacity() < LOG_RESERVE {
+                if out.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             let data = String::from_utf8_lossy(&chunk).into_owned();
             if out.send(encode(&Up::LogData { stream, data })).await.is_err() {
                 failed = true;
@@ -428,6 +437,16 @@ fn spawn_log(
         let _ = ev_tx.send(Event::LogDone(stream)).await;
     })
 }
+
+/// Queue slots of a connection that log streaming leaves free.
+const LOG_RESERVE: usize = 1024;
+
+/// A connection that brought nothing (not even a pong) for this long is
+/// considered dead (a NAT mapping dropped, a cloud host gone without RST).
+const DEAD_AFTER: Duration = Duration::from_secs(30);
+
+/// How often the agent pings the cloud.
+const PING_EVERY: Duration = Duration::from_secs(5);
 
 /// Converges the runtime towards the desired instances, level-triggered:
 /// on every change of the view and every 10 s.
@@ -468,18 +487,29 @@ async fn run_connection(identity: Arc<RwLock<Identity>>, ev_tx: mpsc::Sender<Eve
                     return;
                 }
                 let (mut sink, mut stream) = ws.split();
+                let mut ping = tokio::time::interval(PING_EVERY);
+                let mut last_rx = Instant::now();
                 let reason = loop {
                     tokio::select! {
                         m = stream.next() => match m {
                             Some(Ok(Message::Binary(b))) => {
+                                last_rx = Instant::now();
                                 if ev_tx.send(Event::Frame(b.to_vec())).await.is_err() {
                                     return;
                                 }
                             }
                             Some(Ok(Message::Close(_))) | None => break "closed by cloud".to_string(),
-                            Some(Ok(_)) => {}
+                            Some(Ok(_)) => last_rx = Instant::now(),
                             Some(Err(e)) => break format!("read: {e}"),
                         },
+                        _ = ping.tick() => {
+                            if last_rx.elapsed() > DEAD_AFTER {
+                                break format!("nothing from the cloud for {}s", DEAD_AFTER.as_secs());
+                            }
+                            if let Err(e) = sink.send(Message::Ping(Vec::new().into())).await {
+                                break format!("write: {e}");
+                            }
+                        }
                         f = rx.recv() => match f {
                             Some(bytes) => {
                                 if let Err(e) = sink.send(Message::Binary(bytes.into())).await {

@@ -57,9 +57,26 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     yunbian_pki::write_atomic(path, contents, mode).with_context(|| format!("write {}", path.display()))
 }
 
+/// Completes or discards a certificate rotation interrupted by a crash:
+/// with `node.crt.new` present the new pair is complete and replaces the
+/// old one; a lone `node.key.new` is an unfinished rotation and is dropped.
+fn finish_rotation(dir: &Path) -> Result<()> {
+    let (key_new, crt_new) = (dir.join("node.key.new"), dir.join("node.crt.new"));
+    if crt_new.exists() {
+        if key_new.exists() {
+            std::fs::rename(&key_new, dir.join("node.key")).context("install the renewed key")?;
+        }
+        std::fs::rename(&crt_new, dir.join("node.crt")).context("install the renewed certificate")?;
+    } else if key_new.exists() {
+        std::fs::remove_file(&key_new).context("drop an unfinished key rotation")?;
+    }
+    Ok(())
+}
+
 impl Identity {
     /// Loads the identity written by [`join`].
     pub fn load(dir: &Path) -> Result<Identity> {
+        finish_rotation(dir)?;
         let read = |f: &str| {
             std::fs::read_to_string(dir.join(f)).with_context(|| {
                 format!("read {} (has this node joined? run `yunbian edge join` first)", dir.join(f).display())
@@ -118,12 +135,12 @@ impl Identity {
             certificate: String,
         }
         let r: Renewed = serde_json::from_slice(&resp).context("renew response")?;
-        // The previous pair is kept as `.prev` for the operator, should the
-        // machine die between the two renames below.
-        std::fs::copy(self.dir.join("node.key"), self.dir.join("node.key.prev")).ok();
-        std::fs::copy(self.dir.join("node.crt"), self.dir.join("node.crt.prev")).ok();
-        write_atomic(&self.dir.join("node.key"), key.pem().as_bytes(), 0o600)?;
-        write_atomic(&self.dir.join("node.crt"), r.certificate.as_bytes(), 0o644)?;
+        // Both new files are written in full before either replaces the
+        // old pair; `node.crt.new` existing marks a complete pair, which
+        // `load` rolls forward after a crash between the two renames.
+        write_atomic(&self.dir.join("node.key.new"), key.pem().as_bytes(), 0o600)?;
+        write_atomic(&self.dir.join("node.crt.new"), r.certificate.as_bytes(), 0o644)?;
+        finish_rotation(&self.dir)?;
         self.key = key.pem();
         self.cert = r.certificate;
         self.received_at = unix_now();
@@ -278,4 +295,55 @@ pub async fn enroll(
         key: key.pem(),
         received_at: unix_now(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("yb-identity-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("temp dir");
+        d
+    }
+
+    fn read(d: &Path, f: &str) -> String {
+        std::fs::read_to_string(d.join(f)).unwrap_or_default()
+    }
+
+    #[test]
+    fn interrupted_rotation_rolls_forward_when_the_pair_is_complete() {
+        let d = dir("forward");
+        for (f, v) in [("node.key", "old-key"), ("node.crt", "old-crt"), ("node.crt.new", "new-crt")] {
+            std::fs::write(d.join(f), v).expect("write");
+        }
+        // The key was already renamed into place when the machine died.
+        std::fs::write(d.join("node.key"), "new-key").expect("write");
+        finish_rotation(&d).expect("finish");
+        assert_eq!((read(&d, "node.key"), read(&d, "node.crt")), ("new-key".into(), "new-crt".into()));
+        assert!(!d.join("node.crt.new").exists());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn unfinished_rotation_keeps_the_old_pair() {
+        let d = dir("discard");
+        for (f, v) in [("node.key", "old-key"), ("node.crt", "old-crt"), ("node.key.new", "new-key")] {
+            std::fs::write(d.join(f), v).expect("write");
+        }
+        finish_rotation(&d).expect("finish");
+        assert_eq!((read(&d, "node.key"), read(&d, "node.crt")), ("old-key".into(), "old-crt".into()));
+        assert!(!d.join("node.key.new").exists());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn tokens_are_parsed_strictly() {
+        let fp = "a".repeat(64);
+        assert!(format!("YB1.{fp}.abc123.secret").parse::<JoinToken>().is_ok());
+        for bad in ["", "YB1", "YB2.x.y.z", &format!("YB1.{fp}..s"), &format!("YB1.{}.id.s", "g".repeat(64))] {
+            assert!(bad.parse::<JoinToken>().is_err(), "{bad:?}");
+        }
+    }
 }

@@ -123,7 +123,7 @@ impl CloudSession {
                 // Within one connection the edge's outbox start and applied
                 // revision only grow: a duplicated, late Hello must not move
                 // them back (that would wait forever for trimmed reports).
-                let first_acked = outbox_first.checked_sub(1);
+                let first_acked = outbox_first.min(u64::MAX - 1).checked_sub(1);
                 self.report_acked = self.report_acked.max(first_acked);
                 if applied > view.revision() {
                     // The cloud's history went backwards; make the edge reset.
@@ -147,7 +147,7 @@ impl CloudSession {
             }
             Up::Reports { items } => {
                 let mut accepted = Vec::new();
-                let mut expected = self.report_acked.map_or(0, |a| a + 1);
+                let mut expected = self.report_acked.map_or(0, |a| a.saturating_add(1));
                 for (seq, report) in items {
                     if seq < expected {
                         continue;
@@ -156,7 +156,7 @@ impl CloudSession {
                         break;
                     }
                     accepted.push((seq, report));
-                    expected += 1;
+                    expected = expected.saturating_add(1);
                 }
                 if let Some(&(last, _)) = accepted.last() {
                     self.report_acked = Some(last);

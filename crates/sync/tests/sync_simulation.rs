@@ -448,3 +448,14 @@ fn edge_ahead_of_cloud_gets_a_reset_snapshot() {
     assert!(acts.iter().any(|a| matches!(a, EdgeAction::ApplySnapshot { revision: 3, .. })));
     assert_eq!(edge.applied(), 3);
 }
+
+#[test]
+fn hostile_sequence_numbers_do_not_overflow() {
+    let view = NodeView::new(0, 10);
+    let mut s = CloudSession::new(SessionConfig::default());
+    let _ = s.on_up(Up::Hello { version: 1, applied: 0, outbox_first: u64::MAX }, &view, 0);
+    let report = Report::InstanceStatus { instance: "x".into(), status: AppInstanceStatus::default() };
+    let items = vec![(u64::MAX - 1, report.clone()), (u64::MAX, report)];
+    let acts = s.on_up(Up::Reports { items }, &view, 0);
+    assert!(acts.iter().all(|a| !matches!(a, CloudAction::Close(_))));
+}
