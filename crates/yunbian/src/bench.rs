@@ -128,6 +128,7 @@ async fn apply(client: &yunbian_cli::Client, a: ApplyBench) -> Result<()> {
     }
     let rv = client.list_with(Kind::AppInstance, &opts).await?.resource_version;
     let mut watch = client.watch(Kind::AppInstance, &opts, Some(rv)).await?;
+    let (mut last_rv, mut resumed) = (rv, 0u32);
     let mut spec = json!({ "replicas": a.replicas, "runtime": a.runtime, "placement": { "nodeSelector": a.selector } });
     if a.runtime == "process" {
         spec["process"] = json!({ "command": ["/bin/sh", "-c", "exec sleep 3600"] });
@@ -141,9 +142,20 @@ async fn apply(client: &yunbian_cli::Client, a: ApplyBench) -> Result<()> {
         let left = a.timeout.checked_sub(t0.elapsed()).context("timed out")?;
         let ev = match tokio::time::timeout(left, watch.next_event()).await {
             Ok(Some(ev)) => ev?,
-            Ok(None) => bail!("watch ended after {} of {} instances were Running", running.len(), a.replicas),
+            Ok(None) => {
+                // The cloud ends a watch that falls behind; resume from the
+                // last revision seen, as any client does.
+                watch = client.watch(Kind::AppInstance, &opts, Some(last_rv)).await.with_context(|| {
+                    format!("resume the watch after {} of {} instances were Running", running.len(), a.replicas)
+                })?;
+                resumed += 1;
+                continue;
+            }
             Err(_) => bail!("timed out: {} of {} instances Running", running.len(), a.replicas),
         };
+        if let Some(rv) = ev.object.pointer("/metadata/resourceVersion").and_then(Value::as_u64) {
+            last_rv = last_rv.max(rv);
+        }
         let name = ev.object.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_string();
         created.entry(name.clone()).or_insert_with(|| t0.elapsed());
         if ev.object.pointer("/status/phase").and_then(Value::as_str) == Some("Running") {
@@ -170,6 +182,9 @@ async fn apply(client: &yunbian_cli::Client, a: ApplyBench) -> Result<()> {
             ms(percentile(v, 0.99)),
             ms(percentile(v, 1.0)),
         );
+    }
+    if resumed > 0 {
+        println!("(the watch fell behind and was resumed {resumed} time(s))");
     }
     if !a.keep {
         client.delete_object(Kind::App, NAME).await?;
