@@ -192,6 +192,11 @@ pub struct NodeStatus {
     /// RFC 3339 expiry of the node's current certificate.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub certificate_expiry: String,
+    /// SHA-256 of the node's current certificate. Only that certificate
+    /// may connect or renew: a name deleted and joined again does not
+    /// accept the old machine's certificate.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub certificate_fingerprint: String,
     /// Remote address of the node's current connection.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub address: String,

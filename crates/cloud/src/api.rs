@@ -38,6 +38,8 @@ pub struct Peer {
     pub node: Option<String>,
     /// Expiry of that certificate (Unix seconds).
     pub cert_expiry: u64,
+    /// SHA-256 of that certificate.
+    pub cert_fingerprint: String,
     /// Remote socket address.
     pub address: String,
 }
@@ -502,6 +504,7 @@ async fn join(
     let cert =
         s.ca.sign_node_csr(&req.csr, &req.name, s.node_cert_ttl)
             .map_err(|e| reject(StatusCode::BAD_REQUEST, format!("certificate request: {e}")))?;
+    node.status.certificate_fingerprint = cert_fingerprint(&cert)?;
     let mut v = node.to_value();
     objects::stamp_new(&mut v);
     match s.store.create(Kind::Node, &req.name, v).await {
@@ -532,6 +535,28 @@ struct RenewRequest {
     csr: String,
 }
 
+fn cert_fingerprint(pem: &str) -> ApiResult<String> {
+    let der = yunbian_pki::pem_to_der(pem).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(yunbian_pki::fingerprint(der.as_ref()))
+}
+
+/// The node exists and `peer` presents the certificate pinned on it.
+async fn check_pinned(s: &ApiState, node: &str, peer: &Peer) -> ApiResult<()> {
+    let o = s
+        .store
+        .get(Kind::Node, node)
+        .await
+        .map_err(|_| ApiError::new(StatusCode::FORBIDDEN, format!("node {node} was removed; join again")))?;
+    let pinned = o.value.pointer("/status/certificateFingerprint").and_then(|v| v.as_str()).unwrap_or_default();
+    if !yunbian_pki::secure_eq(pinned, &peer.cert_fingerprint) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("this certificate is no longer valid for node {node} (renewed, or the node joined again)"),
+        ));
+    }
+    Ok(())
+}
+
 fn require_node(peer: &Peer) -> ApiResult<String> {
     peer.node.clone().ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "a node client certificate is required"))
 }
@@ -542,15 +567,20 @@ async fn renew(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let node = require_node(&peer)?;
-    s.store
-        .get(Kind::Node, &node)
-        .await
-        .map_err(|_| ApiError::new(StatusCode::FORBIDDEN, format!("node {node} was removed")))?;
+    check_pinned(&s, &node, &peer).await?;
     let req: RenewRequest = serde_json::from_slice(&body?)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("renew request: {e}")))?;
     let cert =
         s.ca.sign_node_csr(&req.csr, &node, s.node_cert_ttl)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("certificate request: {e}")))?;
+    // Pin the new certificate before handing it out; the old one keeps
+    // working on the connection it is on, and for nothing else.
+    let fp = cert_fingerprint(&cert)?;
+    objects::update_status::<NodeSpec>(&s.store, &node, |n| {
+        n.status.certificate_fingerprint = fp.clone();
+        true
+    })
+    .await?;
     tracing::info!(node = %node, "node certificate renewed");
     Ok(Json(json!({ "certificate": cert })).into_response())
 }
@@ -565,10 +595,10 @@ async fn hub(State(s): St, Extension(peer): Extension<Peer>, ws: WebSocketUpgrad
         // would hand them an empty desired state.
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "cloud is starting; retry"));
     }
-    if s.store.get(Kind::Node, &node).await.is_err() {
+    if let Err(e) = check_pinned(&s, &node, &peer).await {
         s.metrics.hub_rejected.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(node = %node, "hub: certificate of a removed node");
-        return Err(ApiError::new(StatusCode::FORBIDDEN, format!("node {node} was removed; join again")));
+        tracing::warn!(node = %node, from = %peer.address, error = %e.message, "hub: connection refused");
+        return Err(e);
     }
     let hub = s.hub.clone();
     // tungstenite's default 128 KiB read and write buffers per connection

@@ -519,7 +519,10 @@ impl Hub {
             let l = inner.live.entry(node.to_string()).or_default();
             l.synced = synced;
             l.last_heartbeat = Some(Instant::now());
-            let changed = l.info != info || l.limits != limits || l.usage.instances != usage.instances;
+            // Usage (instance count included) is refreshed every
+            // `status_interval`: writing it on every change would double
+            // the store writes of a fleet-wide rollout.
+            let changed = l.info != info || l.limits != limits;
             l.info = info;
             l.usage = usage;
             l.limits = limits;

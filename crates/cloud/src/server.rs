@@ -65,6 +65,7 @@ async fn serve_conn(
         let (cn, expiry) = yunbian_pki::cert_identity(cert.as_ref()).map_err(|e| e.to_string())?;
         peer.node = Some(cn);
         peer.cert_expiry = expiry;
+        peer.cert_fingerprint = yunbian_pki::fingerprint(cert.as_ref());
     }
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(peer.clone());

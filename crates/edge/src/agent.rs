@@ -443,10 +443,10 @@ const LOG_RESERVE: usize = 1024;
 
 /// A connection that brought nothing (not even a pong) for this long is
 /// considered dead (a NAT mapping dropped, a cloud host gone without RST).
-const DEAD_AFTER: Duration = Duration::from_secs(30);
+const DEAD_AFTER: Duration = Duration::from_secs(45);
 
 /// How often the agent pings the cloud.
-const PING_EVERY: Duration = Duration::from_secs(5);
+const PING_EVERY: Duration = Duration::from_secs(15);
 
 /// Converges the runtime towards the desired instances, level-triggered:
 /// on every change of the view and every 10 s.

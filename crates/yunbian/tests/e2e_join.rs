@@ -175,3 +175,56 @@ fn join_arguments_are_checked_locally() {
     // None of these reached the cloud as a join attempt.
     assert!(!c.cloud_log().contains("join rejected"), "{}", c.cloud_log());
 }
+
+/// Kills a process when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A node deleted by the admin and joined again by another machine under
+/// the same name: the old machine's certificate (still valid, same CN) no
+/// longer gets in; the new machine does.
+#[test]
+fn old_certificate_is_refused_after_the_name_joins_again() {
+    let mut c = Cluster::start("join-rejoin");
+    c.join("edge-1");
+    let old_fp = s(&c.node("edge-1").expect("node"), "/status/certificateFingerprint").to_string();
+    assert_eq!(old_fp.len(), 64, "the join pinned the certificate");
+
+    let o = c.cli(&["delete", "node", "edge-1"]);
+    assert_eq!(o.code, 0, "{o:?}");
+    // The old agent keeps running and retrying with its old certificate.
+    let token = c.token("1h");
+    let dir = c.dir.join("second-machine");
+    let log = std::fs::File::create(c.dir.join("second-machine.log")).expect("log");
+    let child = std::process::Command::new(harness::BIN)
+        .args(["edge", "join", "--cloud", &c.url, "--token", &token, "--name", "edge-1", "--data-dir"])
+        .arg(&dir)
+        .args(harness::EDGE_RUN_ARGS)
+        .env("YUNBIAN_LOG", "info")
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn second machine");
+    let _second = KillOnDrop(child);
+    let node = c.wait_node_ready("edge-1");
+    let new_fp = s(&node, "/status/certificateFingerprint").to_string();
+    assert_ne!(new_fp, old_fp);
+    eventually(WAIT, "the old certificate refused by the hub", || {
+        let log = c.cloud_log();
+        if log.contains("no longer valid for node edge-1") {
+            Ok(())
+        } else {
+            Err("no refusal logged yet".into())
+        }
+    });
+    // The name still belongs to the second machine.
+    let node = c.node("edge-1").expect("node");
+    assert_eq!(s(&node, "/status/certificateFingerprint"), new_fp);
+    assert_eq!(s(&node, "/status/phase"), "Ready");
+}
