@@ -536,7 +536,8 @@ struct RenewRequest {
 }
 
 fn cert_fingerprint(pem: &str) -> ApiResult<String> {
-    let der = yunbian_pki::pem_to_der(pem).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let der =
+        yunbian_pki::pem_to_der(pem).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(yunbian_pki::fingerprint(der.as_ref()))
 }
 
