@@ -622,26 +622,44 @@ struct LogQuery {
 }
 
 fn log_response(rxs: Vec<(Option<String>, tokio::sync::mpsc::Receiver<String>)>) -> Response {
+    /// A prefixed line longer than this is cut, so a workload writing no
+    /// newlines cannot grow the buffer without bound.
+    const MAX_LINE: usize = 64 * 1024;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
     for (prefix, mut r) in rxs {
         let tx = tx.clone();
         tokio::spawn(async move {
             let mut partial = String::new();
-            while let Some(chunk) = r.recv().await {
-                let out = match &prefix {
-                    None => chunk,
-                    Some(p) => {
-                        partial.push_str(&chunk);
+            loop {
+                let chunk = tokio::select! {
+                    c = r.recv() => c,
+                    // The client went away: stop now, even if the instance
+                    // is quiet; dropping `r` lets the hub cancel the stream.
+                    _ = tx.closed() => return,
+                };
+                let out = match (&prefix, chunk) {
+                    (None, Some(chunk)) => chunk,
+                    (None, None) => return,
+                    (Some(p), chunk) => {
+                        let end = chunk.is_none();
+                        partial.push_str(chunk.as_deref().unwrap_or_default());
                         let mut out = String::new();
                         while let Some(i) = partial.find('\n') {
                             let line: String = partial.drain(..=i).collect();
                             out.push_str(&format!("[{p}] {line}"));
                         }
+                        if (end && !partial.is_empty()) || partial.len() > MAX_LINE {
+                            out.push_str(&format!("[{p}] {}\n", std::mem::take(&mut partial)));
+                        }
+                        if end {
+                            let _ = tx.send(Bytes::from(out)).await;
+                            return;
+                        }
                         out
                     }
                 };
                 if !out.is_empty() && tx.send(Bytes::from(out)).await.is_err() {
-                    return; // client went away; dropping `r` cancels the stream
+                    return;
                 }
             }
         });

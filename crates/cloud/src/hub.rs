@@ -580,6 +580,23 @@ impl Hub {
         }
     }
 
+    /// Drops log streams whose reader is gone and tells their nodes to stop
+    /// (a quiet `logs -f` whose client left would otherwise linger).
+    fn reap_log_streams(&self) {
+        let gone: Vec<(u64, String)> = {
+            let mut logs = self.logs.lock().expect("log map lock");
+            let gone = logs.iter().filter(|(_, (_, tx))| tx.is_closed()).map(|(id, (n, _))| (*id, n.clone())).collect();
+            logs.retain(|_, (_, tx)| !tx.is_closed());
+            gone
+        };
+        let inner = self.lock();
+        for (stream, node) in gone {
+            if let Some(l) = inner.links.get(&node) {
+                let _ = l.control.try_send(Down::LogCancel { stream });
+            }
+        }
+    }
+
     /// Recomputes every NodeGroup's membership counts.
     async fn update_node_groups(&self, nodes: &[StoredObject]) {
         let Ok((groups, _)) = self.store.list(Kind::NodeGroup).await else { return };
@@ -615,6 +632,7 @@ impl Hub {
             tick.tick().await;
             let t0 = Instant::now();
             self.refresh_gauges();
+            self.reap_log_streams();
             let ready = self.ready_nodes();
             let nodes = match self.store.list(Kind::Node).await {
                 Ok((n, rev)) => {

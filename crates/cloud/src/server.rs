@@ -25,9 +25,15 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed to send a request's headers (slow-loris protection).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Connections served at once; beyond this new ones are closed at once
+/// (above the 100k-node target, below typical descriptor limits of a
+/// tuned host).
+const MAX_CONNECTIONS: usize = 150_000;
+
 /// Serves `app` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: Router) {
     let acceptor = TlsAcceptor::from(tls);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (tcp, addr) = match listener.accept().await {
             Ok(c) => c,
@@ -38,10 +44,15 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: R
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %addr, limit = MAX_CONNECTIONS, "too many connections; closing a new one");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = serve_conn(acceptor, tcp, addr, app).await {
                 tracing::debug!(peer = %addr, error = %e, "connection ended");
             }
