@@ -163,3 +163,62 @@ fn node_that_does_not_return_after_a_cloud_restart_is_not_ready() {
     c.start_edge("edge-1");
     c.wait_node_ready("edge-1");
 }
+
+/// Live processes whose environment says they are `instance`.
+fn processes_of(instance: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| pid_alive(*pid) && harness::proc_env(*pid, "INSTANCE_NAME").as_deref() == Some(instance))
+        .collect()
+}
+
+/// An edge host reboot while the cloud is unreachable: the agent and every
+/// workload die; the agent comes back with no route to the cloud and starts
+/// every workload again from its local store.
+#[test]
+fn reboot_while_cloud_is_down_restarts_workloads_from_the_local_store() {
+    let mut c = Cluster::start("survive-reboot");
+    c.join("edge-1");
+    let app = App::new("keep").shell(SLEEPER);
+    c.apply(&app.replicas(2).yaml());
+    let before = c.wait_running("keep", 2);
+    let names: Vec<String> = before.iter().map(|i| s(i, "/metadata/name").to_string()).collect();
+    let old_pids: Vec<u32> = before.iter().filter_map(|i| u(i, "/status/pid")).map(|p| p as u32).collect();
+
+    c.kill_cloud();
+    c.kill_edge("edge-1");
+    for pid in &old_pids {
+        let _ = std::process::Command::new("kill").args(["-9", "--", &format!("-{pid}")]).status();
+    }
+    eventually(WAIT, "the workloads to die with the host", || {
+        let alive: Vec<u32> = old_pids.iter().copied().filter(|p| pid_alive(*p)).collect();
+        if alive.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("still alive: {alive:?}"))
+        }
+    });
+
+    c.start_edge("edge-1"); // the cloud is still down
+    for name in &names {
+        eventually(WAIT, &format!("{name} running again without the cloud"), || {
+            let pids = processes_of(name);
+            match pids.iter().find(|p| !old_pids.contains(p)) {
+                Some(_) => Ok(()),
+                None => Err(format!("no new process for {name} (found {pids:?})")),
+            }
+        });
+    }
+    c.assert_edge_running("edge-1");
+
+    // Back online: the node reports in, nothing is recreated.
+    c.restart_cloud();
+    c.wait_node_ready("edge-1");
+    let after = c.wait_running("keep", 2);
+    let mut after_names: Vec<String> = after.iter().map(|i| s(i, "/metadata/name").to_string()).collect();
+    after_names.sort();
+    let mut expected = names.clone();
+    expected.sort();
+    assert_eq!(after_names, expected, "instances were recreated instead of kept");
+    c.delete_app("keep");
+}
