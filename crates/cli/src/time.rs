@@ -75,10 +75,10 @@ pub fn age_since(timestamp: &str, now: i64) -> String {
     }
 }
 
-/// Parses a command-line duration into seconds: one or more
-/// `<number><unit>` with units `s`, `m`, `h`, `d` (`90s`, `24h`, `1h30m`),
-/// or `0` meaning "never".
-pub fn parse_duration(s: &str) -> Result<u64, String> {
+/// Parses a command-line duration into milliseconds: one or more
+/// `<number><unit>` with units `ms`, `s`, `m`, `h`, `d` (`500ms`, `90s`,
+/// `24h`, `1h30m`), or `0`. The one duration syntax of every `yunbian` flag.
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
     let s = s.trim();
     if s == "0" {
         return Ok(0);
@@ -89,16 +89,21 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
     }
     let mut total: u64 = 0;
     let mut digits = String::new();
-    for c in s.chars() {
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
         if c.is_ascii_digit() {
             digits.push(c);
             continue;
         }
         let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
+            'm' if chars.peek() == Some(&'s') => {
+                chars.next();
+                1
+            }
+            's' => 1_000,
+            'm' => 60_000,
+            'h' => 3_600_000,
+            'd' => 86_400_000,
             _ => return Err(bad()),
         };
         let n: u64 = digits.parse().map_err(|_| bad())?;
@@ -109,6 +114,16 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
         return Err(bad());
     }
     Ok(total)
+}
+
+/// Parses a command-line duration into whole seconds (`0` means "never"
+/// where a flag says so).
+pub fn parse_duration(s: &str) -> Result<u64, String> {
+    let ms = parse_duration_ms(s)?;
+    if ms % 1000 != 0 {
+        return Err(format!("invalid duration {:?}: use whole seconds", s.trim()));
+    }
+    Ok(ms / 1000)
 }
 
 #[cfg(test)]

@@ -111,24 +111,9 @@ struct JoinArgs {
     run: EdgeRunArgs,
 }
 
-/// `30s`, `15m`, `24h`, `7d`, `500ms`.
+/// `30s`, `15m`, `24h`, `7d`, `500ms`, `1h30m` (the CLI's duration syntax).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, mult_ms) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 1)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1000)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60_000)
-    } else if let Some(n) = s.strip_suffix('h') {
-        (n, 3_600_000)
-    } else if let Some(n) = s.strip_suffix('d') {
-        (n, 86_400_000)
-    } else {
-        return Err(format!("{s:?}: expected a duration like 30s, 15m, 24h, 7d"));
-    };
-    let n: u64 = num.parse().map_err(|_| format!("{s:?}: expected a duration like 30s, 15m, 24h, 7d"))?;
-    Ok(Duration::from_millis(n * mult_ms))
+    yunbian_cli::time::parse_duration_ms(s).map(Duration::from_millis)
 }
 
 /// `k=v,k2=v2`.
