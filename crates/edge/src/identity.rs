@@ -123,29 +123,43 @@ impl Identity {
     pub async fn renew(&mut self) -> Result<()> {
         let key = NodeKey::generate()?;
         let csr = key.csr(&self.config.name)?;
-        let body = serde_json::to_vec(&serde_json::json!({ "csr": csr }))?;
-        let (status, resp) = http::request(&self.config.cloud, self.tls()?, "POST", "/v1/renew", Some(body))
-            .await
-            .map_err(|e| anyhow!(e))?;
-        if status != 200 {
-            bail!("renew certificate: {}", http::error_message(status, &resp));
-        }
-        #[derive(Deserialize)]
-        struct Renewed {
-            certificate: String,
-        }
-        let r: Renewed = serde_json::from_slice(&resp).context("renew response")?;
+        let body = serde_json::json!({ "csr": csr });
+        let certificate =
+            request_certificate(&self.config.cloud, self.tls()?, "/v1/renew", &body, "renew certificate").await?;
         // Both new files are written in full before either replaces the
         // old pair; `node.crt.new` existing marks a complete pair, which
         // `load` rolls forward after a crash between the two renames.
         write_atomic(&self.dir.join("node.key.new"), key.pem().as_bytes(), 0o600)?;
-        write_atomic(&self.dir.join("node.crt.new"), r.certificate.as_bytes(), 0o644)?;
+        write_atomic(&self.dir.join("node.crt.new"), certificate.as_bytes(), 0o644)?;
         finish_rotation(&self.dir)?;
         self.key = key.pem();
-        self.cert = r.certificate;
+        self.cert = certificate;
         self.received_at = unix_now();
         Ok(())
     }
+}
+
+/// POSTs `body` to a certificate-issuing endpoint (`/v1/join`,
+/// `/v1/renew`) and returns the certificate PEM; a refusal becomes
+/// `"{what}: <the cloud's message>"`.
+async fn request_certificate(
+    cloud: &str,
+    tls: Arc<rustls::ClientConfig>,
+    path: &str,
+    body: &serde_json::Value,
+    what: &str,
+) -> Result<String> {
+    let (status, resp) =
+        http::request(cloud, tls, "POST", path, Some(serde_json::to_vec(body)?)).await.map_err(|e| anyhow!(e))?;
+    if status != 200 {
+        bail!("{what}: {}", http::error_message(status, &resp));
+    }
+    #[derive(Deserialize)]
+    struct Issued {
+        certificate: String,
+    }
+    let issued: Issued = serde_json::from_slice(&resp).with_context(|| format!("response of {path}"))?;
+    Ok(issued.certificate)
 }
 
 /// Accepts any server certificate: used only to fetch `/v1/ca`, whose
@@ -273,28 +287,12 @@ pub async fn enroll(
     // 2. Key and CSR, then join over a connection that trusts only that CA.
     let key = NodeKey::generate()?;
     let csr = key.csr(name)?;
-    let body =
-        serde_json::to_vec(&serde_json::json!({ "token": token.raw, "name": name, "csr": csr, "labels": labels }))?;
+    let body = serde_json::json!({ "token": token.raw, "name": name, "csr": csr, "labels": labels });
     let tls = yunbian_pki::client_config(&ca, None)?;
-    let (status, resp) = http::request(cloud, tls, "POST", "/v1/join", Some(body)).await.map_err(|e| anyhow!(e))?;
-    if status != 200 {
-        bail!("join refused: {}", http::error_message(status, &resp));
-    }
-    #[derive(Deserialize)]
-    struct Joined {
-        certificate: String,
-    }
-    let joined: Joined = serde_json::from_slice(&resp).context("join response")?;
+    let certificate = request_certificate(cloud, tls, "/v1/join", &body, "join refused").await?;
 
     let config = NodeConfig { cloud: cloud.to_string(), name: name.to_string() };
-    Ok(Identity {
-        dir: dir.to_path_buf(),
-        config,
-        ca,
-        cert: joined.certificate,
-        key: key.pem(),
-        received_at: unix_now(),
-    })
+    Ok(Identity { dir: dir.to_path_buf(), config, ca, cert: certificate, key: key.pem(), received_at: unix_now() })
 }
 
 #[cfg(test)]
