@@ -193,10 +193,15 @@ impl CertAuthority {
     }
 }
 
+/// How far `notBefore` is back-dated on every issued certificate.
+pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(86_400);
+
 fn set_validity(p: &mut CertificateParams, valid_for: Duration) {
     let now = SystemTime::now();
-    // Back-date a little for clock skew between cloud and edge.
-    p.not_before = (now - Duration::from_secs(300)).into();
+    // Back-dated by a day: an edge whose clock is hours behind the cloud's
+    // must still accept a certificate issued a minute ago. Rotation is timed
+    // from when the node received its certificate, not from `notBefore`.
+    p.not_before = (now - CLOCK_SKEW_ALLOWANCE).into();
     p.not_after = (now + valid_for).into();
 }
 

@@ -41,11 +41,13 @@ pub struct SessionConfig {
     pub retransmit_ms: u64,
     /// Most reports per `Reports` message.
     pub max_batch: usize,
+    /// Most reports the edge keeps unacknowledged (see [`EdgeSession::report`]).
+    pub max_outbox: usize,
 }
 
 impl Default for SessionConfig {
     fn default() -> Self {
-        SessionConfig { retransmit_ms: 2_000, max_batch: 256 }
+        SessionConfig { retransmit_ms: 2_000, max_batch: 256, max_outbox: 10_000 }
     }
 }
 
@@ -247,6 +249,7 @@ pub struct EdgeSession {
     heard: bool,
     last_hello: u64,
     last_report_send: u64,
+    dropped: u64,
 }
 
 impl EdgeSession {
@@ -264,7 +267,14 @@ impl EdgeSession {
             heard: false,
             last_hello: 0,
             last_report_send: 0,
+            dropped: 0,
         }
+    }
+
+    /// Reports dropped because the outbox was full and a newer report of
+    /// the same instance superseded them.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
     }
 
     /// Applied desired-view revision.
@@ -348,11 +358,43 @@ impl EdgeSession {
     }
 
     /// Queues a report: persist, then send when connected.
+    ///
+    /// The outbox is bounded by `max_outbox`. When full, its oldest entry
+    /// goes: dropped if a later report of the same instance supersedes it
+    /// (a status is a level, only the newest matters), otherwise moved to
+    /// the back under a new sequence number. So the newest status of every
+    /// instance survives any outage, reports of one instance stay in order,
+    /// and sequence numbers stay contiguous from the front (the cloud
+    /// accepts reports only in sequence). A connected session announces the
+    /// new front with a fresh `Hello`.
     pub fn report(&mut self, report: Report, now: u64) -> Vec<EdgeAction> {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.outbox.insert(seq, report.clone());
-        let mut out = vec![EdgeAction::PersistReport { seq, report: report.clone() }];
+        let mut out = self.append(report.clone());
+        let seq = self.next_seq - 1;
+        let mut trimmed = None;
+        // Each pass either drops an entry or rotates one that no later entry
+        // supersedes; after `len` passes without a drop every entry is the
+        // only one of its instance and nothing more can be saved.
+        let mut budget = self.outbox.len();
+        while self.outbox.len() > self.cfg.max_outbox.max(1) && budget > 0 {
+            budget -= 1;
+            let Some((first, oldest)) = self.outbox.pop_first() else { break };
+            trimmed = Some(first);
+            let Report::InstanceStatus { instance, .. } = &oldest;
+            let superseded =
+                self.outbox.values().any(|r| matches!(r, Report::InstanceStatus { instance: i, .. } if i == instance));
+            if superseded {
+                self.dropped += 1;
+            } else {
+                out.extend(self.append(oldest));
+            }
+        }
+        if let Some(upto) = trimmed {
+            out.push(EdgeAction::TrimOutbox { upto });
+            if self.connected {
+                out.extend(self.hello(now));
+            }
+            return out;
+        }
         if self.connected {
             if self.outbox.len() == 1 {
                 self.last_report_send = now;
@@ -362,6 +404,13 @@ impl EdgeSession {
             }
         }
         out
+    }
+
+    fn append(&mut self, report: Report) -> Vec<EdgeAction> {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.outbox.insert(seq, report.clone());
+        vec![EdgeAction::PersistReport { seq, report }]
     }
 
     /// Timer: resend unacknowledged reports.

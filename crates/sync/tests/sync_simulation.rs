@@ -142,7 +142,7 @@ fn obj(name: &str, value: serde_json::Value, revision: u64) -> DesiredObject {
 
 impl World {
     fn new(seed: u64) -> Self {
-        let cfg = SessionConfig { retransmit_ms: 200, max_batch: 8 };
+        let cfg = SessionConfig { retransmit_ms: 200, max_batch: 8, max_outbox: 10_000 };
         let cloud = CloudDisk::default();
         let view = rebuild_view(&cloud);
         World {
