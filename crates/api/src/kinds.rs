@@ -189,6 +189,10 @@ pub struct NodeStatus {
     /// RFC 3339 time of the last heartbeat the cloud saw.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub last_heartbeat: String,
+    /// Why the node is short of disk space (the DiskPressure condition);
+    /// empty when it is not.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub disk_pressure: String,
     /// RFC 3339 expiry of the node's current certificate.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub certificate_expiry: String,

@@ -54,3 +54,12 @@ pub struct ApiErrorBody {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub details: Vec<String>,
 }
+
+/// What an operator runs to re-enroll `node` when its certificate can no
+/// longer be renewed. The agent logs it and the cloud shows it in the node's
+/// status, so both say the same thing.
+pub fn rejoin_hint(node: &str, cloud: &str) -> String {
+    format!(
+        "create a token with `yunbian token create`, then on the node run `yunbian edge join --cloud {cloud} --name {node} --token <TOKEN> --force`"
+    )
+}

@@ -498,13 +498,33 @@ async fn join(
     if let Some(e) = Resource::Node(node.clone()).errors().first() {
         return Err(reject(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()));
     }
-    if s.store.get(Kind::Node, &req.name).await.is_ok() {
-        return Err(reject(StatusCode::CONFLICT, format!("node name {} is already taken", req.name)));
+    if let Ok(existing) = s.store.get(Kind::Node, &req.name).await {
+        // A node whose certificate expired may join again under its name
+        // (with a fresh token): that is how a site offline for longer than
+        // the renewal grace comes back, keeping its objects and workloads.
+        let expiry = existing.value.pointer("/status/certificateExpiry").and_then(|e| e.as_str()).unwrap_or_default();
+        let expired = yunbian_api::time::parse_rfc3339(expiry).is_some_and(|t| t <= unix_now());
+        if !expired {
+            return Err(reject(StatusCode::CONFLICT, format!("node name {} is already taken", req.name)));
+        }
+        let cert =
+            s.ca.sign_node_csr(&req.csr, &req.name, s.node_cert_ttl)
+                .map_err(|e| reject(StatusCode::BAD_REQUEST, format!("certificate request: {e}")))?;
+        let (fp, exp) = cert_pin(&cert)?;
+        objects::update_status::<NodeSpec>(&s.store, &req.name, |n| {
+            n.status.certificate_fingerprint = fp.clone();
+            n.status.certificate_expiry = exp.clone();
+            true
+        })
+        .await?;
+        count_join(&s.store, &token_id).await;
+        tracing::info!(node = %req.name, token = %token_id, from = %peer.address, "node with an expired certificate joined again");
+        return Ok(Json(json!({ "certificate": cert, "ca": s.ca.cert_pem() })).into_response());
     }
     let cert =
         s.ca.sign_node_csr(&req.csr, &req.name, s.node_cert_ttl)
             .map_err(|e| reject(StatusCode::BAD_REQUEST, format!("certificate request: {e}")))?;
-    node.status.certificate_fingerprint = cert_fingerprint(&cert)?;
+    (node.status.certificate_fingerprint, node.status.certificate_expiry) = cert_pin(&cert)?;
     let mut v = node.to_value();
     objects::stamp_new(&mut v);
     match s.store.create(Kind::Node, &req.name, v).await {
@@ -535,10 +555,12 @@ struct RenewRequest {
     csr: String,
 }
 
-fn cert_fingerprint(pem: &str) -> ApiResult<String> {
-    let der =
-        yunbian_pki::pem_to_der(pem).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok(yunbian_pki::fingerprint(der.as_ref()))
+/// The fingerprint to pin and the expiry (RFC 3339) of an issued certificate.
+fn cert_pin(pem: &str) -> ApiResult<(String, String)> {
+    let internal = |e: yunbian_pki::PkiError| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    let der = yunbian_pki::pem_to_der(pem).map_err(internal)?;
+    let (_, not_after) = yunbian_pki::cert_validity(der.as_ref()).map_err(internal)?;
+    Ok((yunbian_pki::fingerprint(der.as_ref()), yunbian_api::time::format_rfc3339(not_after)))
 }
 
 /// The node exists and `peer` presents the certificate pinned on it.
@@ -576,9 +598,10 @@ async fn renew(
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("certificate request: {e}")))?;
     // Pin the new certificate before handing it out; the old one keeps
     // working on the connection it is on, and for nothing else.
-    let fp = cert_fingerprint(&cert)?;
+    let (fp, exp) = cert_pin(&cert)?;
     objects::update_status::<NodeSpec>(&s.store, &node, |n| {
         n.status.certificate_fingerprint = fp.clone();
+        n.status.certificate_expiry = exp.clone();
         true
     })
     .await?;
@@ -595,6 +618,18 @@ async fn hub(State(s): St, Extension(peer): Extension<Peer>, ws: WebSocketUpgrad
         // Edges retry with back-off; serving before the views are built
         // would hand them an empty desired state.
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "cloud is starting; retry"));
+    }
+    if peer.cert_expiry <= unix_now() {
+        // The handshake lets a recently expired certificate through for
+        // renewal only.
+        s.metrics.hub_rejected.fetch_add(1, Ordering::Relaxed);
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "node certificate expired at {}; renew it (POST /v1/renew)",
+                yunbian_api::time::format_rfc3339(peer.cert_expiry)
+            ),
+        ));
     }
     if let Err(e) = check_pinned(&s, &node, &peer).await {
         s.metrics.hub_rejected.fetch_add(1, Ordering::Relaxed);

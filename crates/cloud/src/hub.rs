@@ -31,7 +31,7 @@ use crate::objects::{self, now_rfc3339, update_status};
 const VIEW_LOG: usize = 1024;
 
 /// Hub tunables.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct HubConfig {
     /// Protocol timers.
     pub session: SessionConfig,
@@ -42,6 +42,10 @@ pub struct HubConfig {
     /// How often unchanged node status (usage) is written to the store;
     /// changes of phase, info or limits are written at once.
     pub status_interval: Duration,
+    /// How long after expiry a node certificate can still be renewed.
+    pub cert_grace: Duration,
+    /// This cloud's URL(s), for the re-join hint of nodes past the grace.
+    pub url: String,
 }
 
 impl Default for HubConfig {
@@ -51,6 +55,8 @@ impl Default for HubConfig {
             heartbeat: Duration::from_secs(5),
             grace: Duration::from_secs(20),
             status_interval: Duration::from_secs(60),
+            cert_grace: Duration::from_secs(30 * 86_400),
+            url: String::new(),
         }
     }
 }
@@ -69,6 +75,7 @@ struct Live {
     usage: NodeUsage,
     limits: (bool, String),
     address: String,
+    disk_pressure: String,
     synced: u64,
 }
 
@@ -406,8 +413,8 @@ impl Hub {
                     };
                     last_heard = Instant::now();
                     match up {
-                        Up::Heartbeat { info, usage, limits_enforced, limits_note } => {
-                            self.heartbeat(&node, info, usage, (limits_enforced, limits_note)).await;
+                        Up::Heartbeat { info, usage, limits_enforced, limits_note, disk_pressure } => {
+                            self.heartbeat(&node, info, usage, (limits_enforced, limits_note), disk_pressure).await;
                             continue;
                         }
                         Up::LogData { stream, data } => {
@@ -512,7 +519,14 @@ impl Hub {
         Ok(())
     }
 
-    async fn heartbeat(&self, node: &str, info: NodeInfo, usage: NodeUsage, limits: (bool, String)) {
+    async fn heartbeat(
+        &self,
+        node: &str,
+        info: NodeInfo,
+        usage: NodeUsage,
+        limits: (bool, String),
+        disk_pressure: String,
+    ) {
         let write = {
             let mut inner = self.lock();
             let synced = inner.live.get(node).map_or(0, |l| l.synced);
@@ -522,17 +536,27 @@ impl Hub {
             // Usage (instance count included) is refreshed every
             // `status_interval`: writing it on every change would double
             // the store writes of a fleet-wide rollout.
-            let changed = l.info != info || l.limits != limits;
+            let changed = l.info != info || l.limits != limits || l.disk_pressure != disk_pressure;
+            if l.disk_pressure != disk_pressure {
+                if disk_pressure.is_empty() {
+                    tracing::info!(node, "disk pressure cleared");
+                } else {
+                    tracing::warn!(node, reason = %disk_pressure, "node under disk pressure");
+                }
+            }
             l.info = info;
             l.usage = usage;
             l.limits = limits;
+            l.disk_pressure = disk_pressure;
             let due = l.last_status_write.is_none_or(|t| t.elapsed() >= self.cfg.status_interval);
             if changed || due {
                 l.last_status_write = Some(Instant::now());
             }
-            (changed || due).then(|| (l.info.clone(), l.usage.clone(), l.limits.clone(), l.address.clone(), l.synced))
+            (changed || due).then(|| {
+                (l.info.clone(), l.usage.clone(), l.limits.clone(), l.address.clone(), l.synced, l.disk_pressure.clone())
+            })
         };
-        if let Some((info, usage, limits, address, synced)) = write {
+        if let Some((info, usage, limits, address, synced, disk_pressure)) = write {
             let r = update_status::<NodeSpec>(&self.store, node, |n| {
                 n.status.phase = NodePhase::Ready;
                 n.status.reason = String::new();
@@ -544,6 +568,7 @@ impl Hub {
                 n.status.limits_note = limits.1.clone();
                 n.status.address = address.clone();
                 n.status.synced_revision = synced;
+                n.status.disk_pressure = disk_pressure.clone();
                 n.status.last_heartbeat = now_rfc3339();
                 true
             })
@@ -624,6 +649,24 @@ impl Hub {
         }
     }
 
+    /// Why a node without heartbeat is NotReady; an expired certificate
+    /// says whether the node can still renew it and, if not, what to run.
+    fn not_ready_reason(&self, n: &StoredObject) -> String {
+        let now = crate::objects::unix_now();
+        let expiry = n.value.pointer("/status/certificateExpiry").and_then(|e| e.as_str()).unwrap_or_default();
+        match yunbian_api::time::parse_rfc3339(expiry) {
+            Some(t) if t <= now && now < t.saturating_add(self.cfg.cert_grace.as_secs()) => format!(
+                "no heartbeat within the grace period; certificate expired at {expiry}, the node renews it when it reconnects"
+            ),
+            Some(t) if t <= now => format!(
+                "certificate expired at {expiry}, longer ago than the renewal grace ({}d): {}",
+                self.cfg.cert_grace.as_secs() / 86_400,
+                yunbian_api::rejoin_hint(&n.name, &self.cfg.url)
+            ),
+            _ => "no heartbeat within the grace period".to_string(),
+        }
+    }
+
     /// Runs the node lifecycle controller: Ready while heartbeating,
     /// NotReady after the grace period. Idempotent; writes only changes.
     pub async fn run_node_lifecycle(self: Arc<Self>) {
@@ -665,18 +708,21 @@ impl Hub {
                 };
                 let is_ready = ready.get(&n.name).copied().unwrap_or(false);
                 let (want, reason) = if is_ready {
-                    (NodePhase::Ready, "")
+                    (NodePhase::Ready, String::new())
                 } else if self.uptime() >= self.cfg.grace {
-                    (NodePhase::NotReady, "no heartbeat within the grace period")
+                    (NodePhase::NotReady, self.not_ready_reason(&n))
                 } else {
                     // Just started: every node gets one grace period to reconnect.
                     continue;
                 };
-                if phase != want {
-                    tracing::info!(node = %n.name, phase = ?want, "node phase changed");
+                let have_reason = n.value.pointer("/status/reason").and_then(|r| r.as_str()).unwrap_or_default();
+                if phase != want || have_reason != reason {
+                    if phase != want {
+                        tracing::info!(node = %n.name, phase = ?want, %reason, "node phase changed");
+                    }
                     let _ = update_status::<NodeSpec>(&self.store, &n.name, |o| {
                         o.status.phase = want;
-                        o.status.reason = reason.to_string();
+                        o.status.reason = reason.clone();
                         true
                     })
                     .await;

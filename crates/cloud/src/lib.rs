@@ -42,6 +42,9 @@ pub struct CloudOptions {
     pub hub: HubConfig,
     /// Lifetime of node certificates.
     pub node_cert_ttl: Duration,
+    /// How long after expiry a node certificate can still be renewed (a
+    /// node offline while its certificate ran out recovers by itself).
+    pub node_cert_grace: Duration,
 }
 
 impl CloudOptions {
@@ -53,6 +56,7 @@ impl CloudOptions {
             advertise: None,
             hub: HubConfig::default(),
             node_cert_ttl: Duration::from_secs(30 * 86_400),
+            node_cert_grace: Duration::from_secs(30 * 86_400),
         }
     }
 }
@@ -117,8 +121,14 @@ pub async fn start(opts: CloudOptions) -> Result<CloudHandle> {
         .context("open the state store")?;
 
     let metrics = Arc::new(metrics::Metrics::default());
-    let hub = hub::Hub::new(store.clone(), metrics.clone(), opts.hub);
-    let tls = yunbian_pki::server_config(&creds.server_cert, &creds.server_key, creds.ca.cert_pem())
+    let hub_cfg = HubConfig { cert_grace: opts.node_cert_grace, url: url.clone(), ..opts.hub };
+    let hub = hub::Hub::new(store.clone(), metrics.clone(), hub_cfg);
+    let tls = yunbian_pki::server_config(
+        &creds.server_cert,
+        &creds.server_key,
+        creds.ca.cert_pem(),
+        opts.node_cert_grace,
+    )
         .context("server TLS configuration")?;
     let state = Arc::new(api::ApiState {
         store: store.clone(),

@@ -29,7 +29,7 @@ use yunbian_runtime::{LogOptions, Runtime, StatusUpdate};
 use yunbian_sync::wire::{decode_down, encode, MAX_FRAME};
 use yunbian_sync::{DesiredObject, Down, EdgeAction, EdgeSession, Report, SessionConfig, Up};
 
-use crate::identity::Identity;
+use crate::identity::{unix_now, Identity};
 use crate::local_store::LocalStore;
 use crate::node_info;
 
@@ -154,7 +154,7 @@ pub async fn run_agent(
     if !adopted.is_empty() {
         tracing::info!(node = %node, count = adopted.len(), "runtime re-adopted instances");
     }
-    let (desired_tx, desired_rx) = watch::channel(desired.clone());
+    let (desired_tx, desired_rx) = watch::channel((desired.clone(), session.applied() > 0));
     let reconciler = tokio::spawn(reconcile_runtime(runtime.clone(), desired_rx));
 
     let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(1024);
@@ -195,6 +195,8 @@ pub async fn run_agent(
         if cfg.real_node_info { node_info::node_info(&cfg.data_dir, &runtimes) } else { simulated_info(&runtimes) };
     let mut renewing: Option<JoinHandle<Result<Identity>>> = None;
     let mut last_renew_attempt = 0u64;
+    let mut store_failure: Option<String> = None;
+    let mut rehello_at: Option<Instant> = None;
 
     let result = loop {
         let Some(ev) = ev_rx.recv().await else { break Ok(()) };
@@ -204,6 +206,7 @@ pub async fn run_agent(
                 stats.connected.store(true, Ordering::Relaxed);
                 stats.connects.fetch_add(1, Ordering::Relaxed);
                 last_heartbeat = None;
+                rehello_at = None;
                 session.on_connected(now())
             }
             Event::Disconnected => {
@@ -262,11 +265,23 @@ pub async fn run_agent(
                         } else {
                             yunbian_api::NodeUsage { instances: desired.len() as u32, ..Default::default() }
                         };
+                        let mut disk_pressure = if cfg.real_node_info {
+                            node_info::disk_pressure(&cfg.data_dir).unwrap_or_default()
+                        } else {
+                            String::new()
+                        };
+                        if let Some(e) = &store_failure {
+                            if !disk_pressure.is_empty() {
+                                disk_pressure.push_str("; ");
+                            }
+                            disk_pressure.push_str(&format!("local store write failed: {e}"));
+                        }
                         let hb = Up::Heartbeat {
                             info: info.clone(),
                             usage,
                             limits_enforced: limits.enforced,
                             limits_note: limits.note,
+                            disk_pressure,
                         };
                         if tx.try_send(encode(&hb)).is_ok() {
                             last_heartbeat = Some(Instant::now());
@@ -304,23 +319,39 @@ pub async fn run_agent(
                         }));
                     }
                 }
-                session.on_tick(now())
+                if out.is_some() && rehello_at.is_some_and(|t| Instant::now() >= t) {
+                    rehello_at = None;
+                    session.on_connected(now())
+                } else {
+                    session.on_tick(now())
+                }
             }
         };
-        match execute(&store, &mut desired, actions, out.as_ref()) {
+        let result = execute(&store, &mut desired, actions, out.as_ref());
+        if result.is_ok() && store_failure.take().is_some() {
+            tracing::info!(node = %node, "local store writable again");
+        }
+        match result {
             Ok(true) => {
                 stats.instances.store(desired.len() as u64, Ordering::Relaxed);
-                let _ = desired_tx.send(desired.clone());
+                let _ = desired_tx.send((desired.clone(), session.applied() > 0));
             }
             Ok(false) => {}
             Err(e) => {
                 // Could not persist: acknowledge nothing, rebuild the session
                 // from what is on disk, and start over with a new connection.
+                // A full disk lands here: the transaction was rolled back, the
+                // store is intact, workloads keep running on the last view,
+                // and the heartbeat reports DiskPressure until a write works.
                 tracing::error!(node = %node, error = %e, "local store write failed; resyncing");
+                store_failure = Some(e.to_string());
                 let r = store.restore().context("re-read the local store")?;
                 session = EdgeSession::new(cfg.session, r.applied, r.outbox, r.next_seq);
                 desired = instances_of(&r.desired);
-                reconnect.notify_one();
+                // Start the protocol over from what is on disk, on the same
+                // connection (dropping it would make the node flap NotReady
+                // for as long as the disk stays full), after a pause.
+                rehello_at = Some(Instant::now() + Duration::from_secs(2));
             }
         }
         stats.outbox.store(session.outbox_len() as u64, Ordering::Relaxed);
@@ -331,9 +362,6 @@ pub async fn run_agent(
     result
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
 
 fn simulated_info(runtimes: &[&str]) -> yunbian_api::NodeInfo {
     yunbian_api::NodeInfo {
@@ -448,15 +476,22 @@ const DEAD_AFTER: Duration = Duration::from_secs(45);
 /// How often the agent pings the cloud.
 const PING_EVERY: Duration = Duration::from_secs(15);
 
+/// The desired instances, and whether they are known: a node that never
+/// synced (a fresh or rebuilt local store) does not know what it should run
+/// yet, and must not stop what the runtime re-adopted until the cloud says.
+type DesiredState = (BTreeMap<String, AppInstance>, bool);
+
 /// Converges the runtime towards the desired instances, level-triggered:
 /// on every change of the view and every 10 s.
-async fn reconcile_runtime(runtime: Arc<dyn Runtime>, mut rx: watch::Receiver<BTreeMap<String, AppInstance>>) {
+async fn reconcile_runtime(runtime: Arc<dyn Runtime>, mut rx: watch::Receiver<DesiredState>) {
     loop {
-        let want = rx.borrow_and_update().clone();
-        let known: Vec<String> = runtime.statuses().await.into_iter().map(|s| s.instance).collect();
-        for name in known.iter().filter(|n| !want.contains_key(*n)) {
-            if let Err(e) = runtime.remove(name).await {
-                tracing::warn!(instance = %name, error = %e, "remove instance");
+        let (want, known) = rx.borrow_and_update().clone();
+        if known {
+            let have: Vec<String> = runtime.statuses().await.into_iter().map(|s| s.instance).collect();
+            for name in have.iter().filter(|n| !want.contains_key(*n)) {
+                if let Err(e) = runtime.remove(name).await {
+                    tracing::warn!(instance = %name, error = %e, "remove instance");
+                }
             }
         }
         for inst in want.values() {
@@ -470,17 +505,58 @@ async fn reconcile_runtime(runtime: Arc<dyn Runtime>, mut rx: watch::Receiver<BT
 
 /// Keeps a WebSocket to the cloud open, reconnecting with jittered
 /// exponential back-off (0.5 s doubling to 30 s, reset after a connection
-/// that lasted).
+/// that lasted). With several cloud URLs (replicas) each attempt goes to the
+/// next one, and a lost connection is retried at once on another replica.
+///
+/// A certificate that expired (by the local clock, or as the cloud says) is
+/// renewed before connecting; the cloud accepts it for renewal within its
+/// grace. Past the grace the agent says, once a minute, what to run.
 async fn run_connection(identity: Arc<RwLock<Identity>>, ev_tx: mpsc::Sender<Event>, reconnect: Arc<Notify>) {
     let mut backoff = Duration::from_millis(500);
     let mut rng = Jitter::seeded();
+    let mut next_url = 0usize;
+    let mut expired_hint_at: Option<Instant> = None;
+    let mut cloud_says_expired = false;
     loop {
         let id = match identity.read() {
             Ok(i) => i.clone(),
             Err(_) => return,
         };
+        let urls = id.config.urls();
+        let url = urls.get(next_url % urls.len().max(1)).cloned().unwrap_or_default();
+        next_url = next_url.wrapping_add(1);
+        let expired = cloud_says_expired || id.not_after().is_ok_and(|t| unix_now() >= t);
+        if expired {
+            let mut renewed = id.clone();
+            match renewed.renew().await {
+                Ok(()) => {
+                    tracing::info!(node = %id.config.name, "expired certificate renewed");
+                    cloud_says_expired = false;
+                    if let Ok(mut w) = identity.write() {
+                        *w = renewed;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    if expired_hint_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                        expired_hint_at = Some(Instant::now());
+                        if e.to_lowercase().replace(' ', "").contains("certificateexpired") {
+                            tracing::error!(
+                                node = %id.config.name,
+                                error = %e,
+                                "the node certificate expired longer ago than the cloud's renewal grace; {}",
+                                yunbian_api::rejoin_hint(&id.config.name, &id.config.cloud)
+                            );
+                        } else {
+                            tracing::warn!(node = %id.config.name, error = %e, "cannot renew the expired certificate yet");
+                        }
+                    }
+                }
+            }
+        }
         let began = Instant::now();
-        match connect(&id).await {
+        match connect(&id, &url).await {
             Ok(ws) => {
                 let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4096);
                 if ev_tx.send(Event::Connected(tx)).await.is_err() {
@@ -522,16 +598,26 @@ async fn run_connection(identity: Arc<RwLock<Identity>>, ev_tx: mpsc::Sender<Eve
                     }
                 };
                 let _ = sink.send(Message::Close(None)).await;
-                tracing::info!(node = %id.config.name, %reason, "disconnected from cloud");
+                tracing::info!(node = %id.config.name, %url, %reason, "disconnected from cloud");
                 if ev_tx.send(Event::Disconnected).await.is_err() {
                     return;
                 }
                 if began.elapsed() > Duration::from_secs(30) {
                     backoff = Duration::from_millis(500);
                 }
+                if urls.len() > 1 {
+                    // Another replica is probably alive: try it at once.
+                    tokio::time::sleep(Duration::from_millis(100).mul_f64(1.0 + rng.next_f64())).await;
+                    continue;
+                }
             }
             Err(e) => {
-                tracing::warn!(node = %id.config.name, error = %e, retry_in = ?backoff, "cannot connect to cloud");
+                cloud_says_expired = e.to_lowercase().replace(' ', "").contains("certificateexpired");
+                tracing::warn!(node = %id.config.name, %url, error = %e, retry_in = ?backoff, "cannot connect to cloud");
+                if urls.len() > 1 && !next_url.is_multiple_of(urls.len()) {
+                    // Not every replica tried yet in this round.
+                    continue;
+                }
             }
         }
         // Full jitter on the upper half: avoids reconnect storms after a cloud restart.
@@ -543,12 +629,12 @@ async fn run_connection(identity: Arc<RwLock<Identity>>, ev_tx: mpsc::Sender<Eve
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
-async fn connect(id: &Identity) -> Result<Ws, String> {
+async fn connect(id: &Identity, url: &str) -> Result<Ws, String> {
     let tls = id.tls().map_err(|e| format!("{e:#}"))?;
-    let stream = tokio::time::timeout(Duration::from_secs(15), crate::http::connect_tls(&id.config.cloud, tls))
+    let stream = tokio::time::timeout(Duration::from_secs(15), crate::http::connect_tls(url, tls))
         .await
         .map_err(|_| "connect timed out".to_string())??;
-    let (host, port) = crate::http::host_port(&id.config.cloud)?;
+    let (host, port) = crate::http::host_port(url)?;
     let host = if host.contains(':') { format!("[{host}]") } else { host };
     let req = format!("wss://{host}:{port}/v1/hub").into_client_request().map_err(|e| e.to_string())?;
     // Small buffers: sync traffic is small messages, and the simulator runs

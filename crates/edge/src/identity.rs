@@ -2,7 +2,8 @@
 //! certificate rotation.
 //!
 //! Data directory layout:
-//! - `node.yaml`: cloud URL and node name;
+//! - `node.yaml`: cloud URL(s, comma-separated: replicas of one cloud) and
+//!   node name;
 //! - `ca.crt`: the cluster CA, pinned at join by the fingerprint in the token;
 //! - `node.key` (0600): the node's private key, generated here, never sent;
 //! - `node.crt`: the node certificate (CN = node name).
@@ -23,11 +24,44 @@ use crate::http;
 /// `node.yaml`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct NodeConfig {
-    /// Cloud URL.
+    /// Cloud URL, or several comma-separated (replicas of one cloud).
     pub cloud: String,
     /// Node name.
     pub name: String,
 }
+
+impl NodeConfig {
+    /// The cloud URLs, in the order given.
+    pub fn urls(&self) -> Vec<String> {
+        cloud_urls(&self.cloud)
+    }
+}
+
+/// Splits `URL[,URL…]` into URLs (blank entries ignored).
+pub fn cloud_urls(s: &str) -> Vec<String> {
+    s.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_string).collect()
+}
+
+/// Where a node certificate stands against the local clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertState {
+    /// Valid until the given Unix time.
+    Valid {
+        /// `notAfter`.
+        not_after: u64,
+    },
+    /// Expired, but less than the cloud's renewal grace ago: renewable.
+    ExpiredWithinGrace {
+        /// `notAfter`.
+        not_after: u64,
+    },
+    /// Expired longer than the grace ago: only a new join helps.
+    ExpiredPastGrace {
+        /// `notAfter`.
+        not_after: u64,
+    },
+}
+
 
 /// Everything needed to connect with mTLS.
 #[derive(Debug, Clone)]
@@ -48,7 +82,8 @@ pub struct Identity {
     pub received_at: u64,
 }
 
-fn unix_now() -> u64 {
+/// Seconds since the Unix epoch by the local clock.
+pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
@@ -117,15 +152,46 @@ impl Identity {
         Ok(self.received_at + (life as f64 * fraction) as u64)
     }
 
+    /// The certificate's `notAfter` (Unix seconds).
+    pub fn not_after(&self) -> Result<u64> {
+        let der = yunbian_pki::pem_to_der(&self.cert)?;
+        Ok(yunbian_pki::cert_validity(der.as_ref())?.1)
+    }
+
+    /// Where the certificate stands at `now` given the cloud's renewal grace.
+    pub fn cert_state(&self, now: u64, grace: std::time::Duration) -> Result<CertState> {
+        let not_after = self.not_after()?;
+        Ok(if now < not_after {
+            CertState::Valid { not_after }
+        } else if now < not_after.saturating_add(grace.as_secs()) {
+            CertState::ExpiredWithinGrace { not_after }
+        } else {
+            CertState::ExpiredPastGrace { not_after }
+        })
+    }
+
     /// Obtains a new certificate for a new key, authenticated by the current
-    /// one, and stores both. The old key is replaced only after the new
-    /// certificate arrived.
+    /// one (the cloud also accepts one that expired within its grace), and
+    /// stores both. The old key is replaced only after the new certificate
+    /// arrived. Tries each cloud URL in turn until one answers.
     pub async fn renew(&mut self) -> Result<()> {
         let key = NodeKey::generate()?;
         let csr = key.csr(&self.config.name)?;
         let body = serde_json::json!({ "csr": csr });
-        let certificate =
-            request_certificate(&self.config.cloud, self.tls()?, "/v1/renew", &body, "renew certificate").await?;
+        let mut last = None;
+        let mut certificate = None;
+        for url in self.config.urls() {
+            match request_certificate(&url, self.tls()?, "/v1/renew", &body, "renew certificate").await {
+                Ok(c) => {
+                    certificate = Some(c);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let Some(certificate) = certificate else {
+            return Err(last.unwrap_or_else(|| anyhow!("no cloud URL configured")));
+        };
         // Both new files are written in full before either replaces the
         // old pair; `node.crt.new` existing marks a complete pair, which
         // `load` rolls forward after a crash between the two renames.
@@ -237,8 +303,9 @@ pub async fn join(
     token: &JoinToken,
     name: &str,
     labels: &std::collections::BTreeMap<String, String>,
+    force: bool,
 ) -> Result<Identity> {
-    if Identity::exists(dir) {
+    if Identity::exists(dir) && !force {
         bail!(
             "{} already holds a joined node; start it with `yunbian edge --data-dir {}`",
             dir.display(),
@@ -255,6 +322,23 @@ pub async fn join(
     Ok(id)
 }
 
+/// Records new cloud URL(s) in `node.yaml` (after adding cloud replicas).
+pub fn set_cloud_urls(dir: &Path, urls: &str) -> Result<()> {
+    let list = cloud_urls(urls);
+    if list.is_empty() {
+        bail!("--cloud-urls: no URL given");
+    }
+    for u in &list {
+        http::host_port(u).map_err(|e| anyhow!("--cloud-urls: {e}"))?;
+    }
+    let path = dir.join("node.yaml");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("read {} (has this node joined?)", path.display()))?;
+    let mut config: NodeConfig = serde_yaml::from_str(&text).context("parse node.yaml")?;
+    config.cloud = list.join(",");
+    write_atomic(&path, serde_yaml::to_string(&config)?.as_bytes(), 0o644)
+}
+
 /// Performs the join exchange and returns the identity without writing it
 /// anywhere (simulated nodes keep it in memory).
 pub async fn enroll(
@@ -265,31 +349,71 @@ pub async fn enroll(
     labels: &std::collections::BTreeMap<String, String>,
 ) -> Result<Identity> {
     yunbian_api::validate::check_name(name).map_err(|m| anyhow!("node name: {m}"))?;
-    http::host_port(cloud).map_err(|e| anyhow!(e))?;
+    let urls = cloud_urls(cloud);
+    if urls.is_empty() {
+        bail!("no cloud URL given");
+    }
+    for url in &urls {
+        http::host_port(url).map_err(|e| anyhow!(e))?;
+    }
+    // Replicas of one cloud: the first that answers enrolls the node; a
+    // refusal is final (every replica shares the tokens).
+    let mut last = None;
+    for url in &urls {
+        match enroll_at(dir, url, token, name, labels).await {
+            Ok(mut id) => {
+                id.config.cloud = urls.join(",");
+                return Ok(id);
+            }
+            Err(EnrollError::Unreachable(e)) => last = Some(e),
+            Err(EnrollError::Refused(e)) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow!("no cloud URL given")))
+}
+
+enum EnrollError {
+    Unreachable(anyhow::Error),
+    Refused(anyhow::Error),
+}
+
+async fn enroll_at(
+    dir: &Path,
+    cloud: &str,
+    token: &JoinToken,
+    name: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Result<Identity, EnrollError> {
+    let refused = EnrollError::Refused;
 
     // 1. Fetch the CA over an unauthenticated TLS connection and pin it.
     let provider = yunbian_pki::provider();
     let insecure = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?
+        .with_safe_default_protocol_versions()
+        .map_err(|e| refused(e.into()))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
         .with_no_client_auth();
-    let (status, ca) = http::request(cloud, Arc::new(insecure), "GET", "/v1/ca", None).await.map_err(|e| anyhow!(e))?;
+    let (status, ca) = http::request(cloud, Arc::new(insecure), "GET", "/v1/ca", None)
+        .await
+        .map_err(|e| EnrollError::Unreachable(anyhow!(e)))?;
     if status != 200 {
-        bail!("fetch cluster CA: {}", http::error_message(status, &ca));
+        return Err(EnrollError::Unreachable(anyhow!("fetch cluster CA: {}", http::error_message(status, &ca))));
     }
-    let ca = String::from_utf8(ca.to_vec()).context("cluster CA is not text")?;
-    let der = yunbian_pki::pem_to_der(&ca).context("cluster CA")?;
+    let ca = String::from_utf8(ca.to_vec()).map_err(|_| refused(anyhow!("cluster CA is not text")))?;
+    let der = yunbian_pki::pem_to_der(&ca).map_err(|e| refused(anyhow!(e).context("cluster CA")))?;
     if yunbian_pki::fingerprint(der.as_ref()) != token.ca_fingerprint {
-        bail!("the cloud at {cloud} presented a CA that does not match the join token; refusing to join");
+        return Err(refused(anyhow!(
+            "the cloud at {cloud} presented a CA that does not match the join token; refusing to join"
+        )));
     }
 
     // 2. Key and CSR, then join over a connection that trusts only that CA.
-    let key = NodeKey::generate()?;
-    let csr = key.csr(name)?;
+    let key = NodeKey::generate().map_err(|e| refused(e.into()))?;
+    let csr = key.csr(name).map_err(|e| refused(e.into()))?;
     let body = serde_json::json!({ "token": token.raw, "name": name, "csr": csr, "labels": labels });
-    let tls = yunbian_pki::client_config(&ca, None)?;
-    let certificate = request_certificate(cloud, tls, "/v1/join", &body, "join refused").await?;
+    let tls = yunbian_pki::client_config(&ca, None).map_err(|e| refused(e.into()))?;
+    let certificate = request_certificate(cloud, tls, "/v1/join", &body, "join refused").await.map_err(refused)?;
 
     let config = NodeConfig { cloud: cloud.to_string(), name: name.to_string() };
     Ok(Identity { dir: dir.to_path_buf(), config, ca, cert: certificate, key: key.pem(), received_at: unix_now() })

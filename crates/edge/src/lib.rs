@@ -94,9 +94,47 @@ pub async fn start_simulated(identity: Identity, agent: AgentConfig) -> Result<E
     spawn(identity, store, runtime, rx, agent, None).await
 }
 
+/// Opens the local store. A store file that cannot be opened or read back
+/// (truncated, garbage, a corrupt record) is moved aside as
+/// `state.redb.corrupt-<unix time>` and replaced by an empty one: the agent
+/// then keeps the workloads the runtime re-adopts and rebuilds its desired
+/// state from the cloud's snapshot, instead of failing at every start. Only
+/// the newest three quarantined files are kept. A store that fails for want
+/// of disk space or permission is left alone: that is not corruption.
 fn open_store(dir: &Path) -> Result<Arc<local_store::LocalStore>> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    Ok(Arc::new(local_store::LocalStore::open(&dir.join("state.redb")).context("open the local store")?))
+    let path = dir.join("state.redb");
+    let attempt = local_store::LocalStore::open(&path).and_then(|s| s.restore().map(|_| s));
+    match attempt {
+        Ok(s) => Ok(Arc::new(s)),
+        Err(e) if e.is_corruption() => {
+            let aside = dir.join(format!("state.redb.corrupt-{}", identity::unix_now()));
+            tracing::error!(
+                store = %path.display(),
+                moved_to = %aside.display(),
+                error = %e,
+                "the local store is corrupt; moving it aside and rebuilding from the cloud"
+            );
+            std::fs::rename(&path, &aside).with_context(|| format!("move aside {}", path.display()))?;
+            prune_quarantine(dir, 3);
+            Ok(Arc::new(local_store::LocalStore::open(&path).context("create a new local store")?))
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("open the local store")),
+    }
+}
+
+fn prune_quarantine(dir: &Path, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let mut aside: Vec<_> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("state.redb.corrupt-")))
+        .collect();
+    aside.sort();
+    let excess = aside.len().saturating_sub(keep);
+    for p in &aside[..excess] {
+        let _ = std::fs::remove_file(p);
+    }
 }
 
 async fn spawn(

@@ -31,6 +31,9 @@ pub enum LocalStoreError {
     /// redb failed (disk full, corruption, permissions).
     #[error("local store: {0}")]
     Db(String),
+    /// The file is not a readable store (truncated, overwritten, bad checksums).
+    #[error("local store file is damaged: {0}")]
+    Damaged(String),
     /// A stored record does not decode.
     #[error("local store record {key}: {detail}")]
     Corrupt {
@@ -41,8 +44,46 @@ pub enum LocalStoreError {
     },
 }
 
+impl LocalStoreError {
+    /// Whether the file itself is damaged (as opposed to the disk being
+    /// full or unwritable, where the file is fine and must be kept).
+    pub fn is_corruption(&self) -> bool {
+        match self {
+            LocalStoreError::Corrupt { .. } => true,
+            LocalStoreError::Db(_) => false,
+            LocalStoreError::Damaged(_) => true,
+        }
+    }
+}
+
 fn db<E: std::fmt::Display>(e: E) -> LocalStoreError {
     LocalStoreError::Db(e.to_string())
+}
+
+/// Classifies an error while reading the store back, like [`open_err`].
+fn read_err<E: Into<redb::Error>>(e: E) -> LocalStoreError {
+    let e: redb::Error = e.into();
+    match &e {
+        redb::Error::Io(io) if disk_trouble(io.kind()) => LocalStoreError::Db(e.to_string()),
+        _ => LocalStoreError::Damaged(e.to_string()),
+    }
+}
+
+fn disk_trouble(kind: std::io::ErrorKind) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(kind, StorageFull | PermissionDenied | ReadOnlyFilesystem | QuotaExceeded | OutOfMemory)
+}
+
+/// Classifies a redb error: I/O failures of the disk (full, read-only,
+/// permissions) are `Db`; anything else while opening means the file's
+/// contents are not a valid store.
+fn open_err(e: redb::DatabaseError) -> LocalStoreError {
+    if let redb::DatabaseError::Storage(redb::StorageError::Io(io)) = &e {
+        if disk_trouble(io.kind()) {
+            return LocalStoreError::Db(e.to_string());
+        }
+    }
+    LocalStoreError::Damaged(e.to_string())
 }
 
 /// What the agent restores at start.
@@ -81,12 +122,23 @@ impl LocalStore {
     pub fn open(path: &Path) -> Result<LocalStore, LocalStoreError> {
         // The view and outbox are small; redb's default cache (up to 1 GiB)
         // would only grow the agent's resident memory.
-        let database = Database::builder().set_cache_size(1 << 20).create(path).map_err(db)?;
+        let fresh = !path.exists();
+        let database = Database::builder().set_cache_size(1 << 20).create(path).map_err(open_err)?;
         let w = database.begin_write().map_err(db)?;
         {
-            w.open_table(DESIRED).map_err(db)?;
-            w.open_table(OUTBOX).map_err(db)?;
-            w.open_table(META).map_err(db)?;
+            w.open_table(DESIRED).map_err(|e| LocalStoreError::Damaged(e.to_string()))?;
+            w.open_table(OUTBOX).map_err(|e| LocalStoreError::Damaged(e.to_string()))?;
+            let mut meta = w.open_table(META).map_err(|e| LocalStoreError::Damaged(e.to_string()))?;
+            if fresh {
+                // A new store's report sequence starts at the current time in
+                // microseconds: a store rebuilt after corruption (or a node
+                // whose data directory was wiped) never reuses a sequence the
+                // cloud has already seen and would ignore as stale.
+                let floor = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_micros() as u64);
+                meta.insert("next_seq", floor).map_err(db)?;
+            }
         }
         w.commit().map_err(db)?;
         Ok(LocalStore { db: Some(database), mem: Mutex::new(Memory { next_seq: 1, ..Default::default() }) })
@@ -108,20 +160,20 @@ impl LocalStore {
                 next_seq: m.next_seq,
             });
         };
-        let r = d.begin_read().map_err(db)?;
-        let meta = r.open_table(META).map_err(db)?;
-        let applied = meta.get("applied").map_err(db)?.map(|v| v.value()).unwrap_or(0);
-        let next_seq = meta.get("next_seq").map_err(db)?.map(|v| v.value()).unwrap_or(1);
+        let r = d.begin_read().map_err(read_err)?;
+        let meta = r.open_table(META).map_err(read_err)?;
+        let applied = meta.get("applied").map_err(read_err)?.map(|v| v.value()).unwrap_or(0);
+        let next_seq = meta.get("next_seq").map_err(read_err)?.map(|v| v.value()).unwrap_or(1);
         let mut desired = Vec::new();
-        for e in r.open_table(DESIRED).map_err(db)?.iter().map_err(db)? {
-            let (k, v) = e.map_err(db)?;
+        for e in r.open_table(DESIRED).map_err(read_err)?.iter().map_err(read_err)? {
+            let (k, v) = e.map_err(read_err)?;
             let o: DesiredObject = serde_json::from_slice(v.value())
                 .map_err(|e| LocalStoreError::Corrupt { key: k.value().to_string(), detail: e.to_string() })?;
             desired.push(o);
         }
         let mut outbox = Vec::new();
-        for e in r.open_table(OUTBOX).map_err(db)?.iter().map_err(db)? {
-            let (k, v) = e.map_err(db)?;
+        for e in r.open_table(OUTBOX).map_err(read_err)?.iter().map_err(read_err)? {
+            let (k, v) = e.map_err(read_err)?;
             let rep: Report = serde_json::from_slice(v.value()).map_err(|e| LocalStoreError::Corrupt {
                 key: format!("outbox/{}", k.value()),
                 detail: e.to_string(),

@@ -27,6 +27,23 @@ pub fn disk(dir: &Path) -> (u64, u64) {
     }
 }
 
+/// Why the filesystem holding `dir` is short of space, or `None`: less than
+/// 100 MiB or 10 % of it available (whichever is less, so small volumes are
+/// judged by proportion).
+pub fn disk_pressure(dir: &Path) -> Option<String> {
+    let s = rustix::fs::statvfs(dir).ok()?;
+    let total = s.f_blocks * s.f_frsize;
+    let avail = s.f_bavail * s.f_frsize;
+    let floor = (100u64 << 20).min(total / 10);
+    (total > 0 && avail < floor).then(|| {
+        format!("{} free of {} on the data filesystem ({})", mib(avail), mib(total), dir.display())
+    })
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+}
+
 /// Static facts.
 pub fn node_info(data_dir: &Path, runtimes: &[&str]) -> NodeInfo {
     NodeInfo {

@@ -254,18 +254,96 @@ fn chain(cert_pem: &str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
 /// Server TLS: presents `cert_pem`, and verifies client certificates
 /// against the CA when a client offers one (clients without one — the CLI
 /// and joining nodes — authenticate by token instead).
-pub fn server_config(cert_pem: &str, key_pem: &str, ca_pem: &str) -> Result<Arc<rustls::ServerConfig>, PkiError> {
-    let verifier =
+///
+/// A client certificate that expired less than `expired_grace` ago is still
+/// accepted by the handshake (its chain and signature checked as of just
+/// before its expiry), so a node that was offline while its certificate ran
+/// out can renew it. The application must then refuse it for anything but
+/// renewal: the peer's `notAfter` tells it apart.
+pub fn server_config(
+    cert_pem: &str,
+    key_pem: &str,
+    ca_pem: &str,
+    expired_grace: Duration,
+) -> Result<Arc<rustls::ServerConfig>, PkiError> {
+    let inner =
         rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(ca_pem)?), provider())
             .allow_unauthenticated()
             .build()
             .map_err(|e| PkiError::Malformed { what: "client verifier", detail: e.to_string() })?;
+    let verifier = Arc::new(GraceVerifier { inner, grace: expired_grace });
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain(cert_pem)?, key_der(key_pem)?)?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// WebPKI client verification that tolerates recent expiry (see [`server_config`]).
+#[derive(Debug)]
+struct GraceVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    grace: Duration,
+}
+
+impl rustls::server::danger::ClientCertVerifier for GraceVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        match self.inner.verify_client_cert(end_entity, intermediates, now) {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. },
+            )) => {
+                let expired = || rustls::Error::InvalidCertificate(rustls::CertificateError::Expired);
+                let (_, not_after) = cert_validity(end_entity.as_ref()).map_err(|_| expired())?;
+                if now.as_secs() >= not_after.saturating_add(self.grace.as_secs()) {
+                    return Err(expired());
+                }
+                // Everything else (chain, signature, usage) as of its last valid second.
+                let then = rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(not_after - 1));
+                self.inner.verify_client_cert(end_entity, intermediates, then)
+            }
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// Client TLS trusting only `ca_pem`, optionally presenting a client certificate.
@@ -298,5 +376,33 @@ mod tests {
         let ca2 = CertAuthority::load(ca.cert_pem(), &ca.key_pem()).expect("reload");
         assert_eq!(ca2.fingerprint().expect("fp"), ca.fingerprint().expect("fp"));
         assert!(ca.sign_node_csr("garbage", "x", Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn expired_client_certificates_pass_only_within_the_grace() {
+        use rustls::pki_types::UnixTime;
+        use rustls::server::danger::ClientCertVerifier;
+        let ca = CertAuthority::generate("test-ca").expect("ca");
+        let node = NodeKey::generate().expect("key");
+        let pem = ca.sign_node_csr(&node.csr("edge-1").expect("csr"), "edge-1", Duration::from_secs(60)).expect("sign");
+        let der = pem_to_der(&pem).expect("der");
+        let (_, not_after) = cert_validity(der.as_ref()).expect("validity");
+        let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(root_store(ca.cert_pem()).expect("roots")),
+            provider(),
+        )
+        .build()
+        .expect("verifier");
+        let v = GraceVerifier { inner, grace: Duration::from_secs(30 * 86_400) };
+        let at = |t: u64| UnixTime::since_unix_epoch(Duration::from_secs(t));
+        assert!(v.verify_client_cert(&der, &[], at(not_after - 10)).is_ok(), "valid");
+        assert!(v.verify_client_cert(&der, &[], at(not_after + 86_400)).is_ok(), "a day past expiry, within grace");
+        let err = v.verify_client_cert(&der, &[], at(not_after + 31 * 86_400)).expect_err("past grace");
+        assert!(err.to_string().to_lowercase().contains("expired"), "{err}");
+        // Another CA's certificate is refused however recent.
+        let other = CertAuthority::generate("other").expect("ca");
+        let foreign = other.sign_node_csr(&node.csr("edge-1").expect("csr"), "edge-1", Duration::from_secs(60)).expect("sign");
+        let foreign = pem_to_der(&foreign).expect("der");
+        assert!(v.verify_client_cert(&foreign, &[], at(not_after + 10)).is_err());
     }
 }

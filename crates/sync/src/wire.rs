@@ -111,6 +111,9 @@ pub enum Down {
 }
 
 /// Edge → cloud.
+// A heartbeat is built once per interval and encoded at once; boxing its
+// facts would save nothing that matters.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum Up {
@@ -144,6 +147,9 @@ pub enum Up {
         limits_enforced: bool,
         /// Explanation.
         limits_note: String,
+        /// Why the node is short of disk space; empty when it is not.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        disk_pressure: String,
     },
     /// A chunk of a log stream.
     LogData {

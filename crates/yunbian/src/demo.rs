@@ -68,7 +68,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             }
             let t = token.as_ref().context("join token")?;
             let labels = [("site".to_string(), site.to_string())].into();
-            yunbian_edge::join(&ddir, &cloud.url, t, name, &labels).await.with_context(|| format!("join {name}"))?;
+            yunbian_edge::join(&ddir, &cloud.url, t, name, &labels, false).await.with_context(|| format!("join {name}"))?;
             say(&format!("joined {name} (site={site}) with its own key and certificate in {}", ddir.display()));
         }
         let mut opts = yunbian_edge::EdgeOptions::new(&ddir);

@@ -59,6 +59,10 @@ struct CloudArgs {
     /// Lifetime of node certificates (rotated by nodes at 80%).
     #[arg(long, default_value = "30d", value_parser = parse_duration)]
     node_cert_ttl: Duration,
+    /// A node certificate that expired less than this ago can still be
+    /// renewed (a site offline across its expiry recovers by itself).
+    #[arg(long, default_value = "30d", value_parser = parse_duration)]
+    node_cert_grace: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -82,6 +86,10 @@ struct EdgeRunArgs {
     /// Heartbeat interval.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     heartbeat: Duration,
+    /// Replace the cloud URL(s) recorded at join, e.g. after adding
+    /// replicas: URL[,URL…] (saved in node.yaml).
+    #[arg(long = "cloud-urls", value_name = "URL[,URL…]")]
+    cloud_urls: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -92,8 +100,9 @@ enum EdgeCommand {
 
 #[derive(Debug, Args)]
 struct JoinArgs {
-    /// Cloud URL, e.g. https://cloud.example:7443.
-    #[arg(long)]
+    /// Cloud URL, e.g. https://cloud.example:7443, or several replicas'
+    /// URLs separated by commas (the agent fails over between them).
+    #[arg(long, value_name = "URL[,URL…]")]
     cloud: String,
     /// Join token from `yunbian token create`.
     #[arg(long)]
@@ -107,6 +116,11 @@ struct JoinArgs {
     /// Join only; do not run the agent afterwards.
     #[arg(long)]
     no_run: bool,
+    /// Join again although the data directory holds an identity (a node
+    /// whose certificate expired past the renewal grace); the local state
+    /// and running workloads are kept.
+    #[arg(long)]
+    force: bool,
     #[command(flatten)]
     run: EdgeRunArgs,
 }
@@ -168,6 +182,7 @@ async fn run(cli: Cli) -> Result<()> {
             opts.hub.heartbeat = a.heartbeat;
             opts.hub.grace = a.grace;
             opts.node_cert_ttl = a.node_cert_ttl;
+            opts.node_cert_grace = a.node_cert_grace;
             let cloud = yunbian_cloud::start(opts).await?;
             eprintln!("cloud listening at {}; client config: {}", cloud.url, cloud.admin_config.display());
             tokio::select! {
@@ -180,7 +195,8 @@ async fn run(cli: Cli) -> Result<()> {
             let run = match e.join {
                 Some(EdgeCommand::Join(j)) => {
                     let token = j.token.parse::<yunbian_edge::JoinToken>()?;
-                    let id = yunbian_edge::join(&j.run.data_dir, &j.cloud, &token, &j.name, &j.labels).await?;
+                    let id =
+                        yunbian_edge::join(&j.run.data_dir, &j.cloud, &token, &j.name, &j.labels, j.force).await?;
                     eprintln!("joined as node {} (certificate in {})", id.config.name, j.run.data_dir.display());
                     if j.no_run {
                         return Ok(());
@@ -192,6 +208,9 @@ async fn run(cli: Cli) -> Result<()> {
             let mut opts = yunbian_edge::EdgeOptions::new(&run.data_dir);
             opts.metrics_listen = Some(run.metrics_listen).filter(|m| m != "off");
             opts.agent.heartbeat = run.heartbeat;
+            if let Some(urls) = &run.cloud_urls {
+                yunbian_edge::identity::set_cloud_urls(&run.data_dir, urls)?;
+            }
             let agent = yunbian_edge::start(opts).await?;
             tokio::select! {
                 r = agent.wait() => r.context("agent stopped"),
