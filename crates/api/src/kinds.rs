@@ -189,6 +189,9 @@ pub struct NodeStatus {
     /// RFC 3339 time of the last heartbeat the cloud saw.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub last_heartbeat: String,
+    /// When `phase` last changed (RFC 3339).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_transition: String,
     /// Why the node is short of disk space (the DiskPressure condition);
     /// empty when it is not.
     #[serde(default, skip_serializing_if = "String::is_empty")]

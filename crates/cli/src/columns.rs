@@ -40,6 +40,9 @@ pub fn row(kind: Kind, obj: &Value, wide: bool, now: i64) -> Vec<String> {
             if status.is_empty() {
                 status = "Unknown".into();
             }
+            if !text(obj, "/status/diskPressure").is_empty() {
+                status.push_str(",DiskPressure");
+            }
             if flag(obj, "/spec/unschedulable") {
                 status.push_str(",SchedulingDisabled");
             }

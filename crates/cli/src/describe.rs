@@ -44,6 +44,13 @@ pub fn describe(kind: Kind, obj: &Value, related: Option<&Related>, now: i64) ->
         if !hb.is_empty() {
             field("Last Heartbeat", format!("{hb} ({} ago)", age_since(&hb, now)));
         }
+        // What is wrong, and what to do about it, before the details.
+        for (label, pointer) in [("Reason", "/status/reason"), ("Disk Pressure", "/status/diskPressure")] {
+            let v = text(obj, pointer);
+            if !v.is_empty() {
+                field(label, v);
+            }
+        }
     }
     for section in ["spec", "status"] {
         if let Some(v) = obj.get(section) {

@@ -25,8 +25,24 @@ use crate::scheduler::{self, Candidate, Request};
 /// few group commits: this matches the store's largest batch.
 const PARALLEL_WRITES: usize = 4096;
 
+/// Settings of the App controller.
+#[derive(Debug, Clone, Copy)]
+pub struct ControllerConfig {
+    /// Instances on a node NotReady for this long are deleted, and so
+    /// re-placed on ready nodes; the node stops them when it reconnects
+    /// (it receives their removal before anything else). `None`: never, the
+    /// instances wait for their node however long it is away.
+    pub evict_after: Option<Duration>,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig { evict_after: Some(Duration::from_secs(300)) }
+    }
+}
+
 /// Runs the App controller forever.
-pub async fn run_app_controller(store: Arc<dyn Store>, metrics: Arc<Metrics>) {
+pub async fn run_app_controller(store: Arc<dyn Store>, metrics: Arc<Metrics>, cfg: ControllerConfig) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     for kind in [Kind::App, Kind::AppInstance, Kind::Node] {
         let store = store.clone();
@@ -61,7 +77,7 @@ pub async fn run_app_controller(store: Arc<dyn Store>, metrics: Arc<Metrics>) {
     let mut cache = DecodeCache::default();
     loop {
         let t0 = Instant::now();
-        if let Err(e) = reconcile_apps(&store, &mut cache).await {
+        if let Err(e) = reconcile_apps(&store, &mut cache, &cfg).await {
             tracing::warn!(error = %e, "app reconcile pass failed");
         }
         let took = t0.elapsed();
@@ -131,7 +147,11 @@ pub struct DecodeCache {
 }
 
 /// One full reconcile pass over every App.
-pub async fn reconcile_apps(store: &Arc<dyn Store>, cache: &mut DecodeCache) -> Result<(), StoreError> {
+pub async fn reconcile_apps(
+    store: &Arc<dyn Store>,
+    cache: &mut DecodeCache,
+    cfg: &ControllerConfig,
+) -> Result<(), StoreError> {
     let (apps, _) = store.list(Kind::App).await?;
     let (insts, _) = store.list(Kind::AppInstance).await?;
     let (nodes, _) = store.list(Kind::Node).await?;
@@ -145,10 +165,27 @@ pub async fn reconcile_apps(store: &Arc<dyn Store>, cache: &mut DecodeCache) -> 
         nodes.iter().filter(|n| n.status.phase == NodePhase::Ready).map(|n| n.metadata.name.clone()).collect();
     let app_names: BTreeSet<&str> = apps.iter().map(|a| a.metadata.name.as_str()).collect();
 
+    let now = crate::objects::unix_now();
+    let gone_too_long: BTreeSet<&str> = match cfg.evict_after {
+        Some(after) => nodes
+            .iter()
+            .filter(|n| n.status.phase == NodePhase::NotReady)
+            .filter(|n| {
+                yunbian_api::time::parse_rfc3339(&n.status.last_transition)
+                    .is_some_and(|t| now >= t.saturating_add(after.as_secs()))
+            })
+            .map(|n| n.metadata.name.as_str())
+            .collect(),
+        None => BTreeSet::new(),
+    };
+
     let mut deletes: Vec<String> = Vec::new();
     let mut by_app: HashMap<&str, Vec<&Instance>> = HashMap::new();
     for i in &insts {
-        if !app_names.contains(i.spec.app.as_str()) || !node_names.contains(&i.spec.node) {
+        if gone_too_long.contains(i.spec.node.as_str()) {
+            tracing::info!(instance = %i.metadata.name, node = %i.spec.node, "evicting: node NotReady too long");
+            deletes.push(i.metadata.name.clone());
+        } else if !app_names.contains(i.spec.app.as_str()) || !node_names.contains(&i.spec.node) {
             deletes.push(i.metadata.name.clone()); // owner or node is gone
         } else {
             by_app.entry(i.spec.app.as_str()).or_default().push(i);

@@ -558,6 +558,9 @@ impl Hub {
         };
         if let Some((info, usage, limits, address, synced, disk_pressure)) = write {
             let r = update_status::<NodeSpec>(&self.store, node, |n| {
+                if n.status.phase != NodePhase::Ready {
+                    n.status.last_transition = now_rfc3339();
+                }
                 n.status.phase = NodePhase::Ready;
                 n.status.reason = String::new();
                 n.status.allocatable.cpu_millis = u64::from(info.cpus) * 1000;
@@ -721,6 +724,9 @@ impl Hub {
                         tracing::info!(node = %n.name, phase = ?want, %reason, "node phase changed");
                     }
                     let _ = update_status::<NodeSpec>(&self.store, &n.name, |o| {
+                        if o.status.phase != want {
+                            o.status.last_transition = now_rfc3339();
+                        }
                         o.status.phase = want;
                         o.status.reason = reason.clone();
                         true

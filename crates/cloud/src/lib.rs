@@ -45,6 +45,8 @@ pub struct CloudOptions {
     /// How long after expiry a node certificate can still be renewed (a
     /// node offline while its certificate ran out recovers by itself).
     pub node_cert_grace: Duration,
+    /// App controller settings (eviction).
+    pub controllers: controllers::ControllerConfig,
 }
 
 impl CloudOptions {
@@ -57,6 +59,7 @@ impl CloudOptions {
             hub: HubConfig::default(),
             node_cert_ttl: Duration::from_secs(30 * 86_400),
             node_cert_grace: Duration::from_secs(30 * 86_400),
+            controllers: controllers::ControllerConfig::default(),
         }
     }
 }
@@ -143,7 +146,7 @@ pub async fn start(opts: CloudOptions) -> Result<CloudHandle> {
     let tasks = vec![
         tokio::spawn(hub.clone().run_view_builder()),
         tokio::spawn(hub.clone().run_node_lifecycle()),
-        tokio::spawn(controllers::run_app_controller(store.clone(), metrics.clone())),
+        tokio::spawn(controllers::run_app_controller(store.clone(), metrics.clone(), opts.controllers)),
         tokio::spawn(server::serve(listener, tls, app)),
     ];
     tracing::info!(%addr, %url, admin = %creds.admin_config.display(), "cloud listening");

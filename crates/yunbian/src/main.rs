@@ -63,6 +63,10 @@ struct CloudArgs {
     /// renewed (a site offline across its expiry recovers by itself).
     #[arg(long, default_value = "30d", value_parser = parse_duration)]
     node_cert_grace: Duration,
+    /// Instances of a node NotReady this long are re-placed elsewhere (the
+    /// node stops its copies when it reconnects); 0s: never.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    evict_after: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -183,6 +187,7 @@ async fn run(cli: Cli) -> Result<()> {
             opts.hub.grace = a.grace;
             opts.node_cert_ttl = a.node_cert_ttl;
             opts.node_cert_grace = a.node_cert_grace;
+            opts.controllers.evict_after = Some(a.evict_after).filter(|d| !d.is_zero());
             let cloud = yunbian_cloud::start(opts).await?;
             eprintln!("cloud listening at {}; client config: {}", cloud.url, cloud.admin_config.display());
             tokio::select! {
