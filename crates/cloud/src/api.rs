@@ -92,6 +92,7 @@ impl From<StoreError> for ApiError {
             StoreError::AlreadyExists { .. } | StoreError::Conflict { .. } => StatusCode::CONFLICT,
             StoreError::Compacted { .. } => StatusCode::GONE,
             StoreError::Backend(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            StoreError::Fenced(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError::new(code, e.to_string())
     }

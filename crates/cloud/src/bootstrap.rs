@@ -1,13 +1,22 @@
-//! First-start set-up of a cloud data directory and loading it afterwards.
+//! Set-up of a cloud replica's credentials.
 //!
-//! Layout of `--data-dir`:
-//! - `ca.crt`, `ca.key` (0600): the cluster CA;
-//! - `server.crt`, `server.key` (0600): the API/hub certificate, reissued
-//!   when the requested SANs change;
-//! - `admin.token.sha256`: hash of the admin token;
+//! Cluster-wide secrets live in the store (through
+//! [`yunbian_store::Coordinator::get_or_init`]), so every replica on one
+//! store shares them and the first replica to start creates them:
+//! - `ca.crt`, `ca.key`: the cluster CA (a node joined through one replica
+//!   is trusted by all);
+//! - `admin.token`: the admin token.
+//!
+//! Each replica keeps in its own `--data-dir`:
+//! - `server.crt`, `server.key` (0600): its API/hub certificate, issued by
+//!   the shared CA for its own names, reissued when those names or the CA
+//!   change;
+//! - `ca.crt`: a copy of the CA certificate, for operators;
 //! - `admin.yaml` (0600): server URL, CA and admin token for the CLI;
-//! - `store.redb`: the embedded state store.
+//! - `store.redb`: the embedded store, when that is the backend.
 //!
+//! A data directory from before secrets moved into the store (`ca.key`,
+//! `admin.yaml` on disk) seeds them, so upgrading keeps the CA and token.
 //! Files are written to a temporary name and renamed, so a crash never
 //! leaves a half-written credential.
 
@@ -16,6 +25,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use yunbian_pki::CertAuthority;
+use yunbian_store::Coordinator;
 
 /// Credentials of a running cloud.
 pub struct Credentials {
@@ -57,26 +67,32 @@ pub fn sans_for(listen: &str, advertise: &str) -> Vec<String> {
     sans
 }
 
-/// Creates (first start) or loads the cloud's credentials in `dir`.
-pub fn init(dir: &Path, listen: &str, advertise: &str) -> Result<Credentials> {
+/// Loads the cluster's credentials from the store (creating them on the
+/// very first start) and this replica's server certificate from `dir`.
+pub async fn init(dir: &Path, listen: &str, advertise: &str, coord: &dyn Coordinator) -> Result<Credentials> {
     std::fs::create_dir_all(dir).with_context(|| format!("create data dir {}", dir.display()))?;
-    let ca_crt = dir.join("ca.crt");
-    let ca_key = dir.join("ca.key");
-    let ca = if ca_crt.exists() {
-        let c = std::fs::read_to_string(&ca_crt).context("read ca.crt")?;
-        let k = std::fs::read_to_string(&ca_key).context("read ca.key")?;
-        CertAuthority::load(&c, &k).context("load the cluster CA")?
-    } else {
-        let ca = CertAuthority::generate("yunbian-ca").context("generate the cluster CA")?;
-        write_atomic(&ca_key, ca.key_pem().as_bytes(), 0o600)?;
-        write_atomic(&ca_crt, ca.cert_pem().as_bytes(), 0o644)?;
-        tracing::info!(dir = %dir.display(), "created cluster CA");
-        ca
-    };
+    let read_local = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
 
+    // The CA: one PEM pair under one key, so two replicas starting at once
+    // cannot end up with a certificate of one CA and the key of another.
+    let offer = match (read_local("ca.crt"), read_local("ca.key")) {
+        (Some(c), Some(k)) => format!("{c}\n{k}"),
+        _ => {
+            let ca = CertAuthority::generate("yunbian-ca").context("generate the cluster CA")?;
+            format!("{}\n{}", ca.cert_pem(), ca.key_pem())
+        }
+    };
+    let stored = coord.get_or_init("ca", offer.into_bytes()).await.context("read the cluster CA from the store")?;
+    let stored = String::from_utf8(stored).context("stored CA is not text")?;
+    let (ca_crt, ca_key) = split_pem_pair(&stored).context("stored CA")?;
+    let ca = CertAuthority::load(&ca_crt, &ca_key).context("load the cluster CA")?;
+    write_atomic(&dir.join("ca.crt"), ca.cert_pem().as_bytes(), 0o644)?;
+    let ca_fp = ca.fingerprint().context("CA fingerprint")?;
+
+    // This replica's server certificate, for its own names.
     let sans = sans_for(listen, advertise);
     let sans_file = dir.join("server.sans");
-    let want = sans.join(",");
+    let want = format!("{ca_fp};{}", sans.join(","));
     let have = std::fs::read_to_string(&sans_file).unwrap_or_default();
     let (server_cert, server_key) = if have == want && dir.join("server.crt").exists() {
         (
@@ -92,28 +108,25 @@ pub fn init(dir: &Path, listen: &str, advertise: &str) -> Result<Credentials> {
         (c, k)
     };
 
-    let token_hash_file = dir.join("admin.token.sha256");
+    // The admin token: the one in an existing admin.yaml seeds the store.
     let admin_config = dir.join("admin.yaml");
-    let admin_token_hash = if token_hash_file.exists() && admin_config.exists() {
-        std::fs::read_to_string(&token_hash_file).context("read admin token hash")?.trim().to_string()
-    } else {
-        let token = format!("yb-admin-{}", yunbian_pki::random_hex(24));
-        let hash = yunbian_pki::sha256_hex(token.as_bytes());
-        write_atomic(&token_hash_file, hash.as_bytes(), 0o600)?;
-        write_admin_config(&admin_config, advertise, ca.cert_pem(), &token)?;
-        hash
-    };
-    // Keep the advertised URL in admin.yaml current across restarts.
-    if let Ok(text) = std::fs::read_to_string(&admin_config) {
-        if let Ok(mut v) = serde_yaml::from_str::<serde_yaml::Value>(&text) {
-            if v.get("server").and_then(|s| s.as_str()) != Some(advertise) {
-                v["server"] = serde_yaml::Value::String(advertise.to_string());
-                let text = serde_yaml::to_string(&v).context("encode admin.yaml")?;
-                write_atomic(&admin_config, text.as_bytes(), 0o600)?;
-            }
-        }
-    }
+    let local_token = read_local("admin.yaml")
+        .and_then(|t| serde_yaml::from_str::<serde_yaml::Value>(&t).ok())
+        .and_then(|v| v.get("token").and_then(|t| t.as_str()).map(str::to_string))
+        .filter(|t| !t.is_empty());
+    let offer = local_token.unwrap_or_else(|| format!("yb-admin-{}", yunbian_pki::random_hex(24)));
+    let token = coord.get_or_init("admin.token", offer.into_bytes()).await.context("read the admin token from the store")?;
+    let token = String::from_utf8(token).context("stored admin token is not text")?;
+    let admin_token_hash = yunbian_pki::sha256_hex(token.as_bytes());
+    write_admin_config(&admin_config, advertise, ca.cert_pem(), &token)?;
     Ok(Credentials { ca, server_cert, server_key, admin_token_hash, admin_config })
+}
+
+/// Splits "CERT PEM\nKEY PEM" as stored under `ca`.
+fn split_pem_pair(s: &str) -> Result<(String, String)> {
+    let at = s.find("-----BEGIN").and_then(|first| s[first + 1..].find("-----BEGIN").map(|i| i + first + 1));
+    let at = at.context("expected a certificate and a key")?;
+    Ok((s[..at].trim().to_string() + "\n", s[at..].trim().to_string() + "\n"))
 }
 
 fn write_admin_config(path: &Path, server: &str, ca: &str, token: &str) -> Result<()> {

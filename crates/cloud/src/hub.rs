@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{Message, WebSocket};
 use tokio::sync::{mpsc, Notify};
 use yunbian_api::{AppInstanceSpec, Kind, NodeGroupSpec, NodeGroupStatus, NodeInfo, NodePhase, NodeSpec, NodeUsage};
-use yunbian_store::{EventType, Store, StoreError, StoredObject};
+use yunbian_store::{Coordinator, EventType, Store, StoreError, StoredObject};
 use yunbian_sync::wire::{decode_up, encode};
 use yunbian_sync::{Change, CloudAction, CloudSession, DesiredObject, Down, NodeView, Report, SessionConfig, Up};
 
@@ -626,8 +626,8 @@ impl Hub {
     }
 
     /// Recomputes every NodeGroup's membership counts.
-    async fn update_node_groups(&self, nodes: &[StoredObject]) {
-        let Ok((groups, _)) = self.store.list(Kind::NodeGroup).await else { return };
+    async fn update_node_groups(&self, store: &Arc<dyn Store>, nodes: &[StoredObject]) {
+        let Ok((groups, _)) = store.list(Kind::NodeGroup).await else { return };
         if groups.is_empty() {
             return;
         }
@@ -643,7 +643,7 @@ impl Hub {
                 ready_nodes: members.iter().filter(|n| n.status.phase == NodePhase::Ready).count() as u32,
             };
             if group.status != want {
-                let _ = update_status::<NodeGroupSpec>(&self.store, &g.name, |o| {
+                let _ = update_status::<NodeGroupSpec>(store, &g.name, |o| {
                     o.status = want.clone();
                     true
                 })
@@ -670,60 +670,114 @@ impl Hub {
         }
     }
 
-    /// Runs the node lifecycle controller: Ready while heartbeating,
-    /// NotReady after the grace period. Idempotent; writes only changes.
-    pub async fn run_node_lifecycle(self: Arc<Self>) {
+    /// Per-replica duties, every replica: gauges, reaping log streams whose
+    /// reader left, closing connections of deleted nodes, and publishing
+    /// which nodes this replica serves with a recent heartbeat (its
+    /// presence record, which the leader's lifecycle controller reads).
+    pub async fn run_housekeeping(self: Arc<Self>, coord: Arc<dyn Coordinator>, replica: String) {
+        let mut tick = tokio::time::interval(self.cfg.heartbeat.min(Duration::from_secs(2)));
+        let mut published: Option<Vec<u8>> = None;
+        let mut last_publish = Instant::now();
+        loop {
+            tick.tick().await;
+            self.refresh_gauges();
+            self.reap_log_streams();
+            let mut ready: Vec<String> = self.ready_nodes().into_iter().filter(|(_, ok)| *ok).map(|(n, _)| n).collect();
+            ready.sort();
+            let data = serde_json::to_vec(&ready).unwrap_or_default();
+            // Republish unchanged data now and then: a store that lost the
+            // record (etcd restarted, lease expired) gets it back.
+            if published.as_ref() != Some(&data) || last_publish.elapsed() >= Duration::from_secs(10) {
+                match coord.set_presence(&replica, data.clone()).await {
+                    Ok(()) => {
+                        published = Some(data);
+                        last_publish = Instant::now();
+                    }
+                    Err(e) => tracing::warn!(error = %e, "publish presence"),
+                }
+            }
+            match self.store.list(Kind::Node).await {
+                Ok((nodes, rev)) => {
+                    self.metrics.store_revision.store(rev, Ordering::Relaxed);
+                    // A deleted node loses its connection (its certificate
+                    // stays valid until expiry, but the hub refuses it
+                    // without a Node).
+                    let names: std::collections::HashSet<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+                    self.lock().links.retain(|n, _| {
+                        let keep = names.contains(n.as_str());
+                        if !keep {
+                            tracing::info!(node = %n, "node deleted; closing its connection");
+                        }
+                        keep
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "housekeeping: list nodes"),
+            }
+        }
+    }
+
+    /// The node lifecycle controller (leader only; `store` is the fenced
+    /// store): a node is Ready while some replica serves it with recent
+    /// heartbeats (the replicas' presence records) or its last heartbeat,
+    /// written by whichever replica serves it, is within the grace period;
+    /// NotReady after that. Idempotent; writes only changes.
+    pub async fn run_node_lifecycle(self: Arc<Self>, store: Arc<dyn Store>, coord: Arc<dyn Coordinator>) {
+        let started = Instant::now();
         let mut tick = tokio::time::interval(self.cfg.heartbeat.min(Duration::from_secs(2)));
         loop {
             tick.tick().await;
             let t0 = Instant::now();
-            self.refresh_gauges();
-            self.reap_log_streams();
-            let ready = self.ready_nodes();
-            let nodes = match self.store.list(Kind::Node).await {
-                Ok((n, rev)) => {
-                    self.metrics.store_revision.store(rev, Ordering::Relaxed);
-                    n
+            let served: std::collections::HashSet<String> = match coord.presences().await {
+                Ok(p) => p
+                    .into_iter()
+                    .flat_map(|(_, data)| serde_json::from_slice::<Vec<String>>(&data).unwrap_or_default())
+                    .collect(),
+                Err(e) => {
+                    // Without presences, judging nodes would mark healthy
+                    // ones NotReady: skip the pass.
+                    tracing::warn!(error = %e, "node lifecycle: read presences");
+                    continue;
                 }
+            };
+            let nodes = match store.list(Kind::Node).await {
+                Ok((n, _)) => n,
                 Err(e) => {
                     tracing::warn!(error = %e, "node lifecycle: list nodes");
                     continue;
                 }
             };
-            // A deleted node loses its connection (its certificate stays
-            // valid until expiry, but the hub refuses it without a Node).
-            let names: std::collections::HashSet<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
-            self.lock().links.retain(|n, _| {
-                let keep = names.contains(n.as_str());
-                if !keep {
-                    tracing::info!(node = %n, "node deleted; closing its connection");
-                }
-                keep
-            });
-            self.update_node_groups(&nodes).await;
+            self.update_node_groups(&store, &nodes).await;
+            let now = crate::objects::unix_now();
             for n in nodes {
-                // Read only the phase: decoding every node on every tick is
-                // the dominant cost at 10k+ nodes.
+                // Read only what is needed: decoding every node on every
+                // tick is the dominant cost at 10k+ nodes.
                 let phase = match n.value.pointer("/status/phase").and_then(|p| p.as_str()) {
                     Some("Ready") => NodePhase::Ready,
                     Some("NotReady") => NodePhase::NotReady,
                     _ => NodePhase::Unknown,
                 };
-                let is_ready = ready.get(&n.name).copied().unwrap_or(false);
+                let fresh_heartbeat = n
+                    .value
+                    .pointer("/status/lastHeartbeat")
+                    .and_then(|h| h.as_str())
+                    .and_then(yunbian_api::time::parse_rfc3339)
+                    .is_some_and(|t| now < t.saturating_add(self.cfg.grace.as_secs().max(1)));
+                let is_ready = served.contains(&n.name) || (phase == NodePhase::Ready && fresh_heartbeat);
                 let (want, reason) = if is_ready {
                     (NodePhase::Ready, String::new())
-                } else if self.uptime() >= self.cfg.grace {
+                } else if started.elapsed() >= self.cfg.grace {
                     (NodePhase::NotReady, self.not_ready_reason(&n))
                 } else {
-                    // Just started: every node gets one grace period to reconnect.
+                    // Just took over: every node gets one grace period to
+                    // reconnect and show up in a presence record.
                     continue;
                 };
                 let have_reason = n.value.pointer("/status/reason").and_then(|r| r.as_str()).unwrap_or_default();
-                if phase != want || have_reason != reason {
+                if phase != want || (want == NodePhase::NotReady && have_reason != reason) {
                     if phase != want {
                         tracing::info!(node = %n.name, phase = ?want, %reason, "node phase changed");
                     }
-                    let _ = update_status::<NodeSpec>(&self.store, &n.name, |o| {
+                    let _ = update_status::<NodeSpec>(&store, &n.name, |o| {
                         if o.status.phase != want {
                             o.status.last_transition = now_rfc3339();
                         }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::task::JoinHandle;
-use yunbian_store::{RedbStore, Store};
+use yunbian_store::{Coordinator, RedbStore, Store};
 
 pub mod api;
 pub mod bootstrap;
@@ -47,6 +47,51 @@ pub struct CloudOptions {
     pub node_cert_grace: Duration,
     /// App controller settings (eviction).
     pub controllers: controllers::ControllerConfig,
+    /// Where the state lives.
+    pub store: StoreConfig,
+    /// This replica's name in leader election and presence (default: its URL).
+    pub replica_id: Option<String>,
+}
+
+/// The state store backend.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreConfig {
+    /// redb in the data directory: one replica.
+    Embedded,
+    /// etcd v3: any number of replicas.
+    #[cfg(feature = "etcd")]
+    Etcd {
+        /// `host:port` of each member.
+        endpoints: Vec<String>,
+        /// Key prefix of this cluster.
+        prefix: String,
+    },
+}
+
+impl StoreConfig {
+    /// Parses `--store`: `embedded` or `etcd://HOST:PORT[,HOST:PORT…]`.
+    pub fn parse(s: &str, etcd_prefix: &str) -> Result<StoreConfig, String> {
+        if s == "embedded" || s.is_empty() {
+            return Ok(StoreConfig::Embedded);
+        }
+        let Some(rest) = s.strip_prefix("etcd://") else {
+            return Err(format!("--store {s:?}: expected `embedded` or `etcd://HOST:PORT[,HOST:PORT…]`"));
+        };
+        let endpoints: Vec<String> =
+            rest.split(',').map(str::trim).filter(|e| !e.is_empty()).map(|e| format!("http://{e}")).collect();
+        if endpoints.is_empty() {
+            return Err(format!("--store {s:?}: no etcd endpoint"));
+        }
+        #[cfg(feature = "etcd")]
+        {
+            Ok(StoreConfig::Etcd { endpoints, prefix: etcd_prefix.to_string() })
+        }
+        #[cfg(not(feature = "etcd"))]
+        {
+            let _ = (endpoints, etcd_prefix);
+            Err("this build has no etcd support (build with `--features etcd`)".to_string())
+        }
+    }
 }
 
 impl CloudOptions {
@@ -60,6 +105,8 @@ impl CloudOptions {
             node_cert_ttl: Duration::from_secs(30 * 86_400),
             node_cert_grace: Duration::from_secs(30 * 86_400),
             controllers: controllers::ControllerConfig::default(),
+            store: StoreConfig::Embedded,
+            replica_id: None,
         }
     }
 }
@@ -101,7 +148,30 @@ impl Drop for CloudHandle {
     }
 }
 
-/// Starts a cloud; returns once it is listening.
+/// Opens the configured state store.
+async fn open_store(opts: &CloudOptions) -> Result<(Arc<dyn Store>, Arc<dyn Coordinator>)> {
+    match &opts.store {
+        StoreConfig::Embedded => {
+            let path = opts.data_dir.join("store.redb");
+            std::fs::create_dir_all(&opts.data_dir)
+                .with_context(|| format!("create data dir {}", opts.data_dir.display()))?;
+            let store = tokio::task::spawn_blocking(move || RedbStore::open(&path, Default::default()))
+                .await
+                .context("store open task")?
+                .context("open the state store")?;
+            Ok((store.clone(), store))
+        }
+        #[cfg(feature = "etcd")]
+        StoreConfig::Etcd { endpoints, prefix } => {
+            let store = yunbian_store::etcd::EtcdStore::connect(endpoints, prefix, Default::default())
+                .await
+                .with_context(|| format!("connect to etcd at {}", endpoints.join(",")))?;
+            Ok((store.clone(), store))
+        }
+    }
+}
+
+/// Starts a cloud replica; returns once it is listening.
 pub async fn start(opts: CloudOptions) -> Result<CloudHandle> {
     let listener =
         tokio::net::TcpListener::bind(&opts.listen).await.with_context(|| format!("listen on {}", opts.listen))?;
@@ -111,27 +181,14 @@ pub async fn start(opts: CloudOptions) -> Result<CloudHandle> {
         let host = if host.contains(':') { format!("[{host}]") } else { host };
         format!("https://{host}:{}", addr.port())
     });
-    let listen = addr.to_string();
-    let data_dir = opts.data_dir.clone();
-    let creds = tokio::task::spawn_blocking(move || bootstrap::init(&data_dir, &listen, &url).map(|c| (c, url)))
-        .await
-        .context("credential set-up task")??;
-    let (creds, url) = creds;
-    let store_path = opts.data_dir.join("store.redb");
-    let store: Arc<dyn Store> = tokio::task::spawn_blocking(move || RedbStore::open(&store_path, Default::default()))
-        .await
-        .context("store open task")?
-        .context("open the state store")?;
+    let (store, coord) = open_store(&opts).await?;
+    let creds = bootstrap::init(&opts.data_dir, &addr.to_string(), &url, coord.as_ref()).await?;
+    let replica = opts.replica_id.clone().unwrap_or_else(|| url.clone());
 
     let metrics = Arc::new(metrics::Metrics::default());
     let hub_cfg = HubConfig { cert_grace: opts.node_cert_grace, url: url.clone(), ..opts.hub };
     let hub = hub::Hub::new(store.clone(), metrics.clone(), hub_cfg);
-    let tls = yunbian_pki::server_config(
-        &creds.server_cert,
-        &creds.server_key,
-        creds.ca.cert_pem(),
-        opts.node_cert_grace,
-    )
+    let tls = yunbian_pki::server_config(&creds.server_cert, &creds.server_key, creds.ca.cert_pem(), opts.node_cert_grace)
         .context("server TLS configuration")?;
     let state = Arc::new(api::ApiState {
         store: store.clone(),
@@ -145,10 +202,53 @@ pub async fn start(opts: CloudOptions) -> Result<CloudHandle> {
     let app = api::router(state);
     let tasks = vec![
         tokio::spawn(hub.clone().run_view_builder()),
-        tokio::spawn(hub.clone().run_node_lifecycle()),
-        tokio::spawn(controllers::run_app_controller(store.clone(), metrics.clone(), opts.controllers)),
+        tokio::spawn(hub.clone().run_housekeeping(coord.clone(), replica.clone())),
+        tokio::spawn(lead(coord.clone(), replica.clone(), hub.clone(), metrics.clone(), opts.controllers)),
         tokio::spawn(server::serve(listener, tls, app)),
     ];
-    tracing::info!(%addr, %url, admin = %creds.admin_config.display(), "cloud listening");
+    tracing::info!(%addr, %url, %replica, admin = %creds.admin_config.display(), "cloud listening");
     Ok(CloudHandle { addr, url, admin_config: creds.admin_config, store, tasks })
+}
+
+/// Campaigns for leadership, forever: while this replica leads, the App
+/// controller and the node lifecycle controller run, writing through the
+/// fenced store (a deposed leader's writes fail); when leadership is lost
+/// they stop, and the replica campaigns again. Every replica serves the API
+/// and edges all along.
+async fn lead(
+    coord: Arc<dyn Coordinator>,
+    replica: String,
+    hub: Arc<hub::Hub>,
+    metrics: Arc<metrics::Metrics>,
+    cfg: controllers::ControllerConfig,
+) {
+    loop {
+        let mut leadership = match coord.campaign(&replica).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "leader election: cannot campaign; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        tracing::info!(%replica, term = leadership.term, "leading: controllers started");
+        metrics.leader.store(1, std::sync::atomic::Ordering::Relaxed);
+        let store = leadership.store.clone();
+        let controllers = [
+            tokio::spawn(controllers::run_app_controller(store.clone(), metrics.clone(), cfg)),
+            tokio::spawn(hub.clone().run_node_lifecycle(store, coord.clone())),
+        ];
+        drop(leadership.store);
+        while !*leadership.lost.borrow_and_update() {
+            if leadership.lost.changed().await.is_err() {
+                break;
+            }
+        }
+        for c in &controllers {
+            c.abort();
+        }
+        metrics.leader.store(0, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(%replica, term = leadership.term, "leadership lost: controllers stopped");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub reports_applied: AtomicU64,
     /// Hub connections refused (bad certificate, unknown node, garbage).
     pub hub_rejected: AtomicU64,
+    /// 1 while this replica is the leader (runs the controllers).
+    pub leader: AtomicU64,
     /// Latest store revision.
     pub store_revision: AtomicU64,
 }
@@ -124,6 +126,7 @@ impl Metrics {
             "counter",
         );
         g(&mut out, "yunbian_sync_reports_applied_total", "Edge reports stored.", ld(&self.reports_applied), "counter");
+        g(&mut out, "yunbian_cloud_leader", "1 while this replica leads (runs the controllers).", ld(&self.leader), "gauge");
         g(
             &mut out,
             "yunbian_hub_rejected_connections_total",

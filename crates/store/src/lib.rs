@@ -7,7 +7,10 @@
 //!
 //! Invariants every backend keeps:
 //! - Revisions are global and strictly increasing; every successful write
-//!   (create, update, delete) takes the next revision.
+//!   (create, update, delete) takes a revision greater than every revision
+//!   seen before it. They need not be contiguous: etcd's revision also moves
+//!   on for writes to keys that are not objects (leases, leader, presence)
+//!   or that belong to another user of the same etcd.
 //! - The stored JSON's `metadata.resourceVersion` equals the revision of the
 //!   write that produced it.
 //! - `update`/`delete` with `expected = Some(rv)` fail with
@@ -17,12 +20,22 @@
 //!   compaction point it fails with [`StoreError::Compacted`] and the caller
 //!   relists. A watcher that falls too far behind is ended with
 //!   `Err(Compacted)` as its last item rather than being buffered forever.
+//!   A watch whose backend connection broke ends with `Err(Backend)`; the
+//!   caller relists (or watches again from the last revision it saw).
+//!
+//! The [`Coordinator`] trait is what several cloud replicas on one store
+//! share besides objects: cluster-wide secrets written once, one leader at a
+//! time whose writes are fenced, and a presence record per live replica.
+//! [`RedbStore`] implements it for a single replica; `etcd::EtcdStore`
+//! (cargo feature `etcd`) for many.
 
 use std::sync::Arc;
 
 use serde_json::Value;
 use yunbian_api::Kind;
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod redb_store;
 
 pub use redb_store::{RedbStore, StoreOptions};
@@ -104,6 +117,10 @@ pub enum StoreError {
     /// The backend failed (disk, corruption, connection).
     #[error("store backend: {0}")]
     Backend(String),
+    /// A write by a replica that no longer holds leadership was refused;
+    /// nothing was written. The replica must stop acting as the leader.
+    #[error("not the leader: {0}")]
+    Fenced(String),
 }
 
 /// A live watch: receive until `None` (store closed) or `Some(Err(_))`.
@@ -135,4 +152,51 @@ pub trait Store: Send + Sync + 'static {
     fn revision(&self) -> u64;
     /// The oldest revision a watch can resume from.
     fn compacted_revision(&self) -> u64;
+}
+
+/// What several cloud replicas on one store share besides objects.
+#[async_trait::async_trait]
+pub trait Coordinator: Send + Sync + 'static {
+    /// The bytes stored under the cluster-wide `key` (e.g. `"ca.key"`,
+    /// `"admin.token"`), storing `init` first if the key is absent. The first
+    /// writer wins: every replica then reads the same bytes, whatever `init`
+    /// it offered.
+    async fn get_or_init(&self, key: &str, init: Vec<u8>) -> Result<Vec<u8>, StoreError>;
+    /// Waits until `replica` is the leader. The returned [`Leadership`]'s
+    /// `store` is a view of this store whose every write is fenced: once
+    /// leadership is lost, writes through it fail with
+    /// [`StoreError::Fenced`] and change nothing. Fails (with
+    /// [`StoreError::Backend`]) when the backend cannot be reached; call it
+    /// again.
+    async fn campaign(&self, replica: &str) -> Result<Leadership, StoreError>;
+    /// Publishes `data` as `replica`'s presence record, replacing its
+    /// previous one. The record vanishes, within the lease TTL, once the
+    /// replica dies (stops refreshing it).
+    async fn set_presence(&self, replica: &str, data: Vec<u8>) -> Result<(), StoreError>;
+    /// Presence records of the live replicas, `(replica, data)`, sorted by
+    /// replica.
+    async fn presences(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+}
+
+/// Leadership held by one replica, from [`Coordinator::campaign`].
+///
+/// Dropping every clone of `store` gives leadership up (the etcd backend
+/// revokes its lease, so another replica takes over at once).
+pub struct Leadership {
+    /// The fenced view of the store: writes fail with
+    /// [`StoreError::Fenced`] once leadership is lost.
+    pub store: Arc<dyn Store>,
+    /// Becomes `true` when leadership is lost (lease expired or revoked,
+    /// leader key deleted or replaced). Never changes for a single-replica
+    /// store.
+    pub lost: tokio::sync::watch::Receiver<bool>,
+    /// Identifies the term, for logs: the etcd revision at which the leader
+    /// key was created (a greater term is a later leader).
+    pub term: u64,
+}
+
+impl std::fmt::Debug for Leadership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leadership").field("term", &self.term).field("lost", &*self.lost.borrow()).finish()
+    }
 }

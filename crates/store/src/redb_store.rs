@@ -3,7 +3,7 @@
 //!
 //! # On-disk format (format version 1)
 //!
-//! The database file holds three redb tables:
+//! The database file holds four redb tables:
 //!
 //! - `objects` (`&str -> &[u8]`): key `"<Kind>/<name>"` where `<Kind>` is
 //!   [`Kind::as_str`] (`"App/hello"`; the name may itself contain `/`, the
@@ -30,6 +30,10 @@
 //! - `meta` (`&str -> u64`): `"format"` (= 1), `"revision"` (latest
 //!   revision, 0 when nothing was ever written) and `"compacted"` (the
 //!   compaction point: every event with a revision `<=` it was deleted).
+//! - `system` (`&str -> &[u8]`): the cluster-wide values of
+//!   [`Coordinator::get_or_init`], written once each and never changed. It
+//!   takes no revision and is created on first use (older files without it
+//!   stay valid).
 //!
 //! On open the whole file is loaded and checked: the objects into the read
 //! index, the events into the in-memory history. Anything that does not
@@ -69,26 +73,33 @@
 //! `oldest` the current compaction point) and drops the sender, so the
 //! watcher reads its backlog, then that error, then `None`. Dropping the
 //! store ends every watch with `None`.
+//!
+//! # Coordination
+//!
+//! A redb file is opened by one process, so there is one replica: it leads
+//! at once ([`Coordinator::campaign`] returns this very store, unfenced, and
+//! leadership is never lost), and presence records live in memory.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::thread::JoinHandle;
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, Table, TableDefinition, WriteTransaction};
 use serde_json::Value;
 use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use yunbian_api::Kind;
 
-use crate::{EventType, Store, StoreError, StoreEvent, StoredObject, Watch};
+use crate::{Coordinator, EventType, Leadership, Store, StoreError, StoreEvent, StoredObject, Watch};
 
 const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const SYSTEM: TableDefinition<&str, &[u8]> = TableDefinition::new("system");
 
 const META_FORMAT: &str = "format";
 const META_REVISION: &str = "revision";
@@ -127,6 +138,15 @@ pub struct RedbStore {
     sender: Option<std_mpsc::Sender<Request>>,
     writer: Option<JoinHandle<()>>,
     path: PathBuf,
+    /// The database, also owned by the writer; used directly only for the
+    /// `system` table (redb serializes write transactions).
+    db: Arc<Database>,
+    /// This store itself, handed out as the leader's store by `campaign`.
+    me: Weak<RedbStore>,
+    /// Never sends: a single replica never loses leadership.
+    leadership_lost: watch::Sender<bool>,
+    /// Presence records (one process, so in memory).
+    presence: Mutex<BTreeMap<String, Vec<u8>>>,
 }
 
 /// State shared by the store handle and the writer thread.
@@ -221,7 +241,7 @@ fn object_key(kind: Kind, name: &str) -> String {
 
 /// Sets `metadata.resourceVersion` to `revision`, creating `metadata` if it
 /// is missing or null.
-fn set_resource_version(value: &mut Value, revision: u64) -> Result<(), StoreError> {
+pub(crate) fn set_resource_version(value: &mut Value, revision: u64) -> Result<(), StoreError> {
     let obj =
         value.as_object_mut().ok_or_else(|| StoreError::Backend("a stored value must be a JSON object".to_string()))?;
     let meta = obj.entry("metadata").or_insert(Value::Null);
@@ -448,14 +468,25 @@ impl RedbStore {
             }),
             opts,
         });
+        let db = Arc::new(db);
         let (sender, receiver) = std_mpsc::channel();
         let writer_shared = shared.clone();
+        let writer_db = db.clone();
         let writer = std::thread::Builder::new()
             .name("yunbian-store-writer".to_string())
-            .spawn(move || writer_loop(db, writer_shared, receiver))
+            .spawn(move || writer_loop(&writer_db, writer_shared, receiver))
             .map_err(|e| backend("spawn store writer", e))?;
         tracing::debug!(path = %path.display(), revision = loaded.revision, "store opened");
-        Ok(Arc::new(RedbStore { shared, sender: Some(sender), writer: Some(writer), path: path.to_path_buf() }))
+        Ok(Arc::new_cyclic(|me| RedbStore {
+            shared,
+            sender: Some(sender),
+            writer: Some(writer),
+            path: path.to_path_buf(),
+            db,
+            me: me.clone(),
+            leadership_lost: watch::channel(false).0,
+            presence: Mutex::new(BTreeMap::new()),
+        }))
     }
 
     /// The file this store lives in.
@@ -496,7 +527,7 @@ impl Drop for RedbStore {
     }
 }
 
-fn writer_loop(db: Database, shared: Arc<Shared>, queue: std_mpsc::Receiver<Request>) {
+fn writer_loop(db: &Database, shared: Arc<Shared>, queue: std_mpsc::Receiver<Request>) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -505,7 +536,7 @@ fn writer_loop(db: Database, shared: Arc<Shared>, queue: std_mpsc::Receiver<Requ
                 Err(_) => break,
             }
         }
-        process_batch(&db, &shared, batch);
+        process_batch(db, &shared, batch);
     }
     // Store dropped: end every watch.
     shared.write().watchers.clear();
@@ -779,6 +810,52 @@ impl Store for RedbStore {
 
     fn compacted_revision(&self) -> u64 {
         self.shared.compacted.load(Ordering::Acquire)
+    }
+}
+
+/// Reads `key` from the `system` table, inserting `init` first if absent,
+/// in one write transaction.
+fn system_get_or_init(db: &Database, key: &str, init: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+    let txn = db.begin_write().map_err(|e| backend("begin write", e))?;
+    let value = {
+        let mut table = txn.open_table(SYSTEM).map_err(|e| backend("open system table", e))?;
+        let existing = table.get(key).map_err(|e| backend("read system table", e))?.map(|v| v.value().to_vec());
+        match existing {
+            Some(v) => v,
+            None => {
+                table.insert(key, init.as_slice()).map_err(|e| backend("write system table", e))?;
+                init
+            }
+        }
+    };
+    txn.commit().map_err(|e| backend("commit", e))?;
+    Ok(value)
+}
+
+#[async_trait::async_trait]
+impl Coordinator for RedbStore {
+    async fn get_or_init(&self, key: &str, init: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        let db = self.db.clone();
+        let key = key.to_string();
+        tokio::task::spawn_blocking(move || system_get_or_init(&db, &key, init))
+            .await
+            .map_err(|e| backend("system table task", e))?
+    }
+
+    async fn campaign(&self, replica: &str) -> Result<Leadership, StoreError> {
+        let store: Arc<dyn Store> = self.me.upgrade().ok_or_else(closed)?;
+        tracing::debug!(replica, "single replica: leading at once");
+        Ok(Leadership { store, lost: self.leadership_lost.subscribe(), term: self.revision() })
+    }
+
+    async fn set_presence(&self, replica: &str, data: Vec<u8>) -> Result<(), StoreError> {
+        self.presence.lock().unwrap_or_else(PoisonError::into_inner).insert(replica.to_string(), data);
+        Ok(())
+    }
+
+    async fn presences(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let presence = self.presence.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(presence.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
     }
 }
 

@@ -1,15 +1,19 @@
-//! Behaviour of `RedbStore` one feature at a time.
+//! Behaviour of `RedbStore`: the shared conformance suite
+//! (`common/conformance.rs`, also run against etcd), then what only the
+//! embedded backend does (contiguous revisions, files, history, reopening,
+//! coordination of a single replica).
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
+use common::conformance::{assert_idle, next, next_ok, Opened};
 use common::{obj, with_rv, TempDir};
 use serde_json::json;
 use yunbian_api::Kind;
 use yunbian_store::redb_store::StoreOptions;
-use yunbian_store::{EventType, RedbStore, Store, StoreError, StoreEvent, Watch};
+use yunbian_store::{Coordinator, EventType, RedbStore, Store, StoreError};
 
 fn open(dir: &TempDir) -> Arc<RedbStore> {
     RedbStore::open(&dir.db(), StoreOptions::default()).expect("open store")
@@ -19,23 +23,16 @@ fn open_with(dir: &TempDir, history: u64, watch_buffer: usize) -> Arc<RedbStore>
     RedbStore::open(&dir.db(), StoreOptions { history, watch_buffer }).expect("open store")
 }
 
-/// Next item of a watch, failing the test after 5 s.
-async fn next(w: &mut Watch) -> Option<Result<StoreEvent, StoreError>> {
-    tokio::time::timeout(Duration::from_secs(5), w.recv()).await.expect("watch timed out")
+async fn open_for_conformance(label: &str, watch_buffer: usize) -> Option<Opened> {
+    let dir = TempDir::new(label);
+    let store = open_with(&dir, 100_000, watch_buffer);
+    Some(Opened { store, guard: Box::new(dir) })
 }
 
-async fn next_ok(w: &mut Watch) -> StoreEvent {
-    next(w).await.expect("watch ended").expect("watch error")
-}
-
-/// Asserts nothing more is queued right now.
-async fn assert_idle(w: &mut Watch) {
-    let r = tokio::time::timeout(Duration::from_millis(100), w.recv()).await;
-    assert!(r.is_err(), "unexpected watch item: {r:?}");
-}
+conformance_tests!(open_for_conformance);
 
 #[tokio::test]
-async fn crud_and_conflicts() {
+async fn revisions_are_contiguous_and_failed_writes_take_none() {
     let dir = TempDir::new("crud");
     let store = open(&dir);
     assert_eq!(store.revision(), 0);
@@ -93,41 +90,6 @@ async fn crud_and_conflicts() {
 }
 
 #[tokio::test]
-async fn revisions_are_global_across_kinds() {
-    let dir = TempDir::new("global");
-    let store = open(&dir);
-    let n = store.create(Kind::Node, "x", obj("x", 0)).await.expect("create");
-    let a = store.create(Kind::App, "x", obj("x", 0)).await.expect("same name, other kind");
-    let t = store.create(Kind::Token, "y", obj("y", 0)).await.expect("create");
-    assert_eq!((n.revision, a.revision, t.revision), (1, 2, 3));
-    let (apps, rev) = store.list(Kind::App).await.expect("list");
-    assert_eq!((apps.len(), rev), (1, 3));
-    let (groups, rev) = store.list(Kind::NodeGroup).await.expect("list");
-    assert_eq!((groups.len(), rev), (0, 3));
-    store.delete(Kind::Node, "x", None).await.expect("delete");
-    assert!(store.get(Kind::App, "x").await.is_ok(), "other kinds untouched");
-    assert_eq!(store.revision(), 4);
-}
-
-#[tokio::test]
-async fn metadata_is_created_and_values_must_be_objects() {
-    let dir = TempDir::new("meta");
-    let store = open(&dir);
-    let o = store.create(Kind::Node, "bare", json!({"spec": 1})).await.expect("create");
-    assert_eq!(*o.value, json!({"spec": 1, "metadata": {"resourceVersion": 1}}));
-    let o = store.update(Kind::Node, "bare", json!({"metadata": null}), None).await.expect("update");
-    assert_eq!(*o.value, json!({"metadata": {"resourceVersion": 2}}));
-    // resourceVersion sent by the caller is overwritten.
-    let o = store.update(Kind::Node, "bare", with_rv(obj("bare", 0), 77), None).await.expect("update");
-    assert_eq!(*o.value, with_rv(obj("bare", 0), 3));
-
-    assert!(matches!(store.create(Kind::Node, "s", json!("str")).await, Err(StoreError::Backend(_))));
-    assert!(matches!(store.create(Kind::Node, "m", json!({"metadata": 5})).await, Err(StoreError::Backend(_))));
-    assert_eq!(store.revision(), 3);
-    assert!(store.get(Kind::Node, "s").await.is_err());
-}
-
-#[tokio::test]
 async fn persists_across_reopen() {
     let dir = TempDir::new("persist");
     let before = {
@@ -177,59 +139,6 @@ async fn persists_across_reopen() {
     let c = store.create(Kind::App, "c", obj("c", 1)).await.expect("create");
     assert_eq!(c.revision, 6);
     assert_eq!(next_ok(&mut w).await.revision, 6);
-}
-
-#[tokio::test]
-async fn watch_replays_then_goes_live() {
-    let dir = TempDir::new("watch");
-    let store = open(&dir);
-    store.create(Kind::App, "a", obj("a", 1)).await.expect("create");
-    store.create(Kind::Node, "n", obj("n", 1)).await.expect("create");
-    store.update(Kind::App, "a", obj("a", 2), None).await.expect("update");
-
-    let mut all = store.watch(None, 1).await.expect("watch");
-    let mut apps = store.watch(Some(Kind::App), 0).await.expect("watch");
-    let mut nodes_live = store.watch(Some(Kind::Node), store.revision()).await.expect("watch");
-
-    let e = next_ok(&mut all).await;
-    assert_eq!((e.revision, e.event, e.object.kind), (2, EventType::Added, Kind::Node));
-    let e = next_ok(&mut all).await;
-    assert_eq!((e.revision, e.event, e.object.kind), (3, EventType::Modified, Kind::App));
-    assert_eq!(*e.object.value, with_rv(obj("a", 2), 3));
-    assert_idle(&mut all).await;
-
-    let e = next_ok(&mut apps).await;
-    assert_eq!((e.revision, e.event), (1, EventType::Added));
-    let e = next_ok(&mut apps).await;
-    assert_eq!((e.revision, e.event), (3, EventType::Modified));
-    assert_idle(&mut apps).await;
-    assert_idle(&mut nodes_live).await;
-
-    store.delete(Kind::Node, "n", None).await.expect("delete");
-    store.delete(Kind::App, "a", Some(3)).await.expect("delete");
-
-    let e = next_ok(&mut all).await;
-    assert_eq!((e.revision, e.event, e.object.kind, e.object.revision), (4, EventType::Deleted, Kind::Node, 2));
-    let e = next_ok(&mut all).await;
-    assert_eq!((e.revision, e.event, e.object.kind, e.object.revision), (5, EventType::Deleted, Kind::App, 3));
-    let e = next_ok(&mut apps).await;
-    assert_eq!((e.revision, e.event), (5, EventType::Deleted));
-    let e = next_ok(&mut nodes_live).await;
-    assert_eq!((e.revision, e.event), (4, EventType::Deleted));
-    assert_idle(&mut apps).await;
-    assert_idle(&mut nodes_live).await;
-}
-
-#[tokio::test]
-async fn watch_from_the_future_skips_older_events() {
-    let dir = TempDir::new("future");
-    let store = open(&dir);
-    let mut w = store.watch(None, 2).await.expect("watch");
-    for name in ["a", "b", "c"] {
-        store.create(Kind::App, name, obj(name, 0)).await.expect("create");
-    }
-    assert_eq!(next_ok(&mut w).await.revision, 3);
-    assert_idle(&mut w).await;
 }
 
 #[tokio::test]
@@ -294,35 +203,6 @@ async fn compaction() {
 }
 
 #[tokio::test]
-async fn slow_watcher_is_ended_with_compacted() {
-    let dir = TempDir::new("slow");
-    let store = open_with(&dir, 1000, 4);
-    let mut slow = store.watch(None, 0).await.expect("watch");
-    let mut other_kind = store.watch(Some(Kind::Node), 0).await.expect("watch");
-    for i in 0..10 {
-        store.create(Kind::App, &format!("a{i}"), obj("a", i)).await.expect("create");
-    }
-    for rev in 1..=4 {
-        assert_eq!(next_ok(&mut slow).await.revision, rev);
-    }
-    assert_eq!(next(&mut slow).await, Some(Err(StoreError::Compacted { requested: 4, oldest: 0 })));
-    assert_eq!(next(&mut slow).await, None);
-
-    // Watchers of other kinds are unaffected; writes went on.
-    assert_eq!(store.revision(), 10);
-    store.create(Kind::Node, "n", obj("n", 0)).await.expect("create");
-    assert_eq!(next_ok(&mut other_kind).await.revision, 11);
-
-    // A replay larger than the buffer is delivered whole.
-    let mut replay = store.watch(None, 0).await.expect("watch");
-    for rev in 1..=11 {
-        assert_eq!(next_ok(&mut replay).await.revision, rev);
-    }
-    store.create(Kind::Node, "m", obj("m", 0)).await.expect("create");
-    assert_eq!(next_ok(&mut replay).await.revision, 12);
-}
-
-#[tokio::test]
 async fn dropping_the_store_ends_watches_and_releases_the_file() {
     let dir = TempDir::new("drop");
     let store = open(&dir);
@@ -338,7 +218,7 @@ async fn dropping_the_store_ends_watches_and_releases_the_file() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_creates_get_unique_revisions() {
+async fn concurrent_creates_take_contiguous_revisions() {
     let dir = TempDir::new("concurrent");
     let store = open(&dir);
     let mut w = store.watch(None, 0).await.expect("watch");
@@ -372,52 +252,6 @@ async fn concurrent_creates_get_unique_revisions() {
     drop(store);
     let store = open(&dir);
     assert_eq!(store.list(Kind::AppInstance).await.expect("list"), (list, 1600));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn racing_writes_are_decided_one_by_one() {
-    let dir = TempDir::new("race");
-    let store = open(&dir);
-    let base = store.create(Kind::App, "x", obj("x", 0)).await.expect("create");
-
-    // Many creates of one name: exactly one wins.
-    let mut creates = Vec::new();
-    for i in 0..32 {
-        let store = store.clone();
-        creates.push(tokio::spawn(async move { store.create(Kind::App, "y", obj("y", i)).await }));
-    }
-    let mut won = 0;
-    for c in creates {
-        match c.await.expect("task") {
-            Ok(_) => won += 1,
-            Err(e) => assert_eq!(e, StoreError::AlreadyExists { kind: Kind::App, name: "y".into() }),
-        }
-    }
-    assert_eq!(won, 1);
-
-    // Many updates based on the same revision: exactly one wins.
-    let mut updates = Vec::new();
-    for i in 0..32 {
-        let store = store.clone();
-        updates.push(tokio::spawn(async move { store.update(Kind::App, "x", obj("x", i), Some(base.revision)).await }));
-    }
-    let mut winner = None;
-    for u in updates {
-        match u.await.expect("task") {
-            Ok(o) => {
-                assert!(winner.is_none(), "two updates won");
-                winner = Some(o.revision);
-            }
-            Err(StoreError::Conflict { expected, current, .. }) => {
-                assert_eq!(expected, base.revision);
-                assert!(current > base.revision);
-            }
-            Err(e) => panic!("unexpected {e}"),
-        }
-    }
-    let winner = winner.expect("one update won");
-    assert_eq!(store.get(Kind::App, "x").await.expect("get").revision, winner);
-    assert_eq!(store.revision(), 3);
 }
 
 #[tokio::test]
@@ -481,3 +315,57 @@ const META: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta"
 
 /// Damages one entry of a store file.
 type Damage = fn(&redb::WriteTransaction);
+
+#[tokio::test]
+async fn single_replica_coordination() {
+    let dir = TempDir::new("coord");
+    {
+        let store = open(&dir);
+        assert_eq!(store.get_or_init("ca.key", b"first".to_vec()).await.expect("init"), b"first");
+        assert_eq!(store.get_or_init("ca.key", b"second".to_vec()).await.expect("get"), b"first");
+        assert_eq!(store.get_or_init("admin.token", Vec::new()).await.expect("init"), b"");
+        assert_eq!(store.revision(), 0, "system values are not objects and take no revision");
+
+        // The only replica leads at once, through the store itself.
+        let leader = store.campaign("cloud-0").await.expect("campaign");
+        assert!(!*leader.lost.borrow());
+        let a = leader.store.create(Kind::App, "a", obj("a", 0)).await.expect("leader writes");
+        assert_eq!(store.get(Kind::App, "a").await.expect("same store"), a);
+        let again = store.campaign("cloud-0").await.expect("campaign again");
+        assert!(!*again.lost.borrow());
+
+        assert_eq!(store.presences().await.expect("presences"), vec![]);
+        store.set_presence("cloud-1", b"b".to_vec()).await.expect("presence");
+        store.set_presence("cloud-0", b"a".to_vec()).await.expect("presence");
+        store.set_presence("cloud-0", b"a2".to_vec()).await.expect("presence");
+        assert_eq!(
+            store.presences().await.expect("presences"),
+            vec![("cloud-0".to_string(), b"a2".to_vec()), ("cloud-1".to_string(), b"b".to_vec())]
+        );
+        // The leaders' stores are this store: drop them before reopening.
+        drop((leader, again));
+    }
+    // System values survive a restart; presence does not.
+    let store = open(&dir);
+    assert_eq!(store.get_or_init("ca.key", b"third".to_vec()).await.expect("get"), b"first");
+    assert_eq!(store.get_or_init("admin.token", b"x".to_vec()).await.expect("get"), b"");
+    assert_eq!(store.presences().await.expect("presences"), vec![]);
+    assert_eq!(store.revision(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_get_or_init_has_one_winner() {
+    let dir = TempDir::new("init-race");
+    let store = open(&dir);
+    let mut tasks = Vec::new();
+    for i in 0..16u8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move { store.get_or_init("k", vec![i]).await.expect("get_or_init") }));
+    }
+    let mut seen = Vec::new();
+    for t in tasks {
+        seen.push(t.await.expect("task"));
+    }
+    seen.dedup();
+    assert_eq!(seen.len(), 1, "every caller reads the first writer's bytes: {seen:?}");
+}

@@ -67,6 +67,17 @@ struct CloudArgs {
     /// node stops its copies when it reconnects); 0s: never.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     evict_after: Duration,
+    /// State store: `embedded` (redb in the data directory, one replica) or
+    /// `etcd://HOST:PORT[,HOST:PORT…]` (any number of replicas; controllers
+    /// run on the elected leader).
+    #[arg(long, default_value = "embedded")]
+    store: String,
+    /// Key prefix in etcd (several clusters can share one etcd).
+    #[arg(long, default_value = "/yunbian")]
+    etcd_prefix: String,
+    /// Name of this replica in leader election (default: its URL).
+    #[arg(long)]
+    replica_id: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -188,6 +199,8 @@ async fn run(cli: Cli) -> Result<()> {
             opts.node_cert_ttl = a.node_cert_ttl;
             opts.node_cert_grace = a.node_cert_grace;
             opts.controllers.evict_after = Some(a.evict_after).filter(|d| !d.is_zero());
+            opts.store = yunbian_cloud::StoreConfig::parse(&a.store, &a.etcd_prefix).map_err(|e| anyhow!(e))?;
+            opts.replica_id = a.replica_id;
             let cloud = yunbian_cloud::start(opts).await?;
             eprintln!("cloud listening at {}; client config: {}", cloud.url, cloud.admin_config.display());
             tokio::select! {

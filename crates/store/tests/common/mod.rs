@@ -1,6 +1,10 @@
 //! Helpers shared by the store tests.
 #![allow(dead_code)]
 
+#[macro_use]
+pub mod conformance;
+pub mod model;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
