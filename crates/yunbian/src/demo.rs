@@ -1,6 +1,9 @@
 //! `yunbian demo`: a cloud and three edge agents on this machine, each with
 //! its own data directory, real sockets and mTLS, two sites, and a sample
-//! app. Runs until Ctrl-C, then deletes every app deployed in it.
+//! app. Site b reaches the cloud through a fault-injection link
+//! (`yunbian_faults::LinkProxy`); the demo cuts it for a while to show a
+//! site running on its own and coming back without restarting anything.
+//! Runs until Ctrl-C, then deletes every app deployed in it.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -22,6 +25,9 @@ pub struct DemoArgs {
     /// Exit once the sample app is running (for scripted runs).
     #[arg(long)]
     exit_when_ready: bool,
+    /// How long to cut site b's link to show offline autonomy; 0s skips it.
+    #[arg(long, default_value = "12s", value_parser = crate::parse_duration)]
+    outage: Duration,
 }
 
 /// The sample app the demo deploys.
@@ -52,7 +58,14 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let dir = std::path::absolute(&args.dir).context("resolve the demo directory")?;
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     say(&format!("starting the cloud in {}", dir.join("cloud").display()));
-    let cloud = yunbian_cloud::start(yunbian_cloud::CloudOptions::new(dir.join("cloud"), &args.listen)).await?;
+    let mut cloud_opts = yunbian_cloud::CloudOptions::new(dir.join("cloud"), &args.listen);
+    // Short timers, so the outage shows within seconds.
+    cloud_opts.hub.heartbeat = Duration::from_secs(2);
+    cloud_opts.hub.grace = Duration::from_secs(6);
+    let cloud = yunbian_cloud::start(cloud_opts).await?;
+    // Site b's WAN link: a proxy the demo can cut and heal.
+    let link = yunbian_faults::LinkProxy::start(cloud.addr).context("start site b's link")?;
+    let link_url = format!("https://127.0.0.1:{}", link.addr().port());
     let config = yunbian_cli::ClientConfig::load(Some(&cloud.admin_config))?;
     let client = yunbian_cli::Client::new(config)?;
 
@@ -71,7 +84,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             yunbian_edge::join(&ddir, &cloud.url, t, name, &labels, false).await.with_context(|| format!("join {name}"))?;
             say(&format!("joined {name} (site={site}) with its own key and certificate in {}", ddir.display()));
         }
+        let url = if site == "b" { &link_url } else { &cloud.url };
+        yunbian_edge::identity::set_cloud_urls(&ddir, url)?;
         let mut opts = yunbian_edge::EdgeOptions::new(&ddir);
+        opts.agent.heartbeat = Duration::from_secs(1);
         opts.metrics_listen = Some("127.0.0.1:0".into());
         let agent = yunbian_edge::start(opts).await?;
         if let Some(a) = agent.metrics_addr {
@@ -117,6 +133,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         let pid = inst.pointer("/status/pid").and_then(Value::as_u64).unwrap_or(0);
         println!("    {:<18} on {:<8} {:<8} pid {pid}", g("/metadata/name"), g("/spec/node"), g("/status/phase"));
     }
+    if !args.outage.is_zero() {
+        outage(&client, &link, args.outage).await?;
+    }
     let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "yunbian".into());
     println!(
         "\nThe cluster is up. In another terminal:\n\n    export YUNBIAN_CONFIG={}\n    {exe} get nodes -o wide\n    {exe} get instances\n    {exe} logs app/hello --follow\n    {exe} apply -f <your-app.yaml>\n\nPress Ctrl-C to stop (the demo's apps are deleted first, so no workload outlives it).",
@@ -127,6 +146,73 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
     tokio::signal::ctrl_c().await.context("wait for Ctrl-C")?;
     cleanup(&client).await
+}
+
+/// Pids of the instances on `node`, by instance name.
+async fn pids_on(client: &yunbian_cli::Client, node: &str) -> Result<Vec<(String, u64)>> {
+    let mut v: Vec<(String, u64)> = client
+        .list(Kind::AppInstance)
+        .await?
+        .iter()
+        .filter(|i| i.pointer("/spec/node").and_then(Value::as_str) == Some(node))
+        .map(|i| {
+            let name = i.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_string();
+            (name, i.pointer("/status/pid").and_then(Value::as_u64).unwrap_or(0))
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+async fn node_phase(client: &yunbian_cli::Client, node: &str) -> String {
+    client
+        .get_object(Kind::Node, node)
+        .await
+        .ok()
+        .and_then(|n| n.pointer("/status/phase").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Cuts site b's link (packets vanish: no FIN, no RST), shows the cloud
+/// losing the node while its workloads keep running, heals the link, and
+/// shows the node back with the same processes.
+async fn outage(client: &yunbian_cli::Client, link: &yunbian_faults::LinkProxy, length: Duration) -> Result<()> {
+    let node = "edge-b1";
+    let before = pids_on(client, node).await?;
+    let local: Vec<u64> = before.iter().map(|(_, p)| *p).collect();
+    say(&format!("cutting site b's link for {}s (a blackhole: packets vanish)", length.as_secs()));
+    link.cut();
+    let t0 = Instant::now();
+    let mut seen_not_ready = false;
+    while t0.elapsed() < length {
+        if !seen_not_ready && node_phase(client, node).await == "NotReady" {
+            seen_not_ready = true;
+            say(&format!("the cloud marks {node} NotReady after {:.1}s", t0.elapsed().as_secs_f64()));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let alive = local.iter().filter(|p| **p > 0 && std::path::Path::new(&format!("/proc/{p}")).exists()).count();
+    say(&format!("{alive} of {} workloads on {node} still running on their own (pids {local:?})", local.len()));
+    link.heal().context("heal site b's link")?;
+    say("link healed");
+    let t1 = Instant::now();
+    loop {
+        if node_phase(client, node).await == "Ready" {
+            break;
+        }
+        if t1.elapsed() > Duration::from_secs(60) {
+            bail!("{node} did not come back within 60 s of the link healing");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = pids_on(client, node).await?;
+    let restarted = after.iter().filter(|a| !before.contains(a)).count();
+    say(&format!(
+        "{node} Ready again {:.1}s after the heal; {} instance(s), {restarted} restarted or recreated by the reconnect",
+        t1.elapsed().as_secs_f64(),
+        after.len()
+    ));
+    Ok(())
 }
 
 async fn cleanup(client: &yunbian_cli::Client) -> Result<()> {
