@@ -115,7 +115,8 @@ pub async fn init(dir: &Path, listen: &str, advertise: &str, coord: &dyn Coordin
         .and_then(|v| v.get("token").and_then(|t| t.as_str()).map(str::to_string))
         .filter(|t| !t.is_empty());
     let offer = local_token.unwrap_or_else(|| format!("yb-admin-{}", yunbian_pki::random_hex(24)));
-    let token = coord.get_or_init("admin.token", offer.into_bytes()).await.context("read the admin token from the store")?;
+    let token =
+        coord.get_or_init("admin.token", offer.into_bytes()).await.context("read the admin token from the store")?;
     let token = String::from_utf8(token).context("stored admin token is not text")?;
     let admin_token_hash = yunbian_pki::sha256_hex(token.as_bytes());
     write_admin_config(&admin_config, advertise, ca.cert_pem(), &token)?;

@@ -44,10 +44,14 @@ impl Default for ControllerConfig {
 /// Runs the App controller forever.
 pub async fn run_app_controller(store: Arc<dyn Store>, metrics: Arc<Metrics>, cfg: ControllerConfig) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    // The watchers live exactly as long as this controller: aborting it (a
+    // lost leadership) drops the set, which aborts them and releases their
+    // watches and their hold on the fenced store.
+    let mut watchers = tokio::task::JoinSet::new();
     for kind in [Kind::App, Kind::AppInstance, Kind::Node] {
         let store = store.clone();
         let tx = tx.clone();
-        tokio::spawn(async move {
+        watchers.spawn(async move {
             loop {
                 let from = store.revision();
                 match store.watch(Some(kind), from).await {

@@ -182,6 +182,8 @@ impl Hub {
                 Ok(w) => w,
                 Err(e) => {
                     tracing::warn!(error = %e, "hub: watch instances; relisting");
+                    // The list worked but the watch did not: do not spin.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }
             };
@@ -194,6 +196,7 @@ impl Hub {
                     }
                 }
             }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -553,7 +556,14 @@ impl Hub {
                 l.last_status_write = Some(Instant::now());
             }
             (changed || due).then(|| {
-                (l.info.clone(), l.usage.clone(), l.limits.clone(), l.address.clone(), l.synced, l.disk_pressure.clone())
+                (
+                    l.info.clone(),
+                    l.usage.clone(),
+                    l.limits.clone(),
+                    l.address.clone(),
+                    l.synced,
+                    l.disk_pressure.clone(),
+                )
             })
         };
         if let Some((info, usage, limits, address, synced, disk_pressure)) = write {

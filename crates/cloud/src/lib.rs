@@ -188,8 +188,9 @@ pub async fn start(opts: CloudOptions) -> Result<CloudHandle> {
     let metrics = Arc::new(metrics::Metrics::default());
     let hub_cfg = HubConfig { cert_grace: opts.node_cert_grace, url: url.clone(), ..opts.hub };
     let hub = hub::Hub::new(store.clone(), metrics.clone(), hub_cfg);
-    let tls = yunbian_pki::server_config(&creds.server_cert, &creds.server_key, creds.ca.cert_pem(), opts.node_cert_grace)
-        .context("server TLS configuration")?;
+    let tls =
+        yunbian_pki::server_config(&creds.server_cert, &creds.server_key, creds.ca.cert_pem(), opts.node_cert_grace)
+            .context("server TLS configuration")?;
     let state = Arc::new(api::ApiState {
         store: store.clone(),
         hub: hub.clone(),

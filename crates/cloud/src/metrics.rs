@@ -126,7 +126,13 @@ impl Metrics {
             "counter",
         );
         g(&mut out, "yunbian_sync_reports_applied_total", "Edge reports stored.", ld(&self.reports_applied), "counter");
-        g(&mut out, "yunbian_cloud_leader", "1 while this replica leads (runs the controllers).", ld(&self.leader), "gauge");
+        g(
+            &mut out,
+            "yunbian_cloud_leader",
+            "1 while this replica leads (runs the controllers).",
+            ld(&self.leader),
+            "gauge",
+        );
         g(
             &mut out,
             "yunbian_hub_rejected_connections_total",

@@ -362,7 +362,6 @@ pub async fn run_agent(
     result
 }
 
-
 fn simulated_info(runtimes: &[&str]) -> yunbian_api::NodeInfo {
     yunbian_api::NodeInfo {
         hostname: "sim".into(),

@@ -62,7 +62,6 @@ pub enum CertState {
     },
 }
 
-
 /// Everything needed to connect with mTLS.
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -332,8 +331,8 @@ pub fn set_cloud_urls(dir: &Path, urls: &str) -> Result<()> {
         http::host_port(u).map_err(|e| anyhow!("--cloud-urls: {e}"))?;
     }
     let path = dir.join("node.yaml");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("read {} (has this node joined?)", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("read {} (has this node joined?)", path.display()))?;
     let mut config: NodeConfig = serde_yaml::from_str(&text).context("parse node.yaml")?;
     config.cloud = list.join(",");
     write_atomic(&path, serde_yaml::to_string(&config)?.as_bytes(), 0o644)

@@ -35,9 +35,8 @@ pub fn disk_pressure(dir: &Path) -> Option<String> {
     let total = s.f_blocks * s.f_frsize;
     let avail = s.f_bavail * s.f_frsize;
     let floor = (100u64 << 20).min(total / 10);
-    (total > 0 && avail < floor).then(|| {
-        format!("{} free of {} on the data filesystem ({})", mib(avail), mib(total), dir.display())
-    })
+    (total > 0 && avail < floor)
+        .then(|| format!("{} free of {} on the data filesystem ({})", mib(avail), mib(total), dir.display()))
 }
 
 fn mib(b: u64) -> String {

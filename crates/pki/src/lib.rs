@@ -266,11 +266,10 @@ pub fn server_config(
     ca_pem: &str,
     expired_grace: Duration,
 ) -> Result<Arc<rustls::ServerConfig>, PkiError> {
-    let inner =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(ca_pem)?), provider())
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| PkiError::Malformed { what: "client verifier", detail: e.to_string() })?;
+    let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(ca_pem)?), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| PkiError::Malformed { what: "client verifier", detail: e.to_string() })?;
     let verifier = Arc::new(GraceVerifier { inner, grace: expired_grace });
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
@@ -401,7 +400,8 @@ mod tests {
         assert!(err.to_string().to_lowercase().contains("expired"), "{err}");
         // Another CA's certificate is refused however recent.
         let other = CertAuthority::generate("other").expect("ca");
-        let foreign = other.sign_node_csr(&node.csr("edge-1").expect("csr"), "edge-1", Duration::from_secs(60)).expect("sign");
+        let foreign =
+            other.sign_node_csr(&node.csr("edge-1").expect("csr"), "edge-1", Duration::from_secs(60)).expect("sign");
         let foreign = pem_to_der(&foreign).expect("der");
         assert!(v.verify_client_cert(&foreign, &[], at(not_after + 10)).is_err());
     }

@@ -316,10 +316,20 @@ impl Conn {
         what: &str,
         request: impl Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, request).await {
+        self.call_within(self.timeout, what, request).await
+    }
+
+    /// Runs one request, bounded by `limit`.
+    async fn call_within<T>(
+        &self,
+        limit: Duration,
+        what: &str,
+        request: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(limit, request).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(etcd_error(what, e)),
-            Err(_) => Err(StoreError::Backend(format!("etcd {what}: no answer within {:?}", self.timeout))),
+            Err(_) => Err(StoreError::Backend(format!("etcd {what}: no answer within {limit:?}"))),
         }
     }
 
@@ -417,11 +427,15 @@ impl LeaseRefresher {
         self.last_ok.elapsed() >= self.ttl
     }
 
+    /// Refreshes the lease once. Waits at most one refresh period (or the
+    /// request timeout, if shorter), so that a lease etcd no longer hears
+    /// from is noticed as [`LeaseRefresher::overdue`] soon after its TTL.
     async fn refresh(&mut self) -> Refresh {
         let sent = Instant::now();
+        let limit = self.period().min(self.conn.timeout);
         if self.stream.is_none() {
             let mut lease = self.conn.client.lease_client();
-            match self.conn.call("keep lease alive", lease.keep_alive(self.id)).await {
+            match self.conn.call_within(limit, "keep lease alive", lease.keep_alive(self.id)).await {
                 Ok(s) => {
                     // Opening the stream already refreshed the lease.
                     self.stream = Some(s);
@@ -439,7 +453,7 @@ impl LeaseRefresher {
             keeper.keep_alive().await?;
             stream.message().await
         };
-        match self.conn.call("keep lease alive", exchange).await {
+        match self.conn.call_within(limit, "keep lease alive", exchange).await {
             Ok(Some(resp)) if resp.ttl() > 0 => {
                 self.conn.saw(resp.header());
                 self.last_ok = sent;
@@ -1010,7 +1024,8 @@ struct PresenceTask {
     conn: Conn,
     key: String,
     ttl: Duration,
-    data: Vec<u8>,
+    /// The record, once the first request set it.
+    data: Option<Vec<u8>>,
     lease: Option<LeaseRefresher>,
 }
 
@@ -1025,7 +1040,7 @@ impl PresenceTask {
                 _ = shutdown.changed() => return,
                 req = requests.recv() => {
                     let Some((data, reply)) = req else { return };
-                    self.data = data;
+                    self.data = Some(data);
                     let _ = reply.send(self.publish().await);
                 }
                 _ = tick.tick() => self.refresh().await,
@@ -1035,6 +1050,7 @@ impl PresenceTask {
 
     /// Puts the record with the current lease, granting one if needed.
     async fn publish(&mut self) -> Result<(), StoreError> {
+        let Some(data) = self.data.clone() else { return Ok(()) };
         for _ in 0..2 {
             let id = match &self.lease {
                 Some(l) => l.id,
@@ -1045,7 +1061,7 @@ impl PresenceTask {
                 }
             };
             let mut kv = self.conn.client.kv_client();
-            let put = kv.put(self.key.clone(), self.data.clone(), Some(PutOptions::new().with_lease(id)));
+            let put = kv.put(self.key.clone(), data.clone(), Some(PutOptions::new().with_lease(id)));
             match self.conn.call("put presence", put).await {
                 Ok(resp) => {
                     self.conn.saw(resp.header());
@@ -1135,7 +1151,7 @@ impl Coordinator for EtcdStore {
                         conn: self.conn.clone(),
                         key: self.conn.keys.presence(replica),
                         ttl: self.opts.lease_ttl,
-                        data: Vec::new(),
+                        data: None,
                         lease: None,
                     };
                     tokio::spawn(task.run(rx, self.shutdown.subscribe()));

@@ -190,8 +190,9 @@ pub struct Leadership {
     /// leader key deleted or replaced). Never changes for a single-replica
     /// store.
     pub lost: tokio::sync::watch::Receiver<bool>,
-    /// Identifies the term, for logs: the etcd revision at which the leader
-    /// key was created (a greater term is a later leader).
+    /// Identifies the term, for logs: with etcd, the revision at which the
+    /// leader key was created (a greater term is a later leader); with redb,
+    /// the store's revision when the campaign returned.
     pub term: u64,
 }
 
