@@ -81,7 +81,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             }
             let t = token.as_ref().context("join token")?;
             let labels = [("site".to_string(), site.to_string())].into();
-            yunbian_edge::join(&ddir, &cloud.url, t, name, &labels, false).await.with_context(|| format!("join {name}"))?;
+            yunbian_edge::join(&ddir, &cloud.url, t, name, &labels, false)
+                .await
+                .with_context(|| format!("join {name}"))?;
             say(&format!("joined {name} (site={site}) with its own key and certificate in {}", ddir.display()));
         }
         let url = if site == "b" { &link_url } else { &cloud.url };

@@ -213,8 +213,7 @@ async fn run(cli: Cli) -> Result<()> {
             let run = match e.join {
                 Some(EdgeCommand::Join(j)) => {
                     let token = j.token.parse::<yunbian_edge::JoinToken>()?;
-                    let id =
-                        yunbian_edge::join(&j.run.data_dir, &j.cloud, &token, &j.name, &j.labels, j.force).await?;
+                    let id = yunbian_edge::join(&j.run.data_dir, &j.cloud, &token, &j.name, &j.labels, j.force).await?;
                     eprintln!("joined as node {} (certificate in {})", id.config.name, j.run.data_dir.display());
                     if j.no_run {
                         return Ok(());
