@@ -318,12 +318,6 @@ impl Hub {
             .collect()
     }
 
-    /// How long the hub has been up (the node controller waits one grace
-    /// period after start before declaring never-seen nodes NotReady).
-    pub fn uptime(&self) -> Duration {
-        self.started.elapsed()
-    }
-
     /// Grace period.
     pub fn grace(&self) -> Duration {
         self.cfg.grace
