@@ -132,6 +132,31 @@ impl CloudHandle {
         }
     }
 
+    /// Stops cleanly: ends every task, which drops a held leadership, and
+    /// gives the store a moment to release it (the etcd lease is revoked,
+    /// so another replica leads at once instead of after the lease TTL).
+    pub async fn stop(mut self) {
+        let tasks = std::mem::take(&mut self.tasks);
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    /// Resolves when the server task has ended (only on a fatal error),
+    /// leaving the handle usable.
+    pub async fn server_stopped(&self) {
+        loop {
+            if self.tasks.last().is_none_or(|t| t.is_finished()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     /// Waits until the server task ends (it only ends on a fatal error).
     pub async fn wait(mut self) {
         if let Some(server) = self.tasks.pop() {

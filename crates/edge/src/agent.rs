@@ -327,8 +327,9 @@ pub async fn run_agent(
                 }
             }
         };
+        let writes = actions.iter().any(|a| !matches!(a, EdgeAction::Send(_)));
         let result = execute(&store, &mut desired, actions, out.as_ref());
-        if result.is_ok() && store_failure.take().is_some() {
+        if result.is_ok() && writes && store_failure.take().is_some() {
             tracing::info!(node = %node, "local store writable again");
         }
         match result {
@@ -345,6 +346,10 @@ pub async fn run_agent(
                 // and the heartbeat reports DiskPressure until a write works.
                 tracing::error!(node = %node, error = %e, "local store write failed; resyncing");
                 store_failure = Some(e.to_string());
+                // redb refuses everything after an I/O error until re-opened.
+                if let Err(e) = store.reopen() {
+                    tracing::error!(node = %node, error = %e, "re-open the local store");
+                }
                 let r = store.restore().context("re-read the local store")?;
                 session = EdgeSession::new(cfg.session, r.applied, r.outbox, r.next_seq);
                 desired = instances_of(&r.desired);

@@ -43,7 +43,7 @@ pub async fn connect_tls(
         .map_err(|e| format!("cannot reach cloud at {url}: {e}"))?;
     let _ = tcp.set_nodelay(true);
     let name = ServerName::try_from(host.clone()).map_err(|e| format!("{host}: {e}"))?;
-    tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| format!("TLS with {url}: {e}"))
+    tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(|e| format!("TLS with {url}: {}", chain(&e)))
 }
 
 /// Sends one request; returns status and body.
@@ -59,7 +59,7 @@ pub async fn request(
         let stream = connect_tls(url, tls).await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| format!("http handshake: {e}"))?;
+            .map_err(|e| format!("http handshake: {}", chain(&e)))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -70,9 +70,9 @@ pub async fn request(
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| e.to_string())?;
-        let resp = sender.send_request(req).await.map_err(|e| format!("request {path}: {e}"))?;
+        let resp = sender.send_request(req).await.map_err(|e| format!("request {path}: {}", chain(&e)))?;
         let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.map_err(|e| format!("read {path}: {e}"))?.to_bytes();
+        let body = resp.into_body().collect().await.map_err(|e| format!("read {path}: {}", chain(&e)))?.to_bytes();
         Ok((status, body))
     })
     .await
@@ -98,4 +98,21 @@ mod tests {
         assert!(host_port("http://x:1").is_err());
         assert!(host_port("https://:1").is_err());
     }
+}
+
+/// An error with its sources (`connection error: received fatal alert:
+/// CertificateExpired`): hyper's own message hides the TLS alert the caller
+/// must act on.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
 }

@@ -56,7 +56,7 @@ impl LocalStoreError {
     }
 }
 
-fn db<E: std::fmt::Display>(e: E) -> LocalStoreError {
+fn db_err<E: std::fmt::Display>(e: E) -> LocalStoreError {
     LocalStoreError::Db(e.to_string())
 }
 
@@ -109,7 +109,8 @@ struct Memory {
 
 /// The store.
 pub struct LocalStore {
-    db: Option<Database>,
+    /// The file and its open database (`None` for the in-memory variant).
+    file: Option<(std::path::PathBuf, std::sync::RwLock<Database>)>,
     mem: Mutex<Memory>,
 }
 
@@ -117,41 +118,87 @@ fn key(kind: Kind, name: &str) -> String {
     format!("{}/{name}", kind.as_str())
 }
 
+/// Opens the database file, creating and initialising it when absent.
+fn open_database(path: &Path) -> Result<Database, LocalStoreError> {
+    let fresh = !path.exists();
+    // redb asserts (panics) on some truncated files instead of returning an
+    // error; either way the file is not a usable store.
+    let opened = std::panic::catch_unwind(|| {
+        // The view and outbox are small; redb's default cache (up to 1 GiB)
+        // would only grow the agent's resident memory.
+        Database::builder().set_cache_size(1 << 20).create(path)
+    });
+    let database = match opened {
+        Ok(r) => r.map_err(open_err)?,
+        Err(_) => return Err(LocalStoreError::Damaged("the store file is truncated or malformed".into())),
+    };
+    if !fresh {
+        // An existing store is only read here: re-opening must work on a
+        // full disk.
+        let r = database.begin_read().map_err(read_err)?;
+        let complete = r.open_table(DESIRED).is_ok() && r.open_table(OUTBOX).is_ok() && r.open_table(META).is_ok();
+        drop(r);
+        if complete {
+            return Ok(database);
+        }
+    }
+    let w = database.begin_write().map_err(db_err)?;
+    {
+        w.open_table(DESIRED).map_err(|e| LocalStoreError::Damaged(e.to_string()))?;
+        w.open_table(OUTBOX).map_err(|e| LocalStoreError::Damaged(e.to_string()))?;
+        let mut meta = w.open_table(META).map_err(|e| LocalStoreError::Damaged(e.to_string()))?;
+        if fresh {
+            // A new store's report sequence starts at the current time in
+            // microseconds: a store rebuilt after corruption (or a node whose
+            // data directory was wiped) never reuses a sequence the cloud has
+            // already seen and would ignore as stale.
+            let floor =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
+            meta.insert("next_seq", floor).map_err(db_err)?;
+        }
+    }
+    w.commit().map_err(db_err)?;
+    Ok(database)
+}
+
 impl LocalStore {
     /// Opens (or creates) the store file.
     pub fn open(path: &Path) -> Result<LocalStore, LocalStoreError> {
-        // The view and outbox are small; redb's default cache (up to 1 GiB)
-        // would only grow the agent's resident memory.
-        let fresh = !path.exists();
-        let database = Database::builder().set_cache_size(1 << 20).create(path).map_err(open_err)?;
-        let w = database.begin_write().map_err(db)?;
-        {
-            w.open_table(DESIRED).map_err(|e| LocalStoreError::Damaged(e.to_string()))?;
-            w.open_table(OUTBOX).map_err(|e| LocalStoreError::Damaged(e.to_string()))?;
-            let mut meta = w.open_table(META).map_err(|e| LocalStoreError::Damaged(e.to_string()))?;
-            if fresh {
-                // A new store's report sequence starts at the current time in
-                // microseconds: a store rebuilt after corruption (or a node
-                // whose data directory was wiped) never reuses a sequence the
-                // cloud has already seen and would ignore as stale.
-                let floor = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(1, |d| d.as_micros() as u64);
-                meta.insert("next_seq", floor).map_err(db)?;
-            }
-        }
-        w.commit().map_err(db)?;
-        Ok(LocalStore { db: Some(database), mem: Mutex::new(Memory { next_seq: 1, ..Default::default() }) })
+        let database = open_database(path)?;
+        Ok(LocalStore {
+            file: Some((path.to_path_buf(), std::sync::RwLock::new(database))),
+            mem: Mutex::new(Memory { next_seq: 1, ..Default::default() }),
+        })
+    }
+
+    /// Closes and re-opens the file. After an I/O error (a full disk) redb
+    /// refuses every later transaction until the database is re-opened; the
+    /// file itself is intact (the failed transaction never committed).
+    pub fn reopen(&self) -> Result<(), LocalStoreError> {
+        let Some((path, db)) = &self.file else { return Ok(()) };
+        let mut guard = db.write().map_err(|_| LocalStoreError::Db("local store lock poisoned".into()))?;
+        // redb holds an exclusive lock on the file: the old handle must be
+        // closed before the new one opens. A throwaway in-memory database
+        // stands in meanwhile.
+        let placeholder = Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(db_err)?;
+        drop(std::mem::replace(&mut *guard, placeholder));
+        *guard = open_database(path)?;
+        Ok(())
     }
 
     /// A store that lives in memory only (simulated nodes).
     pub fn in_memory() -> LocalStore {
-        LocalStore { db: None, mem: Mutex::new(Memory { next_seq: 1, ..Default::default() }) }
+        LocalStore { file: None, mem: Mutex::new(Memory { next_seq: 1, ..Default::default() }) }
     }
 
     /// Reads everything back.
     pub fn restore(&self) -> Result<Restored, LocalStoreError> {
-        let Some(d) = &self.db else {
+        // A poisoned lock still guards a consistent database: redb rolls
+        // back whatever transaction a panic interrupted.
+        let guard = self.file.as_ref().map(|(_, db)| db.read().unwrap_or_else(|e| e.into_inner()));
+        let Some(d) = guard.as_deref() else {
             let m = self.mem.lock().expect("local store lock");
             return Ok(Restored {
                 applied: m.applied,
@@ -185,27 +232,33 @@ impl LocalStore {
 
     /// Replaces the desired view.
     pub fn apply_snapshot(&self, revision: u64, objects: &[DesiredObject]) -> Result<(), LocalStoreError> {
-        let Some(d) = &self.db else {
+        // A poisoned lock still guards a consistent database: redb rolls
+        // back whatever transaction a panic interrupted.
+        let guard = self.file.as_ref().map(|(_, db)| db.read().unwrap_or_else(|e| e.into_inner()));
+        let Some(d) = guard.as_deref() else {
             let mut m = self.mem.lock().expect("local store lock");
             m.desired = objects.iter().map(|o| (key(o.kind, &o.name), o.clone())).collect();
             m.applied = revision;
             return Ok(());
         };
-        let w = d.begin_write().map_err(db)?;
+        let w = d.begin_write().map_err(db_err)?;
         {
-            let mut t = w.open_table(DESIRED).map_err(db)?;
-            t.retain(|_, _| false).map_err(db)?;
+            let mut t = w.open_table(DESIRED).map_err(db_err)?;
+            t.retain(|_, _| false).map_err(db_err)?;
             for o in objects {
-                t.insert(key(o.kind, &o.name).as_str(), serde_json::to_vec(o).map_err(db)?.as_slice()).map_err(db)?;
+                t.insert(key(o.kind, &o.name).as_str(), serde_json::to_vec(o).map_err(db_err)?.as_slice()).map_err(db_err)?;
             }
-            w.open_table(META).map_err(db)?.insert("applied", revision).map_err(db)?;
+            w.open_table(META).map_err(db_err)?.insert("applied", revision).map_err(db_err)?;
         }
-        w.commit().map_err(db)
+        w.commit().map_err(db_err)
     }
 
     /// Applies a delta.
     pub fn apply_delta(&self, revision: u64, changes: &[Change]) -> Result<(), LocalStoreError> {
-        let Some(d) = &self.db else {
+        // A poisoned lock still guards a consistent database: redb rolls
+        // back whatever transaction a panic interrupted.
+        let guard = self.file.as_ref().map(|(_, db)| db.read().unwrap_or_else(|e| e.into_inner()));
+        let Some(d) = guard.as_deref() else {
             let mut m = self.mem.lock().expect("local store lock");
             for c in changes {
                 match c {
@@ -220,55 +273,61 @@ impl LocalStore {
             m.applied = revision;
             return Ok(());
         };
-        let w = d.begin_write().map_err(db)?;
+        let w = d.begin_write().map_err(db_err)?;
         {
-            let mut t = w.open_table(DESIRED).map_err(db)?;
+            let mut t = w.open_table(DESIRED).map_err(db_err)?;
             for c in changes {
                 match c {
                     Change::Upsert { object } => {
-                        let v = serde_json::to_vec(object).map_err(db)?;
-                        t.insert(key(object.kind, &object.name).as_str(), v.as_slice()).map_err(db)?;
+                        let v = serde_json::to_vec(object).map_err(db_err)?;
+                        t.insert(key(object.kind, &object.name).as_str(), v.as_slice()).map_err(db_err)?;
                     }
                     Change::Remove { kind, name } => {
-                        t.remove(key(*kind, name).as_str()).map_err(db)?;
+                        t.remove(key(*kind, name).as_str()).map_err(db_err)?;
                     }
                 }
             }
-            w.open_table(META).map_err(db)?.insert("applied", revision).map_err(db)?;
+            w.open_table(META).map_err(db_err)?.insert("applied", revision).map_err(db_err)?;
         }
-        w.commit().map_err(db)
+        w.commit().map_err(db_err)
     }
 
     /// Appends a report.
     pub fn push_report(&self, seq: u64, report: &Report) -> Result<(), LocalStoreError> {
-        let Some(d) = &self.db else {
+        // A poisoned lock still guards a consistent database: redb rolls
+        // back whatever transaction a panic interrupted.
+        let guard = self.file.as_ref().map(|(_, db)| db.read().unwrap_or_else(|e| e.into_inner()));
+        let Some(d) = guard.as_deref() else {
             let mut m = self.mem.lock().expect("local store lock");
             m.outbox.insert(seq, report.clone());
             m.next_seq = seq + 1;
             return Ok(());
         };
-        let w = d.begin_write().map_err(db)?;
+        let w = d.begin_write().map_err(db_err)?;
         {
-            let v = serde_json::to_vec(report).map_err(db)?;
-            w.open_table(OUTBOX).map_err(db)?.insert(seq, v.as_slice()).map_err(db)?;
-            w.open_table(META).map_err(db)?.insert("next_seq", seq + 1).map_err(db)?;
+            let v = serde_json::to_vec(report).map_err(db_err)?;
+            w.open_table(OUTBOX).map_err(db_err)?.insert(seq, v.as_slice()).map_err(db_err)?;
+            w.open_table(META).map_err(db_err)?.insert("next_seq", seq + 1).map_err(db_err)?;
         }
-        w.commit().map_err(db)
+        w.commit().map_err(db_err)
     }
 
     /// Drops acknowledged reports.
     pub fn trim_outbox(&self, upto: u64) -> Result<(), LocalStoreError> {
-        let Some(d) = &self.db else {
+        // A poisoned lock still guards a consistent database: redb rolls
+        // back whatever transaction a panic interrupted.
+        let guard = self.file.as_ref().map(|(_, db)| db.read().unwrap_or_else(|e| e.into_inner()));
+        let Some(d) = guard.as_deref() else {
             let mut m = self.mem.lock().expect("local store lock");
             m.outbox = m.outbox.split_off(&(upto + 1));
             return Ok(());
         };
-        let w = d.begin_write().map_err(db)?;
+        let w = d.begin_write().map_err(db_err)?;
         {
-            let mut t = w.open_table(OUTBOX).map_err(db)?;
-            t.retain(|k, _| k > upto).map_err(db)?;
+            let mut t = w.open_table(OUTBOX).map_err(db_err)?;
+            t.retain(|k, _| k > upto).map_err(db_err)?;
         }
-        w.commit().map_err(db)
+        w.commit().map_err(db_err)
     }
 }
 

@@ -94,7 +94,12 @@ impl CloudSession {
     }
 
     fn send_from(&mut self, from: u64, view: &NodeView, now: u64, out: &mut Vec<CloudAction>) {
-        match view.deltas_since(from) {
+        // An edge that has applied nothing (new, or its store was rebuilt)
+        // gets the whole view at once: replaying the log would show it
+        // partial views, and it could stop workloads a later delta brings
+        // back.
+        let deltas = if from == 0 { None } else { view.deltas_since(from) };
+        match deltas {
             Some(ds) => {
                 for d in ds {
                     out.push(CloudAction::Send(Down::Delta { base: d.base, revision: d.revision, changes: d.changes }));

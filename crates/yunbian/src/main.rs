@@ -203,10 +203,18 @@ async fn run(cli: Cli) -> Result<()> {
             opts.replica_id = a.replica_id;
             let cloud = yunbian_cloud::start(opts).await?;
             eprintln!("cloud listening at {}; client config: {}", cloud.url, cloud.admin_config.display());
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("install the SIGTERM handler")?;
+            // Wait on the server through a watch on the handle so a signal
+            // can still stop it cleanly (releasing leadership at once).
             tokio::select! {
-                _ = cloud.wait() => Err(anyhow!("cloud server stopped")),
-                _ = tokio::signal::ctrl_c() => Ok(()),
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+                _ = cloud.server_stopped() => return Err(anyhow!("cloud server stopped")),
             }
+            eprintln!("stopping: releasing leadership and connections");
+            cloud.stop().await;
+            Ok(())
         }
         Command::Edge(e) => {
             init_tracing();
