@@ -159,6 +159,7 @@ pub(crate) async fn launch(
         start_time: None,
         started_unix: 0,
         status: AppInstanceStatus::default(),
+        unsaved: false,
     };
     if !matches!(begin, Begin::Adopt { .. }) {
         sup.setup_cgroup();
@@ -189,6 +190,9 @@ struct Supervisor {
     start_time: Option<u64>,
     started_unix: i64,
     status: AppInstanceStatus,
+    /// The last record could not be written (full disk): retried while the
+    /// process runs, so a later agent can still adopt it.
+    unsaved: bool,
 }
 
 impl Supervisor {
@@ -378,38 +382,54 @@ impl Supervisor {
             Liveness(String),
             Stop(oneshot::Sender<()>),
             Detach,
+            RetrySave,
         }
-        let ev = {
-            let liveness = async {
-                match &probe {
-                    Some(p) => probe::watch(p, &ctx).await,
-                    None => std::future::pending().await,
+        loop {
+            let ev = {
+                let unsaved = self.unsaved;
+                let retry = async {
+                    if unsaved {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    } else {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                let liveness = async {
+                    match &probe {
+                        Some(p) => probe::watch(p, &ctx).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    exit = running.wait(poll) => Ev::Exit(exit),
+                    why = liveness => Ev::Liveness(why),
+                    cmd = self.cmds.recv() => match cmd {
+                        Some(Command::Stop(reply)) => Ev::Stop(reply),
+                        None => Ev::Detach,
+                    },
+                    _ = self.shutdown.changed() => Ev::Detach,
+                    _ = retry => Ev::RetrySave,
                 }
             };
-            tokio::select! {
-                exit = running.wait(poll) => Ev::Exit(exit),
-                why = liveness => Ev::Liveness(why),
-                cmd = self.cmds.recv() => match cmd {
-                    Some(Command::Stop(reply)) => Ev::Stop(reply),
-                    None => Ev::Detach,
-                },
-                _ = self.shutdown.changed() => Ev::Detach,
-            }
-        };
-        match ev {
-            Ev::Exit(exit) => Some(self.finish(&running, exit, None)),
-            Ev::Liveness(why) => {
-                tracing::warn!(instance = %self.name(), pid = running.pid, "{why}; killing");
-                let exit = self.terminate(&mut running).await;
-                Some(self.finish(&running, exit, Some(why)))
-            }
-            Ev::Stop(reply) => {
-                self.terminate(&mut running).await;
-                self.cleanup_leftovers(&running);
-                let _ = reply.send(());
-                None
-            }
-            Ev::Detach => None,
+            return match ev {
+                Ev::RetrySave => {
+                    self.persist();
+                    continue;
+                }
+                Ev::Exit(exit) => Some(self.finish(&running, exit, None)),
+                Ev::Liveness(why) => {
+                    tracing::warn!(instance = %self.name(), pid = running.pid, "{why}; killing");
+                    let exit = self.terminate(&mut running).await;
+                    Some(self.finish(&running, exit, Some(why)))
+                }
+                Ev::Stop(reply) => {
+                    self.terminate(&mut running).await;
+                    self.cleanup_leftovers(&running);
+                    let _ = reply.send(());
+                    None
+                }
+                Ev::Detach => None,
+            };
         }
     }
 
@@ -543,6 +563,12 @@ impl Supervisor {
     fn set_status(&mut self, status: AppInstanceStatus) {
         self.status = status.clone();
         *self.slot.status() = status.clone();
+        self.persist();
+        let _ = self.shared.updates.send(StatusUpdate { instance: self.name().to_string(), status });
+    }
+
+    /// Writes `state.json` from the current state.
+    fn persist(&mut self) {
         let rec = StateRecord {
             version: STATE_VERSION,
             instance: self.inst.clone(),
@@ -551,12 +577,21 @@ impl Supervisor {
             start_time: self.start_time,
             boot_id: self.shared.boot_id.clone(),
             started_unix: self.started_unix,
-            status: status.clone(),
+            status: self.status.clone(),
         };
-        if let Err(e) = state::save(&self.slot.paths, &rec) {
-            tracing::warn!(instance = %self.name(), "cannot persist state: {e}");
+        match state::save(&self.slot.paths, &rec) {
+            Ok(()) => {
+                if std::mem::take(&mut self.unsaved) {
+                    tracing::info!(instance = %self.name(), "state persisted again");
+                }
+            }
+            Err(e) => {
+                if !self.unsaved {
+                    tracing::warn!(instance = %self.name(), "cannot persist state (retrying while it runs): {e}");
+                }
+                self.unsaved = true;
+            }
         }
-        let _ = self.shared.updates.send(StatusUpdate { instance: self.name().to_string(), status });
     }
 }
 
