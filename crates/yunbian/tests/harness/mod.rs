@@ -9,15 +9,32 @@
 //! c.delete_app("web");                               // instances and pids gone
 //! ```
 //!
+//! Faults (see `yunbian_faults`): an edge joined with
+//! [`EdgeSetup::via_link`] reaches the cloud through a [`LinkProxy`] the
+//! test controls ([`Cluster::link`]: cut, refuse, delay, loss, heal);
+//! [`EdgeSetup::faketime`] runs the agent with its clock shifted
+//! (libfaketime); [`Cluster::reboot_edge`] kills an agent with all its
+//! workloads, as a host reboot does; [`Cluster::mount_tmpfs`] puts an edge's
+//! data directory on a small tmpfs that the test can fill.
+//!
+//! ```ignore
+//! let mut c = Cluster::builder("outage").start();
+//! c.join_with("n1", EdgeSetup::new().via_link());
+//! c.link("n1").cut();                                // blackhole
+//! c.link("n1").heal().unwrap();
+//! ```
+//!
 //! Everything started here is killed on drop (SIGKILL), including the
 //! workloads whose pids were seen in instance statuses (they run in their
-//! own sessions and outlive agents). The directory is removed when the test
-//! passed and kept (with log tails printed) when it failed.
+//! own sessions and outlive agents) and every process whose working
+//! directory lies in the test directory. The directory is removed when the
+//! test passed and kept (with log tails printed) when it failed.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -26,6 +43,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
+use yunbian_faults::{LinkProxy, TmpfsMount};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_yunbian");
@@ -57,6 +75,11 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Resul
         }
         thread::sleep(Duration::from_millis(150));
     }
+}
+
+/// Seconds since the Unix epoch (the test's real clock).
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 // ------------------------------------------------------------------ processes
@@ -196,6 +219,38 @@ pub fn proc_env(pid: u32, key: &str) -> Option<String> {
     })
 }
 
+/// Whether the working directory of `pid` lies under `dir`.
+pub fn cwd_under(pid: i32, dir: &Path) -> bool {
+    fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir))
+}
+
+/// Live processes whose environment says they belong to `instance`
+/// (`INSTANCE_NAME`), children of the workload included.
+pub fn instance_processes(instance: &str) -> Vec<u32> {
+    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+    let mut out: Vec<u32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| pid_alive(*pid) && proc_env(*pid, "INSTANCE_NAME").as_deref() == Some(instance))
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// The live workload processes of `instance`: processes of its
+/// environment (`INSTANCE_NAME`) that lead their session, as every
+/// workload the runtime starts does (its children are not counted).
+pub fn instance_leaders(instance: &str) -> Vec<u32> {
+    instance_processes(instance)
+        .into_iter()
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|st| stat_field(&st, 6).and_then(|f| f.parse::<u32>().ok()))
+                == Some(*pid)
+        })
+        .collect()
+}
+
 /// SIGKILLs the workload `pid` (and its process group) if it is still the
 /// process of `instance`: never a recycled pid.
 fn kill_workload(pid: u32, instance: &str) {
@@ -294,6 +349,8 @@ pub struct App {
     command: Vec<String>,
     restart: String,
     memory_limit: Option<String>,
+    env: BTreeMap<String, String>,
+    node_selector: BTreeMap<String, String>,
 }
 
 impl App {
@@ -304,6 +361,8 @@ impl App {
             command: vec!["/bin/sh".into(), "-c".into(), "while true; do sleep 1; done".into()],
             restart: "Always".into(),
             memory_limit: None,
+            env: BTreeMap::new(),
+            node_selector: BTreeMap::new(),
         }
     }
     pub fn replicas(mut self, n: i64) -> App {
@@ -327,6 +386,16 @@ impl App {
         self.memory_limit = Some(m.into());
         self
     }
+    /// An environment variable of the process (`process.env`).
+    pub fn env(mut self, key: &str, value: &str) -> App {
+        self.env.insert(key.into(), value.into());
+        self
+    }
+    /// Only nodes labelled `key=value` (`placement.nodeSelector`).
+    pub fn node_selector(mut self, key: &str, value: &str) -> App {
+        self.node_selector.insert(key.into(), value.into());
+        self
+    }
     /// The manifest (JSON is YAML).
     pub fn yaml(&self) -> String {
         let mut spec = serde_json::json!({
@@ -337,6 +406,12 @@ impl App {
         });
         if let Some(m) = &self.memory_limit {
             spec["resources"] = serde_json::json!({"limits": {"memory": m}});
+        }
+        if !self.env.is_empty() {
+            spec["process"]["env"] = serde_json::json!(self.env);
+        }
+        if !self.node_selector.is_empty() {
+            spec["placement"] = serde_json::json!({"nodeSelector": self.node_selector});
         }
         let app = serde_json::json!({
             "apiVersion": "yunbian.io/v1",
@@ -357,6 +432,8 @@ pub struct Builder {
     heartbeat: String,
     grace: String,
     node_cert_ttl: Option<String>,
+    node_cert_grace: Option<String>,
+    evict_after: Option<String>,
 }
 
 impl Builder {
@@ -370,6 +447,17 @@ impl Builder {
     }
     pub fn node_cert_ttl(mut self, d: &str) -> Builder {
         self.node_cert_ttl = Some(d.into());
+        self
+    }
+    /// `--node-cert-grace`: how long after expiry a node may still renew.
+    pub fn node_cert_grace(mut self, d: &str) -> Builder {
+        self.node_cert_grace = Some(d.into());
+        self
+    }
+    /// `--evict-after`: instances of a node NotReady this long are re-placed
+    /// (`0s`: never).
+    pub fn evict_after(mut self, d: &str) -> Builder {
+        self.evict_after = Some(d.into());
         self
     }
 
@@ -396,10 +484,63 @@ impl Builder {
             edges: BTreeMap::new(),
             workloads: Mutex::new(BTreeMap::new()),
             files: 0,
+            links: BTreeMap::new(),
+            mounts: Vec::new(),
+            rt: None,
         };
         c.spawn_cloud("127.0.0.1:0");
         c
     }
+}
+
+/// How an edge agent is joined and run.
+#[derive(Debug, Clone)]
+pub struct EdgeSetup {
+    link: bool,
+    faketime: Option<String>,
+    labels: String,
+    heartbeat: String,
+}
+
+impl Default for EdgeSetup {
+    fn default() -> Self {
+        EdgeSetup { link: false, faketime: None, labels: "site=a".into(), heartbeat: "1s".into() }
+    }
+}
+
+impl EdgeSetup {
+    /// Direct to the cloud, labels `site=a`, heartbeat 1 s, real clock.
+    pub fn new() -> EdgeSetup {
+        EdgeSetup::default()
+    }
+    /// Join and run through a [`LinkProxy`] of its own (see [`Cluster::link`]).
+    pub fn via_link(mut self) -> EdgeSetup {
+        self.link = true;
+        self
+    }
+    /// Runs the agent (and so its workloads) with its clock shifted by
+    /// `offset` (libfaketime's `FAKETIME`, e.g. `-1h`, `+1h`); monotonic
+    /// time stays real.
+    pub fn faketime(mut self, offset: &str) -> EdgeSetup {
+        self.faketime = Some(offset.into());
+        self
+    }
+    /// Node labels `k=v,k2=v2` (default `site=a`).
+    pub fn labels(mut self, labels: &str) -> EdgeSetup {
+        self.labels = labels.into();
+        self
+    }
+    /// The agent's `--heartbeat` (default 1s).
+    pub fn heartbeat(mut self, d: &str) -> EdgeSetup {
+        self.heartbeat = d.into();
+        self
+    }
+}
+
+/// The shared library of Debian's `libfaketime` package.
+pub fn libfaketime() -> Option<PathBuf> {
+    let multiarch = format!("/usr/lib/{}-linux-gnu/faketime/libfaketime.so.1", std::env::consts::ARCH);
+    [multiarch.as_str(), "/usr/lib/faketime/libfaketime.so.1"].iter().map(PathBuf::from).find(|p| p.exists())
 }
 
 /// One edge agent process and its data directory.
@@ -409,6 +550,7 @@ pub struct Edge {
     pub dir: PathBuf,
     child: Option<Child>,
     starts: u32,
+    setup: EdgeSetup,
 }
 
 /// A cloud process, its edge agents, and the directory they live in.
@@ -426,11 +568,24 @@ pub struct Cluster {
     /// Workload pids seen in instance statuses, with their instance names.
     workloads: Mutex<BTreeMap<u32, String>>,
     files: u32,
+    /// The link proxy of each edge joined [`EdgeSetup::via_link`].
+    links: BTreeMap<String, LinkProxy>,
+    /// Data directories on tmpfs, unmounted after everything is killed.
+    mounts: Vec<TmpfsMount>,
+    /// Runs the link proxies.
+    rt: Option<tokio::runtime::Runtime>,
 }
 
 impl Cluster {
     pub fn builder(test: &str) -> Builder {
-        Builder { test: test.into(), heartbeat: "1s".into(), grace: "4s".into(), node_cert_ttl: None }
+        Builder {
+            test: test.into(),
+            heartbeat: "1s".into(),
+            grace: "4s".into(),
+            node_cert_ttl: None,
+            node_cert_grace: None,
+            evict_after: None,
+        }
     }
 
     /// A cluster with default options.
@@ -454,6 +609,12 @@ impl Cluster {
         ]);
         if let Some(ttl) = &self.opts.node_cert_ttl {
             cmd.args(["--node-cert-ttl", ttl]);
+        }
+        if let Some(g) = &self.opts.node_cert_grace {
+            cmd.args(["--node-cert-grace", g]);
+        }
+        if let Some(e) = &self.opts.evict_after {
+            cmd.args(["--evict-after", e]);
         }
         cmd.env("YUNBIAN_LOG", "info")
             .env("NO_COLOR", "1")
@@ -742,20 +903,62 @@ impl Cluster {
     /// agent running, and waits until the node is Ready.
     #[track_caller]
     pub fn join(&mut self, name: &str) -> Value {
+        self.join_with(name, EdgeSetup::new())
+    }
+
+    /// Like [`join`](Self::join), set up as `setup` says.
+    #[track_caller]
+    pub fn join_with(&mut self, name: &str, setup: EdgeSetup) -> Value {
         let token = self.token("1h");
-        self.spawn_join(name, &token);
+        self.spawn_join_with(name, &token, setup);
         self.wait_node_ready(name)
     }
 
-    fn edge_cmd(&mut self, name: &str) -> (Command, PathBuf) {
+    /// The cloud's socket address (what link proxies forward to).
+    pub fn cloud_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port()))
+    }
+
+    /// The link between edge `name` and the cloud (joined
+    /// [`EdgeSetup::via_link`]).
+    pub fn link(&self, name: &str) -> &LinkProxy {
+        self.links.get(name).unwrap_or_else(|| panic!("edge {name} was not joined via a link"))
+    }
+
+    /// The URL edge `name` joins with: its link proxy's, or the cloud's.
+    fn edge_url(&mut self, name: &str, link: bool) -> String {
+        if !link {
+            return self.url.clone();
+        }
+        if !self.links.contains_key(name) {
+            let upstream = self.cloud_addr();
+            let rt = self.rt.get_or_insert_with(|| {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("tokio runtime for link proxies")
+            });
+            let _enter = rt.enter();
+            let proxy = LinkProxy::start(upstream).unwrap_or_else(|e| panic!("start link proxy: {e}"));
+            self.links.insert(name.to_string(), proxy);
+        }
+        format!("https://{}", self.link(name).addr())
+    }
+
+    fn edge_cmd(&mut self, name: &str, setup: Option<EdgeSetup>) -> (Command, PathBuf) {
         let dir = self.dir.join(format!("edge-{name}"));
         let e = self.edges.entry(name.to_string()).or_insert_with(|| Edge {
             name: name.into(),
             dir: dir.clone(),
             child: None,
             starts: 0,
+            setup: EdgeSetup::new(),
         });
         assert!(e.child.is_none(), "edge {name} is already running");
+        if let Some(setup) = setup {
+            e.setup = setup;
+        }
         e.starts += 1;
         let log = self.dir.join(format!("edge-{name}.{}.log", e.starts));
         let mut cmd = Command::new(BIN);
@@ -764,18 +967,45 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(log_file(&log))
             .stderr(log_file(&log));
+        if let Some(offset) = &e.setup.faketime {
+            let lib = libfaketime().expect("libfaketime is not installed (Debian package `faketime`; see .ci/run)");
+            cmd.env("LD_PRELOAD", lib).env("FAKETIME", offset).env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
         (cmd, dir)
+    }
+
+    /// Agent options (`edge` and `edge join`) of `setup`.
+    fn run_args(setup: &EdgeSetup) -> Vec<String> {
+        vec!["--heartbeat".into(), setup.heartbeat.clone(), "--metrics-listen".into(), "127.0.0.1:0".into()]
     }
 
     /// Starts `edge join` (which then runs the agent) without waiting.
     pub fn spawn_join(&mut self, name: &str, token: &str) {
-        let url = self.url.clone();
-        let (mut cmd, dir) = self.edge_cmd(name);
+        self.spawn_join_with(name, token, EdgeSetup::new());
+    }
+
+    /// Starts `edge join` as `setup` says, without waiting.
+    pub fn spawn_join_with(&mut self, name: &str, token: &str, setup: EdgeSetup) {
+        let url = self.edge_url(name, setup.link);
+        let labels = setup.labels.clone();
+        let run_args = Cluster::run_args(&setup);
+        let (mut cmd, dir) = self.edge_cmd(name, Some(setup));
         cmd.args(["edge", "join", "--cloud", &url, "--token", token, "--name", name, "--data-dir"])
             .arg(&dir)
-            .args(["--labels", "site=a"])
-            .args(EDGE_RUN_ARGS);
+            .args(["--labels", &labels])
+            .args(run_args);
         let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn edge join: {e}"));
+        self.edge_mut(name).child = Some(child);
+    }
+
+    /// Runs `yunbian ARGS --data-dir DIR <agent options>` as the agent of
+    /// the known edge `name` (same setup, same log numbering), e.g. the
+    /// `edge join … --force` a hint told the operator to run.
+    pub fn spawn_edge_argv(&mut self, name: &str, args: &[String]) {
+        let run_args = Cluster::run_args(&self.edge(name).setup);
+        let (mut cmd, dir) = self.edge_cmd(name, None);
+        cmd.args(args).arg("--data-dir").arg(&dir).args(run_args);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn edge {args:?}: {e}"));
         self.edge_mut(name).child = Some(child);
     }
 
@@ -811,12 +1041,57 @@ impl Cluster {
         }
     }
 
-    /// Starts the agent of an already joined node: `edge --data-dir E`.
+    /// Starts the agent of an already joined node: `edge --data-dir E`
+    /// (with the setup it was joined with).
     pub fn start_edge(&mut self, name: &str) {
-        let (mut cmd, dir) = self.edge_cmd(name);
-        cmd.arg("edge").arg("--data-dir").arg(&dir).args(EDGE_RUN_ARGS);
+        let run_args = Cluster::run_args(&self.edge(name).setup);
+        let (mut cmd, dir) = self.edge_cmd(name, None);
+        cmd.arg("edge").arg("--data-dir").arg(&dir).args(run_args);
         let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn edge: {e}"));
         self.edge_mut(name).child = Some(child);
+    }
+
+    /// An edge host reboot: SIGKILLs the agent of `name` together with every
+    /// workload it runs (its descendants, and every process whose working
+    /// directory lies in the edge's data directory: workloads re-adopted
+    /// after an agent restart are no longer its children), frozen first so
+    /// nothing escapes by forking. Returns the pids killed (agent included)
+    /// once none of them is alive.
+    pub fn reboot_edge(&mut self, name: &str) -> Vec<u32> {
+        let dir = self.edge(name).dir.clone();
+        let agent = self.edge_mut(name).child.take();
+        let agent_pid = agent.as_ref().map_or(0, |c| c.id() as i32);
+        let killed = yunbian_faults::process::kill_with_descendants(agent_pid, |p| cwd_under(p.pid, &dir))
+            .unwrap_or_else(|e| panic!("kill edge host {name}: {e}"));
+        if let Some(mut c) = agent {
+            kill_child(&mut c);
+        }
+        let killed: Vec<u32> = killed.into_iter().map(|p| p as u32).collect();
+        eventually(WAIT, &format!("the processes of edge host {name} to die"), || {
+            let alive: Vec<u32> = killed.iter().copied().filter(|p| pid_alive(*p)).collect();
+            if alive.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("still alive: {alive:?}"))
+            }
+        });
+        killed
+    }
+
+    /// Mounts a tmpfs of `size` bytes as the data directory of edge `name`
+    /// (before it joins). It is unmounted when the cluster is dropped, after
+    /// every process is killed.
+    pub fn mount_tmpfs(&mut self, name: &str, size: u64) -> &TmpfsMount {
+        let dir = self.dir.join(format!("edge-{name}"));
+        let m = TmpfsMount::mount(&dir, size).unwrap_or_else(|e| panic!("mount tmpfs at {}: {e}", dir.display()));
+        self.mounts.push(m);
+        self.mounts.last().expect("just pushed")
+    }
+
+    /// The tmpfs mounted for edge `name`.
+    pub fn tmpfs(&self, name: &str) -> &TmpfsMount {
+        let dir = self.dir.join(format!("edge-{name}"));
+        self.mounts.iter().find(|m| m.path() == dir).unwrap_or_else(|| panic!("no tmpfs for edge {name}"))
     }
 
     /// Panics if the agent of `name` has exited.
@@ -856,6 +1131,10 @@ impl Drop for Cluster {
                 kill_child(&mut c);
             }
         }
+        // Whatever still runs in the test directory (workloads started
+        // while the cloud could not hear about them included).
+        let dir = self.dir.clone();
+        let _ = yunbian_faults::process::kill_matching(|p| cwd_under(p.pid, &dir));
         // Workloads outlive agents: kill those still running (only if the
         // pid still belongs to the instance we saw).
         if let Ok(w) = self.workloads.lock() {
@@ -867,6 +1146,11 @@ impl Drop for Cluster {
             }
         }
         self.kill_cloud();
+        self.links.clear();
+        self.mounts.clear();
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
         if failed {
             let mut msg = format!(
                 "\n==== test failed; kept {}\n---- cloud log (tail)\n{}\n",

@@ -1,0 +1,223 @@
+//! A node certificate expires while the node's link is cut. Within the
+//! cloud's renewal grace the node renews it by itself when the link heals;
+//! past the grace both the agent's log and `yunbian describe node` say what
+//! to run, and running exactly that brings the node back with its
+//! workloads untouched.
+
+mod harness;
+
+use std::time::Duration;
+
+use harness::{eventually, pid_alive, s, u, unix_now, App, Cluster, EdgeSetup, WAIT};
+
+const RECONNECT_WAIT: Duration = Duration::from_secs(150);
+/// Renewal is due at 80 % (16 s): the link is cut well before.
+const TTL: &str = "20s";
+
+fn sleeper(name: &str) -> App {
+    App::new(name).command(&["/bin/sleep", "1000000"])
+}
+
+/// `status.certificateExpiry` of a node as Unix seconds.
+fn expiry(node: &serde_json::Value) -> u64 {
+    yunbian_api::time::parse_rfc3339(s(node, "/status/certificateExpiry"))
+        .unwrap_or_else(|| panic!("no certificate expiry: {node}"))
+}
+
+/// Joins edge-1 through a link with an app on it, then cuts the link
+/// before the certificate's renewal is due. Returns the node as joined, the
+/// workload's pid and node.crt as joined.
+fn join_and_cut(c: &mut Cluster) -> (serde_json::Value, u32, String) {
+    // Applied first, so it runs as soon as the node is Ready.
+    c.apply(&sleeper("keep").yaml());
+    let node = c.join_with("edge-1", EdgeSetup::new().via_link());
+    let pid = u(&c.wait_running("keep", 1)[0], "/status/pid").expect("pid") as u32;
+    c.link("edge-1").cut();
+    let crt = std::fs::read_to_string(c.edge("edge-1").dir.join("node.crt")).expect("node.crt");
+    let now = c.node("edge-1").expect("node");
+    assert_eq!(
+        s(&now, "/status/certificateExpiry"),
+        s(&node, "/status/certificateExpiry"),
+        "renewed before the cut: this machine was too slow for a {TTL} certificate"
+    );
+    (node, pid, crt)
+}
+
+#[test]
+fn certificate_that_expired_during_an_outage_is_renewed_on_heal() {
+    let mut c = Cluster::builder("certs-grace").node_cert_ttl(TTL).start();
+    let (node, pid, crt0) = join_and_cut(&mut c);
+    let agent = c.edge_pid("edge-1");
+    let not_after = expiry(&node);
+
+    // The cloud sees the node go, then the certificate expire.
+    let reason = eventually(Duration::from_secs(90), "the cloud to see the certificate expire", || {
+        let n = c.node("edge-1").ok_or("node gone")?;
+        let reason = s(&n, "/status/reason").to_string();
+        if s(&n, "/status/phase") == "NotReady" && reason.contains("certificate expired at") {
+            Ok(reason)
+        } else {
+            Err(format!("{}", n["status"]))
+        }
+    });
+    assert!(reason.contains("renews it when it reconnects"), "{reason}");
+    assert!(unix_now() >= not_after, "expired by the cloud's word but not by the clock");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(pid_alive(pid), "the workload stopped with the certificate");
+
+    c.link("edge-1").heal().expect("heal");
+    let renewed = eventually(RECONNECT_WAIT, "edge-1 Ready again with a new certificate", || {
+        let n = c.node("edge-1").ok_or("node gone")?;
+        if s(&n, "/status/phase") == "Ready" && expiry(&n) > not_after {
+            Ok(n)
+        } else {
+            Err(format!("{}", n["status"]))
+        }
+    });
+    assert!(s(&renewed, "/status/reason").is_empty(), "{renewed}");
+    let crt1 = std::fs::read_to_string(c.edge("edge-1").dir.join("node.crt")).expect("node.crt");
+    assert_ne!(crt1, crt0, "node.crt was not replaced");
+    let log = c.edge_log("edge-1");
+    assert!(log.contains("certificate renewed"), "{log}");
+    assert!(!log.contains("yunbian edge join"), "the agent asked for a manual re-join:\n{log}");
+    assert!(!c.cloud_log().contains("joined again"), "the node joined again");
+    // Nothing manual happened, nothing was restarted.
+    c.assert_edge_running("edge-1");
+    assert_eq!(c.edge_pid("edge-1"), agent);
+    let now = c.wait_running("keep", 1).remove(0);
+    assert_eq!(u(&now, "/status/pid"), Some(u64::from(pid)));
+    c.apply(&sleeper("after").yaml());
+    c.wait_running("after", 1);
+}
+
+/// Joins and cuts as [`join_and_cut`] with a 5 s renewal grace, waits
+/// until the cloud says the certificate expired longer ago than that, and
+/// heals the link. Returns the workload's instance and pid, and the
+/// certificate's expiry.
+fn expire_past_grace(c: &mut Cluster) -> (serde_json::Value, u32, u64) {
+    let (node, pid, _) = join_and_cut(c);
+    let keep = c.instances_of("keep").expect("instances").remove(0);
+    let not_after = expiry(&node);
+    eventually(Duration::from_secs(90), "the cloud to say the certificate expired past the grace", || {
+        let n = c.node("edge-1").ok_or("node gone")?;
+        let reason = s(&n, "/status/reason");
+        if s(&n, "/status/phase") == "NotReady" && reason.contains("longer ago than the renewal grace") {
+            Ok(())
+        } else {
+            Err(format!("{}", n["status"]))
+        }
+    });
+    assert!(unix_now() >= not_after + 5);
+    c.link("edge-1").heal().expect("heal");
+    (keep, pid, not_after)
+}
+
+#[test]
+fn certificate_expired_past_the_grace_says_how_to_rejoin_and_that_works() {
+    let mut c = Cluster::builder("certs-past-grace").node_cert_ttl(TTL).node_cert_grace("5s").start();
+    let (keep, pid, not_after) = expire_past_grace(&mut c);
+
+    // The cloud: NotReady, with the command to run, in `describe node`.
+    let cmd = format!("yunbian edge join --cloud {} --name edge-1 --token <TOKEN> --force", c.url);
+    let n = c.node("edge-1").expect("node");
+    let reason = s(&n, "/status/reason");
+    println!("[certs] reason past the grace: {reason}");
+    assert!(reason.contains(&cmd), "{reason}");
+    assert!(reason.contains("yunbian token create"), "{reason}");
+    let described = c.cli(&["describe", "node", "edge-1"]);
+    assert!(described.ok().contains(&cmd), "{described:?}");
+
+    // The agent, back in touch with the cloud, is refused and keeps the
+    // workload running; the node stays NotReady.
+    eventually(RECONNECT_WAIT, "the agent to be refused for its expired certificate", || {
+        let log = c.edge_log("edge-1");
+        if log.contains("CertificateExpired") {
+            Ok(())
+        } else {
+            Err(log)
+        }
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(pid_alive(pid), "the workload stopped with the certificate");
+    c.assert_edge_running("edge-1");
+    assert_eq!(s(&c.node("edge-1").expect("node"), "/status/phase"), "NotReady");
+
+    // Do what it says, on the node (with its data directory: not the
+    // default one here). This runs the cloud's version of the command; see
+    // `agent_past_the_grace_logs_the_rejoin_command` for the agent's.
+    c.kill_edge("edge-1");
+    let token = c.token("1h");
+    let argv: Vec<String> =
+        cmd.split_whitespace().skip(1).map(|w| if w == "<TOKEN>" { token.clone() } else { w.to_string() }).collect();
+    c.spawn_edge_argv("edge-1", &argv);
+    let back = eventually(WAIT, "edge-1 Ready after the re-join", || {
+        let n = c.node("edge-1").ok_or("node gone")?;
+        if s(&n, "/status/phase") == "Ready" && expiry(&n) > not_after {
+            Ok(n)
+        } else {
+            Err(format!("{}", n["status"]))
+        }
+    });
+    assert!(s(&back, "/status/reason").is_empty(), "{back}");
+    assert_eq!(c.nodes().len(), 1, "a second node appeared");
+    assert!(c.cloud_log().contains("joined again"), "{}", c.cloud_log());
+    // The workloads were never touched.
+    let now = c.wait_running("keep", 1).remove(0);
+    assert_eq!(s(&now, "/metadata/name"), s(&keep, "/metadata/name"));
+    assert_eq!(u(&now, "/status/pid"), Some(u64::from(pid)), "{now}");
+    assert_eq!(u(&now, "/status/restartCount"), u(&keep, "/status/restartCount"), "{now}");
+    c.apply(&sleeper("after").yaml());
+    c.wait_running("after", 1);
+}
+
+/// The agent's own words past the grace: its log names the re-join
+/// command with the URL it uses (its link), and running that brings the node
+/// back through the link.
+#[test]
+fn agent_past_the_grace_logs_the_rejoin_command() {
+    let mut c = Cluster::builder("certs-agent-hint").node_cert_ttl(TTL).node_cert_grace("5s").start();
+    let (keep, pid, not_after) = expire_past_grace(&mut c);
+    let proxy_url = format!("https://{}", c.link("edge-1").addr());
+    let want = format!("yunbian edge join --cloud {proxy_url} --name edge-1 --token <TOKEN> --force");
+    let hint = eventually(RECONNECT_WAIT, "the agent to log the re-join command", || {
+        let log = c.edge_log("edge-1");
+        let line = log.lines().find(|l| l.contains("ERROR") && l.contains("yunbian edge join"));
+        match line {
+            Some(l) => {
+                let start = l.find("yunbian edge join").expect("found");
+                Ok(l[start..].split('`').next().unwrap_or_default().to_string())
+            }
+            None => Err(log),
+        }
+    });
+    assert_eq!(hint, want);
+
+    // Running it brings the node back through its link, workloads untouched.
+    c.kill_edge("edge-1");
+    let token = c.token("1h");
+    let argv: Vec<String> =
+        hint.split_whitespace().skip(1).map(|w| if w == "<TOKEN>" { token.clone() } else { w.to_string() }).collect();
+    c.spawn_edge_argv("edge-1", &argv);
+    eventually(WAIT, "edge-1 Ready after the re-join", || {
+        let n = c.node("edge-1").ok_or("node gone")?;
+        if s(&n, "/status/phase") == "Ready" && expiry(&n) > not_after {
+            Ok(())
+        } else {
+            Err(format!("{}", n["status"]))
+        }
+    });
+    let now = c.wait_running("keep", 1).remove(0);
+    assert_eq!(s(&now, "/metadata/name"), s(&keep, "/metadata/name"));
+    assert_eq!(u(&now, "/status/pid"), Some(u64::from(pid)), "{now}");
+}
+
+#[test]
+#[ignore = "bug: the NotReady reason prints the renewal grace in whole days (`cloud::hub::not_ready_reason`: \
+            `cert_grace.as_secs() / 86_400`), so `--node-cert-grace 5s` (or 12h) reads `renewal grace (0d)`"]
+fn past_grace_reason_states_the_grace() {
+    let mut c = Cluster::builder("certs-grace-text").node_cert_ttl(TTL).node_cert_grace("5s").start();
+    expire_past_grace(&mut c);
+    let n = c.node("edge-1").expect("node");
+    let reason = s(&n, "/status/reason");
+    assert!(!reason.contains("(0d)"), "{reason}");
+}
