@@ -56,10 +56,14 @@ pub struct ApiErrorBody {
 }
 
 /// What an operator runs to re-enroll `node` when its certificate can no
-/// longer be renewed. The agent logs it and the cloud shows it in the node's
-/// status, so both say the same thing.
-pub fn rejoin_hint(node: &str, cloud: &str) -> String {
+/// longer be renewed. The agent logs it (with its data directory) and the
+/// cloud shows it in the node's status, so both say the same thing.
+pub fn rejoin_hint(node: &str, cloud: &str, data_dir: Option<&str>) -> String {
+    let dir = match data_dir {
+        Some(d) => format!(" --data-dir {d}"),
+        None => " [--data-dir DIR]".to_string(),
+    };
     format!(
-        "create a token with `yunbian token create`, then on the node run `yunbian edge join --cloud {cloud} --name {node} --token <TOKEN> --force`"
+        "create a token with `yunbian token create`, then on the node run `yunbian edge join --cloud {cloud} --name {node} --token <TOKEN> --force{dir}`"
     )
 }

@@ -666,9 +666,9 @@ impl Hub {
                 "no heartbeat within the grace period; certificate expired at {expiry}, the node renews it when it reconnects"
             ),
             Some(t) if t <= now => format!(
-                "certificate expired at {expiry}, longer ago than the renewal grace ({}d): {}",
-                self.cfg.cert_grace.as_secs() / 86_400,
-                yunbian_api::rejoin_hint(&n.name, &self.cfg.url)
+                "certificate expired at {expiry}, longer ago than the renewal grace ({}): {}",
+                human_duration(self.cfg.cert_grace),
+                yunbian_api::rejoin_hint(&n.name, &self.cfg.url, None)
             ),
             _ => "no heartbeat within the grace period".to_string(),
         }
@@ -794,5 +794,30 @@ impl Hub {
             }
             self.metrics.reconcile("node", t0.elapsed());
         }
+    }
+}
+
+/// `30d`, `12h`, `90m`, `5s`: the largest unit that divides it exactly.
+fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    for (unit, secs) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
+        if s >= secs && s.is_multiple_of(secs) {
+            return format!("{}{unit}", s / secs);
+        }
+    }
+    format!("{s}s")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_written() {
+        assert_eq!(human_duration(Duration::from_secs(30 * 86_400)), "30d");
+        assert_eq!(human_duration(Duration::from_secs(12 * 3_600)), "12h");
+        assert_eq!(human_duration(Duration::from_secs(90 * 60)), "90m");
+        assert_eq!(human_duration(Duration::from_secs(5)), "5s");
+        assert_eq!(human_duration(Duration::from_secs(0)), "0s");
     }
 }

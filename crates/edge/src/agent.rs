@@ -330,7 +330,24 @@ pub async fn run_agent(
         let writes = actions.iter().any(|a| !matches!(a, EdgeAction::Send(_)));
         let result = execute(&store, &mut desired, actions, out.as_ref());
         if result.is_ok() && writes && store_failure.take().is_some() {
-            tracing::info!(node = %node, "local store writable again");
+            // Statuses observed while the outbox could not be written were
+            // lost with the rolled-back transactions: report every
+            // instance's current status again.
+            tracing::info!(node = %node, "local store writable again; re-reporting instance statuses");
+            for s in runtime.statuses().await {
+                if !desired.contains_key(&s.instance) {
+                    continue;
+                }
+                let report = Report::InstanceStatus { instance: s.instance, status: s.status };
+                let actions = session.report(report, now());
+                if let Err(e) = execute(&store, &mut desired, actions, out.as_ref()) {
+                    tracing::warn!(node = %node, error = %e, "re-report statuses; will retry");
+                    store_failure = Some(e.to_string());
+                    (session, desired) = reload(&store, cfg.session)?;
+                    rehello_at = Some(Instant::now() + Duration::from_secs(2));
+                    break;
+                }
+            }
         }
         match result {
             Ok(true) => {
@@ -346,13 +363,7 @@ pub async fn run_agent(
                 // and the heartbeat reports DiskPressure until a write works.
                 tracing::error!(node = %node, error = %e, "local store write failed; resyncing");
                 store_failure = Some(e.to_string());
-                // redb refuses everything after an I/O error until re-opened.
-                if let Err(e) = store.reopen() {
-                    tracing::error!(node = %node, error = %e, "re-open the local store");
-                }
-                let r = store.restore().context("re-read the local store")?;
-                session = EdgeSession::new(cfg.session, r.applied, r.outbox, r.next_seq);
-                desired = instances_of(&r.desired);
+                (session, desired) = reload(&store, cfg.session)?;
                 // Start the protocol over from what is on disk, on the same
                 // connection (dropping it would make the node flap NotReady
                 // for as long as the disk stays full), after a pause.
@@ -477,8 +488,27 @@ const LOG_RESERVE: usize = 1024;
 /// considered dead (a NAT mapping dropped, a cloud host gone without RST).
 const DEAD_AFTER: Duration = Duration::from_secs(45);
 
+/// Longest wait between connection attempts. With the connect timeout it
+/// bounds how long a node takes to notice that its link is back (a link cut
+/// as a blackhole hangs attempts until the timeout).
+const MAX_BACKOFF: Duration = Duration::from_secs(15);
+
+/// Longest wait for TCP + TLS, and again for the WebSocket upgrade.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How often the agent pings the cloud.
 const PING_EVERY: Duration = Duration::from_secs(15);
+
+/// Re-opens the local store after a failed write (redb refuses everything
+/// after an I/O error until re-opened) and rebuilds the session and the
+/// desired instances from what is on disk.
+fn reload(store: &LocalStore, cfg: SessionConfig) -> Result<(EdgeSession, BTreeMap<String, AppInstance>)> {
+    if let Err(e) = store.reopen() {
+        tracing::error!(error = %e, "re-open the local store");
+    }
+    let r = store.restore().context("re-read the local store")?;
+    Ok((EdgeSession::new(cfg, r.applied, r.outbox, r.next_seq), instances_of(&r.desired)))
+}
 
 /// The desired instances, and whether they are known: a node that never
 /// synced (a fresh or rebuilt local store) does not know what it should run
@@ -508,7 +538,7 @@ async fn reconcile_runtime(runtime: Arc<dyn Runtime>, mut rx: watch::Receiver<De
 }
 
 /// Keeps a WebSocket to the cloud open, reconnecting with jittered
-/// exponential back-off (0.5 s doubling to 30 s, reset after a connection
+/// exponential back-off (0.5 s doubling to 15 s, reset after a connection
 /// that lasted). With several cloud URLs (replicas) each attempt goes to the
 /// next one, and a lost connection is retried at once on another replica.
 ///
@@ -550,7 +580,7 @@ async fn run_connection(identity: Arc<RwLock<Identity>>, ev_tx: mpsc::Sender<Eve
                                 node = %id.config.name,
                                 error = %e,
                                 "the node certificate expired longer ago than the cloud's renewal grace; {}",
-                                yunbian_api::rejoin_hint(&id.config.name, &id.config.cloud)
+                                yunbian_api::rejoin_hint(&id.config.name, &id.config.cloud, Some(&id.dir.display().to_string()))
                             );
                         } else {
                             tracing::warn!(node = %id.config.name, error = %e, "cannot renew the expired certificate yet");
@@ -627,7 +657,7 @@ async fn run_connection(identity: Arc<RwLock<Identity>>, ev_tx: mpsc::Sender<Eve
         // Full jitter on the upper half: avoids reconnect storms after a cloud restart.
         let wait = backoff / 2 + backoff.mul_f64(rng.next_f64() / 2.0);
         tokio::time::sleep(wait).await;
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -635,7 +665,7 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tok
 
 async fn connect(id: &Identity, url: &str) -> Result<Ws, String> {
     let tls = id.tls().map_err(|e| format!("{e:#}"))?;
-    let stream = tokio::time::timeout(Duration::from_secs(15), crate::http::connect_tls(url, tls))
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, crate::http::connect_tls(url, tls))
         .await
         .map_err(|_| "connect timed out".to_string())??;
     let (host, port) = crate::http::host_port(url)?;
@@ -649,19 +679,20 @@ async fn connect(id: &Identity, url: &str) -> Result<Ws, String> {
         .read_buffer_size(8 * 1024)
         .write_buffer_size(0)
         .max_write_buffer_size(MAX_FRAME * 2);
-    let (ws, _) = tokio::time::timeout(
-        Duration::from_secs(15),
-        tokio_tungstenite::client_async_with_config(req, stream, Some(cfg)),
-    )
-    .await
-    .map_err(|_| "websocket handshake timed out".to_string())?
-    .map_err(|e| match e {
-        tokio_tungstenite::tungstenite::Error::Http(resp) => {
-            let body = resp.body().as_deref().unwrap_or_default();
-            format!("cloud refused the connection: {}", crate::http::error_message(resp.status().as_u16(), body))
-        }
-        e => format!("websocket: {e}"),
-    })?;
+    let (ws, _) =
+        tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::client_async_with_config(req, stream, Some(cfg)))
+            .await
+            .map_err(|_| "websocket handshake timed out".to_string())?
+            .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(resp) => {
+                    let body = resp.body().as_deref().unwrap_or_default();
+                    format!(
+                        "cloud refused the connection: {}",
+                        crate::http::error_message(resp.status().as_u16(), body)
+                    )
+                }
+                e => format!("websocket: {e}"),
+            })?;
     Ok(ws)
 }
 

@@ -86,20 +86,6 @@ pub fn error_message(status: u16, body: &[u8]) -> String {
         .unwrap_or_else(|_| format!("HTTP {status}: {}", String::from_utf8_lossy(body).trim()))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_urls() {
-        assert_eq!(host_port("https://127.0.0.1:7443"), Ok(("127.0.0.1".into(), 7443)));
-        assert_eq!(host_port("https://[::1]:7443/x"), Ok(("::1".into(), 7443)));
-        assert_eq!(host_port("https://cloud"), Ok(("cloud".into(), 443)));
-        assert!(host_port("http://x:1").is_err());
-        assert!(host_port("https://:1").is_err());
-    }
-}
-
 /// An error with its sources (`connection error: received fatal alert:
 /// CertificateExpired`): hyper's own message hides the TLS alert the caller
 /// must act on.
@@ -115,4 +101,18 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls() {
+        assert_eq!(host_port("https://127.0.0.1:7443"), Ok(("127.0.0.1".into(), 7443)));
+        assert_eq!(host_port("https://[::1]:7443/x"), Ok(("::1".into(), 7443)));
+        assert_eq!(host_port("https://cloud"), Ok(("cloud".into(), 443)));
+        assert!(host_port("http://x:1").is_err());
+        assert!(host_port("https://:1").is_err());
+    }
 }

@@ -180,9 +180,8 @@ impl LocalStore {
         // redb holds an exclusive lock on the file: the old handle must be
         // closed before the new one opens. A throwaway in-memory database
         // stands in meanwhile.
-        let placeholder = Database::builder()
-            .create_with_backend(redb::backends::InMemoryBackend::new())
-            .map_err(db_err)?;
+        let placeholder =
+            Database::builder().create_with_backend(redb::backends::InMemoryBackend::new()).map_err(db_err)?;
         drop(std::mem::replace(&mut *guard, placeholder));
         *guard = open_database(path)?;
         Ok(())
@@ -246,7 +245,8 @@ impl LocalStore {
             let mut t = w.open_table(DESIRED).map_err(db_err)?;
             t.retain(|_, _| false).map_err(db_err)?;
             for o in objects {
-                t.insert(key(o.kind, &o.name).as_str(), serde_json::to_vec(o).map_err(db_err)?.as_slice()).map_err(db_err)?;
+                t.insert(key(o.kind, &o.name).as_str(), serde_json::to_vec(o).map_err(db_err)?.as_slice())
+                    .map_err(db_err)?;
             }
             w.open_table(META).map_err(db_err)?.insert("applied", revision).map_err(db_err)?;
         }

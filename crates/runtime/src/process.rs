@@ -389,7 +389,22 @@ impl Runtime for ProcessRuntime {
                 self.shared.forget(name, &slot);
                 return Err(e);
             }
-            let handle = self.launch(&slot, instance.clone(), hash, 0, Begin::Spawn).await;
+            let mut begin = Begin::Spawn;
+            if !slot.paths.state.exists() {
+                // No record, yet a process of this instance may be running:
+                // one started while the disk was full (its record never
+                // written) by an agent that has since restarted. Adopt it
+                // when it is a session leader in the instance's work
+                // directory (how the runtime starts workloads); stop
+                // anything else there, so the instance never runs twice.
+                if let Some((pid, start_time)) = find_unrecorded(&self.shared, name, &slot.paths) {
+                    tracing::info!(instance = %name, pid, "adopting an unrecorded process of this instance");
+                    let status =
+                        AppInstanceStatus { phase: InstancePhase::Running, pid: Some(pid), ..Default::default() };
+                    begin = Begin::Adopt { pid, start_time, started_unix: 0, status };
+                }
+            }
+            let handle = self.launch(&slot, instance.clone(), hash, 0, begin).await;
             *op = Some(handle);
             return Ok(());
         }
@@ -490,4 +505,27 @@ async fn rotate_logs(shared: Arc<Shared>, mut shutdown: watch::Receiver<()>) {
             tracing::warn!("log rotation task failed: {e}");
         }
     }
+}
+
+/// The session leader of an instance that has no record (running in its
+/// work directory), as (pid, start time); every other process of the
+/// instance (in its cgroup or work directory) is SIGKILLed.
+fn find_unrecorded(shared: &Shared, name: &str, paths: &InstancePaths) -> Option<(u32, u64)> {
+    let mut pids: Vec<u32> = shared.cgroups.instance(name).map(|cg| cg.pids()).unwrap_or_default();
+    pids.extend(procfs::pids_with_cwd_under(&paths.work));
+    pids.sort_unstable();
+    pids.dedup();
+    let leader = pids
+        .iter()
+        .filter_map(|p| procfs::read_stat(*p).map(|st| (*p, st)))
+        .find(|(p, st)| st.session == *p && st.is_live())
+        .map(|(p, st)| (p, st.start_time));
+    for pid in pids {
+        let in_leaders_session = leader.is_some_and(|(l, _)| procfs::read_stat(pid).is_some_and(|st| st.session == l));
+        if !in_leaders_session {
+            tracing::warn!(instance = %name, pid, "stopping a stray process of this instance");
+            let _ = sys::kill(pid, libc::SIGKILL);
+        }
+    }
+    leader
 }

@@ -208,9 +208,6 @@ fn instance_started_on_a_full_disk_is_adopted_after_an_agent_restart() {
 }
 
 #[test]
-#[ignore = "bug: an agent restarted while the disk is still full does not know the instance it started on the \
-            full disk (its state.json could not be written yet: `ignoring instance directory`), starts a second \
-            process for it and leaves the first one running unsupervised"]
 fn agent_restarted_on_a_full_disk_does_not_run_an_instance_twice() {
     let mut c = Cluster::start("disk-full-restart");
     let (keep_name, keep_pid, late_name, late_pid) = start_on_full_disk(&mut c);
@@ -227,10 +224,6 @@ fn agent_restarted_on_a_full_disk_does_not_run_an_instance_twice() {
 }
 
 #[test]
-#[ignore = "bug: a status the runtime reports while the local store cannot be written (full disk) is lost: the \
-            outbox write fails, the agent rebuilds its session from disk, and nothing re-reports the instance \
-            once space returns, so the cloud shows the last persisted status (here `Starting`) until the \
-            instance's next change or an agent restart"]
 fn status_observed_on_a_full_disk_reaches_the_cloud_when_space_returns() {
     let mut c = Cluster::start("disk-full-status");
     let (_, _, late_name, late_pid) = start_on_full_disk(&mut c);

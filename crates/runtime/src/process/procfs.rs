@@ -14,6 +14,8 @@ pub(crate) struct ProcStat {
     pub state: char,
     /// Field 22: start time in clock ticks after boot.
     pub start_time: u64,
+    /// Field 6: session id (a workload leads its own session).
+    pub session: u32,
 }
 
 impl ProcStat {
@@ -30,9 +32,11 @@ pub(crate) fn parse_stat(content: &str) -> Option<ProcStat> {
     let close = content.rfind(')')?;
     let mut fields = content.get(close + 1..)?.split_whitespace();
     let state = fields.next()?.chars().next()?;
-    // `fields` now starts at field 4; field 22 is 18 further.
-    let start_time = fields.nth(18)?.parse().ok()?;
-    Some(ProcStat { state, start_time })
+    // `fields` now starts at field 4 (ppid); field 6 is 2 further, and
+    // field 22 is 15 after that.
+    let session = fields.nth(2)?.parse().ok()?;
+    let start_time = fields.nth(15)?.parse().ok()?;
+    Some(ProcStat { state, start_time, session })
 }
 
 /// Reads `/proc/<pid>/stat`, `None` when the process does not exist.
@@ -50,6 +54,21 @@ pub(crate) fn boot_id() -> String {
     fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
+/// Live processes whose working directory is `dir` or below it (an
+/// instance's unrecorded process is found by where it runs).
+pub(crate) fn pids_with_cwd_under(dir: &std::path::Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| *pid != std::process::id())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir))
+                && read_stat(*pid).is_some_and(|s| s.is_live())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,7 +76,7 @@ mod tests {
     #[test]
     fn parses_stat_with_odd_names() {
         let line = "1234 (my (odd) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 100 18446744073709551615";
-        assert_eq!(parse_stat(line), Some(ProcStat { state: 'S', start_time: 987_654 }));
+        assert_eq!(parse_stat(line), Some(ProcStat { state: 'S', start_time: 987_654, session: 1234 }));
         assert_eq!(parse_stat("garbage"), None);
         assert_eq!(parse_stat("1 (x) S 1 2"), None);
         assert_eq!(parse_stat(""), None);
