@@ -160,6 +160,7 @@ pub(crate) async fn launch(
         started_unix: 0,
         status: AppInstanceStatus::default(),
         unsaved: false,
+        restart_now: false,
     };
     if !matches!(begin, Begin::Adopt { .. }) {
         sup.setup_cgroup();
@@ -193,6 +194,9 @@ struct Supervisor {
     /// The last record could not be written (full disk): retried while the
     /// process runs, so a later agent can still adopt it.
     unsaved: bool,
+    /// The next restart skips the back-off: the process died while the
+    /// agent was down (most often a host reboot), not in front of us.
+    restart_now: bool,
 }
 
 impl Supervisor {
@@ -238,6 +242,7 @@ impl Supervisor {
             }
             Begin::DiedWhileDown { status } => {
                 self.status = status;
+                self.restart_now = true;
                 Next::Exited(Outcome { exit: ExitKind::Unknown, liveness: None, oom: false, ran_for: Duration::ZERO })
             }
             Begin::Ended { restart, status } => {
@@ -528,6 +533,9 @@ impl Supervisor {
 
     /// Waits before a restart. `false` when stopped or shut down meanwhile.
     async fn backoff(&mut self, ran_for: Duration) -> bool {
+        if std::mem::take(&mut self.restart_now) {
+            return true;
+        }
         let opts = &self.shared.opts;
         if ran_for >= opts.backoff_reset_after {
             self.backoff_step = 0;
