@@ -364,8 +364,8 @@ impl EdgeSession {
 
     /// Queues a report: persist, then send when connected.
     ///
-    /// The outbox is bounded by `max_outbox`. When full, its oldest entry
-    /// goes: dropped if a later report of the same instance supersedes it
+    /// The outbox is bounded by `max_outbox`; past it, it is trimmed to
+    /// 90 % of the bound, oldest entries first. Each oldest entry goes: dropped if a later report of the same instance supersedes it
     /// (a status is a level, only the newest matters), otherwise moved to
     /// the back under a new sequence number. So the newest status of every
     /// instance survives any outage, reports of one instance stay in order,
@@ -379,8 +379,13 @@ impl EdgeSession {
         // Each pass either drops an entry or rotates one that no later entry
         // supersedes; after `len` passes without a drop every entry is the
         // only one of its instance and nothing more can be saved.
+        let max = self.cfg.max_outbox.max(1);
+        // Once over the bound, trim to 90 % of it: a connected edge then
+        // re-announces its front once per tenth of the bound, not once per
+        // report.
+        let target = if self.outbox.len() > max { max - max / 10 } else { max };
         let mut budget = self.outbox.len();
-        while self.outbox.len() > self.cfg.max_outbox.max(1) && budget > 0 {
+        while self.outbox.len() > target && budget > 0 {
             budget -= 1;
             let Some((first, oldest)) = self.outbox.pop_first() else { break };
             trimmed = Some(first);
