@@ -52,10 +52,12 @@ pub async fn run_app_controller(store: Arc<dyn Store>, metrics: Arc<Metrics>, cf
         let store = store.clone();
         let tx = tx.clone();
         watchers.spawn(async move {
+            let mut failing = false;
             loop {
                 let from = store.revision();
                 match store.watch(Some(kind), from).await {
                     Ok(mut w) => {
+                        failing = false;
                         // Node status changes every heartbeat period (usage);
                         // only what scheduling reads may trigger a pass.
                         let mut seen: HashMap<String, String> = HashMap::new();
@@ -71,7 +73,15 @@ pub async fn run_app_controller(store: Arc<dyn Store>, metrics: Arc<Metrics>, cf
                             let _ = tx.try_send(());
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, ?kind, "controller watch"),
+                    Err(e) => {
+                        // Once per outage, not once per retry.
+                        if !failing {
+                            tracing::warn!(error = %e, ?kind, "controller watch; retrying");
+                        }
+                        failing = true;
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
                 }
                 let _ = tx.try_send(());
                 tokio::time::sleep(Duration::from_millis(200)).await;

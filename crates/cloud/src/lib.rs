@@ -260,19 +260,19 @@ async fn lead(
         tracing::info!(%replica, term = leadership.term, "leading: controllers started");
         metrics.leader.store(1, std::sync::atomic::Ordering::Relaxed);
         let store = leadership.store.clone();
-        let controllers = [
-            tokio::spawn(controllers::run_app_controller(store.clone(), metrics.clone(), cfg)),
-            tokio::spawn(hub.clone().run_node_lifecycle(store, coord.clone())),
-        ];
+        // A JoinSet, so the controllers also end when this task is aborted
+        // (a clean stop): the fenced store they hold is then dropped, which
+        // gives the leadership up at once instead of after the lease TTL.
+        let mut controllers = tokio::task::JoinSet::new();
+        controllers.spawn(controllers::run_app_controller(store.clone(), metrics.clone(), cfg));
+        controllers.spawn(hub.clone().run_node_lifecycle(store, coord.clone()));
         drop(leadership.store);
         while !*leadership.lost.borrow_and_update() {
             if leadership.lost.changed().await.is_err() {
                 break;
             }
         }
-        for c in &controllers {
-            c.abort();
-        }
+        controllers.shutdown().await;
         metrics.leader.store(0, std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(%replica, term = leadership.term, "leadership lost: controllers stopped");
         tokio::time::sleep(Duration::from_millis(500)).await;

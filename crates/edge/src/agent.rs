@@ -493,8 +493,10 @@ const DEAD_AFTER: Duration = Duration::from_secs(45);
 /// as a blackhole hangs attempts until the timeout).
 const MAX_BACKOFF: Duration = Duration::from_secs(15);
 
-/// Longest wait for TCP + TLS, and again for the WebSocket upgrade.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for TCP + TLS, and again for the WebSocket upgrade. A
+/// weak link (2 s RTT, 10 % loss, 64 kbit/s: several round trips, a
+/// certificate chain, a retransmission or two) needs well over 10 s.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How often the agent pings the cloud.
 const PING_EVERY: Duration = Duration::from_secs(15);
