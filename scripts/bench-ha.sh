@@ -8,7 +8,7 @@
 #   3. resync: simulated nodes cut off while 10,000 instances are placed on
 #      them, then back -> every node acknowledged its whole desired view, and
 #      every instance reported Running.
-# Needs etcd (/usr/bin/etcd or $YUNBIAN_ETCD_BIN) and curl.
+# Needs a binary built with `cargo build --release --features etcd`, etcd (/usr/bin/etcd or $YUNBIAN_ETCD_BIN) and curl.
 # Usage: scripts/bench-ha.sh [path/to/yunbian]
 #   BENCH_HA_NODES (1000), BENCH_HA_OBJECTS (10000), BENCH_HA_ROUNDS (3),
 #   BENCH_HA_SECTIONS ("1 2 3"), BENCH_HA_ETCD_DIR (etcd data; default a

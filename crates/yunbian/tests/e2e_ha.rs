@@ -6,6 +6,8 @@
 //! Without an etcd binary every test prints `SKIPPED` and passes, except
 //! under CI (`CI` set), where it fails: CI must run them.
 
+#![cfg(feature = "etcd")]
+
 mod ha;
 mod harness;
 

@@ -2,10 +2,10 @@
 //! replicas on a real etcd, from one command.
 //!
 //! ```sh
-//! cargo test -p yunbian --test soak -- --nocapture                                  # ~90 s (CI)
-//! YUNBIAN_SOAK_SECS=1800 cargo test -p yunbian --release --test soak -- --nocapture  # 30 min
-//! YUNBIAN_SOAK_SEED=1234 cargo test -p yunbian --test soak -- --nocapture           # replay a schedule
-//! YUNBIAN_SOAK_FAULTS=LongOutage,KillLeader cargo test -p yunbian --test soak -- --nocapture  # only these
+//! cargo test -p yunbian --features etcd --test soak -- --nocapture                                  # ~90 s (CI)
+//! YUNBIAN_SOAK_SECS=1800 cargo test -p yunbian --features etcd --release --test soak -- --nocapture  # 30 min
+//! YUNBIAN_SOAK_SEED=1234 cargo test -p yunbian --features etcd --test soak -- --nocapture           # replay a schedule
+//! YUNBIAN_SOAK_FAULTS=LongOutage,KillLeader cargo test -p yunbian --features etcd --test soak -- --nocapture  # only these
 //! ```
 //!
 //! Topology: each edge reaches each replica through a link proxy of its own
@@ -34,6 +34,8 @@
 //!
 //! Every fault, heal and check is printed with a timestamp; a violation
 //! fails the test with the recent log.
+
+#![cfg(feature = "etcd")]
 
 mod ha;
 mod harness;
