@@ -85,6 +85,8 @@ fn kill_with_descendants_follows_parents_and_the_predicate() {
 
     let tree_only = kill_with_descendants(shell_pid, |_| false).expect("kill tree");
     assert_eq!(tree_only.len(), 2, "shell and its own sleep: {tree_only:?}");
+    // SIGKILL is asynchronous: wait until they are gone before looking again.
+    assert!(wait_dead(&tree_only, GIVE_UP), "the tree died");
     assert!(is_alive(orphan), "the orphan has no parent link to follow");
 
     let rest = kill_with_descendants(shell_pid, |p| p.env(MARK) == Some(mark.as_str())).expect("kill marked");
