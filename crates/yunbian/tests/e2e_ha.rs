@@ -15,8 +15,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ha::{AppManifest, Ha, HaOptions, WAIT};
-use harness::{eventually, pid_alive, s, u};
+use ha::{Ha, HaOptions, WAIT};
+use harness::{eventually, pid_alive, s, u, App};
 use yunbian_api::Kind;
 use yunbian_store::etcd::EtcdStore;
 use yunbian_store::Store;
@@ -73,7 +73,7 @@ fn node_joined_through_one_replica_is_trusted_by_all() {
     assert_eq!(serving_replica(&mut ha), 0, "the edge should be served by r1, its first URL");
 
     // An app applied through r3 runs on the edge.
-    ha.try_apply_via(2, &AppManifest::process("keep", 1, &SLEEPER).yaml()).ok();
+    ha.try_apply_via(2, &App::new("keep").replicas(1).command(&SLEEPER).yaml()).ok();
     let inst = ha.wait_app_exact("keep", 1).remove(0);
     let pid = u(&inst, "/status/pid").expect("pid") as u32;
 
@@ -104,7 +104,7 @@ fn node_joined_through_one_replica_is_trusted_by_all() {
             }
         });
     }
-    ha.try_apply_via(0, &AppManifest::process("keep", 2, &SLEEPER).yaml()).ok();
+    ha.try_apply_via(0, &App::new("keep").replicas(2).command(&SLEEPER).yaml()).ok();
     let after = ha.wait_app_exact("keep", 2);
     assert!(after.iter().any(|i| u(i, "/status/pid") == Some(u64::from(pid))), "original workload replaced: {after:?}");
     ha.wait_single_leader();
@@ -129,7 +129,7 @@ fn leader_killed_mid_reconcile_leaves_exact_instances() {
         .block_on(EtcdStore::connect(&ha.etcd.endpoints(), &ha.prefix, Default::default()))
         .expect("connect to etcd");
     let mut watch = ha.rt.block_on(store.watch(Some(Kind::AppInstance), store.revision())).expect("watch instances");
-    let app = AppManifest::fake("big", N as i64).selector("pool", "fo");
+    let app = App::new("big").replicas(N as i64).fake().node_selector("pool", "fo");
     ha.try_apply_via(via, &app.yaml()).ok();
     let first = ha.rt.block_on(async { tokio::time::timeout(WAIT, watch.recv()).await });
     assert!(matches!(first, Ok(Some(Ok(_)))), "no instance written by the leader: {first:?}");
@@ -238,7 +238,7 @@ fn etcd_restart_replicas_keep_running_and_recover() {
     let urls = ha.urls();
     ha.spawn_join("edge-1", &urls, &token, "site=a");
     ha.wait_nodes_ready(&["edge-1"]);
-    let app = AppManifest::process("keep", 1, &SLEEPER);
+    let app = App::new("keep").replicas(1).command(&SLEEPER);
     ha.apply(&app.yaml());
     let before = ha.wait_app_exact("keep", 1).remove(0);
     let (name, pid) = (s(&before, "/metadata/name").to_string(), u(&before, "/status/pid").expect("pid"));
@@ -285,7 +285,7 @@ fn deposed_leader_stops_and_one_leader_remains() {
     let urls = ha.urls();
     ha.start_sim("dp-", 3, &urls, "pool=dp");
     ha.wait_ready_count("dp-", 3);
-    let app = AppManifest::fake("web", 30).selector("pool", "dp");
+    let app = App::new("web").replicas(30).fake().node_selector("pool", "dp");
     ha.apply(&app.yaml());
     let before = names(&ha.wait_app_exact("web", 30));
     let leader = ha.wait_single_leader();

@@ -44,7 +44,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ha::{stamp, AppManifest, Ha, HaOptions, Rng};
+use ha::{stamp, Ha, HaOptions, Rng};
 use harness::{pid_alive, proc_env, s, u};
 use yunbian_faults::LinkConditions;
 
@@ -154,7 +154,11 @@ impl Soak {
 
     fn manifest(&self, name: &str) -> String {
         let a = &self.apps[name];
-        AppManifest::process(name, a.replicas as i64, &WORKLOAD).env("VERSION", &a.version.to_string()).yaml()
+        harness::App::new(name)
+            .replicas(a.replicas as i64)
+            .command(&WORKLOAD)
+            .env("VERSION", &a.version.to_string())
+            .yaml()
     }
 
     fn setup(&mut self) {

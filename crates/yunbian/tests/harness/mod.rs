@@ -351,6 +351,8 @@ pub struct App {
     memory_limit: Option<String>,
     env: BTreeMap<String, String>,
     node_selector: BTreeMap<String, String>,
+    /// `runtime: fake` (simulated nodes) instead of a process.
+    fake: bool,
 }
 
 impl App {
@@ -363,7 +365,13 @@ impl App {
             memory_limit: None,
             env: BTreeMap::new(),
             node_selector: BTreeMap::new(),
+            fake: false,
         }
+    }
+    /// For simulated nodes (`yunbian sim`): `runtime: fake`, no process.
+    pub fn fake(mut self) -> App {
+        self.fake = true;
+        self
     }
     pub fn replicas(mut self, n: i64) -> App {
         self.replicas = n;
@@ -412,6 +420,13 @@ impl App {
         }
         if !self.node_selector.is_empty() {
             spec["placement"] = serde_json::json!({"nodeSelector": self.node_selector});
+        }
+        if self.fake {
+            spec =
+                serde_json::json!({"replicas": self.replicas, "runtime": "fake", "placement": spec.get("placement")});
+            if spec["placement"].is_null() {
+                spec.as_object_mut().map(|o| o.remove("placement"));
+            }
         }
         let app = serde_json::json!({
             "apiVersion": "yunbian.io/v1",
