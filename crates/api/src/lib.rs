@@ -8,6 +8,7 @@
 //! `metadata`, `spec`, `status`. Adding a kind means: a spec/status pair in
 //! [`kinds`], a variant in [`Kind`] and [`Resource`], and a `Validate` impl.
 
+pub mod device;
 pub mod fuzzing;
 pub mod kinds;
 pub mod manifest;
@@ -16,6 +17,7 @@ pub mod quantity;
 pub mod time;
 pub mod validate;
 
+pub use device::*;
 pub use kinds::*;
 pub use manifest::{parse_manifests, parse_one, ManifestError, Resource};
 pub use meta::{Kind, ObjectMeta, API_VERSION};

@@ -3,6 +3,7 @@
 
 use serde::de::DeserializeOwned;
 
+use crate::device::*;
 use crate::kinds::*;
 use crate::meta::Kind;
 use crate::validate::{FieldError, Validate};
@@ -20,6 +21,10 @@ pub enum Resource {
     App(App),
     /// An AppInstance.
     AppInstance(AppInstance),
+    /// A DeviceModel.
+    DeviceModel(DeviceModel),
+    /// A Device.
+    Device(Device),
 }
 
 /// Why a manifest was refused.
@@ -63,6 +68,8 @@ impl Resource {
             Resource::Token(_) => Kind::Token,
             Resource::App(_) => Kind::App,
             Resource::AppInstance(_) => Kind::AppInstance,
+            Resource::DeviceModel(_) => Kind::DeviceModel,
+            Resource::Device(_) => Kind::Device,
         }
     }
 
@@ -74,6 +81,8 @@ impl Resource {
             Resource::Token(o) => o.name(),
             Resource::App(o) => o.name(),
             Resource::AppInstance(o) => o.name(),
+            Resource::DeviceModel(o) => o.name(),
+            Resource::Device(o) => o.name(),
         }
     }
 
@@ -85,6 +94,8 @@ impl Resource {
             Resource::Token(o) => o.to_value(),
             Resource::App(o) => o.to_value(),
             Resource::AppInstance(o) => o.to_value(),
+            Resource::DeviceModel(o) => o.to_value(),
+            Resource::Device(o) => o.to_value(),
         }
     }
 
@@ -96,6 +107,8 @@ impl Resource {
             Resource::Token(o) => o.errors(),
             Resource::App(o) => o.errors(),
             Resource::AppInstance(o) => o.errors(),
+            Resource::DeviceModel(o) => o.errors(),
+            Resource::Device(o) => o.errors(),
         }
     }
 
@@ -109,6 +122,8 @@ impl Resource {
             "Token" => Kind::Token,
             "App" => Kind::App,
             "AppInstance" => Kind::AppInstance,
+            "DeviceModel" => Kind::DeviceModel,
+            "Device" => Kind::Device,
             other => return Err(ManifestError::Kind(format!("unknown kind {other:?}"))),
         };
         let r = match kind {
@@ -117,6 +132,8 @@ impl Resource {
             Kind::Token => Resource::Token(typed(v)?),
             Kind::App => Resource::App(typed(v)?),
             Kind::AppInstance => Resource::AppInstance(typed(v)?),
+            Kind::DeviceModel => Resource::DeviceModel(typed(v)?),
+            Kind::Device => Resource::Device(typed(v)?),
         };
         let errs = r.errors();
         if errs.is_empty() {

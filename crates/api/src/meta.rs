@@ -55,11 +55,16 @@ pub enum Kind {
     App,
     /// One replica of an App placed on one node.
     AppInstance,
+    /// A kind of device: its properties.
+    DeviceModel,
+    /// One device attached to a node, with its twin.
+    Device,
 }
 
 impl Kind {
     /// All kinds, in a stable order.
-    pub const ALL: [Kind; 5] = [Kind::Node, Kind::NodeGroup, Kind::Token, Kind::App, Kind::AppInstance];
+    pub const ALL: [Kind; 7] =
+        [Kind::Node, Kind::NodeGroup, Kind::Token, Kind::App, Kind::AppInstance, Kind::DeviceModel, Kind::Device];
 
     /// The plural path segment used by the REST API (`/v1/<plural>`).
     pub fn plural(self) -> &'static str {
@@ -69,6 +74,8 @@ impl Kind {
             Kind::Token => "tokens",
             Kind::App => "apps",
             Kind::AppInstance => "instances",
+            Kind::DeviceModel => "devicemodels",
+            Kind::Device => "devices",
         }
     }
 
@@ -80,6 +87,8 @@ impl Kind {
             Kind::Token => "Token",
             Kind::App => "App",
             Kind::AppInstance => "AppInstance",
+            Kind::DeviceModel => "DeviceModel",
+            Kind::Device => "Device",
         }
     }
 
@@ -91,6 +100,8 @@ impl Kind {
             Kind::Token => "token",
             Kind::App => "app",
             Kind::AppInstance => "instance",
+            Kind::DeviceModel => "devicemodel",
+            Kind::Device => "device",
         }
     }
 }
@@ -103,7 +114,7 @@ impl fmt::Display for Kind {
 
 /// Error for a kind name nobody serves.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown kind {0:?} (known: nodes, nodegroups, tokens, apps, instances)")]
+#[error("unknown kind {0:?} (known: nodes, nodegroups, tokens, apps, instances, devicemodels, devices)")]
 pub struct UnknownKind(pub String);
 
 impl FromStr for Kind {
@@ -118,6 +129,8 @@ impl FromStr for Kind {
             "token" | "tokens" => Kind::Token,
             "app" | "apps" => Kind::App,
             "appinstance" | "appinstances" | "instance" | "instances" | "inst" => Kind::AppInstance,
+            "devicemodel" | "devicemodels" | "dm" => Kind::DeviceModel,
+            "device" | "devices" | "dev" => Kind::Device,
             _ => return Err(UnknownKind(s.to_string())),
         };
         Ok(k)

@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use crate::device::*;
 use crate::kinds::*;
 use crate::meta::ObjectMeta;
 use crate::quantity::{parse_cpu_millis, parse_memory_bytes};
@@ -251,6 +252,220 @@ impl Validate for AppInstanceSpec {
             errs.add(join(path, "node"), m);
         }
         self.template.validate(&join(path, "template"), errs);
+    }
+}
+
+impl Validate for DeviceModelSpec {
+    fn validate(&self, path: &str, errs: &mut Errors) {
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, p) in self.properties.iter().enumerate() {
+            let pp = join(path, &format!("properties[{i}]"));
+            if let Err(m) = check_property_name(&p.name) {
+                errs.add(join(&pp, "name"), m);
+            } else if !seen.insert(p.name.as_str()) {
+                errs.add(join(&pp, "name"), format!("duplicate property {:?}", p.name));
+            }
+            let numeric = matches!(p.ty, PropertyType::Int | PropertyType::Float);
+            if !numeric && (p.minimum.is_some() || p.maximum.is_some()) {
+                errs.add(join(&pp, "minimum"), format!("minimum/maximum apply to numbers, not {}", p.ty.as_str()));
+            }
+            if let (Some(lo), Some(hi)) = (p.minimum, p.maximum) {
+                if lo > hi {
+                    errs.add(join(&pp, "maximum"), "must be >= minimum");
+                }
+            }
+        }
+    }
+}
+
+/// Property names: 1–63 of letters, digits, `_` and `-` (they become MQTT
+/// topic levels and map keys).
+pub fn check_property_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 63 {
+        return Err("must be 1-63 characters".into());
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        return Err(format!("{name:?} must consist of letters, digits, '_' and '-'"));
+    }
+    Ok(())
+}
+
+fn check_duration(path: &str, value: &str, min_ms: u64, errs: &mut Errors) {
+    match crate::time::parse_duration_ms(value) {
+        Ok(ms) if ms < min_ms => errs.add(path, format!("must be at least {min_ms}ms")),
+        Ok(_) => {}
+        Err(e) => errs.add(path, e),
+    }
+}
+
+fn check_topic(path: &str, topic: &str, errs: &mut Errors) {
+    if topic.is_empty() || topic.len() > 1024 {
+        errs.add(path, "must be 1-1024 bytes");
+    } else if topic.contains(['+', '#', '\0']) {
+        errs.add(path, "must not contain wildcards (+, #) or NUL");
+    }
+}
+
+impl Validate for DeviceSpec {
+    fn validate(&self, path: &str, errs: &mut Errors) {
+        if let Err(m) = check_name(&self.model) {
+            errs.add(join(path, "model"), m);
+        }
+        match (self.node.is_empty(), self.node_selector.is_empty()) {
+            (true, true) => errs.add(join(path, "node"), "one of node or nodeSelector is required"),
+            (false, false) => errs.add(join(path, "nodeSelector"), "must not be set together with node"),
+            (false, true) => {
+                if let Err(m) = check_name(&self.node) {
+                    errs.add(join(path, "node"), m);
+                }
+            }
+            (true, false) => check_labels(&join(path, "nodeSelector"), &self.node_selector, errs),
+        }
+        check_duration(&join(path, "collectCycle"), &self.collect_cycle, 10, errs);
+        check_duration(&join(path, "reportCycle"), &self.report_cycle, 0, errs);
+        if !(self.deadband >= 0.0 && self.deadband.is_finite()) {
+            errs.add(join(path, "deadband"), "must be a finite number >= 0");
+        }
+        let proto = join(path, "protocol");
+        match &self.protocol {
+            Protocol::ModbusTcp(t) => {
+                if t.host.is_empty() {
+                    errs.add(join(&proto, "modbusTcp.host"), "must not be empty");
+                }
+                if t.port == 0 {
+                    errs.add(join(&proto, "modbusTcp.port"), "must be 1-65535");
+                }
+                check_duration(&join(&proto, "modbusTcp.timeout"), &t.timeout, 10, errs);
+            }
+            Protocol::ModbusRtu(r) => {
+                if !r.serial_port.starts_with('/') {
+                    errs.add(join(&proto, "modbusRtu.serialPort"), "must be an absolute device path");
+                }
+                if r.baud_rate == 0 {
+                    errs.add(join(&proto, "modbusRtu.baudRate"), "must be > 0");
+                }
+                if !(5..=8).contains(&r.data_bits) {
+                    errs.add(join(&proto, "modbusRtu.dataBits"), "must be 5-8");
+                }
+                if !(1..=2).contains(&r.stop_bits) {
+                    errs.add(join(&proto, "modbusRtu.stopBits"), "must be 1 or 2");
+                }
+                if r.unit_id == 0 || r.unit_id > 247 {
+                    errs.add(join(&proto, "modbusRtu.unitId"), "must be 1-247");
+                }
+                check_duration(&join(&proto, "modbusRtu.timeout"), &r.timeout, 10, errs);
+            }
+            Protocol::Opcua(o) => {
+                if !o.endpoint.starts_with("opc.tcp://") {
+                    errs.add(join(&proto, "opcua.endpoint"), "must start with opc.tcp://");
+                }
+                if (o.security_policy == SecurityPolicy::None) != (o.security_mode == SecurityMode::None) {
+                    errs.add(join(&proto, "opcua.securityMode"), "securityPolicy None goes with securityMode None, and only with it");
+                }
+                if o.username.is_empty() && !o.password.is_empty() {
+                    errs.add(join(&proto, "opcua.username"), "is required with password");
+                }
+                if o.certificate_file.is_empty() != o.private_key_file.is_empty() {
+                    errs.add(join(&proto, "opcua.privateKeyFile"), "certificateFile and privateKeyFile go together");
+                }
+                check_duration(&join(&proto, "opcua.timeout"), &o.timeout, 10, errs);
+            }
+            Protocol::Mqtt(m) => {
+                if !m.offline_after.is_empty() {
+                    check_duration(&join(&proto, "mqtt.offlineAfter"), &m.offline_after, 0, errs);
+                }
+            }
+            Protocol::Virtual(_) => {}
+            Protocol::External(e) => {
+                if let Err(m) = check_property_name(&e.mapper) {
+                    errs.add(join(&proto, "external.mapper"), m);
+                }
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, v) in self.properties.iter().enumerate() {
+            let pp = join(path, &format!("properties[{i}]"));
+            if let Err(m) = check_property_name(&v.name) {
+                errs.add(join(&pp, "name"), m);
+            } else if !seen.insert(v.name.as_str()) {
+                errs.add(join(&pp, "name"), format!("duplicate property {:?}", v.name));
+            }
+            let (want, set) = match &self.protocol {
+                Protocol::ModbusTcp(_) | Protocol::ModbusRtu(_) => ("modbus", v.modbus.is_some()),
+                Protocol::Opcua(_) => ("opcua", v.opcua.is_some()),
+                Protocol::Mqtt(_) => ("mqtt", v.mqtt.is_some()),
+                Protocol::Virtual(_) => ("virtual", v.generator.is_some()),
+                Protocol::External(_) => ("external", true),
+            };
+            let count = v.modbus.is_some() as u8
+                + v.opcua.is_some() as u8
+                + v.mqtt.is_some() as u8
+                + v.generator.is_some() as u8
+                + v.external.is_some() as u8;
+            if !set {
+                errs.add(join(&pp, want), format!("is required for protocol {}", self.protocol.name()));
+            } else if count > 1 || (want == "external" && count == 1 && v.external.is_none()) {
+                errs.add(pp.clone(), format!("only the {want} visitor may be set for protocol {}", self.protocol.name()));
+            }
+            if let Some(d) = v.deadband {
+                if !(d >= 0.0 && d.is_finite()) {
+                    errs.add(join(&pp, "deadband"), "must be a finite number >= 0");
+                }
+            }
+            if let Some(m) = &v.modbus {
+                let q = m.quantity();
+                if m.data_type() == ModbusDataType::String && m.count.is_none() {
+                    errs.add(join(&pp, "modbus.count"), "is required for dataType string");
+                }
+                if q == 0 || q > 125 {
+                    errs.add(join(&pp, "modbus.count"), "must be 1-125 registers");
+                } else if m.address as u32 + q as u32 > 65_536 {
+                    errs.add(join(&pp, "modbus.address"), "address + registers must be <= 65536");
+                }
+                if !(m.scale.is_finite() && m.scale != 0.0) {
+                    errs.add(join(&pp, "modbus.scale"), "must be a finite number other than 0");
+                }
+                if !m.offset.is_finite() {
+                    errs.add(join(&pp, "modbus.offset"), "must be finite");
+                }
+            }
+            if let Some(o) = &v.opcua {
+                if o.node_id.is_empty() {
+                    errs.add(join(&pp, "opcua.nodeId"), "must not be empty");
+                }
+            }
+            if let Some(m) = &v.mqtt {
+                check_topic(&join(&pp, "mqtt.topic"), &m.topic, errs);
+                if !m.set_topic.is_empty() {
+                    check_topic(&join(&pp, "mqtt.setTopic"), &m.set_topic, errs);
+                }
+            }
+            if let Some(g) = &v.generator {
+                match g {
+                    Generator::Sine { period, .. } => check_duration(&join(&pp, "virtual.period"), period, 1, errs),
+                    Generator::Step { values, period } => {
+                        if values.is_empty() {
+                            errs.add(join(&pp, "virtual.values"), "must not be empty");
+                        }
+                        check_duration(&join(&pp, "virtual.period"), period, 1, errs);
+                    }
+                    Generator::RandomWalk { min, max, step, .. } => {
+                        if min > max {
+                            errs.add(join(&pp, "virtual.max"), "must be >= min");
+                        }
+                        if !(*step >= 0.0) {
+                            errs.add(join(&pp, "virtual.step"), "must be >= 0");
+                        }
+                    }
+                    Generator::Constant { .. } => {}
+                }
+            }
+        }
+        for name in self.desired.keys() {
+            if self.visitor(name).is_none() {
+                errs.add(join(path, &format!("desired[{name}]")), "property has no visitor in spec.properties");
+            }
+        }
     }
 }
 

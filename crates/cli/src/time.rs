@@ -75,46 +75,7 @@ pub fn age_since(timestamp: &str, now: i64) -> String {
     }
 }
 
-/// Parses a command-line duration into milliseconds: one or more
-/// `<number><unit>` with units `ms`, `s`, `m`, `h`, `d` (`500ms`, `90s`,
-/// `24h`, `1h30m`), or `0`. The one duration syntax of every `yunbian` flag.
-pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    if s == "0" {
-        return Ok(0);
-    }
-    let bad = || format!("invalid duration {s:?}: use e.g. 30s, 15m, 24h, 7d, 1h30m or 0 for never");
-    if s.is_empty() {
-        return Err(bad());
-    }
-    let mut total: u64 = 0;
-    let mut digits = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c.is_ascii_digit() {
-            digits.push(c);
-            continue;
-        }
-        let unit = match c {
-            'm' if chars.peek() == Some(&'s') => {
-                chars.next();
-                1
-            }
-            's' => 1_000,
-            'm' => 60_000,
-            'h' => 3_600_000,
-            'd' => 86_400_000,
-            _ => return Err(bad()),
-        };
-        let n: u64 = digits.parse().map_err(|_| bad())?;
-        total = n.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or_else(bad)?;
-        digits.clear();
-    }
-    if !digits.is_empty() {
-        return Err(bad());
-    }
-    Ok(total)
-}
+pub use yunbian_api::time::parse_duration_ms;
 
 /// Parses a command-line duration into whole seconds (`0` means "never"
 /// where a flag says so).
