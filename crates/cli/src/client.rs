@@ -337,6 +337,13 @@ impl Client {
         Ok(status == StatusCode::CREATED)
     }
 
+    /// Replaces an object's intent (`PUT /v1/{plural}/{name}`) and answers
+    /// it as stored. A `metadata.resourceVersion` in `object` makes the
+    /// write conditional: a 409 answers that the object changed since.
+    pub async fn put_object(&self, kind: Kind, name: &str, object: &Value) -> Result<Value, ClientError> {
+        self.put(&object_path(kind, name), object).await
+    }
+
     /// Deletes an object; answers its last state.
     pub async fn delete_object(&self, kind: Kind, name: &str) -> Result<Value, ClientError> {
         self.delete(&object_path(kind, name)).await

@@ -22,6 +22,10 @@ pub fn headers(kind: Kind, wide: bool) -> Vec<&'static str> {
         Kind::AppInstance => (&["NAME", "APP", "NODE", "STATUS", "RESTARTS", "AGE"], &["PID", "EXIT", "REASON"]),
         Kind::Token => (&["NAME", "EXPIRES", "REVOKED", "JOINS", "DESCRIPTION"], &[]),
         Kind::NodeGroup => (&["NAME", "NODES", "READY", "SELECTOR"], &[]),
+        Kind::Device => {
+            (&["NAME", "MODEL", "NODE", "PROTOCOL", "STATE", "PROPS", "AGE"], &["LAST-ONLINE", "ERROR"])
+        }
+        Kind::DeviceModel => (&["NAME", "PROPERTIES", "AGE"], &["TYPES"]),
     };
     let mut h = base.to_vec();
     if wide {
@@ -73,6 +77,16 @@ pub fn row(kind: Kind, obj: &Value, wide: bool, now: i64) -> Vec<String> {
             number(obj, "/status/readyNodes"),
             pairs(obj.pointer("/spec/selector")),
         ],
+        Kind::Device => vec![
+            name,
+            text(obj, "/spec/model"),
+            device_node(obj),
+            device_protocol(obj),
+            device_state(obj),
+            count(obj, "/spec/properties"),
+            age,
+        ],
+        Kind::DeviceModel => vec![name, count(obj, "/spec/properties"), age],
     };
     if wide {
         match kind {
@@ -96,6 +110,16 @@ pub fn row(kind: Kind, obj: &Value, wide: bool, now: i64) -> Vec<String> {
                 number_opt(obj, "/status/exitCode"),
                 text(obj, "/status/reason"),
             ]),
+            Kind::Device => {
+                let online = text(obj, "/status/lastOnlineTime");
+                let last_online = if online.is_empty() { online } else { format!("{} ago", age_since(&online, now)) };
+                let mut error = text(obj, "/status/lastError");
+                if error.is_empty() {
+                    error = text(obj, "/status/message");
+                }
+                cells.extend([last_online, error]);
+            }
+            Kind::DeviceModel => cells.push(property_types(obj)),
             Kind::Token | Kind::NodeGroup => {}
         }
     }
@@ -112,6 +136,66 @@ fn instance_status(obj: &Value) -> String {
     } else {
         phase
     }
+}
+
+/// The node a device runs on: the one the cloud placed it on, else the
+/// one its spec names, else `<selector>` (placed by label, not yet placed).
+pub fn device_node(obj: &Value) -> String {
+    let placed = text(obj, "/status/node");
+    if !placed.is_empty() {
+        return placed;
+    }
+    let named = text(obj, "/spec/node");
+    if !named.is_empty() {
+        return named;
+    }
+    if obj.pointer("/spec/nodeSelector").and_then(Value::as_object).is_some_and(|m| !m.is_empty()) {
+        "<selector>".into()
+    } else {
+        String::new()
+    }
+}
+
+/// The protocol a device is spoken to with (the one key of `spec.protocol`).
+pub fn device_protocol(obj: &Value) -> String {
+    match obj.pointer("/spec/protocol") {
+        Some(Value::Object(m)) => m.keys().next().cloned().unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+/// A device's state, `unknown` until a node reports.
+pub fn device_state(obj: &Value) -> String {
+    let s = text(obj, "/status/state");
+    if s.is_empty() {
+        "unknown".into()
+    } else {
+        s
+    }
+}
+
+/// The model's properties as `name:type` (`:rw` when writable).
+fn property_types(obj: &Value) -> String {
+    let Some(Value::Array(props)) = obj.pointer("/spec/properties") else {
+        return String::new();
+    };
+    props
+        .iter()
+        .map(|p| {
+            let mut ty = text(p, "/type");
+            if ty.is_empty() {
+                ty = "float".into();
+            }
+            let rw = if text(p, "/accessMode") == "ReadWrite" { ":rw" } else { "" };
+            format!("{}:{ty}{rw}", text(p, "/name"))
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The length of an array field, `0` when absent.
+fn count(obj: &Value, pointer: &str) -> String {
+    obj.pointer(pointer).and_then(Value::as_array).map_or(0, Vec::len).to_string()
 }
 
 fn expires(ts: &str, now: i64) -> String {
@@ -242,6 +326,37 @@ mod tests {
         let tok = json!({"metadata": {"name": "abc"}, "spec": {"expires": "1970-01-02T00:00:00Z"}});
         assert_eq!(row(Kind::Token, &tok, false, 0), ["abc", "in 24h", "false", "0", "<none>"]);
         assert_eq!(row(Kind::Token, &tok, false, 90_000)[1], "expired");
+    }
+
+    #[test]
+    fn device_and_model_rows() {
+        let dev = json!({
+            "metadata": {"name": "boiler-1", "creationTimestamp": "1970-01-01T00:00:00Z"},
+            "spec": {"model": "boiler", "node": "edge-1", "protocol": {"modbusTcp": {"host": "10.0.0.5"}},
+                     "properties": [{"name": "temp"}, {"name": "setpoint"}]},
+            "status": {"node": "edge-2", "state": "offline", "lastOnlineTime": "1970-01-01T00:01:00Z",
+                       "lastError": "connection refused"}
+        });
+        assert_eq!(
+            row(Kind::Device, &dev, true, 600),
+            ["boiler-1", "boiler", "edge-2", "modbusTcp", "offline", "2", "10m", "9m ago", "connection refused"]
+        );
+        let pending = json!({
+            "metadata": {"name": "p"},
+            "spec": {"model": "m", "nodeSelector": {"site": "a"}, "protocol": {"virtual": {}}},
+            "status": {"message": "no node matches"}
+        });
+        assert_eq!(
+            row(Kind::Device, &pending, true, 0),
+            ["p", "m", "<selector>", "virtual", "unknown", "0", "<unknown>", "<none>", "no node matches"]
+        );
+        let model = json!({
+            "metadata": {"name": "boiler", "creationTimestamp": "1970-01-01T00:00:00Z"},
+            "spec": {"properties": [{"name": "temp", "type": "float"},
+                                    {"name": "setpoint", "type": "int", "accessMode": "ReadWrite"}, {"name": "x"}]}
+        });
+        assert_eq!(row(Kind::DeviceModel, &model, true, 45), ["boiler", "3", "45s", "temp:float,setpoint:int:rw,x:float"]);
+        assert_eq!(headers(Kind::DeviceModel, false), ["NAME", "PROPERTIES", "AGE"]);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The client command tree (`get`, `describe`, `apply`, `delete`, `logs`,
-//! `token`) and [`run`], which executes one command against the cloud.
+//! `token`, `device`) and [`run`], which executes one command against the
+//! cloud. The `device` subcommands live in [`crate::device`].
 //!
 //! Every failure becomes an `anyhow::Error` whose message is one line fit
 //! for `error: {e:#}`; messages about objects (`app hello not found`) are
@@ -21,11 +22,12 @@ use crate::client::{Client, ClientError, ListOptions};
 use crate::columns::{headers, row, text};
 use crate::config::ClientConfig;
 use crate::describe::{describe, Related};
+use crate::device::DeviceCommand;
 use crate::table::Table;
 use crate::time::{parse_duration, unix_now};
 
 /// Pause before reopening a watch the server closed.
-const REWATCH_DELAY: Duration = Duration::from_secs(1);
+pub(crate) const REWATCH_DELAY: Duration = Duration::from_secs(1);
 
 /// Commands that talk to the cloud API as admin.
 #[derive(Debug, Clone, Subcommand)]
@@ -43,12 +45,15 @@ pub enum ClientCommand {
     /// Create, list and revoke join tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Write desired values of a device's properties, or stream its readings.
+    #[command(subcommand)]
+    Device(DeviceCommand),
 }
 
 /// Arguments of `get`.
 #[derive(Debug, Clone, Args)]
 pub struct GetArgs {
-    /// nodes, nodegroups, tokens, apps or instances (singular and short forms work too).
+    /// nodes, nodegroups, tokens, apps, instances, devicemodels or devices (singular and short forms work too).
     #[arg(value_parser = parse_kind)]
     pub kind: Kind,
     /// Show only this object.
@@ -67,7 +72,7 @@ pub struct GetArgs {
 /// Arguments of `describe`.
 #[derive(Debug, Clone, Args)]
 pub struct DescribeArgs {
-    /// nodes, nodegroups, tokens, apps or instances.
+    /// nodes, nodegroups, tokens, apps, instances, devicemodels or devices.
     #[arg(value_parser = parse_kind)]
     pub kind: Kind,
     /// The object's name.
@@ -85,7 +90,7 @@ pub struct ApplyArgs {
 /// Arguments of `delete`.
 #[derive(Debug, Clone, Args)]
 pub struct DeleteArgs {
-    /// nodes, nodegroups, tokens, apps or instances.
+    /// nodes, nodegroups, tokens, apps, instances, devicemodels or devices.
     #[arg(value_parser = parse_kind)]
     pub kind: Kind,
     /// Names of the objects to delete.
@@ -221,16 +226,17 @@ pub async fn run(config_path: Option<PathBuf>, cmd: ClientCommand) -> Result<()>
         ClientCommand::Delete(a) => delete(&session, a.kind, &a.names).await,
         ClientCommand::Logs(a) => logs(&session, a).await,
         ClientCommand::Token(t) => token(&session, t).await,
+        ClientCommand::Device(d) => crate::device::run(&session, d).await,
     }
 }
 
 /// What every command needs to reach the cloud, loaded on first use.
-struct Session {
+pub(crate) struct Session {
     config_path: Option<PathBuf>,
 }
 
 impl Session {
-    fn client(&self) -> Result<Client> {
+    pub(crate) fn client(&self) -> Result<Client> {
         let config = ClientConfig::load(self.config_path.as_deref())?;
         Ok(Client::new(config)?)
     }
@@ -366,7 +372,7 @@ async fn watch(
     }
 }
 
-fn revision_of(v: &Value) -> Option<u64> {
+pub(crate) fn revision_of(v: &Value) -> Option<u64> {
     v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok()))
 }
 
@@ -400,7 +406,12 @@ async fn describe_cmd(session: &Session, kind: Kind, name: &str) -> Result<()> {
             items.retain(|n| selector.matches(n));
             Some(Related { title: "Nodes", kind: Kind::Node, items })
         }
-        Kind::Token | Kind::AppInstance => None,
+        Kind::DeviceModel => {
+            let mut items = client.list(Kind::Device).await?;
+            items.retain(|d| text(d, "/spec/model") == name);
+            Some(Related { title: "Devices", kind: Kind::Device, items })
+        }
+        Kind::Token | Kind::AppInstance | Kind::Device => None,
     };
     emit(describe(kind, &obj, related.as_ref(), unix_now()))?;
     Ok(())
@@ -586,7 +597,7 @@ async fn token(session: &Session, cmd: TokenCommand) -> Result<()> {
 
 /// Writes to stdout and flushes. Answers `false` when the reader went
 /// away (`| head`), which ends output quietly rather than as an error.
-fn emit(bytes: impl AsRef<[u8]>) -> Result<bool> {
+pub(crate) fn emit(bytes: impl AsRef<[u8]>) -> Result<bool> {
     let mut out = std::io::stdout().lock();
     match out.write_all(bytes.as_ref()).and_then(|()| out.flush()) {
         Ok(()) => Ok(true),

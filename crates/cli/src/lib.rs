@@ -8,6 +8,8 @@
 //!   the API's JSON, error bodies and newline-delimited watch streams.
 //! - [`table`], [`columns`], [`time`], [`describe`]: pure text rendering
 //!   (kubectl-style tables, ages, descriptions) with no I/O.
+//! - [`device`]: `device set` (checked, conflict-retried writes of desired
+//!   values, `--wait` for the node to apply them) and `device watch`.
 //! - [`commands`]: the clap command tree ([`ClientCommand`]) and [`run`],
 //!   which the `yunbian` binary calls and whose errors it prints as
 //!   `error: {e:#}`.
@@ -23,9 +25,11 @@ pub mod columns;
 pub mod commands;
 pub mod config;
 pub mod describe;
+pub mod device;
 pub mod table;
 pub mod time;
 
 pub use client::{ByteStream, Client, ClientError, ListOptions, ObjectList, WatchStream};
 pub use commands::{run, ClientCommand, OutputFormat, Selector, TokenCommand};
+pub use device::{set_desired, Assignment, DeviceCommand, StreamFormat};
 pub use config::{ClientConfig, ConfigError};
