@@ -835,6 +835,10 @@ pub struct DeviceStatus {
     /// Why the device is not placed (no node matches), when it is not.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// Outbox sequence of the node's report this status came from (the
+    /// cloud ignores older reports).
+    #[serde(default, skip_serializing_if = "is_zero_u")]
+    pub observed_seq: u64,
 }
 
 impl KindOf for DeviceSpec {

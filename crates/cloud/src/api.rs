@@ -333,6 +333,53 @@ fn admit(kind: Kind, name: Option<&str>, body: Value) -> ApiResult<(String, Valu
     Ok((resource.name().to_string(), resource.to_value()))
 }
 
+/// Checks what only other objects reveal: a Device against its model, and a
+/// DeviceModel change against the devices that use it.
+async fn check_references(store: &Arc<dyn Store>, kind: Kind, v: &Value) -> ApiResult<()> {
+    use yunbian_api::{check_device_against_model, Device, DeviceModel, FieldError};
+    let errs: Vec<FieldError> = match kind {
+        Kind::Device => {
+            let d = Device::from_value(v.clone()).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+            match store.get(Kind::DeviceModel, &d.spec.model).await {
+                Ok(m) => {
+                    let m = DeviceModel::from_value((*m.value).clone())
+                        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+                    check_device_against_model(&d.spec, &m.spec)
+                }
+                Err(yunbian_store::StoreError::NotFound { .. }) => vec![FieldError {
+                    path: "spec.model".into(),
+                    message: format!("devicemodel {:?} not found (apply the model first)", d.spec.model),
+                }],
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Kind::DeviceModel => {
+            let m = DeviceModel::from_value(v.clone()).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+            let (devices, _) = store.list(Kind::Device).await?;
+            let mut errs = Vec::new();
+            for o in devices {
+                let Ok(d) = Device::from_value((*o.value).clone()) else { continue };
+                if d.spec.model != m.metadata.name {
+                    continue;
+                }
+                for e in check_device_against_model(&d.spec, &m.spec) {
+                    errs.push(FieldError {
+                        path: format!("device {}: {}", d.metadata.name, e.path),
+                        message: e.message,
+                    });
+                }
+            }
+            errs
+        }
+        _ => Vec::new(),
+    };
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(ManifestError::Invalid(errs).into())
+    }
+}
+
 async fn create(
     State(s): St,
     _admin: Admin,
@@ -342,6 +389,7 @@ async fn create(
     let kind = kind_of(&plural)?;
     refuse_user_writes(kind, true)?;
     let (name, mut v) = admit(kind, None, parse_body(&body?)?)?;
+    check_references(&s.store, kind, &v).await?;
     if let Some(o) = v.as_object_mut() {
         o.remove("status");
     }
@@ -371,6 +419,7 @@ async fn put(
     let exists = s.store.get(kind, &name).await.is_ok();
     refuse_user_writes(kind, !exists)?;
     let (name, v) = admit(kind, Some(&name), parse_body(&body?)?)?;
+    check_references(&s.store, kind, &v).await?;
     let (outcome, o) = apply(&s.store, kind, &name, v).await?;
     let code = match outcome {
         Applied::Created => StatusCode::CREATED,

@@ -48,7 +48,7 @@ pub async fn run_app_controller(store: Arc<dyn Store>, metrics: Arc<Metrics>, cf
     // lost leadership) drops the set, which aborts them and releases their
     // watches and their hold on the fenced store.
     let mut watchers = tokio::task::JoinSet::new();
-    for kind in [Kind::App, Kind::AppInstance, Kind::Node] {
+    for kind in [Kind::App, Kind::AppInstance, Kind::Node, Kind::Device] {
         let store = store.clone();
         let tx = tx.clone();
         watchers.spawn(async move {
@@ -63,8 +63,12 @@ pub async fn run_app_controller(store: Arc<dyn Store>, metrics: Arc<Metrics>, cf
                         let mut seen: HashMap<String, String> = HashMap::new();
                         while let Some(ev) = w.recv().await {
                             let Ok(ev) = ev else { break };
-                            if kind == Kind::Node && ev.event != yunbian_store::EventType::Deleted {
-                                let key = scheduling_key(&ev.object.value);
+                            if matches!(kind, Kind::Node | Kind::Device) && ev.event != yunbian_store::EventType::Deleted {
+                                let key = if kind == Kind::Node {
+                                    scheduling_key(&ev.object.value)
+                                } else {
+                                    device_key(&ev.object.value)
+                                };
                                 if seen.get(&ev.object.name) == Some(&key) {
                                     continue;
                                 }
@@ -94,6 +98,9 @@ pub async fn run_app_controller(store: Arc<dyn Store>, metrics: Arc<Metrics>, cf
         if let Err(e) = reconcile_apps(&store, &mut cache, &cfg).await {
             tracing::warn!(error = %e, "app reconcile pass failed");
         }
+        if let Err(e) = crate::device_placement::reconcile_devices(&store, &cfg).await {
+            tracing::warn!(error = %e, "device placement pass failed");
+        }
         let took = t0.elapsed();
         metrics.reconcile("app", took);
         // Wait for a change or the periodic resync, then let a burst settle
@@ -108,6 +115,15 @@ pub async fn run_app_controller(store: Arc<dyn Store>, metrics: Arc<Metrics>, cf
 type Instance = AppInstance;
 
 /// The parts of a Node the scheduler and the App controller read.
+/// What device placement reads of a Device (twin reports must not trigger passes).
+fn device_key(device: &Value) -> String {
+    format!(
+        "{}|{}",
+        device.pointer("/metadata/generation").and_then(|v| v.as_u64()).unwrap_or(0),
+        device.pointer("/status/node").and_then(|v| v.as_str()).unwrap_or_default()
+    )
+}
+
 fn scheduling_key(node: &Value) -> String {
     let p = |ptr: &str| node.pointer(ptr).map(|v| v.to_string()).unwrap_or_default();
     [p("/metadata/labels"), p("/spec"), p("/status/phase"), p("/status/allocatable"), p("/status/info/runtimes")]

@@ -2,8 +2,9 @@
 //! heartbeats, and log streams routed through the connection.
 //!
 //! The view builder watches the store and keeps one [`NodeView`] per node
-//! (AppInstances whose `spec.node` is the node, without status: status
-//! changes do not disturb the edge). Each connection runs a
+//! (AppInstances whose `spec.node` is the node, and the node's Devices with
+//! their DeviceModels — see [`crate::device_views`] — all without status:
+//! status changes do not disturb the edge). Each connection runs a
 //! [`CloudSession`] (the sans-IO protocol) and executes its actions.
 //!
 //! Invariants:
@@ -19,11 +20,12 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, WebSocket};
 use tokio::sync::{mpsc, Notify};
-use yunbian_api::{AppInstanceSpec, Kind, NodeGroupSpec, NodeGroupStatus, NodeInfo, NodePhase, NodeSpec, NodeUsage};
+use yunbian_api::{AppInstanceSpec, DeviceSpec, Kind, NodeGroupSpec, NodeGroupStatus, NodeInfo, NodePhase, NodeSpec, NodeUsage};
 use yunbian_store::{Coordinator, EventType, Store, StoreError, StoredObject};
 use yunbian_sync::wire::{decode_up, encode};
 use yunbian_sync::{Change, CloudAction, CloudSession, DesiredObject, Down, NodeView, Report, SessionConfig, Up};
 
+use crate::device_views::DeviceRouting;
 use crate::metrics::Metrics;
 use crate::objects::{self, now_rfc3339, update_status};
 
@@ -87,6 +89,7 @@ struct Inner {
     placed: HashMap<String, (String, u64)>,
     links: HashMap<String, Link>,
     live: HashMap<String, Live>,
+    devices: DeviceRouting,
 }
 
 impl Inner {
@@ -167,18 +170,28 @@ impl Hub {
     pub async fn run_view_builder(self: Arc<Self>) {
         let mut first = true;
         loop {
-            let (items, rev) = match self.store.list(Kind::AppInstance).await {
+            // Instances first: the watch starts at their listing's revision,
+            // and device events already in the later listings are skipped by
+            // the routing (same placement and generation).
+            let listed = async {
+                let (items, rev) = self.store.list(Kind::AppInstance).await?;
+                let (devices, _) = self.store.list(Kind::Device).await?;
+                let (models, _) = self.store.list(Kind::DeviceModel).await?;
+                Ok::<_, StoreError>((items, devices, models, rev))
+            };
+            let (items, devices, models, rev) = match listed.await {
                 Ok(l) => l,
                 Err(e) => {
-                    tracing::error!(error = %e, "hub: list instances");
+                    tracing::error!(error = %e, "hub: list instances and devices");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
             };
             self.resync(items, rev, first);
+            self.resync_devices(&devices, &models, rev, first);
             first = false;
             self.views_ready.store(true, Ordering::Release);
-            let mut watch = match self.store.watch(Some(Kind::AppInstance), rev).await {
+            let mut watch = match self.store.watch(None, rev).await {
                 Ok(w) => w,
                 Err(e) => {
                     tracing::warn!(error = %e, "hub: watch instances; relisting");
@@ -189,7 +202,11 @@ impl Hub {
             };
             while let Some(ev) = watch.recv().await {
                 match ev {
-                    Ok(ev) => self.on_instance_event(ev.revision, ev.event, &ev.object),
+                    Ok(ev) => match ev.object.kind {
+                        Kind::AppInstance => self.on_instance_event(ev.revision, ev.event, &ev.object),
+                        Kind::Device | Kind::DeviceModel => self.on_device_event(ev.revision, ev.event, &ev.object),
+                        _ => {}
+                    },
                     Err(e) => {
                         tracing::warn!(error = %e, "hub: instance watch ended; relisting");
                         break;
@@ -197,6 +214,73 @@ impl Hub {
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn resync_devices(&self, devices: &[StoredObject], models: &[StoredObject], rev: u64, first: bool) {
+        let routing = DeviceRouting::build(devices, models);
+        let wanted = routing.wanted();
+        let mut touched = Vec::new();
+        {
+            let mut inner = self.lock();
+            if first {
+                for (node, objs) in wanted {
+                    let view = inner.view_mut(&node);
+                    for o in objs {
+                        view.seed(o);
+                    }
+                }
+            } else {
+                let mut nodes: std::collections::HashSet<String> = inner.views.keys().cloned().collect();
+                nodes.extend(wanted.keys().cloned());
+                for node in nodes {
+                    let want: HashMap<(Kind, String), DesiredObject> = wanted
+                        .get(&node)
+                        .map(|v| v.iter().map(|o| ((o.kind, o.name.clone()), o.clone())).collect())
+                        .unwrap_or_default();
+                    let view = inner.view_mut(&node);
+                    let mut changes = Vec::new();
+                    for o in view.objects() {
+                        if matches!(o.kind, Kind::Device | Kind::DeviceModel) && !want.contains_key(&(o.kind, o.name.clone())) {
+                            changes.push(Change::Remove { kind: o.kind, name: o.name });
+                        }
+                    }
+                    let have: HashMap<(Kind, String), u64> =
+                        view.objects().into_iter().map(|o| ((o.kind, o.name), o.revision)).collect();
+                    for (k, o) in want {
+                        if have.get(&k) != Some(&o.revision) {
+                            changes.push(Change::Upsert { object: o });
+                        }
+                    }
+                    if !changes.is_empty() && view.apply(rev.max(view.revision() + 1), changes).is_some() {
+                        touched.push(node);
+                    }
+                }
+            }
+            inner.devices = routing;
+        }
+        for n in touched {
+            self.poke(&n);
+        }
+    }
+
+    fn on_device_event(&self, rev: u64, ev: EventType, o: &StoredObject) {
+        let mut touched = Vec::new();
+        {
+            let mut inner = self.lock();
+            let object = (ev != EventType::Deleted).then_some(o);
+            let changes = match o.kind {
+                Kind::Device => inner.devices.on_device(&o.name, object),
+                _ => inner.devices.on_model(&o.name, object),
+            };
+            for (node, c) in changes {
+                if inner.view_mut(&node).apply(rev, c).is_some() {
+                    touched.push(node);
+                }
+            }
+        }
+        for n in touched {
+            self.poke(&n);
         }
     }
 
@@ -501,6 +585,29 @@ impl Hub {
                             return false;
                         }
                         o.status = status.clone();
+                        o.status.observed_seq = seq;
+                        true
+                    })
+                    .await;
+                    match r {
+                        Ok(_) | Err(StoreError::NotFound { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Report::DeviceStatus { device, status } => {
+                    let r = update_status::<DeviceSpec>(&self.store, &device, |o| {
+                        let assigned = if o.spec.node.is_empty() { o.status.node.as_str() } else { o.spec.node.as_str() };
+                        if assigned != node {
+                            tracing::warn!(node, device = %device, "status for a device of another node ignored");
+                            return false;
+                        }
+                        if o.status.observed_seq >= seq {
+                            return false;
+                        }
+                        let message = std::mem::take(&mut o.status.message);
+                        o.status = status.clone();
+                        o.status.node = node.to_string();
+                        o.status.message = message;
                         o.status.observed_seq = seq;
                         true
                     })

@@ -21,6 +21,8 @@ use yunbian_store::{Coordinator, RedbStore, Store};
 pub mod api;
 pub mod bootstrap;
 pub mod controllers;
+pub mod device_placement;
+pub mod device_views;
 pub mod hub;
 pub mod metrics;
 pub mod objects;

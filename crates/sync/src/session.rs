@@ -365,7 +365,7 @@ impl EdgeSession {
     /// Queues a report: persist, then send when connected.
     ///
     /// The outbox is bounded by `max_outbox`; past it, it is trimmed to
-    /// 90 % of the bound, oldest entries first. Each oldest entry goes: dropped if a later report of the same instance supersedes it
+    /// 90 % of the bound, oldest entries first. Each oldest entry goes: dropped if a later report of the same instance or device supersedes it
     /// (a status is a level, only the newest matters), otherwise moved to
     /// the back under a new sequence number. So the newest status of every
     /// instance survives any outage, reports of one instance stay in order,
@@ -389,9 +389,8 @@ impl EdgeSession {
             budget -= 1;
             let Some((first, oldest)) = self.outbox.pop_first() else { break };
             trimmed = Some(first);
-            let Report::InstanceStatus { instance, .. } = &oldest;
-            let superseded =
-                self.outbox.values().any(|r| matches!(r, Report::InstanceStatus { instance: i, .. } if i == instance));
+            let key = oldest.key();
+            let superseded = self.outbox.values().any(|r| r.key() == key);
             if superseded {
                 self.dropped += 1;
             } else {

@@ -5,7 +5,7 @@
 //! reject oversize frames and never panic on any input (fuzzed).
 
 use serde::{Deserialize, Serialize};
-use yunbian_api::{AppInstanceStatus, Kind, NodeInfo, NodeUsage};
+use yunbian_api::{AppInstanceStatus, DeviceStatus, Kind, NodeInfo, NodeUsage};
 
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 16 << 20;
@@ -56,6 +56,25 @@ pub enum Report {
         /// Its status.
         status: AppInstanceStatus,
     },
+    /// New twin and state of one device attached to the node.
+    DeviceStatus {
+        /// Device name.
+        device: String,
+        /// Its status (twins without values when the device does not
+        /// report them to the cloud).
+        status: DeviceStatus,
+    },
+}
+
+impl Report {
+    /// What the report is the level of: a later report with the same key
+    /// supersedes it.
+    pub fn key(&self) -> (Kind, &str) {
+        match self {
+            Report::InstanceStatus { instance, .. } => (Kind::AppInstance, instance),
+            Report::DeviceStatus { device, .. } => (Kind::Device, device),
+        }
+    }
 }
 
 /// Cloud → edge.

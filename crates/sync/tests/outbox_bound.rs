@@ -49,7 +49,7 @@ fn a_long_outage_keeps_the_outbox_bounded_and_the_newest_status_of_each_instance
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "gaps in {seqs:?}");
     let mut last: BTreeMap<String, u32> = BTreeMap::new();
     for r in disk.values() {
-        let Report::InstanceStatus { instance, status } = r;
+        let Report::InstanceStatus { instance, status } = r else { panic!("only instance statuses were reported") };
         let prev = last.insert(instance.clone(), status.restart_count);
         assert!(prev.is_none_or(|p| p < status.restart_count), "{instance} out of order");
     }

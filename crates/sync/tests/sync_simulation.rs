@@ -217,7 +217,10 @@ impl World {
                     }
                 }
                 CloudAction::PersistReports(items) => {
-                    for (seq, Report::InstanceStatus { instance, status }) in items {
+                    for (seq, report) in items {
+                        let Report::InstanceStatus { instance, status } = report else {
+                            panic!("the simulation reports only instance statuses")
+                        };
                         let entry = self.cloud.statuses.get(&instance);
                         if entry.is_none_or(|(s, _)| *s < seq) {
                             self.cloud.statuses.insert(instance, (seq, status));
