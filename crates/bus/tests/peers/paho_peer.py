@@ -59,11 +59,18 @@ class Peer:
         self.c.on_connect = self._on_connect
         self.c.on_message = self._on_message
         self.c.on_subscribe = self._on_subscribe
+        self.c.on_disconnect = self._on_disconnect
         self.subacks = 0
+        self.disconnected = False
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         with self.cond:
             self.connack = (reason_code.value, flags.session_present)
+            self.cond.notify_all()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        with self.cond:
+            self.disconnected = True
             self.cond.notify_all()
 
     def _on_message(self, client, userdata, msg):
@@ -87,7 +94,11 @@ class Peer:
             kw = {}
         self.c.connect(args.host, args.port, keepalive=30, **kw)
         self.c.loop_start()
-        self.wait(lambda: self.connack is not None, "CONNACK")
+        self.wait(lambda: self.connack is not None or self.disconnected, "CONNACK")
+        if self.connack is None:
+            if expect_ok:
+                fail("connection closed before CONNACK")
+            return None
         if expect_ok and self.connack[0] != 0:
             fail(f"connect refused: {self.connack}")
         return self.connack
@@ -229,10 +240,15 @@ def cmd_props(args):
 def cmd_connect(args):
     peer = Peer(args)
     try:
-        code, _ = peer.connect(args, expect_ok=False)
+        ack = peer.connect(args, expect_ok=False)
     except Exception as e:  # TLS refused, connection reset...
         print(json.dumps({"error": type(e).__name__}))
         return
+    if ack is None:
+        peer.c.loop_stop()
+        print(json.dumps({"error": "closed before CONNACK"}))
+        return
+    code = ack[0]
     peer.c.loop_stop()
     print(json.dumps({"code": code}))
 
