@@ -22,9 +22,7 @@ pub fn headers(kind: Kind, wide: bool) -> Vec<&'static str> {
         Kind::AppInstance => (&["NAME", "APP", "NODE", "STATUS", "RESTARTS", "AGE"], &["PID", "EXIT", "REASON"]),
         Kind::Token => (&["NAME", "EXPIRES", "REVOKED", "JOINS", "DESCRIPTION"], &[]),
         Kind::NodeGroup => (&["NAME", "NODES", "READY", "SELECTOR"], &[]),
-        Kind::Device => {
-            (&["NAME", "MODEL", "NODE", "PROTOCOL", "STATE", "PROPS", "AGE"], &["LAST-ONLINE", "ERROR"])
-        }
+        Kind::Device => (&["NAME", "MODEL", "NODE", "PROTOCOL", "STATE", "PROPS", "AGE"], &["LAST-ONLINE", "ERROR"]),
         Kind::DeviceModel => (&["NAME", "PROPERTIES", "AGE"], &["TYPES"]),
     };
     let mut h = base.to_vec();
@@ -355,7 +353,10 @@ mod tests {
             "spec": {"properties": [{"name": "temp", "type": "float"},
                                     {"name": "setpoint", "type": "int", "accessMode": "ReadWrite"}, {"name": "x"}]}
         });
-        assert_eq!(row(Kind::DeviceModel, &model, true, 45), ["boiler", "3", "45s", "temp:float,setpoint:int:rw,x:float"]);
+        assert_eq!(
+            row(Kind::DeviceModel, &model, true, 45),
+            ["boiler", "3", "45s", "temp:float,setpoint:int:rw,x:float"]
+        );
         assert_eq!(headers(Kind::DeviceModel, false), ["NAME", "PROPERTIES", "AGE"]);
     }
 

@@ -673,6 +673,61 @@ mod tests {
     }
 
     #[test]
+    fn device_arguments() {
+        use crate::device::{Assignment, DeviceCommand, SetArgs, StreamFormat, WatchArgs};
+        let ClientCommand::Device(DeviceCommand::Set(SetArgs { name, values, wait })) =
+            parse(&["device", "set", "boiler-1", "setpoint=42", "mode=eco", "label=\"x y\""]).expect("parses")
+        else {
+            panic!("not device set")
+        };
+        assert_eq!(name, "boiler-1");
+        assert_eq!(
+            values,
+            [
+                Assignment { property: "setpoint".into(), value: json!(42) },
+                Assignment { property: "mode".into(), value: json!("eco") },
+                Assignment { property: "label".into(), value: json!("x y") },
+            ]
+        );
+        assert_eq!(wait, None);
+        let wait_of = |args: &[&str]| match parse(args).expect("parses") {
+            ClientCommand::Device(DeviceCommand::Set(s)) => (s.wait, s.values.len()),
+            other => panic!("not device set: {other:?}"),
+        };
+        assert_eq!(wait_of(&["device", "set", "d", "--wait", "a=1"]), (Some(Duration::from_secs(30)), 1));
+        assert_eq!(wait_of(&["device", "set", "d", "a=1", "--wait=2m"]), (Some(Duration::from_secs(120)), 1));
+        assert_eq!(wait_of(&["device", "set", "d", "a=1", "--wait=500ms"]), (Some(Duration::from_millis(500)), 1));
+        for bad in [
+            &["device", "set", "d"][..],
+            &["device", "set", "d", "novalue"],
+            &["device", "set", "d", "a=1", "--wait=0"],
+            &["device", "set", "d", "a=1", "--wait=soon"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+
+        let ClientCommand::Device(DeviceCommand::Watch(WatchArgs { name, properties, output })) =
+            parse(&["device", "watch", "boiler-1", "--property", "temp,level", "-p", "mode", "-o", "json"])
+                .expect("parses")
+        else {
+            panic!("not device watch")
+        };
+        assert_eq!((name.as_str(), output), ("boiler-1", StreamFormat::Json));
+        assert_eq!(properties, ["temp", "level", "mode"]);
+        let ClientCommand::Device(DeviceCommand::Watch(w)) = parse(&["device", "watch", "d"]).expect("parses") else {
+            panic!("not device watch")
+        };
+        assert_eq!((w.properties.len(), w.output), (0, StreamFormat::Text));
+        assert!(parse(&["device", "watch", "d", "-o", "yaml"]).is_err());
+        let ClientCommand::Get(g) = parse(&["get", "dev", "-o", "wide"]).expect("parses") else { panic!("not get") };
+        assert_eq!(g.kind, Kind::Device);
+        let ClientCommand::Describe(d) = parse(&["describe", "dm", "boiler"]).expect("parses") else {
+            panic!("not describe")
+        };
+        assert_eq!(d.kind, Kind::DeviceModel);
+    }
+
+    #[test]
     fn log_targets() {
         assert_eq!(LogTarget::parse("app/hello").ok(), Some(LogTarget::App("hello".into())));
         assert_eq!(LogTarget::parse("instances/hello-x").ok(), Some(LogTarget::Instance("hello-x".into())));

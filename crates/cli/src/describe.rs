@@ -95,7 +95,8 @@ fn device_fields(obj: &Value, now: i64, field: &mut impl FnMut(&str, String)) {
         field("Node Selector", selector);
     }
     let protocol = device_protocol(obj);
-    let endpoint = obj.pointer(&format!("/spec/protocol/{protocol}")).map(|p| endpoint(&protocol, p)).unwrap_or_default();
+    let endpoint =
+        obj.pointer(&format!("/spec/protocol/{protocol}")).map(|p| endpoint(&protocol, p)).unwrap_or_default();
     field("Protocol", format!("{protocol} {endpoint}").trim().to_string());
     let cycle = |pointer: &str, default: &str| {
         let c = text(obj, pointer);
@@ -116,7 +117,10 @@ fn device_fields(obj: &Value, now: i64, field: &mut impl FnMut(&str, String)) {
     field("Cycles", cycles);
     field("State", device_state(obj));
     let online = text(obj, "/status/lastOnlineTime");
-    field("Last Online", if online.is_empty() { online } else { format!("{online} ({} ago)", age_since(&online, now)) });
+    field(
+        "Last Online",
+        if online.is_empty() { online } else { format!("{online} ({} ago)", age_since(&online, now)) },
+    );
     field("Last Error", text(obj, "/status/lastError"));
     let message = text(obj, "/status/message");
     if !message.is_empty() {
@@ -411,7 +415,10 @@ mod tests {
         let sel = json!({"metadata": {"name": "d"}, "spec": {"model": "m", "nodeSelector": {"site": "a"}, "protocol": {"virtual": {}}},
                          "status": {"message": "no Ready node matches the selector"}});
         let d = describe(Kind::Device, &sel, None, 0);
-        assert!(d.contains("Node:             <selector>\nNode Selector:    site=a\nProtocol:         virtual seed 0\n"), "{d}");
+        assert!(
+            d.contains("Node:             <selector>\nNode Selector:    site=a\nProtocol:         virtual seed 0\n"),
+            "{d}"
+        );
         assert!(d.contains("Message:          no Ready node matches the selector\n"), "{d}");
         assert!(d.contains("Observed Gen:     <none>\nTwins:            <none>\n"), "{d}");
         assert_eq!(show_value(&json!("a".repeat(50))), format!("{}…", "a".repeat(39)));

@@ -120,7 +120,9 @@ impl Assignment {
             return Err(format!("{s:?}: bad property name {property:?}"));
         }
         let value = match serde_json::from_str::<Value>(raw) {
-            Ok(Value::Null) => return Err(format!("{s:?}: null cannot be written (to write the text, quote it: '\"null\"')")),
+            Ok(Value::Null) => {
+                return Err(format!("{s:?}: null cannot be written (to write the text, quote it: '\"null\"')"))
+            }
             Ok(v) => v,
             Err(_) => Value::String(raw.to_string()),
         };
@@ -165,10 +167,8 @@ pub fn apply_desired(device: &mut Value, model: &Value, values: &[Assignment]) -
     if !errors.is_empty() {
         bail!("device {name}: {} (nothing was written)", errors.join("; "));
     }
-    let spec = device
-        .get_mut("spec")
-        .and_then(Value::as_object_mut)
-        .ok_or_else(|| anyhow!("device {name} has no spec"))?;
+    let spec =
+        device.get_mut("spec").and_then(Value::as_object_mut).ok_or_else(|| anyhow!("device {name} has no spec"))?;
     let desired = spec.entry("desired").or_insert_with(|| json!({}));
     if !desired.is_object() {
         *desired = json!({});
@@ -346,11 +346,16 @@ async fn wait_applied(
     let waited = tokio::time::timeout(timeout, follow).await;
     match waited {
         Ok(r) => r,
-        Err(_) => bail!(
-            "device {name}: not applied within {}: {}",
-            crate::time::format_age(i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX)),
-            state.pending()
-        ),
+        Err(_) => bail!("device {name}: not applied within {}: {}", show_timeout(timeout), state.pending()),
+    }
+}
+
+/// A `--wait` timeout as given (`30s`, `2m`, `1500ms`).
+fn show_timeout(d: Duration) -> String {
+    if d.subsec_millis() != 0 {
+        format!("{}ms", d.as_millis())
+    } else {
+        crate::time::format_age(i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
     }
 }
 
@@ -671,6 +676,8 @@ mod tests {
             assert!(Assignment::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(assign("mode=eco").to_string(), "mode=\"eco\"");
+        assert_eq!(show_timeout(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(show_timeout(Duration::from_secs(120)), "2m");
     }
 
     fn device() -> Value {
@@ -784,10 +791,7 @@ mod tests {
             v,
             json!({"device": "boiler-1", "property": "temp", "value": 21.5, "ts": 1_700_000_001_000u64, "quality": "good"})
         );
-        assert_eq!(
-            s.render(&s.clone().deleted(5), StreamFormat::Text),
-            "1970-01-01T00:00:00.005Z boiler-1 deleted\n"
-        );
+        assert_eq!(s.render(&s.clone().deleted(5), StreamFormat::Text), "1970-01-01T00:00:00.005Z boiler-1 deleted\n");
 
         let mut only = ReadingStream::new("boiler-1", &["temp".to_string()]);
         let evs = only.observe(&d, 0);

@@ -31,5 +31,5 @@ pub mod time;
 
 pub use client::{ByteStream, Client, ClientError, ListOptions, ObjectList, WatchStream};
 pub use commands::{run, ClientCommand, OutputFormat, Selector, TokenCommand};
-pub use device::{set_desired, Assignment, DeviceCommand, StreamFormat};
 pub use config::{ClientConfig, ConfigError};
+pub use device::{set_desired, Assignment, DeviceCommand, StreamFormat};

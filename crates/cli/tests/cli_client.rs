@@ -2,6 +2,8 @@
 //! tokio-rustls, certificates from rcgen): it trusts only the configured
 //! CA, sends the admin bearer token, maps `{code, message, details}` error
 //! bodies to their message, and decodes streamed watch events and logs.
+//! `device set` runs against a fake device endpoint with optimistic
+//! concurrency: conflicting writers, give-up, local checks, `--wait`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,7 +23,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use yunbian_api::{Kind, WatchEventType};
-use yunbian_cli::{Client, ClientCommand, ClientConfig, ClientError, ListOptions};
+use yunbian_cli::{set_desired, Assignment, Client, ClientCommand, ClientConfig, ClientError, ListOptions};
 
 const TOKEN: &str = "yb-admin-test-token";
 
@@ -58,6 +60,110 @@ struct Seen {
 struct TestServer {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    devices: Arc<Mutex<FakeDevices>>,
+}
+
+/// One Device and its model, served at `/v1/devices/boiler-1` and
+/// `/v1/devicemodels/boiler` with the cloud's optimistic concurrency: a PUT
+/// whose `metadata.resourceVersion` is not the current one gets a 409.
+struct FakeDevices {
+    device: Value,
+    model: Value,
+    /// How many GETs of the device are followed by another writer's change
+    /// (it sets `spec.desired.mode` and bumps the revision).
+    interfere: u32,
+    /// Status the node reports: applied to the device by the watch stream
+    /// after a write (`None`: the stream ends without events).
+    reported_after_write: Option<Value>,
+    /// Revision counter of the fake store.
+    revision: u64,
+}
+
+impl FakeDevices {
+    fn new() -> FakeDevices {
+        FakeDevices {
+            device: json!({
+                "apiVersion": "yunbian.io/v1", "kind": "Device",
+                "metadata": {"name": "boiler-1", "resourceVersion": 10, "generation": 1},
+                "spec": {"model": "boiler", "node": "edge-1", "protocol": {"virtual": {}},
+                         "properties": [{"name": "temp"}, {"name": "setpoint"}, {"name": "mode"}]},
+                "status": {"state": "online"}
+            }),
+            model: json!({
+                "apiVersion": "yunbian.io/v1", "kind": "DeviceModel", "metadata": {"name": "boiler", "resourceVersion": 3},
+                "spec": {"properties": [
+                    {"name": "temp", "type": "float"},
+                    {"name": "setpoint", "type": "float", "accessMode": "ReadWrite", "maximum": 100},
+                    {"name": "mode", "type": "string", "accessMode": "ReadWrite"}
+                ]}
+            }),
+            interfere: 0,
+            reported_after_write: None,
+            revision: 10,
+        }
+    }
+
+    /// Stores a new spec as the cloud does: next revision, next generation.
+    fn store_spec(&mut self, spec: Value) {
+        self.revision += 1;
+        let generation = self.device["metadata"]["generation"].as_u64().unwrap_or(0) + 1;
+        self.device["spec"] = spec;
+        self.device["metadata"]["resourceVersion"] = json!(self.revision);
+        self.device["metadata"]["generation"] = json!(generation);
+    }
+
+    fn handle(&mut self, method: &Method, uri: &str, body: &[u8]) -> Option<Response<Body>> {
+        let r = match (method, uri) {
+            (&Method::GET, "/v1/devicemodels/boiler") => json_response(StatusCode::OK, self.model.clone()),
+            (&Method::GET, "/v1/devices/boiler-1") => {
+                let answer = json_response(StatusCode::OK, self.device.clone());
+                if self.interfere > 0 {
+                    self.interfere -= 1;
+                    let mut spec = self.device["spec"].clone();
+                    spec["desired"]["mode"] = json!(format!("other-{}", self.revision));
+                    self.store_spec(spec);
+                }
+                answer
+            }
+            (&Method::PUT, "/v1/devices/boiler-1") => {
+                let Ok(sent) = serde_json::from_slice::<Value>(body) else {
+                    return Some(error(StatusCode::BAD_REQUEST, "not JSON", &[]));
+                };
+                let expected = sent["metadata"]["resourceVersion"].as_u64();
+                if expected != Some(self.revision) {
+                    return Some(error(
+                        StatusCode::CONFLICT,
+                        &format!(
+                            "device boiler-1 was modified: expected revision {expected:?}, current {}",
+                            self.revision
+                        ),
+                        &[],
+                    ));
+                }
+                self.store_spec(sent["spec"].clone());
+                json_response(StatusCode::OK, self.device.clone())
+            }
+            (&Method::GET, u) if u.starts_with("/v1/devices?watch=true") => {
+                let Some(status) = self.reported_after_write.take() else {
+                    return Some(chunked(&[]));
+                };
+                // The node's status write is a new revision of the device.
+                self.revision += 1;
+                self.device["status"] = status;
+                self.device["metadata"]["resourceVersion"] = json!(self.revision);
+                let dev = self.device.clone();
+                let other = json!({"type": "MODIFIED", "object": {"metadata": {"name": "pump-2", "resourceVersion": self.revision}}});
+                let line = format!("{other}\n{}\n", json!({"type": "MODIFIED", "object": dev}));
+                let leaked: &'static str = Box::leak(line.into_boxed_str());
+                chunked(&[leaked])
+            }
+            (&Method::GET, u) if u.starts_with("/v1/devices") => {
+                json_response(StatusCode::OK, json!({"items": [self.device.clone()], "resourceVersion": self.revision}))
+            }
+            _ => return None,
+        };
+        Some(r)
+    }
 }
 
 impl TestServer {
@@ -72,21 +178,24 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let devices = Arc::new(Mutex::new(FakeDevices::new()));
         let seen2 = seen.clone();
+        let devices2 = devices.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let acceptor = acceptor.clone();
                 let seen = seen2.clone();
+                let devices = devices2.clone();
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
-                    let svc = hyper::service::service_fn(move |req| handle(req, seen.clone()));
+                    let svc = hyper::service::service_fn(move |req| handle(req, seen.clone(), devices.clone()));
                     let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
                 });
             }
         });
-        TestServer { addr, seen }
+        TestServer { addr, seen, devices }
     }
 
     fn url(&self) -> String {
@@ -135,7 +244,11 @@ fn app(name: &str) -> Value {
     })
 }
 
-async fn handle(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    req: Request<Incoming>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    devices: Arc<Mutex<FakeDevices>>,
+) -> Result<Response<Body>, Infallible> {
     let method = req.method().clone();
     let uri = req.uri().to_string();
     let authorization =
@@ -149,6 +262,9 @@ async fn handle(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Result<R
     });
     if authorization.as_deref() != Some(&format!("Bearer {TOKEN}")) {
         return Ok(error(StatusCode::UNAUTHORIZED, "missing or wrong admin token", &[]));
+    }
+    if let Some(r) = devices.lock().expect("devices lock").handle(&method, &uri, &body) {
+        return Ok(r);
     }
     let r = match (&method, uri.as_str()) {
         (&Method::GET, "/v1/apps") => {
@@ -336,5 +452,101 @@ async fn run_uses_admin_yaml_and_reports_server_messages() {
     let missing = path.with_file_name("absent.yaml");
     let e = yunbian_cli::run(Some(missing), command(&["get", "apps"])).await.expect_err("no config");
     assert!(format!("{e:#}").starts_with("cannot read client config "), "{e:#}");
+    let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+}
+
+fn device_puts(server: &TestServer) -> Vec<Value> {
+    server
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == Method::PUT && s.uri == "/v1/devices/boiler-1")
+        .map(|s| serde_json::from_slice(&s.body).expect("JSON body"))
+        .collect()
+}
+
+#[tokio::test]
+async fn device_set_rereads_and_reapplies_after_conflicts() {
+    let pki = pki("cluster CA");
+    let server = TestServer::start(&pki).await;
+    let client = server.client(&pki.ca_pem);
+    // Another writer changes the device right after each of our first two reads.
+    server.devices.lock().expect("lock").interfere = 2;
+    let values = [Assignment::parse("setpoint=42").expect("valid")];
+    let written = set_desired(&client, "boiler-1", &values).await.expect("written on the third try");
+    assert_eq!(written.attempts, 3);
+    // Our value is there, and so is the other writer's (we re-read, not overwrote).
+    assert_eq!(written.device["spec"]["desired"], json!({"setpoint": 42, "mode": "other-11"}));
+    let puts = device_puts(&server);
+    let revisions: Vec<Option<u64>> = puts.iter().map(|p| p["metadata"]["resourceVersion"].as_u64()).collect();
+    assert_eq!(revisions, [Some(10), Some(11), Some(12)], "every write carries the revision it read");
+    assert!(puts.iter().all(|p| p.get("status").is_none()), "status is not sent");
+}
+
+#[tokio::test]
+async fn device_set_gives_up_on_a_device_that_keeps_changing() {
+    let pki = pki("cluster CA");
+    let server = TestServer::start(&pki).await;
+    let client = server.client(&pki.ca_pem);
+    server.devices.lock().expect("lock").interfere = 100;
+    let values = [Assignment::parse("mode=boost").expect("valid")];
+    let e = set_desired(&client, "boiler-1", &values).await.expect_err("never settles");
+    assert_eq!(
+        format!("{e:#}"),
+        format!(
+            "device boiler-1 kept changing while it was being written: gave up after {} conflicting writes",
+            yunbian_cli::device::SET_ATTEMPTS
+        )
+    );
+    assert_eq!(device_puts(&server).len(), yunbian_cli::device::SET_ATTEMPTS as usize);
+}
+
+#[tokio::test]
+async fn device_set_sends_nothing_when_a_value_is_invalid() {
+    let pki = pki("cluster CA");
+    let server = TestServer::start(&pki).await;
+    let path = write_admin_yaml(&server, &pki);
+    let e = yunbian_cli::run(Some(path.clone()), command(&["device", "set", "boiler-1", "mode=eco", "setpoint=101"]))
+        .await
+        .expect_err("above the maximum");
+    assert_eq!(
+        format!("{e:#}"),
+        "device boiler-1: property \"setpoint\": 101 is above the maximum 100 (nothing was written)"
+    );
+    let e = yunbian_cli::run(Some(path.clone()), command(&["device", "set", "boiler-1", "temp=1"]))
+        .await
+        .expect_err("read-only");
+    assert!(format!("{e:#}").contains("\"temp\" is ReadOnly"), "{e:#}");
+    assert!(device_puts(&server).is_empty(), "nothing sent");
+    let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+}
+
+#[tokio::test]
+async fn device_set_waits_for_the_node() {
+    let pki = pki("cluster CA");
+    let server = TestServer::start(&pki).await;
+    let path = write_admin_yaml(&server, &pki);
+    // The write makes generation 2; the node reports it applied.
+    server.devices.lock().expect("lock").reported_after_write = Some(json!({"state": "online", "twins": {
+        "setpoint": {"desired": {"value": 42.0, "version": 2, "source": "cloud"}, "observedDesired": 2}
+    }}));
+    yunbian_cli::run(Some(path.clone()), command(&["device", "set", "boiler-1", "setpoint=42", "--wait=20s"]))
+        .await
+        .expect("applied");
+
+    // The node fails the next write.
+    server.devices.lock().expect("lock").reported_after_write = Some(json!({"state": "online", "twins": {
+        "setpoint": {"desired": {"value": 50, "version": 3, "source": "cloud"}, "observedDesired": 2,
+                     "error": "modbus exception 2 (illegal data address)"}
+    }}));
+    let e = yunbian_cli::run(Some(path.clone()), command(&["device", "set", "boiler-1", "setpoint=50", "--wait"]))
+        .await
+        .expect_err("write failed");
+    assert_eq!(format!("{e:#}"), "setpoint: modbus exception 2 (illegal data address)");
+
+    // The node says nothing: the wait ends with what is pending.
+    let e = yunbian_cli::run(Some(path.clone()), command(&["device", "set", "boiler-1", "mode=eco", "--wait=1s"]))
+        .await
+        .expect_err("timed out");
+    assert_eq!(format!("{e:#}"), "device boiler-1: not applied within 1s: mode not received by the node yet");
     let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
 }
