@@ -24,7 +24,9 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
-use yunbian_api::{AppInstance, Kind};
+use yunbian_api::{AppInstance, Device, DeviceModel, Kind};
+use yunbian_devices::host::HostEvent;
+use yunbian_devices::{DeviceConfig, MapperHost};
 use yunbian_runtime::{LogOptions, Runtime, StatusUpdate};
 use yunbian_sync::wire::{decode_down, encode, MAX_FRAME};
 use yunbian_sync::{DesiredObject, Down, EdgeAction, EdgeSession, Report, SessionConfig, Up};
@@ -46,6 +48,8 @@ pub enum Event {
     Status(StatusUpdate),
     /// A log stream ended (stream id).
     LogDone(u64),
+    /// A device mapper has something to report.
+    Device(HostEvent),
     /// Timer.
     Tick,
 }
@@ -135,6 +139,54 @@ fn instances_of(objects: &[DesiredObject]) -> BTreeMap<String, AppInstance> {
         .collect()
 }
 
+/// Device and device-model objects of a desired view.
+type DeviceObjects = BTreeMap<(Kind, String), DesiredObject>;
+
+fn device_objects_of(objects: &[DesiredObject]) -> DeviceObjects {
+    objects
+        .iter()
+        .filter(|o| matches!(o.kind, Kind::Device | Kind::DeviceModel))
+        .map(|o| ((o.kind, o.name.clone()), o.clone()))
+        .collect()
+}
+
+/// The devices to run: every Device of the view whose model is in the view too.
+fn device_configs(objects: &DeviceObjects) -> Vec<DeviceConfig> {
+    let mut models = HashMap::new();
+    for ((kind, name), o) in objects {
+        if *kind == Kind::DeviceModel {
+            match serde_json::from_value::<DeviceModel>(o.value.clone()) {
+                Ok(m) => {
+                    models.insert(name.clone(), Arc::new(m));
+                }
+                Err(e) => tracing::warn!(model = %name, error = %e, "desired device model does not decode; ignored"),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for ((kind, name), o) in objects {
+        if *kind != Kind::Device {
+            continue;
+        }
+        match serde_json::from_value::<Device>(o.value.clone()) {
+            Ok(d) => match models.get(&d.spec.model) {
+                Some(m) => out.push(DeviceConfig { device: Arc::new(d), model: m.clone() }),
+                None => tracing::warn!(device = %name, model = %d.spec.model, "device model not in the desired view; device not started"),
+            },
+            Err(e) => tracing::warn!(device = %name, error = %e, "desired device does not decode; ignored"),
+        }
+    }
+    out
+}
+
+/// The device side of an agent: the mapper host and its reports.
+pub struct DeviceSide {
+    /// Runs the mappers.
+    pub host: MapperHost,
+    /// Twin reports from the mappers.
+    pub events: mpsc::Receiver<HostEvent>,
+}
+
 /// Runs an agent until the process ends.
 pub async fn run_agent(
     cfg: AgentConfig,
@@ -143,11 +195,20 @@ pub async fn run_agent(
     runtime: Arc<dyn Runtime>,
     mut status_rx: mpsc::UnboundedReceiver<StatusUpdate>,
     stats: Arc<AgentStats>,
+    devices: Option<DeviceSide>,
 ) -> Result<()> {
     let node = identity.config.name.clone();
     let restored = store.restore().context("read the local store")?;
     let mut session = EdgeSession::new(cfg.session, restored.applied, restored.outbox, restored.next_seq);
     let mut desired = instances_of(&restored.desired);
+    let mut device_objects = device_objects_of(&restored.desired);
+    let (host, mut host_events) = match devices {
+        Some(d) => (Some(d.host), Some(d.events)),
+        None => (None, None),
+    };
+    if let Some(h) = &host {
+        h.apply(device_configs(&device_objects));
+    }
     tracing::info!(node = %node, applied = restored.applied, instances = desired.len(), "agent starting from local state");
 
     let adopted = runtime.recover().await.context("recover workloads")?;
@@ -166,6 +227,16 @@ pub async fn run_agent(
         tokio::spawn(async move {
             while let Some(s) = status_rx.recv().await {
                 if ev_tx.send(Event::Status(s)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    if let Some(mut rx) = host_events.take() {
+        let ev_tx = ev_tx.clone();
+        tokio::spawn(async move {
+            while let Some(e) = rx.recv().await {
+                if ev_tx.send(Event::Device(e)).await.is_err() {
                     return;
                 }
             }
@@ -256,6 +327,12 @@ pub async fn run_agent(
                 logs.remove(&stream);
                 continue;
             }
+            Event::Device(HostEvent::Status { device, status }) => {
+                if !device_objects.contains_key(&(Kind::Device, device.clone())) {
+                    continue; // detached meanwhile
+                }
+                session.report(Report::DeviceStatus { device, status }, now())
+            }
             Event::Tick => {
                 if let Some(tx) = &out {
                     if last_heartbeat.is_none_or(|t| t.elapsed() >= cfg.heartbeat) {
@@ -328,7 +405,13 @@ pub async fn run_agent(
             }
         };
         let writes = actions.iter().any(|a| !matches!(a, EdgeAction::Send(_)));
-        let result = execute(&store, &mut desired, actions, out.as_ref());
+        let mut devices_changed = false;
+        let result = execute(&store, &mut desired, &mut device_objects, &mut devices_changed, actions, out.as_ref());
+        if devices_changed {
+            if let Some(h) = &host {
+                h.apply(device_configs(&device_objects));
+            }
+        }
         if result.is_ok() && writes && store_failure.take().is_some() {
             // Statuses observed while the outbox could not be written were
             // lost with the rolled-back transactions: report every
@@ -340,13 +423,17 @@ pub async fn run_agent(
                 }
                 let report = Report::InstanceStatus { instance: s.instance, status: s.status };
                 let actions = session.report(report, now());
-                if let Err(e) = execute(&store, &mut desired, actions, out.as_ref()) {
+                let mut ignored = false;
+                if let Err(e) = execute(&store, &mut desired, &mut device_objects, &mut ignored, actions, out.as_ref()) {
                     tracing::warn!(node = %node, error = %e, "re-report statuses; will retry");
                     store_failure = Some(e.to_string());
                     (session, desired) = reload(&store, cfg.session)?;
                     rehello_at = Some(Instant::now() + Duration::from_secs(2));
                     break;
                 }
+            }
+            if let Some(h) = &host {
+                h.report_all();
             }
         }
         match result {
@@ -375,6 +462,9 @@ pub async fn run_agent(
     };
     conn.abort();
     reconciler.abort();
+    if let Some(h) = &host {
+        h.shutdown();
+    }
     result
 }
 
@@ -398,6 +488,8 @@ fn simulated_info(runtimes: &[&str]) -> yunbian_api::NodeInfo {
 fn execute(
     store: &LocalStore,
     desired: &mut BTreeMap<String, AppInstance>,
+    devices: &mut DeviceObjects,
+    devices_changed: &mut bool,
     actions: Vec<EdgeAction>,
     out: Option<&mpsc::Sender<Vec<u8>>>,
 ) -> Result<bool> {
@@ -414,6 +506,11 @@ fn execute(
             EdgeAction::ApplySnapshot { revision, objects } => {
                 store.apply_snapshot(revision, &objects)?;
                 *desired = instances_of(&objects);
+                let next = device_objects_of(&objects);
+                if next != *devices {
+                    *devices = next;
+                    *devices_changed = true;
+                }
                 changed = true;
             }
             EdgeAction::ApplyDelta { revision, changes } => {
@@ -425,6 +522,16 @@ fn execute(
                         }
                         yunbian_sync::Change::Remove { kind: Kind::AppInstance, name } => {
                             desired.remove(name);
+                        }
+                        yunbian_sync::Change::Upsert { object }
+                            if matches!(object.kind, Kind::Device | Kind::DeviceModel) =>
+                        {
+                            devices.insert((object.kind, object.name.clone()), object.clone());
+                            *devices_changed = true;
+                        }
+                        yunbian_sync::Change::Remove { kind: kind @ (Kind::Device | Kind::DeviceModel), name } => {
+                            devices.remove(&(*kind, name.clone()));
+                            *devices_changed = true;
                         }
                         _ => {}
                     }

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use yunbian_runtime::{FakeRuntime, ProcessRuntime, Runtime};
 
 pub mod agent;
+pub mod devices;
 pub mod http;
 pub mod identity;
 pub mod local_store;
@@ -35,13 +36,20 @@ pub struct EdgeOptions {
     pub metrics_listen: Option<String>,
     /// Protocol and heartbeat settings.
     pub agent: AgentConfig,
+    /// Edge broker, device mappers and the local device API.
+    pub devices: devices::DeviceOptions,
 }
 
 impl EdgeOptions {
     /// Defaults for `data_dir`.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         let data_dir = data_dir.into();
-        EdgeOptions { agent: AgentConfig::new(data_dir.clone()), data_dir, metrics_listen: None }
+        EdgeOptions {
+            agent: AgentConfig::new(data_dir.clone()),
+            data_dir,
+            metrics_listen: None,
+            devices: devices::DeviceOptions::default(),
+        }
     }
 }
 
@@ -53,6 +61,8 @@ pub struct EdgeHandle {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Live figures.
     pub stats: Arc<AgentStats>,
+    /// Edge broker and device API, when running.
+    pub devices: Option<devices::DeviceServices>,
     task: tokio::task::JoinHandle<Result<()>>,
     metrics_task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -69,6 +79,9 @@ impl EdgeHandle {
         if let Some(m) = &self.metrics_task {
             m.abort();
         }
+        if let Some(d) = &self.devices {
+            d.stop();
+        }
     }
 }
 
@@ -76,13 +89,17 @@ impl EdgeHandle {
 pub async fn start(opts: EdgeOptions) -> Result<EdgeHandle> {
     let identity = Identity::load(&opts.data_dir)?;
     let store = open_store(&opts.data_dir)?;
+    let (services, side) = devices::start_devices(&identity.config.name, &opts.data_dir, &opts.devices).await?;
     let (tx, rx) = mpsc::unbounded_channel();
+    let runtime_opts = yunbian_runtime::ProcessRuntimeOptions { node_env: services.workload_env(), ..Default::default() };
     let runtime: Arc<dyn Runtime> =
-        ProcessRuntime::new(opts.data_dir.join("instances"), identity.config.name.clone(), tx)
+        ProcessRuntime::with_options(opts.data_dir.join("instances"), identity.config.name.clone(), tx, runtime_opts)
             .context("start the process runtime")?;
     let limits = runtime.limits_support();
     tracing::info!(node = %identity.config.name, enforced = limits.enforced, note = %limits.note, "resource limits");
-    spawn(identity, store, runtime, rx, opts.agent, opts.metrics_listen.as_deref()).await
+    let mut h = spawn(identity, store, runtime, rx, opts.agent, opts.metrics_listen.as_deref(), Some(side)).await?;
+    h.devices = Some(services);
+    Ok(h)
 }
 
 /// Starts a simulated agent: real identity, channel and protocol; fake
@@ -91,7 +108,7 @@ pub async fn start_simulated(identity: Identity, agent: AgentConfig) -> Result<E
     let (tx, rx) = mpsc::unbounded_channel();
     let runtime: Arc<dyn Runtime> = FakeRuntime::new(tx);
     let store = Arc::new(local_store::LocalStore::in_memory());
-    spawn(identity, store, runtime, rx, agent, None).await
+    spawn(identity, store, runtime, rx, agent, None, None).await
 }
 
 /// Opens the local store. A store file that cannot be opened or read back
@@ -144,6 +161,7 @@ async fn spawn(
     rx: mpsc::UnboundedReceiver<yunbian_runtime::StatusUpdate>,
     agent: AgentConfig,
     metrics_listen: Option<&str>,
+    devices: Option<agent::DeviceSide>,
 ) -> Result<EdgeHandle> {
     let name = identity.config.name.clone();
     let stats = Arc::new(AgentStats::default());
@@ -163,6 +181,6 @@ async fn spawn(
         },
         None => (None, None),
     };
-    let task = tokio::spawn(agent::run_agent(agent, identity, store, runtime, rx, stats.clone()));
-    Ok(EdgeHandle { name, metrics_addr, stats, task, metrics_task })
+    let task = tokio::spawn(agent::run_agent(agent, identity, store, runtime, rx, stats.clone(), devices));
+    Ok(EdgeHandle { name, metrics_addr, stats, devices: None, task, metrics_task })
 }

@@ -67,6 +67,9 @@ pub struct ProcessRuntimeOptions {
     pub cgroup_root: PathBuf,
     /// Name of the parent cgroup of all instances. Default `yunbian`.
     pub cgroup_parent: String,
+    /// Environment every workload gets from its node (where the edge bus
+    /// and the device API listen), after the instance's own variables.
+    pub node_env: Vec<(String, String)>,
 }
 
 impl Default for ProcessRuntimeOptions {
@@ -82,6 +85,7 @@ impl Default for ProcessRuntimeOptions {
             cgroups: true,
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             cgroup_parent: "yunbian".to_string(),
+            node_env: Vec::new(),
         }
     }
 }

@@ -105,6 +105,81 @@ struct EdgeRunArgs {
     /// replicas: URL[,URL…] (saved in node.yaml).
     #[arg(long = "cloud-urls", value_name = "URL[,URL…]")]
     cloud_urls: Option<String>,
+    /// The edge MQTT broker's local listener (anonymous, plain); "off" runs
+    /// no broker.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    mqtt_listen: String,
+    /// An extra broker listener for devices on the site network, e.g.
+    /// 0.0.0.0:8883; it requires --mqtt-passwords or --mqtt-client-ca.
+    #[arg(long)]
+    mqtt_site_listen: Option<std::net::SocketAddr>,
+    /// PEM certificate chain of the site listener (turns on TLS).
+    #[arg(long, requires = "mqtt_tls_key")]
+    mqtt_tls_cert: Option<PathBuf>,
+    /// PEM private key of the site listener.
+    #[arg(long, requires = "mqtt_tls_cert")]
+    mqtt_tls_key: Option<PathBuf>,
+    /// CA of client certificates: the site listener then requires one (TLS only).
+    #[arg(long, requires = "mqtt_tls_cert")]
+    mqtt_client_ca: Option<PathBuf>,
+    /// File of `user:password` lines for the site listener (keep it 0600;
+    /// passwords are hashed in memory at start).
+    #[arg(long)]
+    mqtt_passwords: Option<PathBuf>,
+    /// Local device HTTP API for apps; "off" to disable.
+    #[arg(long, default_value = "127.0.0.1:7790")]
+    device_api_listen: String,
+}
+
+/// The broker configuration the edge flags describe.
+fn broker_config(run: &EdgeRunArgs) -> Result<Option<yunbian_bus::BrokerConfig>> {
+    use yunbian_bus::{Auth, BrokerConfig, ListenerConfig, TlsConfig, Users};
+    if run.mqtt_listen == "off" {
+        if run.mqtt_site_listen.is_some() {
+            anyhow::bail!("--mqtt-site-listen needs the broker: drop --mqtt-listen off");
+        }
+        return Ok(None);
+    }
+    let local: std::net::SocketAddr =
+        run.mqtt_listen.parse().with_context(|| format!("--mqtt-listen {:?}: not an address", run.mqtt_listen))?;
+    let mut cfg = BrokerConfig { listeners: vec![ListenerConfig::plain(local)], ..Default::default() };
+    if let Some(bind) = run.mqtt_site_listen {
+        let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()));
+        let tls = match (&run.mqtt_tls_cert, &run.mqtt_tls_key) {
+            (Some(c), Some(k)) => Some(TlsConfig {
+                cert_chain_pem: read(c)?,
+                key_pem: read(k)?,
+                client_ca_pem: run.mqtt_client_ca.as_ref().map(read).transpose()?,
+            }),
+            _ => None,
+        };
+        let auth = match &run.mqtt_passwords {
+            Some(p) => {
+                let mut users = Users::new();
+                for (i, line) in read(p)?.lines().enumerate() {
+                    let line = line.trim();
+                    if line.is_empty() || line.starts_with('#') {
+                        continue;
+                    }
+                    let (u, pw) = line
+                        .split_once(':')
+                        .with_context(|| format!("{}:{}: expected user:password", p.display(), i + 1))?;
+                    users = users.with_password(u, pw).with_context(|| format!("{}:{}", p.display(), i + 1))?;
+                }
+                Auth::Password(users)
+            }
+            None => Auth::Anonymous,
+        };
+        let client_certs = tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some());
+        if matches!(auth, Auth::Anonymous) && !client_certs {
+            anyhow::bail!("--mqtt-site-listen is reachable from the site network: give --mqtt-passwords or --mqtt-client-ca");
+        }
+        let mut l = ListenerConfig::plain(bind);
+        l.tls = tls;
+        l.auth = auth;
+        cfg.listeners.push(l);
+    }
+    Ok(Some(cfg))
 }
 
 #[derive(Debug, Subcommand)]
@@ -231,8 +306,13 @@ async fn run(cli: Cli) -> Result<()> {
                 None => e.run,
             };
             let mut opts = yunbian_edge::EdgeOptions::new(&run.data_dir);
-            opts.metrics_listen = Some(run.metrics_listen).filter(|m| m != "off");
+            opts.metrics_listen = Some(run.metrics_listen.clone()).filter(|m| m != "off");
             opts.agent.heartbeat = run.heartbeat;
+            opts.devices.broker = broker_config(&run)?;
+            opts.devices.local_api = match run.device_api_listen.as_str() {
+                "off" => None,
+                a => Some(a.parse().with_context(|| format!("--device-api-listen {a:?}: not an address"))?),
+            };
             if let Some(urls) = &run.cloud_urls {
                 yunbian_edge::identity::set_cloud_urls(&run.data_dir, urls)?;
             }

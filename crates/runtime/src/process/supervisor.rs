@@ -305,6 +305,7 @@ impl Supervisor {
         env.push(("NODE_NAME".into(), self.shared.node_name.clone()));
         env.push(("APP_NAME".into(), self.inst.spec.app.clone()));
         env.push(("INSTANCE_NAME".into(), self.inst.metadata.name.clone()));
+        env.extend(self.shared.opts.node_env.iter().cloned());
         env
     }
 

@@ -52,7 +52,16 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_yunbian");
 pub const WAIT: Duration = Duration::from_secs(60);
 /// Options of every agent started here: a fast heartbeat, and agent
 /// metrics on a port of their own (never a shared default port).
-pub const EDGE_RUN_ARGS: [&str; 4] = ["--heartbeat", "1s", "--metrics-listen", "127.0.0.1:0"];
+pub const EDGE_RUN_ARGS: [&str; 8] = [
+    "--heartbeat",
+    "1s",
+    "--metrics-listen",
+    "127.0.0.1:0",
+    "--mqtt-listen",
+    "127.0.0.1:0",
+    "--device-api-listen",
+    "off",
+];
 
 /// Longest a single CLI invocation may take.
 pub const CLI_TIMEOUT: Duration = Duration::from_secs(30);
@@ -991,7 +1000,9 @@ impl Cluster {
 
     /// Agent options (`edge` and `edge join`) of `setup`.
     fn run_args(setup: &EdgeSetup) -> Vec<String> {
-        vec!["--heartbeat".into(), setup.heartbeat.clone(), "--metrics-listen".into(), "127.0.0.1:0".into()]
+        let mut v = vec!["--heartbeat".into(), setup.heartbeat.clone()];
+        v.extend(EDGE_RUN_ARGS[2..].iter().map(|s| s.to_string()));
+        v
     }
 
     /// Starts `edge join` (which then runs the agent) without waiting.

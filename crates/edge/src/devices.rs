@@ -1,0 +1,128 @@
+//! The agent's device side: the embedded MQTT broker (the edge bus), the
+//! mapper host with the built-in protocol drivers, and the adapter between
+//! them.
+//!
+//! Invariant: the broker and the mappers are optional services of the
+//! agent; a port already in use or a broken device configuration is logged
+//! and leaves workloads and the cloud connection untouched.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Result;
+use tokio::sync::mpsc;
+use yunbian_bus::{Broker, BrokerConfig, QoS};
+use yunbian_devices::bus::{BusMessage, EdgeBus};
+use yunbian_devices::MapperHost;
+
+use crate::agent::DeviceSide;
+
+/// Capacity of each in-agent subscription (messages).
+const SUBSCRIPTION_CAPACITY: usize = 4096;
+
+/// What device services the agent runs.
+#[derive(Debug, Clone)]
+pub struct DeviceOptions {
+    /// The embedded broker (`None`: no broker; the mappers then use an
+    /// in-memory bus that no client can reach).
+    pub broker: Option<BrokerConfig>,
+    /// Where to serve the local device HTTP API (`None`: not served).
+    pub local_api: Option<SocketAddr>,
+}
+
+impl Default for DeviceOptions {
+    fn default() -> Self {
+        DeviceOptions {
+            broker: Some(BrokerConfig::default()),
+            local_api: Some(SocketAddr::from(([127, 0, 0, 1], 7790))),
+        }
+    }
+}
+
+/// The embedded broker as the mappers' [`EdgeBus`].
+pub struct BrokerBus(pub Broker);
+
+impl EdgeBus for BrokerBus {
+    fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool) {
+        if let Err(e) = self.0.publish(topic, payload.into(), QoS::AtMostOnce, retain) {
+            tracing::debug!(topic, error = %e, "edge bus: publish refused");
+        }
+    }
+
+    fn subscribe(&self, filter: &str) -> Result<mpsc::Receiver<BusMessage>, String> {
+        let mut sub = self.0.subscribe(filter, SUBSCRIPTION_CAPACITY).map_err(|e| e.to_string())?;
+        let (tx, rx) = mpsc::channel(SUBSCRIPTION_CAPACITY);
+        tokio::spawn(async move {
+            while let Some(m) = sub.recv().await {
+                let msg = BusMessage { topic: m.topic.to_string(), payload: m.payload.to_vec() };
+                if tx.try_send(msg).is_err() && tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
+
+/// Running device services.
+pub struct DeviceServices {
+    /// The broker, when one runs.
+    pub broker: Option<Broker>,
+    /// Its listening addresses.
+    pub broker_addrs: Vec<SocketAddr>,
+    /// The local API address, when served.
+    pub local_api: Option<SocketAddr>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl DeviceServices {
+    /// Variables workloads get so they find the bus and the device API:
+    /// `YUNBIAN_MQTT` (`host:port` of the first broker listener) and
+    /// `YUNBIAN_DEVICE_API` (`http://host:port`).
+    pub fn workload_env(&self) -> Vec<(String, String)> {
+        let mut env = Vec::new();
+        if let Some(a) = self.broker_addrs.first() {
+            env.push(("YUNBIAN_MQTT".to_string(), a.to_string()));
+        }
+        if let Some(a) = self.local_api {
+            env.push(("YUNBIAN_DEVICE_API".to_string(), format!("http://{a}")));
+        }
+        env
+    }
+
+    /// Stops the servers (the mapper host stops with the agent).
+    pub fn stop(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Starts the broker and the mapper host for node `node` with state under
+/// `data_dir`; returns the services and the agent's device side.
+pub async fn start_devices(node: &str, data_dir: &Path, opts: &DeviceOptions) -> Result<(DeviceServices, DeviceSide)> {
+    let (broker, bus): (Option<Broker>, Arc<dyn EdgeBus>) = match &opts.broker {
+        Some(cfg) => match Broker::start(cfg.clone()).await {
+            Ok(b) => (Some(b.clone()), Arc::new(BrokerBus(b))),
+            Err(e) => {
+                // Workloads and the cloud connection matter more than the bus.
+                tracing::error!(node, error = %e, "cannot start the edge MQTT broker; running without it (devices still report to the cloud)");
+                (None, Arc::new(yunbian_devices::MemoryBus::new()))
+            }
+        },
+        None => (None, Arc::new(yunbian_devices::MemoryBus::new())),
+    };
+    let broker_addrs = broker.as_ref().map(|b| b.local_addrs()).unwrap_or_default();
+    if !broker_addrs.is_empty() {
+        tracing::info!(node, listen = ?broker_addrs, "edge MQTT broker listening");
+    }
+    let (tx, rx) = mpsc::channel(1024);
+    let registry = yunbian_devices::external::ExternalRegistry::new(std::time::Duration::from_secs(10));
+    let factory = yunbian_devices::standard_drivers(bus.clone(), Some(registry.clone()));
+    let host = MapperHost::new(node, Some(data_dir.join("devices")), bus, factory, tx);
+    let mut tasks = vec![tokio::spawn(host.clone().serve_bus_sets())];
+    let local_api = None;
+    let _ = (&mut tasks, registry);
+    Ok((DeviceServices { broker, broker_addrs, local_api, tasks }, DeviceSide { host, events: rx }))
+}
