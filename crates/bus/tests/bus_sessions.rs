@@ -235,8 +235,7 @@ async fn keep_alive_and_delayed_will_in_virtual_time() {
     let mut c = connect_packet("sleepy", Protocol::V5, true);
     c.keep_alive = 10;
     c.properties.session_expiry_interval = Some(600);
-    let mut will_props = Properties::default();
-    will_props.will_delay_interval = Some(30);
+    let will_props = Properties { will_delay_interval: Some(30), ..Properties::default() };
     c.will = Some(LastWill {
         topic: "will/sleepy".into(),
         payload: Bytes::from_static(b"offline"),
