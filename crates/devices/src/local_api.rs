@@ -147,8 +147,18 @@ pub(crate) fn wait_param(query: &HashMap<String, String>, max: Duration) -> Http
     Ok(Some(Duration::from_millis(ms).min(max)))
 }
 
-/// Bounds every request to [`REQUEST_TIMEOUT`] plus the `wait` it asks for.
+/// Bounds every request to [`REQUEST_TIMEOUT`] plus the `wait` it asks
+/// for, and refuses a declared body past [`MAX_BODY`] before reading any of it.
 pub(crate) async fn bound_request(req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return HttpError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body exceeds {MAX_BODY} bytes"))
+            .into_response();
+    }
     let wait = req
         .uri()
         .query()
