@@ -175,7 +175,7 @@ impl OpcuaDriver {
         self.conn.security_policy != SecurityPolicy::None || self.conn.security_mode != SecurityMode::None
     }
 
-    fn build_client(&self) -> Result<opcua::client::Client, DriverError> {
+    fn client_builder(&self) -> ClientBuilder {
         let pki_dir = std::env::var_os(PKI_DIR_ENV)
             .map(PathBuf::from)
             .unwrap_or_else(|| std::env::temp_dir().join("yunbian-opcua-pki"));
@@ -204,7 +204,7 @@ impl OpcuaDriver {
             builder =
                 builder.certificate_path(&self.conn.certificate_file).private_key_path(&self.conn.private_key_file);
         }
-        builder.client().map_err(|e| DriverError::Config(format!("client configuration: {}", e.join("; "))))
+        builder
     }
 
     fn identity(&self) -> Result<IdentityToken, DriverError> {
@@ -235,7 +235,14 @@ impl OpcuaDriver {
 
     async fn open(&mut self) -> Result<Connected, DriverError> {
         if self.client.is_none() {
-            self.client = Some(self.build_client()?);
+            // Creating the client may generate an RSA key pair (seconds on a
+            // small CPU): keep it off the runtime's worker threads.
+            let client = self.client_builder();
+            let client = tokio::task::spawn_blocking(move || client.client())
+                .await
+                .map_err(|e| DriverError::Config(format!("build the OPC UA client: {e}")))?
+                .map_err(|e| DriverError::Config(format!("client configuration: {}", e.join("; "))))?;
+            self.client = Some(client);
         }
         let identity = self.identity()?;
         let endpoint = self.endpoint();
