@@ -297,12 +297,22 @@ fn model_properties(obj: &Value) -> String {
             or("/type", "float"),
             or("/unit", "-"),
             or("/accessMode", "ReadOnly"),
-            or("/minimum", "-"),
-            or("/maximum", "-"),
+            bound(p.get("minimum")),
+            bound(p.get("maximum")),
             text(p, "/description"),
         ]);
     }
     format!("Properties:\n{}", indent(&t.render(), "  "))
+}
+
+/// A property's minimum or maximum: `-20` rather than `-20.0`, `-` when
+/// absent.
+fn bound(v: Option<&Value>) -> String {
+    match v.and_then(Value::as_f64) {
+        Some(x) if x.fract() == 0.0 && x.abs() < 1e15 => format!("{x:.0}"),
+        Some(x) => x.to_string(),
+        None => "-".into(),
+    }
 }
 
 fn related_table(rel: &Related, now: i64) -> Table {
@@ -441,9 +451,9 @@ mod tests {
         assert!(
             d.contains(
                 "Properties:\n\
-                 \x20 NAME       TYPE    UNIT   ACCESS      MIN     MAX     DESCRIPTION\n\
-                 \x20 temp       float   °C     ReadOnly    -20.0   120.5   water temperature\n\
-                 \x20 setpoint   int     -      ReadWrite   -       -\n"
+                 \x20 NAME       TYPE    UNIT   ACCESS      MIN   MAX     DESCRIPTION\n\
+                 \x20 temp       float   °C     ReadOnly    -20   120.5   water temperature\n\
+                 \x20 setpoint   int     -      ReadWrite   -     -\n"
             ),
             "{d}"
         );
