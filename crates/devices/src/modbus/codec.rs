@@ -384,9 +384,16 @@ fn integral(f: f64) -> Option<i128> {
 }
 
 fn scaled_f64(raw: f64, scale: f64, offset: f64) -> f64 {
-    match inverse_integer(scale) {
-        Some(n) => raw / n + offset,
-        None => raw * scale + offset,
+    let x = match inverse_integer(scale) {
+        Some(n) => raw / n,
+        None => raw * scale,
+    };
+    // -0.0 + 0.0 is +0.0: leave a zero offset out so -0.0 reads (and so
+    // writes back) as itself.
+    if offset == 0.0 {
+        x
+    } else {
+        x + offset
     }
 }
 
@@ -656,7 +663,7 @@ mod tests {
             what: &'static str,
             points: Vec<Point>,
             gap: u16,
-            want: Vec<(RegisterType, u16, u16, Vec<String>)>,
+            want: Vec<(RegisterType, u16, u16, Vec<std::string::String>)>,
         }
         let mut long_string = pt("long", Holding, 0, String);
         long_string.visitor.count = Some(126);

@@ -21,7 +21,7 @@ The datastore (request addresses, zero-based; anything past the end of a
 table is an illegal address):
   holding registers 0..99 (see HOLDING below), input registers 0..19,
   coils 0..15, discrete inputs 0..15.
---delay-ms delays every response (a slow device) by blocking the event loop.
+--delay-ms delays every response (a slow device); see install_async_delay.
 Needs pymodbus >= 3.8 (trace_pdu); written against 3.16.
 """
 
@@ -120,18 +120,40 @@ class Behaviour:
     def __init__(self, delay_ms, quiet):
         self.delay_ms = delay_ms
         self.quiet = quiet
+        self.async_delay = False
 
     def trace_pdu(self, sending, pdu):
         if not sending:
             if not self.quiet:
-                count = getattr(pdu, "count", None)
-                if count is None:
-                    count = len(getattr(pdu, "registers", []) or getattr(pdu, "bits", []) or [0])
+                count = (getattr(pdu, "count", 0) or len(getattr(pdu, "registers", None) or [])
+                         or len(getattr(pdu, "bits", None) or []))
                 print(f"REQ fc={pdu.function_code} unit={pdu.dev_id} addr={pdu.address} count={count}",
                       flush=True)
-        elif self.delay_ms > 0:
+        elif self.delay_ms > 0 and not self.async_delay:
             time.sleep(self.delay_ms / 1000.0)
         return pdu
+
+    def install_async_delay(self):
+        """Delays in the request handler with asyncio.sleep, so a slow
+        answer on one connection does not stall the others (a reconnecting
+        client is served at once). Falls back to blocking in trace_pdu when
+        this pymodbus has no async handle_request."""
+        try:
+            from pymodbus.server.requesthandler import ServerRequestHandler
+        except ImportError:  # pragma: no cover - other 3.x layouts
+            return
+        original = getattr(ServerRequestHandler, "handle_request", None)
+        if original is None or not asyncio.iscoroutinefunction(original):
+            return
+        behaviour = self
+
+        async def handle_request(handler):
+            if behaviour.delay_ms > 0:
+                await asyncio.sleep(behaviour.delay_ms / 1000.0)
+            await original(handler)
+
+        ServerRequestHandler.handle_request = handle_request
+        self.async_delay = True
 
 
 async def get_values(server, context, table_name, addr, count):
@@ -174,6 +196,7 @@ async def main():
     from pymodbus.framer import FramerType
 
     behaviour = Behaviour(args.delay_ms, args.quiet)
+    behaviour.install_async_delay()
     context = build_context()
     servers = []
     if args.mode == "tcp":
