@@ -524,11 +524,12 @@ pub struct EdgeSetup {
     faketime: Option<String>,
     labels: String,
     heartbeat: String,
+    mqtt: Option<String>,
 }
 
 impl Default for EdgeSetup {
     fn default() -> Self {
-        EdgeSetup { link: false, faketime: None, labels: "site=a".into(), heartbeat: "1s".into() }
+        EdgeSetup { link: false, faketime: None, labels: "site=a".into(), heartbeat: "1s".into(), mqtt: None }
     }
 }
 
@@ -552,6 +553,11 @@ impl EdgeSetup {
     /// Node labels `k=v,k2=v2` (default `site=a`).
     pub fn labels(mut self, labels: &str) -> EdgeSetup {
         self.labels = labels.into();
+        self
+    }
+    /// Runs the agent's MQTT broker on `addr` (default: a free port nobody is told about).
+    pub fn mqtt(mut self, addr: &str) -> EdgeSetup {
+        self.mqtt = Some(addr.into());
         self
     }
     /// The agent's `--heartbeat` (default 1s).
@@ -1002,6 +1008,9 @@ impl Cluster {
     fn run_args(setup: &EdgeSetup) -> Vec<String> {
         let mut v = vec!["--heartbeat".into(), setup.heartbeat.clone()];
         v.extend(EDGE_RUN_ARGS[2..].iter().map(|s| s.to_string()));
+        if let Some(m) = &setup.mqtt {
+            v[5] = m.clone();
+        }
         v
     }
 
@@ -1191,4 +1200,20 @@ impl Drop for Cluster {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released: good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind a free port")
+}
+
+/// Whether `tool` is on PATH; under CI its absence fails the test (CI
+/// installs it), elsewhere the test is skipped with a loud line.
+pub fn have_tool(tool: &str) -> bool {
+    let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(std::env::var_os("CI").is_none(), "{tool} is missing: .ci/run installs it");
+        eprintln!("SKIP: {tool} is not installed");
+    }
+    found
 }

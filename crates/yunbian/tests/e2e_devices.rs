@@ -1,0 +1,187 @@
+//! Devices end to end: a real cloud and agents, models and devices applied
+//! with the CLI, twins reported to the cloud, desired values written and
+//! verified, the edge bus driven by Debian's mosquitto clients, a device
+//! mapped from MQTT topics, model-aware validation, and a `nodeSelector`
+//! device moving when its node is lost.
+
+mod harness;
+
+use std::process::Command;
+use std::time::Duration;
+
+use harness::{eventually, free_port, have_tool, run, s, Cluster, EdgeSetup, WAIT};
+use serde_json::Value;
+
+const MODEL: &str = r#"apiVersion: yunbian.io/v1
+kind: DeviceModel
+metadata: {name: thermostat}
+spec:
+  properties:
+    - {name: temp, type: float, unit: "°C"}
+    - {name: setpoint, type: float, accessMode: ReadWrite, minimum: 0, maximum: 100}
+"#;
+
+fn virtual_device(name: &str, placement: &str) -> String {
+    format!(
+        r#"apiVersion: yunbian.io/v1
+kind: Device
+metadata: {{name: {name}}}
+spec:
+  model: thermostat
+  {placement}
+  protocol: {{virtual: {{seed: 7}}}}
+  collectCycle: 200ms
+  reportCycle: 500ms
+  properties:
+    - {{name: temp, virtual: {{generator: randomWalk, start: 20, step: 0.5, min: 0, max: 40}}}}
+    - {{name: setpoint, virtual: {{generator: constant, value: 20}}}}
+"#
+    )
+}
+
+fn twin<'a>(d: &'a Value, prop: &str) -> &'a Value {
+    &d["status"]["twins"][prop]
+}
+
+fn device(c: &Cluster, name: &str) -> Result<Value, String> {
+    c.get("devices", name).ok_or_else(|| format!("device {name} not found"))
+}
+
+fn mosquitto(tool: &str, port: u16, args: &[&str]) -> String {
+    let mut cmd = Command::new(tool);
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()]).args(args);
+    let o = run(cmd, Duration::from_secs(20));
+    assert!(o.success(), "{tool} {args:?}: {o:?}");
+    o.ok().to_string()
+}
+
+#[test]
+fn twins_desired_values_and_the_edge_bus() {
+    let mut c = Cluster::start("devices");
+    let port = free_port();
+    c.join_with("edge-1", EdgeSetup::new().mqtt(&format!("127.0.0.1:{port}")));
+
+    // A device whose model does not exist yet is refused with the path.
+    let o = c.try_apply(&virtual_device("t1", "node: edge-1"));
+    assert!(!o.success() && o.err().contains("spec.model"), "{o:?}");
+    c.apply(MODEL);
+    c.apply(&virtual_device("t1", "node: edge-1"));
+
+    // The twin reaches the cloud: online, with good readings.
+    let d = eventually(WAIT, "t1 online with a reading", || {
+        let d = device(&c, "t1")?;
+        let ok = s(&d, "/status/state") == "online"
+            && twin(&d, "temp")["reported"]["quality"] == "good"
+            && twin(&d, "temp")["reported"]["value"].is_number();
+        ok.then_some(d.clone()).ok_or_else(|| format!("{:#}", d["status"]))
+    });
+    assert_eq!(s(&d, "/status/node"), "edge-1", "{d}");
+    let o = c.cli(&["get", "devices"]);
+    assert!(o.success() && o.ok().contains("t1") && o.ok().contains("online"), "{o:?}");
+    let o = c.cli(&["describe", "device", "t1"]);
+    assert!(o.success() && o.ok().contains("setpoint") && o.ok().contains("temp"), "{o:?}");
+
+    // Desired values: written on the device, verified by read-back, observed.
+    let o = c.cli(&["device", "set", "t1", "setpoint=42.5", "--wait=30s"]);
+    assert!(o.success(), "{o:?}");
+    let d = device(&c, "t1").expect("device");
+    let t = twin(&d, "setpoint");
+    assert_eq!(t["desired"]["value"], 42.5, "{t}");
+    assert!(t["observedDesired"].as_u64() >= t["desired"]["version"].as_u64(), "{t}");
+    eventually(WAIT, "the read-back value reported", || {
+        let d = device(&c, "t1")?;
+        (twin(&d, "setpoint")["reported"]["value"] == 42.5).then_some(()).ok_or_else(|| format!("{:#}", d["status"]))
+    });
+    // The model says no, with the reason, and nothing is written.
+    let o = c.cli(&["device", "set", "t1", "temp=1"]);
+    assert!(!o.success() && o.err().contains("ReadOnly"), "{o:?}");
+    let o = c.cli(&["device", "set", "t1", "setpoint=500"]);
+    assert!(!o.success() && o.err().contains("maximum"), "{o:?}");
+    // So does apply, with field paths.
+    let bad = virtual_device("t2", "node: edge-1").replace("value: 20}}", "value: 20}}\n  desired: {temp: 3}");
+    let o = c.try_apply(&bad);
+    assert!(!o.success() && o.err().contains("spec.desired[temp]") && o.err().contains("ReadOnly"), "{o:?}");
+
+    if !have_tool("mosquitto_sub") {
+        return;
+    }
+    // Every reading is on the edge bus, retained, as {value, ts, quality}.
+    let msg = mosquitto("mosquitto_sub", port, &["-t", "yunbian/devices/t1/properties/temp", "-C", "1", "-W", "10"]);
+    let v: Value = serde_json::from_str(msg.trim()).expect("reading is JSON");
+    assert!(v["value"].is_number() && v["ts"].is_u64() && v["quality"] == "good", "{v}");
+    let state = mosquitto("mosquitto_sub", port, &["-t", "yunbian/devices/t1/state", "-C", "1", "-W", "10"]);
+    assert!(state.contains("\"online\""), "{state}");
+
+    // A write to …/set is a desired change: answered on …/set/result,
+    // applied on the device and reported to the cloud as a local value.
+    let results = std::thread::spawn(move || {
+        let mut cmd = Command::new("mosquitto_sub");
+        cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", "yunbian/devices/t1/properties/setpoint/set/result"])
+            .args(["-C", "2", "-W", "20"]);
+        run(cmd, Duration::from_secs(30))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    mosquitto("mosquitto_pub", port, &["-t", "yunbian/devices/t1/properties/setpoint/set", "-m", "55"]);
+    let r = results.join().expect("subscriber thread");
+    assert!(r.success(), "{r:?}");
+    assert!(r.ok().contains("\"accepted\"") && r.ok().contains("\"applied\""), "{}", r.ok());
+    eventually(WAIT, "the local set reported to the cloud", || {
+        let d = device(&c, "t1")?;
+        let t = twin(&d, "setpoint");
+        let ok = t["desired"]["value"] == 55 && t["desired"]["source"] == "local" && t["reported"]["value"] == 55.0;
+        ok.then_some(()).ok_or_else(|| format!("{t}"))
+    });
+    // An invalid set is rejected on the bus, with the model's reason.
+    let results = std::thread::spawn(move || {
+        let mut cmd = Command::new("mosquitto_sub");
+        cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", "yunbian/devices/t1/properties/temp/set/result"])
+            .args(["-C", "1", "-W", "20"]);
+        run(cmd, Duration::from_secs(30))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    mosquitto("mosquitto_pub", port, &["-t", "yunbian/devices/t1/properties/temp/set", "-m", "3"]);
+    let r = results.join().expect("subscriber thread");
+    assert!(r.ok().contains("\"rejected\"") && r.ok().contains("ReadOnly"), "{r:?}");
+
+    // A device mapped from MQTT topics: a sensor publishing JSON.
+    c.apply(
+        r#"apiVersion: yunbian.io/v1
+kind: Device
+metadata: {name: m1}
+spec:
+  model: thermostat
+  node: edge-1
+  protocol: {mqtt: {}}
+  collectCycle: 200ms
+  reportCycle: 500ms
+  properties:
+    - {name: temp, mqtt: {topic: sensors/m1, jsonPath: data.t}}
+"#,
+    );
+    eventually(WAIT, "m1 maps the sensor's topic", || {
+        // Keep publishing: the mapper subscribes when it starts.
+        mosquitto("mosquitto_pub", port, &["-t", "sensors/m1", "-m", r#"{"data": {"t": 21.5}}"#]);
+        let d = device(&c, "m1")?;
+        (twin(&d, "temp")["reported"]["value"] == 21.5).then_some(()).ok_or_else(|| format!("{:#}", d["status"]))
+    });
+}
+
+#[test]
+fn a_selector_device_moves_when_its_node_is_lost() {
+    let mut c = Cluster::builder("devices-move").grace("3s").evict_after("4s").start();
+    c.join_with("edge-1", EdgeSetup::new().labels("site=plant"));
+    c.join_with("edge-2", EdgeSetup::new().labels("site=plant"));
+    c.apply(MODEL);
+    c.apply(&virtual_device("v1", "nodeSelector: {site: plant}"));
+    let first = eventually(WAIT, "v1 placed and online", || {
+        let d = device(&c, "v1")?;
+        (s(&d, "/status/state") == "online").then(|| s(&d, "/status/node").to_string()).ok_or_else(|| format!("{d}"))
+    });
+    let other = if first == "edge-1" { "edge-2" } else { "edge-1" };
+    c.kill_edge(&first);
+    eventually(Duration::from_secs(60), "v1 moved to the other node and online there", || {
+        let d = device(&c, "v1")?;
+        let ok = s(&d, "/status/node") == other && s(&d, "/status/state") == "online";
+        ok.then_some(()).ok_or_else(|| format!("{:#}", d["status"]))
+    });
+}
