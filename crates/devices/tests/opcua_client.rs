@@ -86,7 +86,8 @@ impl Peer {
         let mut peer = Peer { child, port: 0, lines, args };
         let start = Instant::now();
         loop {
-            let ready = peer.lines.lock().expect("lines").iter().find_map(|l| l.strip_prefix("READY ").map(str::to_owned));
+            let ready =
+                peer.lines.lock().expect("lines").iter().find_map(|l| l.strip_prefix("READY ").map(str::to_owned));
             if let Some(p) = ready {
                 peer.port = p.trim().parse().expect("port number");
                 return peer;
@@ -174,7 +175,10 @@ fn config(conn: OpcuaConnection, collect_cycle: &str, props: &[Prop]) -> DeviceC
     };
     let errs = check_device_against_model(&spec, &model);
     assert!(errs.is_empty(), "test device does not match its model: {errs:?}");
-    DeviceConfig { device: Arc::new(Device::new("plc-1", spec)), model: Arc::new(DeviceModel::new("opcua-model", model)) }
+    DeviceConfig {
+        device: Arc::new(Device::new("plc-1", spec)),
+        model: Arc::new(DeviceModel::new("opcua-model", model)),
+    }
 }
 
 fn conn(peer: &Peer) -> OpcuaConnection {
