@@ -405,7 +405,11 @@ impl ExternalRegistry {
                 continue;
             };
             if r.error.is_empty() && !pm.ty.accepts(&r.value) {
-                let what = if r.value.is_null() { "missing (give a value or an error)".to_string() } else { r.value.to_string() };
+                let what = if r.value.is_null() {
+                    "missing (give a value or an error)".to_string()
+                } else {
+                    r.value.to_string()
+                };
                 problems.push(format!(
                     "readings[{i}].value: {what} is not a value of type {} (property {:?})",
                     pm.ty.as_str(),
@@ -510,7 +514,9 @@ impl ExternalRegistry {
         self.liveness(&book, &mapper).map_err(DriverError::Io)?;
         let d = Self::owned(&mut book, device, id)?;
         if !d.heard {
-            return Err(DriverError::Io(format!("external mapper {mapper:?} has reported nothing for this device yet")));
+            return Err(DriverError::Io(format!(
+                "external mapper {mapper:?} has reported nothing for this device yet"
+            )));
         }
         if let Some(e) = &d.offline {
             let why = if e.is_empty() { String::new() } else { format!(": {e}") };
@@ -642,7 +648,11 @@ pub fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
 
 /// Serves the mapper interface on a unix socket at `path` (the agent uses
 /// `<data_dir>/mapper.sock`) until the task is dropped.
-pub async fn serve_unix(host: MapperHost, registry: ExternalRegistry, path: impl AsRef<Path>) -> Result<(), ServeError> {
+pub async fn serve_unix(
+    host: MapperHost,
+    registry: ExternalRegistry,
+    path: impl AsRef<Path>,
+) -> Result<(), ServeError> {
     let listener = bind_unix(path.as_ref())?;
     tracing::info!(path = %path.as_ref().display(), "external mapper interface listening");
     serve_unix_listener(host, registry, listener).await;
@@ -680,9 +690,9 @@ async fn mapper_devices(
 ) -> HttpResult<Json<MapperDevices>> {
     let since = match query.get("since") {
         None => None,
-        Some(s) => Some(
-            s.parse::<u64>().map_err(|_| HttpError::bad_request(format!("since={s:?} is not a version number")))?,
-        ),
+        Some(s) => {
+            Some(s.parse::<u64>().map_err(|_| HttpError::bad_request(format!("since={s:?} is not a version number")))?)
+        }
     };
     let wait = wait_param(&query, ctx.registry.heartbeat())?.unwrap_or(Duration::ZERO);
     Ok(Json(ctx.registry.wait_devices(&name, since, wait).await?))

@@ -135,7 +135,8 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> HttpRes
     if body.is_empty() {
         return Err(HttpError::bad_request("the request needs a JSON body"));
     }
-    serde_json::from_slice(body).map_err(|e| HttpError::bad_request(format!("body is not valid JSON for this request: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| HttpError::bad_request(format!("body is not valid JSON for this request: {e}")))
 }
 
 /// The `wait` query parameter as a duration, at most [`MAX_WAIT`]; none

@@ -135,7 +135,12 @@ async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 }
 
 /// One request with `Connection: close`; returns the status and JSON body.
-async fn request<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+async fn request<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, Value) {
     let body = body.unwrap_or("");
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -181,7 +186,8 @@ async fn mapper_protocol_over_the_socket() {
     assert_eq!(code, 400, "{err}");
     let (code, err) = call(sock, "POST", "/v1/mappers", Some(json!({"name": "x", "colour": "red"}))).await;
     assert_eq!(code, 400, "unknown fields are refused: {err}");
-    let (code, reg) = call(sock, "POST", "/v1/mappers", Some(json!({"name": "tcp-line", "protocols": ["tcp-line"]}))).await;
+    let (code, reg) =
+        call(sock, "POST", "/v1/mappers", Some(json!({"name": "tcp-line", "protocols": ["tcp-line"]}))).await;
     assert_eq!(code, 200, "{reg}");
     assert_eq!(reg, json!({"mapper": "tcp-line", "heartbeatSeconds": 5}));
 
@@ -217,13 +223,17 @@ async fn mapper_protocol_over_the_socket() {
     assert_eq!(code, 400, "{err}");
     let details: Vec<String> = serde_json::from_value(err["details"].clone()).expect("details");
     assert_eq!(details.len(), 3, "{details:?}");
-    assert!(details[0].starts_with("readings[1].property: device \"boiler\" has no property \"humidity\""), "{details:?}");
+    assert!(
+        details[0].starts_with("readings[1].property: device \"boiler\" has no property \"humidity\""),
+        "{details:?}"
+    );
     assert!(details[1].contains("readings[2].value: \"warm\" is not a value of type float"), "{details:?}");
     assert!(details[2].contains("readings[3].value: missing"), "{details:?}");
     assert_ne!(agent.host.twin("boiler").expect("twin").state, DeviceState::Online, "nothing was applied");
     let (code, _) = call(sock, "POST", "/v1/devices/ghost/readings", Some(json!({"readings": []}))).await;
     assert_eq!(code, 404);
-    let (code, _) = call(sock, "POST", "/v1/devices/boiler/readings", Some(json!({"readings": [], "state": "sideways"}))).await;
+    let (code, _) =
+        call(sock, "POST", "/v1/devices/boiler/readings", Some(json!({"readings": [], "state": "sideways"}))).await;
     assert_eq!(code, 400);
 
     // A good push: online, the value in the twin with the mapper's timestamp.
@@ -242,7 +252,9 @@ async fn mapper_protocol_over_the_socket() {
     // long-poll, which answers early with a new version.
     let poll = {
         let sock = sock.to_path_buf();
-        tokio::spawn(async move { call(&sock, "GET", &format!("/v1/mappers/tcp-line/devices?since={v0}&wait=30s"), None).await })
+        tokio::spawn(async move {
+            call(&sock, "GET", &format!("/v1/mappers/tcp-line/devices?since={v0}&wait=30s"), None).await
+        })
     };
     let version = agent.host.set_local("boiler", "setpoint", json!(42.5)).expect("set");
     // Keep the mapper alive while the host writes (the poll is a heartbeat).
@@ -332,10 +344,18 @@ async fn python_mapper_drives_a_tcp_line_device() {
     let Some(py) = python3() else { return };
     let agent = start_agent("py", Duration::from_secs(1)).await;
 
-    let mut device = spawn_python(py, "tcp_line_device.py", &["--port", "0", "--prop", "temp=21.5", "--prop", "setpoint=20"]).await;
+    let mut device =
+        spawn_python(py, "tcp_line_device.py", &["--port", "0", "--prop", "temp=21.5", "--prop", "setpoint=20"]).await;
     let mut out = BufReader::new(device.stdout.take().expect("device stdout")).lines();
-    let first = tokio::time::timeout(PATIENCE, out.next_line()).await.expect("device starts").expect("read").unwrap_or_default();
-    let port: u16 = first.strip_prefix("listening on ").and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("device said {first:?}"));
+    let first = tokio::time::timeout(PATIENCE, out.next_line())
+        .await
+        .expect("device starts")
+        .expect("read")
+        .unwrap_or_default();
+    let port: u16 = first
+        .strip_prefix("listening on ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("device said {first:?}"));
 
     agent.host.apply(vec![external_device("boiler", json!({"host": "127.0.0.1", "port": port}))]);
     let sock = agent.socket.to_str().expect("utf-8 path").to_string();
@@ -388,10 +408,18 @@ async fn python_mapper_drives_a_tcp_line_device() {
 async fn python_mapper_death_takes_an_online_device_offline() {
     let Some(py) = python3() else { return };
     let agent = start_agent("death", Duration::from_secs(1)).await;
-    let mut device = spawn_python(py, "tcp_line_device.py", &["--port", "0", "--prop", "temp=19", "--prop", "setpoint=5"]).await;
+    let mut device =
+        spawn_python(py, "tcp_line_device.py", &["--port", "0", "--prop", "temp=19", "--prop", "setpoint=5"]).await;
     let mut out = BufReader::new(device.stdout.take().expect("device stdout")).lines();
-    let first = tokio::time::timeout(PATIENCE, out.next_line()).await.expect("device starts").expect("read").unwrap_or_default();
-    let port: u16 = first.strip_prefix("listening on ").and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("device said {first:?}"));
+    let first = tokio::time::timeout(PATIENCE, out.next_line())
+        .await
+        .expect("device starts")
+        .expect("read")
+        .unwrap_or_default();
+    let port: u16 = first
+        .strip_prefix("listening on ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("device said {first:?}"));
     agent.host.apply(vec![external_device("boiler", json!({"host": "127.0.0.1", "port": port}))]);
     let sock = agent.socket.to_str().expect("utf-8 path").to_string();
     let mut mapper = spawn_python(py, "tcp_line_mapper.py", &["--socket", &sock]).await;
@@ -403,7 +431,11 @@ async fn python_mapper_death_takes_an_online_device_offline() {
     })
     .await;
     let t = agent.host.twin("boiler").expect("twin");
-    assert_eq!(t.twins["temperature"].reported.as_ref().map(|r| r.quality), Some(Quality::Bad), "last value kept, quality bad");
+    assert_eq!(
+        t.twins["temperature"].reported.as_ref().map(|r| r.quality),
+        Some(Quality::Bad),
+        "last value kept, quality bad"
+    );
 }
 
 /// Deterministic garbage: xorshift bytes from a fixed seed.

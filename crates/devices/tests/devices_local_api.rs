@@ -118,10 +118,7 @@ async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_device_and_property_twins() {
     let f = start().await;
-    eventually("the virtual device online", || {
-        (f.host.twin("vd1")?.state == DeviceState::Online).then_some(())
-    })
-    .await;
+    eventually("the virtual device online", || (f.host.twin("vd1")?.state == DeviceState::Online).then_some(())).await;
 
     let (code, list) = call(f.addr, "GET", "/v1/devices", None).await;
     assert_eq!(code, 200, "{list}");
@@ -129,7 +126,10 @@ async fn list_device_and_property_twins() {
 
     let (code, dev) = call(f.addr, "GET", "/v1/devices/vd1", None).await;
     assert_eq!(code, 200, "{dev}");
-    assert_eq!((dev["name"].clone(), dev["model"].clone(), dev["protocol"].clone()), (json!("vd1"), json!("thermostat"), json!("virtual")));
+    assert_eq!(
+        (dev["name"].clone(), dev["model"].clone(), dev["protocol"].clone()),
+        (json!("vd1"), json!("thermostat"), json!("virtual"))
+    );
     assert_eq!(dev["status"]["state"], json!("online"));
     assert_eq!(dev["status"]["twins"]["temperature"]["reported"]["value"], json!(21.5));
 
@@ -166,7 +166,8 @@ async fn desired_writes_are_versioned_observed_and_checked_against_the_model() {
     .await;
 
     // Without waiting, `{"value": …}` form: a higher version, observed later.
-    let (code, ans) = call(f.addr, "PUT", "/v1/devices/vd1/properties/setpoint/desired", Some(r#"{"value": 60.5}"#)).await;
+    let (code, ans) =
+        call(f.addr, "PUT", "/v1/devices/vd1/properties/setpoint/desired", Some(r#"{"value": 60.5}"#)).await;
     assert_eq!(code, 200, "{ans}");
     let v2 = ans["version"].as_u64().expect("version");
     assert!(v2 > v1, "versions grow: {v1} then {v2}");
@@ -267,7 +268,8 @@ async fn garbage_gets_errors_and_the_server_keeps_serving() {
     // A chunked body past the limit: refused (or cut off), never buffered whole.
     {
         let mut s = TcpStream::connect(f.addr).await.expect("connect");
-        let head = "PUT /v1/devices/vd1/properties/setpoint/desired HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let head =
+            "PUT /v1/devices/vd1/properties/setpoint/desired HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
         let _ = s.write_all(head.as_bytes()).await;
         let chunk = format!("{:x}\r\n{}\r\n", 16 * 1024, "1".repeat(16 * 1024));
         for _ in 0..16 {
