@@ -560,9 +560,12 @@ impl Conn {
         }
         let session = self.session.clone();
         let guard = shared.task_guard();
+        let mut shutdown = shared.shutdown.subscribe();
+        if *shutdown.borrow_and_update() {
+            return;
+        }
         tokio::spawn(async move {
             let _guard = guard;
-            let mut shutdown = shared.shutdown.subscribe();
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(u64::from(delay))) => {}
                 _ = shutdown.changed() => return,

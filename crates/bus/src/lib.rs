@@ -121,7 +121,7 @@ impl Broker {
             match listener::start(shared.clone(), l).await {
                 Ok(a) => addrs.push(a),
                 Err(e) => {
-                    let _ = shared.shutdown.send(true);
+                    shared.shutdown.send_replace(true);
                     return Err(e);
                 }
             }
@@ -129,14 +129,18 @@ impl Broker {
         // Session expiry sweeper.
         let sweeper = shared.clone();
         let guard = shared.task_guard();
+        // Subscribed before the task runs, so a shutdown that comes first is seen.
+        let mut shutdown = sweeper.shutdown.subscribe();
         tokio::spawn(async move {
             let _guard = guard;
-            let mut shutdown = sweeper.shutdown.subscribe();
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
+                if *shutdown.borrow_and_update() {
+                    return;
+                }
                 tokio::select! {
-                    _ = shutdown.changed() => return,
+                    _ = shutdown.changed() => {}
                     _ = tick.tick() => sweeper.sweep_sessions(tokio::time::Instant::now()),
                 }
             }
@@ -190,7 +194,7 @@ impl Broker {
     /// in-process subscriptions (`recv` returns `None`), and waits up to
     /// five seconds for every task to end.
     pub async fn shutdown(self) {
-        let _ = self.shared.shutdown.send(true);
+        self.shared.shutdown.send_replace(true);
         self.shared.clear_router();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.shared.tasks_ended()).await;
     }

@@ -80,9 +80,9 @@ pub(crate) async fn start(shared: Arc<Shared>, cfg: ListenerConfig) -> Result<So
     let auth = Arc::new(cfg.auth);
     let guard = shared.task_guard();
     tracing::info!(%addr, tls = acceptor.is_some(), "mqtt: listening");
+    let mut shutdown = shared.shutdown.subscribe();
     tokio::spawn(async move {
         let _guard = guard;
-        let mut shutdown = shared.shutdown.subscribe();
         if *shutdown.borrow_and_update() {
             return;
         }
