@@ -136,7 +136,7 @@ impl Mutator {
 fn mutated_inputs_never_break_a_property() {
     let seeds: Vec<Vec<u8>> = corpus().into_iter().map(|(_, d)| d).collect();
     let iters = std::env::var("YUNBIAN_FUZZ_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
-    let mut m = Mutator(0x5eed_0f_b05);
+    let mut m = Mutator(0x0005_eed0_fb05);
     let mut decoded = 0;
     for _ in 0..iters {
         let input = m.input(&seeds);
