@@ -171,7 +171,9 @@ fn device_configs(objects: &DeviceObjects) -> Vec<DeviceConfig> {
         match serde_json::from_value::<Device>(o.value.clone()) {
             Ok(d) => match models.get(&d.spec.model) {
                 Some(m) => out.push(DeviceConfig { device: Arc::new(d), model: m.clone() }),
-                None => tracing::warn!(device = %name, model = %d.spec.model, "device model not in the desired view; device not started"),
+                None => {
+                    tracing::warn!(device = %name, model = %d.spec.model, "device model not in the desired view; device not started")
+                }
             },
             Err(e) => tracing::warn!(device = %name, error = %e, "desired device does not decode; ignored"),
         }
@@ -424,7 +426,8 @@ pub async fn run_agent(
                 let report = Report::InstanceStatus { instance: s.instance, status: s.status };
                 let actions = session.report(report, now());
                 let mut ignored = false;
-                if let Err(e) = execute(&store, &mut desired, &mut device_objects, &mut ignored, actions, out.as_ref()) {
+                if let Err(e) = execute(&store, &mut desired, &mut device_objects, &mut ignored, actions, out.as_ref())
+                {
                     tracing::warn!(node = %node, error = %e, "re-report statuses; will retry");
                     store_failure = Some(e.to_string());
                     (session, desired) = reload(&store, cfg.session)?;

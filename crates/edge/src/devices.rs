@@ -122,7 +122,27 @@ pub async fn start_devices(node: &str, data_dir: &Path, opts: &DeviceOptions) ->
     let factory = yunbian_devices::standard_drivers(bus.clone(), Some(registry.clone()));
     let host = MapperHost::new(node, Some(data_dir.join("devices")), bus, factory, tx);
     let mut tasks = vec![tokio::spawn(host.clone().serve_bus_sets())];
-    let local_api = None;
-    let _ = (&mut tasks, registry);
+    let local_api = match opts.local_api {
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                let bound = l.local_addr().ok();
+                tasks.push(tokio::spawn(yunbian_devices::local_api::serve_tcp_listener(host.clone(), l)));
+                bound
+            }
+            Err(e) => {
+                tracing::error!(node, %addr, error = %e, "cannot serve the local device API; running without it");
+                None
+            }
+        },
+        None => None,
+    };
+    // The mapper socket path must fit a sockaddr_un (108 bytes).
+    let sock = data_dir.join("mapper.sock");
+    match yunbian_devices::external::bind_unix(&sock) {
+        Ok(l) => tasks.push(tokio::spawn(yunbian_devices::external::serve_unix_listener(host.clone(), registry, l))),
+        Err(e) => {
+            tracing::error!(node, path = %sock.display(), error = %e, "cannot serve the external mapper socket; external devices stay offline")
+        }
+    }
     Ok((DeviceServices { broker, broker_addrs, local_api, tasks }, DeviceSide { host, events: rx }))
 }

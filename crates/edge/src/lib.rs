@@ -91,7 +91,8 @@ pub async fn start(opts: EdgeOptions) -> Result<EdgeHandle> {
     let store = open_store(&opts.data_dir)?;
     let (services, side) = devices::start_devices(&identity.config.name, &opts.data_dir, &opts.devices).await?;
     let (tx, rx) = mpsc::unbounded_channel();
-    let runtime_opts = yunbian_runtime::ProcessRuntimeOptions { node_env: services.workload_env(), ..Default::default() };
+    let runtime_opts =
+        yunbian_runtime::ProcessRuntimeOptions { node_env: services.workload_env(), ..Default::default() };
     let runtime: Arc<dyn Runtime> =
         ProcessRuntime::with_options(opts.data_dir.join("instances"), identity.config.name.clone(), tx, runtime_opts)
             .context("start the process runtime")?;

@@ -49,6 +49,88 @@ spec:
 
 const NODES: [(&str, &str); 3] = [("edge-a1", "a"), ("edge-a2", "a"), ("edge-b1", "b")];
 
+/// Each agent's edge bus port (the first node's, plus its index).
+const MQTT_BASE: u16 = 18831;
+
+/// The device models, and the devices the demo attaches (`{BOILER}` is the
+/// simulated boiler's Modbus address).
+pub const DEVICES: &str = r#"apiVersion: yunbian.io/v1
+kind: DeviceModel
+metadata: {name: boiler}
+spec:
+  description: A gas boiler with a Modbus TCP controller
+  properties:
+    - {name: temperature, type: float, unit: "°C"}
+    - {name: setpoint, type: float, unit: "°C", accessMode: ReadWrite, minimum: 30, maximum: 90}
+    - {name: burner, type: bool, accessMode: ReadWrite}
+---
+apiVersion: yunbian.io/v1
+kind: DeviceModel
+metadata: {name: env-sensor}
+spec:
+  properties:
+    - {name: temperature, type: float, unit: "°C"}
+    - {name: humidity, type: float, unit: "%"}
+---
+apiVersion: yunbian.io/v1
+kind: Device
+metadata: {name: boiler-1}
+spec:
+  model: boiler
+  node: edge-a1
+  protocol: {modbusTcp: {host: "127.0.0.1", port: {BOILER_PORT}, unitId: 1}}
+  collectCycle: 1s
+  reportCycle: 2s
+  deadband: 0.05
+  properties:
+    - {name: temperature, modbus: {register: input, address: 0, dataType: float32}}
+    - {name: setpoint, modbus: {register: holding, address: 10, dataType: uint16, scale: 0.1}}
+    - {name: burner, modbus: {register: coil, address: 0}}
+---
+apiVersion: yunbian.io/v1
+kind: Device
+metadata: {name: env-a2}
+spec:
+  model: env-sensor
+  node: edge-a2
+  protocol: {virtual: {seed: 2}}
+  reportCycle: 5s
+  properties:
+    - {name: temperature, virtual: {generator: sine, amplitude: 3, period: 60s, offset: 22}}
+    - {name: humidity, virtual: {generator: randomWalk, start: 45, step: 0.5, min: 20, max: 80}}
+---
+apiVersion: yunbian.io/v1
+kind: Device
+metadata: {name: env-b1}
+spec:
+  model: env-sensor
+  nodeSelector: {site: b}
+  protocol: {virtual: {seed: 3}}
+  reportCycle: 5s
+  properties:
+    - {name: temperature, virtual: {generator: sine, amplitude: 5, period: 90s, offset: 18}}
+    - {name: humidity, virtual: {generator: randomWalk, start: 60, step: 1, min: 20, max: 90}}
+"#;
+
+/// The sample app that reads device data from its node's edge bus.
+fn device_reader(exe: &str) -> String {
+    format!(
+        r#"apiVersion: yunbian.io/v1
+kind: App
+metadata: {{name: device-reader}}
+spec:
+  replicas: 1
+  runtime: process
+  process:
+    command: ["{exe}", "device-reader"]
+  placement: {{nodeSelector: {{site: a}}}}
+  restartPolicy: Always
+  resources:
+    requests: {{cpu: 20m, memory: 16Mi}}
+"#
+    )
+}
+
 fn say(s: &str) {
     println!("\x1b[1m==>\x1b[0m {s}");
 }
@@ -91,6 +173,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         let mut opts = yunbian_edge::EdgeOptions::new(&ddir);
         opts.agent.heartbeat = Duration::from_secs(1);
         opts.metrics_listen = Some("127.0.0.1:0".into());
+        let i = agents.len() as u16;
+        let mqtt = std::net::SocketAddr::from(([127, 0, 0, 1], MQTT_BASE + i));
+        opts.devices.broker = Some(yunbian_bus::BrokerConfig {
+            listeners: vec![yunbian_bus::ListenerConfig::plain(mqtt)],
+            ..Default::default()
+        });
+        opts.devices.local_api = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 17790 + i)));
         let agent = yunbian_edge::start(opts).await?;
         if let Some(a) = agent.metrics_addr {
             say(&format!("agent {name} running; metrics at http://{a}/metrics"));
@@ -135,12 +224,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         let pid = inst.pointer("/status/pid").and_then(Value::as_u64).unwrap_or(0);
         println!("    {:<18} on {:<8} {:<8} pid {pid}", g("/metadata/name"), g("/spec/node"), g("/status/phase"));
     }
+    let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "yunbian".into());
+    let _boiler = devices(&client, &exe).await?;
     if !args.outage.is_zero() {
         outage(&client, &link, args.outage).await?;
     }
-    let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "yunbian".into());
     println!(
-        "\nThe cluster is up. In another terminal:\n\n    export YUNBIAN_CONFIG={}\n    {exe} get nodes -o wide\n    {exe} get instances\n    {exe} logs app/hello --follow\n    {exe} apply -f <your-app.yaml>\n\nPress Ctrl-C to stop (the demo's apps are deleted first, so no workload outlives it).",
+        "\nThe cluster is up. In another terminal:\n\n    export YUNBIAN_CONFIG={}\n    {exe} get nodes -o wide\n    {exe} get instances\n    {exe} get devices\n    {exe} describe device boiler-1\n    {exe} device set boiler-1 setpoint=80 --wait\n    {exe} device watch boiler-1\n    {exe} logs app/device-reader --follow\n    mosquitto_sub -p {MQTT_BASE} -t 'yunbian/devices/#' -v   (edge-a1's bus)\n    {exe} logs app/hello --follow\n    {exe} apply -f <your-app.yaml>\n\nPress Ctrl-C to stop (the demo's apps are deleted first, so no workload outlives it).",
         cloud.admin_config.display()
     );
     if args.exit_when_ready {
@@ -148,6 +238,65 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
     tokio::signal::ctrl_c().await.context("wait for Ctrl-C")?;
     cleanup(&client).await
+}
+
+/// Attaches the demo's devices (a Modbus boiler simulated in-process,
+/// virtual sensors), deploys the app that reads them from the edge bus,
+/// and writes a desired value to the boiler.
+async fn devices(client: &yunbian_cli::Client, exe: &str) -> Result<crate::modbus_sim::Boiler> {
+    let boiler = crate::modbus_sim::start("127.0.0.1:0").await.context("start the simulated boiler")?;
+    say(&format!("a simulated boiler speaks Modbus TCP on {}", boiler.addr));
+    let manifests = DEVICES.replace("{BOILER_PORT}", &boiler.addr.port().to_string());
+    for doc in yunbian_api::parse_manifests(&manifests).context("demo devices")? {
+        client.apply(&doc.to_value()).await?;
+    }
+    say("applied device models boiler and env-sensor, and devices boiler-1 (Modbus), env-a2 and env-b1 (virtual)");
+    let reader: Value = serde_yaml::from_str(&device_reader(exe)).context("device-reader app")?;
+    client.apply(&reader).await?;
+    say("applied the sample app `device-reader`: it reads every reading from its node's MQTT bus");
+    let t0 = Instant::now();
+    loop {
+        let online: Vec<String> = client
+            .list(Kind::Device)
+            .await?
+            .iter()
+            .filter(|d| d.pointer("/status/state").and_then(Value::as_str) == Some("online"))
+            .filter_map(|d| d.pointer("/metadata/name").and_then(Value::as_str).map(str::to_string))
+            .collect();
+        if online.len() >= 3 {
+            say(&format!("devices online after {:.1}s: {}", t0.elapsed().as_secs_f64(), online.join(", ")));
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            bail!("only {online:?} of 3 devices came online within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut b = client.get_object(Kind::Device, "boiler-1").await?;
+    b["spec"]["desired"] = serde_json::json!({"setpoint": 72.5});
+    if let Some(m) = b.as_object_mut() {
+        m.remove("status");
+    }
+    client.apply(&b).await?;
+    let t0 = Instant::now();
+    loop {
+        let b = client.get_object(Kind::Device, "boiler-1").await?;
+        let t = &b["status"]["twins"]["setpoint"];
+        let version = t.pointer("/desired/version").and_then(Value::as_u64).unwrap_or(u64::MAX);
+        if t.pointer("/observedDesired").and_then(Value::as_u64).unwrap_or(0) >= version {
+            say(&format!(
+                "boiler-1 setpoint 72.5 written over Modbus and read back in {:.1}s; temperature now {}",
+                t0.elapsed().as_secs_f64(),
+                b["status"]["twins"]["temperature"]["reported"]["value"]
+            ));
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            bail!("the boiler's setpoint was not applied within 30 s: {t}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(boiler)
 }
 
 /// Pids of the instances on `node`, by instance name.

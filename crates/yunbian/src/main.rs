@@ -10,6 +10,8 @@ use clap::{Args, Parser, Subcommand};
 
 mod bench;
 mod demo;
+mod device_reader;
+mod modbus_sim;
 mod sim;
 
 #[derive(Debug, Parser)]
@@ -32,6 +34,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run many simulated edge nodes in one process, for scale tests.
     Sim(sim::SimArgs),
+    /// The demo's sample app: print device readings from the edge bus.
+    #[command(hide = true)]
+    DeviceReader(device_reader::DeviceReaderArgs),
     /// Measure the system (see docs/benchmarks.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -172,7 +177,9 @@ fn broker_config(run: &EdgeRunArgs) -> Result<Option<yunbian_bus::BrokerConfig>>
         };
         let client_certs = tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some());
         if matches!(auth, Auth::Anonymous) && !client_certs {
-            anyhow::bail!("--mqtt-site-listen is reachable from the site network: give --mqtt-passwords or --mqtt-client-ca");
+            anyhow::bail!(
+                "--mqtt-site-listen is reachable from the site network: give --mqtt-passwords or --mqtt-client-ca"
+            );
         }
         let mut l = ListenerConfig::plain(bind);
         l.tls = tls;
@@ -326,6 +333,7 @@ async fn run(cli: Cli) -> Result<()> {
             init_tracing();
             demo::run(a).await
         }
+        Command::DeviceReader(a) => device_reader::run(a).await,
         Command::Sim(a) => {
             init_tracing();
             sim::run(a).await

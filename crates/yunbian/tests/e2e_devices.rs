@@ -116,8 +116,15 @@ fn twins_desired_values_and_the_edge_bus() {
     // applied on the device and reported to the cloud as a local value.
     let results = std::thread::spawn(move || {
         let mut cmd = Command::new("mosquitto_sub");
-        cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", "yunbian/devices/t1/properties/setpoint/set/result"])
-            .args(["-C", "2", "-W", "20"]);
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            "yunbian/devices/t1/properties/setpoint/set/result",
+        ])
+        .args(["-C", "2", "-W", "20"]);
         run(cmd, Duration::from_secs(30))
     });
     std::thread::sleep(Duration::from_millis(500));

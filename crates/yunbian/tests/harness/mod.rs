@@ -1210,7 +1210,8 @@ pub fn free_port() -> u16 {
 /// Whether `tool` is on PATH; under CI its absence fails the test (CI
 /// installs it), elsewhere the test is skipped with a loud line.
 pub fn have_tool(tool: &str) -> bool {
-    let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success());
+    let found =
+        Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success());
     if !found {
         assert!(std::env::var_os("CI").is_none(), "{tool} is missing: .ci/run installs it");
         eprintln!("SKIP: {tool} is not installed");
