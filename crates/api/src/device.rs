@@ -88,9 +88,7 @@ impl PropertyType {
             PropertyType::Float => v.is_number(),
             PropertyType::Bool => v.is_boolean(),
             PropertyType::String => v.is_string(),
-            PropertyType::Bytes => {
-                v.as_array().is_some_and(|a| a.iter().all(|b| b.as_u64().is_some_and(|b| b <= 255)))
-            }
+            PropertyType::Bytes => v.as_array().is_some_and(|a| a.iter().all(|b| b.as_u64().is_some_and(|b| b <= 255))),
         }
     }
 }
@@ -856,8 +854,10 @@ fn visitor_carries(ty: PropertyType, v: &ModbusVisitor) -> Result<(), String> {
     let ok = match ty {
         PropertyType::Bool => dt == ModbusDataType::Bool,
         PropertyType::Int => {
-            matches!(dt, ModbusDataType::Int16 | ModbusDataType::Uint16 | ModbusDataType::Int32 | ModbusDataType::Uint32)
-                && v.scale.fract() == 0.0
+            matches!(
+                dt,
+                ModbusDataType::Int16 | ModbusDataType::Uint16 | ModbusDataType::Int32 | ModbusDataType::Uint32
+            ) && v.scale.fract() == 0.0
                 && v.offset.fract() == 0.0
         }
         PropertyType::Float => !matches!(dt, ModbusDataType::Bool | ModbusDataType::String),
@@ -911,7 +911,10 @@ pub fn check_device_against_model(device: &DeviceSpec, model: &DeviceModelSpec) 
         if matches!(v.generator, Some(Generator::Sine { .. } | Generator::RandomWalk { .. }))
             && !matches!(pm.ty, PropertyType::Float | PropertyType::Int)
         {
-            errs.add(format!("{path}.virtual.generator"), format!("generates numbers; the model's type is {}", pm.ty.as_str()));
+            errs.add(
+                format!("{path}.virtual.generator"),
+                format!("generates numbers; the model's type is {}", pm.ty.as_str()),
+            );
         }
     }
     for (name, value) in &device.desired {
@@ -944,7 +947,8 @@ pub fn check_desired_write(
     property: &str,
     value: &serde_json::Value,
 ) -> Result<(), String> {
-    let pm = model.property(property).ok_or_else(|| format!("model {:?} has no property {property:?}", device.model))?;
+    let pm =
+        model.property(property).ok_or_else(|| format!("model {:?} has no property {property:?}", device.model))?;
     if pm.access_mode != AccessMode::ReadWrite {
         return Err(format!("property {property:?} is ReadOnly and cannot be written"));
     }
@@ -1018,7 +1022,7 @@ mod tests {
         let m = model();
         assert!(check_desired_write(&d, &m, "setpoint", &serde_json::json!(42)).is_ok());
         assert!(check_desired_write(&d, &m, "setpoint", &serde_json::json!("hot")).is_err());
-        assert!(check_desired_write(&d, &m, "temp", &serde_json::json!(1)).unwrap_err().contains("ReadOnly"));
+        assert!(check_desired_write(&d, &m, "temp", &serde_json::json!(1)).is_err_and(|e| e.contains("ReadOnly")));
         assert!(check_desired_write(&d, &m, "ghost", &serde_json::json!(1)).is_err());
     }
 

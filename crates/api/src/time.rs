@@ -156,7 +156,6 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
     Ok(total)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -360,7 +360,10 @@ impl Validate for DeviceSpec {
                     errs.add(join(&proto, "opcua.endpoint"), "must start with opc.tcp://");
                 }
                 if (o.security_policy == SecurityPolicy::None) != (o.security_mode == SecurityMode::None) {
-                    errs.add(join(&proto, "opcua.securityMode"), "securityPolicy None goes with securityMode None, and only with it");
+                    errs.add(
+                        join(&proto, "opcua.securityMode"),
+                        "securityPolicy None goes with securityMode None, and only with it",
+                    );
                 }
                 if o.username.is_empty() && !o.password.is_empty() {
                     errs.add(join(&proto, "opcua.username"), "is required with password");
@@ -405,7 +408,10 @@ impl Validate for DeviceSpec {
             if !set {
                 errs.add(join(&pp, want), format!("is required for protocol {}", self.protocol.name()));
             } else if count > 1 || (want == "external" && count == 1 && v.external.is_none()) {
-                errs.add(pp.clone(), format!("only the {want} visitor may be set for protocol {}", self.protocol.name()));
+                errs.add(
+                    pp.clone(),
+                    format!("only the {want} visitor may be set for protocol {}", self.protocol.name()),
+                );
             }
             if let Some(d) = v.deadband {
                 if !(d >= 0.0 && d.is_finite()) {
@@ -453,7 +459,7 @@ impl Validate for DeviceSpec {
                         if min > max {
                             errs.add(join(&pp, "virtual.max"), "must be >= min");
                         }
-                        if !(*step >= 0.0) {
+                        if step.is_nan() || *step < 0.0 {
                             errs.add(join(&pp, "virtual.step"), "must be >= 0");
                         }
                     }

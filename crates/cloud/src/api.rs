@@ -354,7 +354,8 @@ async fn check_references(store: &Arc<dyn Store>, kind: Kind, v: &Value) -> ApiR
             }
         }
         Kind::DeviceModel => {
-            let m = DeviceModel::from_value(v.clone()).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+            let m = DeviceModel::from_value(v.clone())
+                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
             let (devices, _) = store.list(Kind::Device).await?;
             let mut errs = Vec::new();
             for o in devices {

@@ -63,7 +63,9 @@ pub async fn run_app_controller(store: Arc<dyn Store>, metrics: Arc<Metrics>, cf
                         let mut seen: HashMap<String, String> = HashMap::new();
                         while let Some(ev) = w.recv().await {
                             let Ok(ev) = ev else { break };
-                            if matches!(kind, Kind::Node | Kind::Device) && ev.event != yunbian_store::EventType::Deleted {
+                            if matches!(kind, Kind::Node | Kind::Device)
+                                && ev.event != yunbian_store::EventType::Deleted
+                            {
                                 let key = if kind == Kind::Node {
                                     scheduling_key(&ev.object.value)
                                 } else {

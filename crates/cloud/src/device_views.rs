@@ -197,11 +197,21 @@ mod tests {
     }
 
     fn dev(name: &str, node: &str, model: &str, generation: u64) -> StoredObject {
-        obj(Kind::Device, name, generation, json!({"metadata": {"name": name, "generation": generation}, "spec": {"node": node, "model": model}, "status": {"state": "online"}}))
+        obj(
+            Kind::Device,
+            name,
+            generation,
+            json!({"metadata": {"name": name, "generation": generation}, "spec": {"node": node, "model": model}, "status": {"state": "online"}}),
+        )
     }
 
     fn model(name: &str, generation: u64) -> StoredObject {
-        obj(Kind::DeviceModel, name, generation, json!({"metadata": {"name": name, "generation": generation}, "spec": {}}))
+        obj(
+            Kind::DeviceModel,
+            name,
+            generation,
+            json!({"metadata": {"name": name, "generation": generation}, "spec": {}}),
+        )
     }
 
     fn kinds(c: &[Change]) -> Vec<String> {
@@ -218,7 +228,9 @@ mod tests {
         let mut r = DeviceRouting::build(&[], &[model("m", 1)]);
         let c = r.on_device("d1", Some(&dev("d1", "n1", "m", 1)));
         assert_eq!(kinds(&c["n1"]), ["+devicemodel/m", "+device/d1"]);
-        assert!(c["n1"].iter().all(|c| !matches!(c, Change::Upsert { object } if object.value.get("status").is_some())));
+        assert!(c["n1"]
+            .iter()
+            .all(|c| !matches!(c, Change::Upsert { object } if object.value.get("status").is_some())));
         // A second device of the same model: the model is not sent again.
         let c = r.on_device("d2", Some(&dev("d2", "n1", "m", 1)));
         assert_eq!(kinds(&c["n1"]), ["+device/d2"]);
@@ -242,9 +254,19 @@ mod tests {
     #[test]
     fn unplaced_devices_are_nowhere_until_placed() {
         let mut r = DeviceRouting::build(&[], &[model("m", 1)]);
-        let unplaced = obj(Kind::Device, "d", 1, json!({"metadata": {"name": "d", "generation": 1}, "spec": {"model": "m", "nodeSelector": {"site": "a"}}}));
+        let unplaced = obj(
+            Kind::Device,
+            "d",
+            1,
+            json!({"metadata": {"name": "d", "generation": 1}, "spec": {"model": "m", "nodeSelector": {"site": "a"}}}),
+        );
         assert!(r.on_device("d", Some(&unplaced)).is_empty());
-        let placed = obj(Kind::Device, "d", 2, json!({"metadata": {"name": "d", "generation": 1}, "spec": {"model": "m", "nodeSelector": {"site": "a"}}, "status": {"node": "n3"}}));
+        let placed = obj(
+            Kind::Device,
+            "d",
+            2,
+            json!({"metadata": {"name": "d", "generation": 1}, "spec": {"model": "m", "nodeSelector": {"site": "a"}}, "status": {"node": "n3"}}),
+        );
         let c = r.on_device("d", Some(&placed));
         assert_eq!(kinds(&c["n3"]), ["+devicemodel/m", "+device/d"]);
     }

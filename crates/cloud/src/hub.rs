@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, WebSocket};
 use tokio::sync::{mpsc, Notify};
-use yunbian_api::{AppInstanceSpec, DeviceSpec, Kind, NodeGroupSpec, NodeGroupStatus, NodeInfo, NodePhase, NodeSpec, NodeUsage};
+use yunbian_api::{
+    AppInstanceSpec, DeviceSpec, Kind, NodeGroupSpec, NodeGroupStatus, NodeInfo, NodePhase, NodeSpec, NodeUsage,
+};
 use yunbian_store::{Coordinator, EventType, Store, StoreError, StoredObject};
 use yunbian_sync::wire::{decode_up, encode};
 use yunbian_sync::{Change, CloudAction, CloudSession, DesiredObject, Down, NodeView, Report, SessionConfig, Up};
@@ -241,7 +243,9 @@ impl Hub {
                     let view = inner.view_mut(&node);
                     let mut changes = Vec::new();
                     for o in view.objects() {
-                        if matches!(o.kind, Kind::Device | Kind::DeviceModel) && !want.contains_key(&(o.kind, o.name.clone())) {
+                        if matches!(o.kind, Kind::Device | Kind::DeviceModel)
+                            && !want.contains_key(&(o.kind, o.name.clone()))
+                        {
                             changes.push(Change::Remove { kind: o.kind, name: o.name });
                         }
                     }
@@ -596,7 +600,8 @@ impl Hub {
                 }
                 Report::DeviceStatus { device, status } => {
                     let r = update_status::<DeviceSpec>(&self.store, &device, |o| {
-                        let assigned = if o.spec.node.is_empty() { o.status.node.as_str() } else { o.spec.node.as_str() };
+                        let assigned =
+                            if o.spec.node.is_empty() { o.status.node.as_str() } else { o.spec.node.as_str() };
                         if assigned != node {
                             tracing::warn!(node, device = %device, "status for a device of another node ignored");
                             return false;

@@ -175,8 +175,11 @@ impl TwinState {
                     if is_change {
                         self.changed = true;
                     }
-                    p.reported =
-                        Some(Reported { value: reading.value.clone(), timestamp: reading.ts_ms, quality: reading.quality });
+                    p.reported = Some(Reported {
+                        value: reading.value.clone(),
+                        timestamp: reading.ts_ms,
+                        quality: reading.quality,
+                    });
                     readings.push((r.property, reading));
                 }
                 Ok(None) => {}
@@ -340,6 +343,7 @@ impl TwinState {
                 .collect(),
             observed_generation: self.generation,
             message: String::new(),
+            observed_seq: 0,
         }
     }
 

@@ -122,7 +122,10 @@ impl Driver for VirtualDriver {
     }
 
     async fn write(&mut self, property: &str, value: &serde_json::Value) -> Result<(), WriteError> {
-        let p = self.props.get_mut(property).ok_or_else(|| WriteError::Refused(format!("no such property {property:?}")))?;
+        let p = self
+            .props
+            .get_mut(property)
+            .ok_or_else(|| WriteError::Refused(format!("no such property {property:?}")))?;
         p.written = Some(value.clone());
         Ok(())
     }
@@ -145,12 +148,18 @@ mod tests {
                 description: String::new(),
                 properties: vec![
                     PropertyModel { name: "w".into(), ty: PropertyType::Float, ..Default::default() },
-                    PropertyModel { name: "k".into(), ty: PropertyType::Int, access_mode: AccessMode::ReadWrite, ..Default::default() },
+                    PropertyModel {
+                        name: "k".into(),
+                        ty: PropertyType::Int,
+                        access_mode: AccessMode::ReadWrite,
+                        ..Default::default()
+                    },
                     PropertyModel { name: "s".into(), ty: PropertyType::Float, ..Default::default() },
                 ],
             },
         );
-        let gen = |name: &str, g: Generator| PropertyVisitor { name: name.into(), generator: Some(g), ..Default::default() };
+        let gen =
+            |name: &str, g: Generator| PropertyVisitor { name: name.into(), generator: Some(g), ..Default::default() };
         let device = Device::new(
             "d",
             DeviceSpec {
