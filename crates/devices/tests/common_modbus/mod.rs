@@ -17,8 +17,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use yunbian_api::{
-    check_device_against_model, AccessMode, Device, DeviceModel, DeviceModelSpec, DeviceSpec, ModbusDataType, ModbusTcp,
-    ModbusVisitor, PropertyModel, PropertyType, PropertyVisitor, Protocol, RegisterType,
+    check_device_against_model, AccessMode, Device, DeviceModel, DeviceModelSpec, DeviceSpec, ModbusDataType,
+    ModbusTcp, ModbusVisitor, PropertyModel, PropertyType, PropertyVisitor, Protocol, RegisterType,
 };
 use yunbian_devices::driver::DeviceConfig;
 
@@ -116,7 +116,9 @@ impl PyServer {
         let lines = Arc::new(Lines::default());
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
-        for (stream, prefix) in [(Box::new(stdout) as Box<dyn std::io::Read + Send>, ""), (Box::new(stderr), "stderr: ")] {
+        for (stream, prefix) in
+            [(Box::new(stdout) as Box<dyn std::io::Read + Send>, ""), (Box::new(stderr), "stderr: ")]
+        {
             let lines = lines.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines() {
@@ -151,10 +153,14 @@ impl PyServer {
         writeln!(self.stdin, "get {table} {address} {count}").expect("write to the server's stdin");
         self.stdin.flush().expect("flush the server's stdin");
         let n = self.seen_values + 1;
-        self.wait_for(|lines| lines.iter().filter(|l| l.starts_with("VALUES ") || l.starts_with("ERROR")).count() >= n, "VALUES");
+        self.wait_for(
+            |lines| lines.iter().filter(|l| l.starts_with("VALUES ") || l.starts_with("ERROR")).count() >= n,
+            "VALUES",
+        );
         self.seen_values = n;
         let lines = self.lines.lines.lock().expect("lines lock");
-        let line = lines.iter().filter(|l| l.starts_with("VALUES ") || l.starts_with("ERROR")).nth(n - 1).expect("counted");
+        let line =
+            lines.iter().filter(|l| l.starts_with("VALUES ") || l.starts_with("ERROR")).nth(n - 1).expect("counted");
         assert!(line.starts_with("VALUES "), "get {table} {address} {count}: {line}");
         line.split_whitespace().skip(3).map(|v| v.parse().expect("a number")).collect()
     }
@@ -170,6 +176,11 @@ impl PyServer {
         writeln!(self.stdin, "delay {ms}").expect("write to the server's stdin");
         self.stdin.flush().expect("flush the server's stdin");
         self.wait_for(|lines| lines.iter().any(|l| l == &format!("OK delay {ms}")), "OK delay");
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Kills the process (SIGKILL) and reaps it.
