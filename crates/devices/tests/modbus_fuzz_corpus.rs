@@ -9,8 +9,8 @@
 use std::path::{Path, PathBuf};
 
 use yunbian_api::fuzzing::Mutator;
-use yunbian_devices::modbus::fuzzing::{check_decode, parse_input};
 use yunbian_devices::modbus::codec::decode_registers;
+use yunbian_devices::modbus::fuzzing::{check_decode, parse_input};
 
 fn corpus_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/modbus_decode")

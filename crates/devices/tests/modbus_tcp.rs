@@ -37,7 +37,11 @@ fn values(reads: &[PropertyRead]) -> Vec<(String, Result<Value, String>)> {
 }
 
 fn value_of(reads: &[PropertyRead], name: &str) -> Result<Value, String> {
-    values(reads).into_iter().find(|(n, _)| n == name).map(|(_, v)| v).unwrap_or_else(|| panic!("no {name} in {reads:?}"))
+    values(reads)
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v)
+        .unwrap_or_else(|| panic!("no {name} in {reads:?}"))
 }
 
 async fn read_all(d: &mut ModbusDriver) -> Vec<PropertyRead> {
@@ -118,8 +122,10 @@ async fn reads_every_table_and_type_in_batched_requests() {
     // 13..24, 30..36; input 0..3; coils 0..2 and 15; discrete input 1.
     let reqs = server.requests();
     assert_eq!(d.requests_sent(), 7, "{reqs:#?}");
-    let mut shapes: Vec<String> =
-        reqs.iter().map(|r| r.split_whitespace().filter(|w| !w.starts_with("unit=")).collect::<Vec<_>>().join(" ")).collect();
+    let mut shapes: Vec<String> = reqs
+        .iter()
+        .map(|r| r.split_whitespace().filter(|w| !w.starts_with("unit=")).collect::<Vec<_>>().join(" "))
+        .collect();
     shapes.sort();
     assert_eq!(
         shapes,
@@ -197,7 +203,8 @@ async fn writes_reach_the_datastore_and_read_back() {
     assert_eq!(server.get("hr", 24, 2), [0xFFFE, 0x1DC0]);
     assert_eq!(server.get("co", 4, 1), [1]);
     let reqs = server.requests();
-    let fcs: Vec<&str> = reqs.iter().filter_map(|r| r.split_whitespace().nth(1)).filter(|f| *f != "fc=3" && *f != "fc=1").collect();
+    let fcs: Vec<&str> =
+        reqs.iter().filter_map(|r| r.split_whitespace().nth(1)).filter(|f| *f != "fc=3" && *f != "fc=1").collect();
     assert_eq!(fcs, ["fc=6", "fc=16", "fc=16", "fc=16", "fc=5"], "single register, multiple registers, single coil");
 
     // Refusals: out of range, read-only table, illegal address. The device stays usable.
@@ -244,7 +251,12 @@ async fn an_exception_fails_only_the_bad_address() {
     let holding_98: Vec<&String> = reqs.iter().filter(|r| r.contains("fc=3") && !r.contains("addr=0 ")).collect();
     assert_eq!(
         holding_98,
-        ["REQ fc=3 unit=1 addr=98 count=3", "REQ fc=3 unit=1 addr=98 count=1", "REQ fc=3 unit=1 addr=99 count=1", "REQ fc=3 unit=1 addr=100 count=1"]
+        [
+            "REQ fc=3 unit=1 addr=98 count=3",
+            "REQ fc=3 unit=1 addr=98 count=1",
+            "REQ fc=3 unit=1 addr=99 count=1",
+            "REQ fc=3 unit=1 addr=100 count=1"
+        ]
     );
     // The connection survives exceptions.
     assert!(d.is_connected());
@@ -364,8 +376,18 @@ async fn bad_answers_are_device_errors_never_panics_or_hangs() {
         table: Rt,
     }
     let cases = [
-        Case { what: "garbage", answer: |_, _, _| vec![0xDE, 0xAD, 0xBE, 0xEF, 0x00, 0x03, 0x01, 0xFF, 0xFF], close: false, table: Rt::Holding },
-        Case { what: "HTTP", answer: |_, _, _| b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec(), close: true, table: Rt::Holding },
+        Case {
+            what: "garbage",
+            answer: |_, _, _| vec![0xDE, 0xAD, 0xBE, 0xEF, 0x00, 0x03, 0x01, 0xFF, 0xFF],
+            close: false,
+            table: Rt::Holding,
+        },
+        Case {
+            what: "HTTP",
+            answer: |_, _, _| b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec(),
+            close: true,
+            table: Rt::Holding,
+        },
         Case {
             what: "truncated frame, connection kept",
             answer: |tid, unit, _| frame(tid, unit, &[3, 4, 0x12, 0x34, 0x56, 0x78])[..9].to_vec(),
@@ -413,7 +435,12 @@ async fn bad_answers_are_device_errors_never_panics_or_hangs() {
             close: false,
             table: Rt::Holding,
         },
-        Case { what: "zero MBAP length", answer: |tid, _, _| vec![(tid >> 8) as u8, tid as u8, 0, 0, 0, 0, 1], close: false, table: Rt::Holding },
+        Case {
+            what: "zero MBAP length",
+            answer: |tid, _, _| vec![(tid >> 8) as u8, tid as u8, 0, 0, 0, 0, 1],
+            close: false,
+            table: Rt::Holding,
+        },
         Case {
             what: "byte count beyond the frame",
             answer: |tid, unit, _| frame(tid, unit, &[3, 250, 0x12, 0x34]),
@@ -444,7 +471,12 @@ async fn bad_answers_are_device_errors_never_panics_or_hangs() {
             close: false,
             table: Rt::Coil,
         },
-        Case { what: "empty coil answer", answer: |tid, unit, _| frame(tid, unit, &[1, 0]), close: false, table: Rt::Coil },
+        Case {
+            what: "empty coil answer",
+            answer: |tid, unit, _| frame(tid, unit, &[1, 0]),
+            close: false,
+            table: Rt::Coil,
+        },
         Case { what: "silence, then close", answer: |_, _, _| Vec::new(), close: true, table: Rt::Holding },
         Case { what: "silence", answer: |_, _, _| Vec::new(), close: false, table: Rt::Holding },
     ];

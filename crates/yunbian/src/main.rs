@@ -29,7 +29,7 @@ enum Command {
     /// Run the cloud control plane.
     Cloud(CloudArgs),
     /// Run the edge agent of a joined node, or join one (`yunbian edge join`).
-    Edge(EdgeArgs),
+    Edge(Box<EdgeArgs>),
     /// Start a cloud, three edge agents and a sample app on this machine.
     Demo(demo::DemoArgs),
     /// Run many simulated edge nodes in one process, for scale tests.
@@ -300,6 +300,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Edge(e) => {
             init_tracing();
+            let e = *e;
             let run = match e.join {
                 Some(EdgeCommand::Join(j)) => {
                     let token = j.token.parse::<yunbian_edge::JoinToken>()?;

@@ -417,7 +417,7 @@ fn typed(raw: Raw, v: &ModbusVisitor, ty: PropertyType) -> Result<Value, DecodeE
             if f.fract() != 0.0 {
                 return Err(DecodeError::NotInteger(f));
             }
-            if f < -9.223_372_036_854_776e18 || f >= 9.223_372_036_854_776e18 {
+            if !(-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(&f) {
                 return Err(DecodeError::IntegerOverflow);
             }
             Ok(Value::from(f as i64))
@@ -838,10 +838,8 @@ mod tests {
         ];
         for (v, ty, words, want) in cases {
             assert_eq!(decode_registers(&v, ty, &words), Ok(want.clone()), "{v:?} {words:x?}");
-            if v.data_type() != Bool || want == json!(false) {
-                if ty != PropertyType::Bool {
-                    assert_eq!(encode_registers(&v, ty, &want), Ok(words), "{v:?} {want}");
-                }
+            if (v.data_type() != Bool || want == json!(false)) && ty != PropertyType::Bool {
+                assert_eq!(encode_registers(&v, ty, &want), Ok(words), "{v:?} {want}");
             }
         }
     }
