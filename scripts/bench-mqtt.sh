@@ -68,13 +68,13 @@ for qos in 0 1; do
 done
 
 echo
-echo "| QoS | broker | delivered msg/s | p50 latency | p99 latency | ratio (msg/s, yunbian / mosquitto) |"
-echo "|---|---|---|---|---|---|"
+echo "| QoS | broker | delivered msg/s | p50 latency | p99 latency | lost | ratio (msg/s, yunbian / mosquitto) |"
+echo "|---|---|---|---|---|---|---|"
 for qos in 0 1; do
   ours=$(awk -v q=$qos '$1=="yunbian" && $2==q {print $7}' "$RESULTS")
   theirs=$(awk -v q=$qos '$1=="mosquitto" && $2==q {print $7}' "$RESULTS")
   ratio=$(awk -v a="$ours" -v b="$theirs" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')
   awk -v q=$qos -v r="$ratio" '$2==q {
-    printf "| %s | %s | %d | %.2f ms | %.2f ms | %s |\n", q, $1, $7, $8/1000, $9/1000, ($1=="yunbian" ? r : "")
+    printf "| %s | %s | %d | %.2f ms | %.2f ms | %d | %s |\n", q, $1, $7, $8/1000, $9/1000, $6-$5, ($1=="yunbian" ? r : "")
   }' "$RESULTS"
 done
