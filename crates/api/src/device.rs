@@ -834,9 +834,13 @@ pub struct DeviceStatus {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
     /// Outbox sequence of the node's report this status came from (the
-    /// cloud ignores older reports).
+    /// cloud ignores older reports of the same node).
     #[serde(default, skip_serializing_if = "is_zero_u")]
     pub observed_seq: u64,
+    /// The node whose report this status is (sequences are per node: a
+    /// device that moved starts over with its new node's).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reported_by: String,
 }
 
 impl KindOf for DeviceSpec {

@@ -434,6 +434,20 @@ async fn put(
 
 async fn delete(State(s): St, _admin: Admin, Path((plural, name)): Path<(String, String)>) -> ApiResult<Json<Value>> {
     let kind = kind_of(&plural)?;
+    if kind == Kind::DeviceModel {
+        let (devices, _) = s.store.list(Kind::Device).await?;
+        let users: Vec<&str> = devices
+            .iter()
+            .filter(|d| d.value.pointer("/spec/model").and_then(|m| m.as_str()) == Some(name.as_str()))
+            .map(|d| d.name.as_str())
+            .collect();
+        if !users.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("devicemodel {name} is used by device(s) {}; delete or change them first", users.join(", ")),
+            ));
+        }
+    }
     let o = s.store.delete(kind, &name, None).await?;
     tracing::info!(kind = %kind, name = %name, "deleted");
     Ok(Json((*o.value).clone()))

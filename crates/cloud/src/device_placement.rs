@@ -52,9 +52,14 @@ pub async fn reconcile_devices(store: &Arc<dyn Store>, cfg: &ControllerConfig) -
             .filter(|n| selector_matches(&d.spec.node_selector, &n.metadata.labels))
             .min_by_key(|n| (load.get(&n.metadata.name).copied().unwrap_or(0), n.metadata.name.clone()))
             .map(|n| n.metadata.name.clone());
-        let (node, message) = match pick {
-            Some(n) => (n, String::new()),
-            None => (String::new(), "no Ready node matches spec.nodeSelector".to_string()),
+        let (node, message) = match (pick, current) {
+            (Some(n), _) => (n, String::new()),
+            // Lost, and nowhere else to go: stay (it may come back) and say so.
+            (None, Some(c)) if selector_matches(&d.spec.node_selector, &c.metadata.labels) => (
+                c.metadata.name.clone(),
+                format!("node {} is lost and no other Ready node matches spec.nodeSelector", c.metadata.name),
+            ),
+            (None, _) => (String::new(), "no Ready node matches spec.nodeSelector".to_string()),
         };
         if node == d.status.node && message == d.status.message {
             continue;
@@ -67,11 +72,12 @@ pub async fn reconcile_devices(store: &Arc<dyn Store>, cfg: &ControllerConfig) -
             if !o.spec.node.is_empty() {
                 return false;
             }
-            o.status.node = node.clone();
-            o.status.message = message.clone();
-            if node.is_empty() {
+            if o.status.node != node {
+                // Nobody reports for the new node yet.
                 o.status.state = yunbian_api::DeviceState::Unknown;
             }
+            o.status.node = node.clone();
+            o.status.message = message.clone();
             true
         })
         .await;

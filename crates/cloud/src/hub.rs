@@ -92,6 +92,9 @@ struct Inner {
     links: HashMap<String, Link>,
     live: HashMap<String, Live>,
     devices: DeviceRouting,
+    /// Store revisions of the Device and DeviceModel listings the routing
+    /// was built from.
+    device_listed: (u64, u64),
 }
 
 impl Inner {
@@ -177,8 +180,8 @@ impl Hub {
             // the routing (same placement and generation).
             let listed = async {
                 let (items, rev) = self.store.list(Kind::AppInstance).await?;
-                let (devices, _) = self.store.list(Kind::Device).await?;
-                let (models, _) = self.store.list(Kind::DeviceModel).await?;
+                let devices = self.store.list(Kind::Device).await?;
+                let models = self.store.list(Kind::DeviceModel).await?;
                 Ok::<_, StoreError>((items, devices, models, rev))
             };
             let (items, devices, models, rev) = match listed.await {
@@ -189,8 +192,9 @@ impl Hub {
                     continue;
                 }
             };
-            self.resync(items, rev, first);
-            self.resync_devices(&devices, &models, rev, first);
+            let mut per_node = self.resync(items, rev, first);
+            self.resync_devices(devices, models, rev, first, &mut per_node);
+            self.apply_resync(rev, per_node);
             first = false;
             self.views_ready.store(true, Ordering::Release);
             let mut watch = match self.store.watch(None, rev).await {
@@ -219,51 +223,79 @@ impl Hub {
         }
     }
 
-    fn resync_devices(&self, devices: &[StoredObject], models: &[StoredObject], rev: u64, first: bool) {
-        let routing = DeviceRouting::build(devices, models);
+    /// Device part of a (re)listing: seeds the views the first time,
+    /// otherwise adds to `per_node` what makes each view match the listing.
+    /// Objects are compared by generation (a twin report changes a
+    /// Device's revision, not what its node runs).
+    fn resync_devices(
+        &self,
+        (devices, device_rev): (Vec<StoredObject>, u64),
+        (models, model_rev): (Vec<StoredObject>, u64),
+        rev: u64,
+        first: bool,
+        per_node: &mut HashMap<String, Vec<Change>>,
+    ) {
+        let routing = DeviceRouting::build(&devices, &models);
         let wanted = routing.wanted();
-        let mut touched = Vec::new();
-        {
-            let mut inner = self.lock();
-            if first {
-                for (node, objs) in wanted {
-                    let view = inner.view_mut(&node);
-                    for o in objs {
-                        view.seed(o);
-                    }
-                }
-            } else {
-                let mut nodes: std::collections::HashSet<String> = inner.views.keys().cloned().collect();
-                nodes.extend(wanted.keys().cloned());
-                for node in nodes {
-                    let want: HashMap<(Kind, String), DesiredObject> = wanted
-                        .get(&node)
-                        .map(|v| v.iter().map(|o| ((o.kind, o.name.clone()), o.clone())).collect())
-                        .unwrap_or_default();
-                    let view = inner.view_mut(&node);
-                    let mut changes = Vec::new();
-                    for o in view.objects() {
-                        if matches!(o.kind, Kind::Device | Kind::DeviceModel)
-                            && !want.contains_key(&(o.kind, o.name.clone()))
-                        {
-                            changes.push(Change::Remove { kind: o.kind, name: o.name });
-                        }
-                    }
-                    let have: HashMap<(Kind, String), u64> =
-                        view.objects().into_iter().map(|o| ((o.kind, o.name), o.revision)).collect();
-                    for (k, o) in want {
-                        if have.get(&k) != Some(&o.revision) {
-                            changes.push(Change::Upsert { object: o });
-                        }
-                    }
-                    if !changes.is_empty() && view.apply(rev.max(view.revision() + 1), changes).is_some() {
-                        touched.push(node);
-                    }
+        let mut inner = self.lock();
+        // Events up to a kind's listing revision are already in it: the
+        // watch (from `rev`, the instances' listing) replays them.
+        inner.device_listed = (device_rev.max(rev), model_rev.max(rev));
+        inner.devices = routing;
+        if first {
+            for (node, objs) in wanted {
+                let view = inner.view_mut(&node);
+                for o in objs {
+                    view.seed(o);
                 }
             }
-            inner.devices = routing;
+            return;
         }
-        for n in touched {
+        let generation = |o: &DesiredObject| o.value.pointer("/metadata/generation").and_then(|g| g.as_u64());
+        let mut nodes: std::collections::HashSet<String> = inner.views.keys().cloned().collect();
+        nodes.extend(wanted.keys().cloned());
+        for node in nodes {
+            let want: HashMap<(Kind, String), DesiredObject> = wanted
+                .get(&node)
+                .map(|v| v.iter().map(|o| ((o.kind, o.name.clone()), o.clone())).collect())
+                .unwrap_or_default();
+            let have: HashMap<(Kind, String), Option<u64>> = inner
+                .view_mut(&node)
+                .objects()
+                .into_iter()
+                .filter(|o| matches!(o.kind, Kind::Device | Kind::DeviceModel))
+                .map(|o| ((o.kind, o.name.clone()), generation(&o)))
+                .collect();
+            let changes = per_node.entry(node.clone()).or_default();
+            for (kind, name) in have.keys() {
+                if !want.contains_key(&(*kind, name.clone())) {
+                    changes.push(Change::Remove { kind: *kind, name: name.clone() });
+                }
+            }
+            for (k, o) in want {
+                if have.get(&k) != Some(&generation(&o)) {
+                    changes.push(Change::Upsert { object: o });
+                }
+            }
+        }
+    }
+
+    /// Applies a relisting's changes, one delta per node at the listing's
+    /// revision.
+    fn apply_resync(&self, rev: u64, per_node: HashMap<String, Vec<Change>>) {
+        let mut changed = Vec::new();
+        {
+            let mut inner = self.lock();
+            for (node, changes) in per_node {
+                if changes.is_empty() {
+                    continue;
+                }
+                if inner.view_mut(&node).apply(rev, changes).is_some() {
+                    changed.push(node);
+                }
+            }
+        }
+        for n in changed {
             self.poke(&n);
         }
     }
@@ -272,6 +304,10 @@ impl Hub {
         let mut touched = Vec::new();
         {
             let mut inner = self.lock();
+            let listed = if o.kind == Kind::Device { inner.device_listed.0 } else { inner.device_listed.1 };
+            if rev <= listed {
+                return; // already in the listing the views were built from
+            }
             let object = (ev != EventType::Deleted).then_some(o);
             let changes = match o.kind {
                 Kind::Device => inner.devices.on_device(&o.name, object),
@@ -288,8 +324,10 @@ impl Hub {
         }
     }
 
-    fn resync(&self, items: Vec<StoredObject>, rev: u64, first: bool) {
-        let mut changed = Vec::new();
+    /// Instance part of a (re)listing: seeds the views the first time,
+    /// otherwise returns what makes each view match the listing.
+    fn resync(&self, items: Vec<StoredObject>, rev: u64, first: bool) -> HashMap<String, Vec<Change>> {
+        let mut per_node: HashMap<String, Vec<Change>> = HashMap::new();
         {
             let mut inner = self.lock();
             if first {
@@ -306,10 +344,9 @@ impl Hub {
                     inner.view_mut(&node).seed(obj);
                     inner.placed.insert(name, (node, generation));
                 }
-                return;
+                return per_node;
             }
             // Diff the views against the fresh listing.
-            let mut per_node: HashMap<String, Vec<Change>> = HashMap::new();
             let old: Vec<(String, (String, u64))> = inner.placed.drain().collect();
             for (name, (node, generation)) in &old {
                 match want.get(name) {
@@ -327,15 +364,8 @@ impl Hub {
                 }
                 inner.placed.insert(name, (node, generation));
             }
-            for (node, changes) in per_node {
-                if inner.view_mut(&node).apply(rev, changes).is_some() {
-                    changed.push(node);
-                }
-            }
         }
-        for n in changed {
-            self.poke(&n);
-        }
+        per_node
     }
 
     fn on_instance_event(&self, rev: u64, ev: EventType, o: &StoredObject) {
@@ -606,7 +636,7 @@ impl Hub {
                             tracing::warn!(node, device = %device, "status for a device of another node ignored");
                             return false;
                         }
-                        if o.status.observed_seq >= seq {
+                        if o.status.reported_by == node && o.status.observed_seq >= seq {
                             return false;
                         }
                         let message = std::mem::take(&mut o.status.message);
@@ -614,6 +644,7 @@ impl Hub {
                         o.status.node = node.to_string();
                         o.status.message = message;
                         o.status.observed_seq = seq;
+                        o.status.reported_by = node.to_string();
                         true
                     })
                     .await;

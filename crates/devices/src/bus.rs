@@ -26,6 +26,8 @@ pub struct BusMessage {
     pub topic: String,
     /// Payload.
     pub payload: Vec<u8>,
+    /// A retained message delivered at subscribe time (it may be old).
+    pub retain: bool,
 }
 
 /// The edge message bus as the device side uses it.
@@ -104,7 +106,7 @@ impl EdgeBus for MemoryBus {
         subs.retain(|(_, tx)| !tx.is_closed());
         for (filter, tx) in subs.iter() {
             if filter_matches(filter, topic) {
-                let _ = tx.try_send(BusMessage { topic: topic.to_string(), payload: payload.clone() });
+                let _ = tx.try_send(BusMessage { topic: topic.to_string(), payload: payload.clone(), retain: false });
             }
         }
     }
@@ -113,7 +115,7 @@ impl EdgeBus for MemoryBus {
         let (tx, rx) = mpsc::channel(1024);
         if let Ok(r) = self.retained.lock() {
             for (topic, payload) in r.iter().filter(|(t, _)| filter_matches(filter, t)) {
-                let _ = tx.try_send(BusMessage { topic: topic.clone(), payload: payload.clone() });
+                let _ = tx.try_send(BusMessage { topic: topic.clone(), payload: payload.clone(), retain: true });
             }
         }
         self.subs.lock().map_err(|_| "bus lock poisoned".to_string())?.push((filter.to_string(), tx));

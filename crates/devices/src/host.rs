@@ -88,6 +88,10 @@ pub struct DesiredBook {
     pub cloud_seen: BTreeMap<String, serde_json::Value>,
     /// The desired value of each property.
     pub current: BTreeMap<String, DesiredTwin>,
+    /// Highest version ever given to each property (kept when a value is
+    /// dropped, so versions never go back below an observed one).
+    #[serde(default)]
+    pub high_water: BTreeMap<String, u64>,
 }
 
 impl DesiredBook {
@@ -99,9 +103,8 @@ impl DesiredBook {
             if self.cloud_seen.get(p) == Some(v) {
                 continue;
             }
-            let version = self.current.get(p).map_or(generation, |d| generation.max(d.version + 1));
-            self.current
-                .insert(p.clone(), DesiredTwin { value: v.clone(), version: version.max(1), source: "cloud".into() });
+            let version = self.next_version(p, generation.max(1));
+            self.current.insert(p.clone(), DesiredTwin { value: v.clone(), version, source: "cloud".into() });
             self.cloud_seen.insert(p.clone(), v.clone());
             changed = true;
         }
@@ -116,9 +119,19 @@ impl DesiredBook {
         changed
     }
 
+    /// The next version of `property`: at least `floor`, above every
+    /// version it had.
+    fn next_version(&mut self, property: &str, floor: u64) -> u64 {
+        let had = self.current.get(property).map_or(0, |d| d.version);
+        let seen = self.high_water.get(property).copied().unwrap_or(0).max(had);
+        let v = floor.max(seen + 1);
+        self.high_water.insert(property.to_string(), v);
+        v
+    }
+
     /// A local set; returns the new version.
     pub fn apply_local(&mut self, property: &str, value: serde_json::Value, generation: u64) -> u64 {
-        let version = self.current.get(property).map_or(generation, |d| generation.max(d.version)) + 1;
+        let version = self.next_version(property, generation + 1);
         self.current.insert(property.to_string(), DesiredTwin { value, version, source: "local".into() });
         version
     }
@@ -230,9 +243,9 @@ impl MapperHost {
                 e.task.abort();
                 tracing::info!(device = %name, "device detached");
                 self.inner.bus.publish(&state_topic(&name), Vec::new(), true);
-                if let Some(p) = self.book_path(&name) {
-                    let _ = std::fs::remove_file(p);
-                }
+                // The desired book stays: a device that comes back (a model
+                // re-applied, a move undone) must not have its local sets
+                // overwritten by the cloud's older values. Books are tiny.
             }
         }
         for cfg in devices {
@@ -241,6 +254,7 @@ impl MapperHost {
             match map.get_mut(&name) {
                 Some(e) if wiring_of(&e.cfg) == wiring_of(&cfg) && !e.task.is_finished() => {
                     e.cfg = cfg;
+                    lock(&e.twin).set_generation(generation);
                     self.sync_desired(&name, e, generation);
                 }
                 Some(e) => {
@@ -363,9 +377,9 @@ impl MapperHost {
     /// Re-sends every twin in full (after the cloud lost them, say).
     pub fn report_all(&self) {
         let map = lock(&self.inner.devices);
-        for (name, e) in map.iter() {
-            let status = lock(&e.twin).snapshot(e.cfg.device.spec.report_to_cloud);
-            let _ = self.inner.events.try_send(HostEvent::Status { device: name.clone(), status });
+        for e in map.values() {
+            lock(&e.twin).requeue();
+            e.wake.notify_one();
         }
     }
 
@@ -395,7 +409,18 @@ impl MapperHost {
         let Some(p) = self.book_path(device) else { return };
         let tmp = p.with_extension("json.tmp");
         let bytes = serde_json::to_vec(book).unwrap_or_default();
-        let r = std::fs::write(&tmp, &bytes).and_then(|_| std::fs::rename(&tmp, &p));
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &p)?;
+            if let Some(dir) = p.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        };
+        let r = write();
         if let Err(e) = r {
             let _ = std::fs::remove_file(&tmp);
             tracing::warn!(device, error = %e, "devices: cannot persist desired values (kept in memory)");
@@ -456,8 +481,9 @@ struct DeviceTask {
 }
 
 enum Verify {
-    /// Written; waiting for the value to show up (collections left).
-    Waiting(u64, u32),
+    /// Written at (unix ms); waiting for a reading taken after that time
+    /// to show the value (version, collections left, written at).
+    Waiting(u64, u32, u64),
     /// Refused; try again after this time (unix ms).
     RetryAt(u64, u64),
 }
@@ -622,7 +648,12 @@ impl DeviceTask {
             }
         };
         if let Some(status) = status {
-            let _ = self.events.send(HostEvent::Status { device: self.name().to_string(), status }).await;
+            // Never wait for the agent: a full queue means the report is
+            // sent again later (the twin is a level), and this device keeps
+            // collecting meanwhile.
+            if self.events.try_send(HostEvent::Status { device: self.name().to_string(), status }).is_err() {
+                lock(&self.twin).requeue();
+            }
         }
     }
 
@@ -637,10 +668,12 @@ impl DeviceTask {
         for (prop, value, version) in pending {
             let now = unix_ms();
             match verify.get_mut(&prop) {
-                Some(Verify::Waiting(v, left)) if *v == version => {
+                Some(Verify::Waiting(v, left, written_at)) if *v == version => {
                     let reported = lock(&self.twin).local().twins.get(&prop).and_then(|t| t.reported.clone());
-                    if reported.as_ref().is_some_and(|r| r.quality == Quality::Good && write_verified(&value, &r.value))
-                    {
+                    let fresh = reported.as_ref().is_some_and(|r| {
+                        r.quality == Quality::Good && r.timestamp >= *written_at && write_verified(&value, &r.value)
+                    });
+                    if fresh {
                         self.observed(&prop, version);
                         verify.remove(&prop);
                         continue;
@@ -660,6 +693,7 @@ impl DeviceTask {
                 verify.insert(prop, Verify::RetryAt(version, u64::MAX));
                 continue;
             }
+            let written_at = unix_ms();
             match tokio::time::timeout(timeout, driver.write(&prop, &value)).await {
                 Err(_) => return Err(DriverError::Timeout(timeout.as_millis() as u64)),
                 Ok(Err(WriteError::Device(e))) => return Err(e),
@@ -680,14 +714,16 @@ impl DeviceTask {
             };
             let verified = back.iter().any(|r| {
                 r.property == prop
-                    && matches!(&r.result, Ok(Some(reading)) if reading.quality == Quality::Good && write_verified(&value, &reading.value))
+                    && matches!(&r.result, Ok(Some(reading)) if reading.quality == Quality::Good
+                        && reading.ts_ms >= written_at
+                        && write_verified(&value, &reading.value))
             });
             self.observe(back);
             if verified {
                 self.observed(&prop, version);
                 verify.remove(&prop);
             } else {
-                verify.insert(prop, Verify::Waiting(version, VERIFY_CYCLES));
+                verify.insert(prop, Verify::Waiting(version, VERIFY_CYCLES, written_at));
             }
         }
         Ok(())
@@ -727,6 +763,11 @@ mod tests {
         // Removed from the cloud: a cloud value is dropped.
         assert!(b.apply_cloud(&BTreeMap::new(), 7));
         assert!(b.current.is_empty());
+        // Set again at a generation below versions already used (and maybe
+        // observed): the version still goes up.
+        d.insert("sp".to_string(), json!(40));
+        assert!(b.apply_cloud(&d, 3));
+        assert_eq!(b.current["sp"].version, 7);
     }
 
     #[test]

@@ -161,14 +161,23 @@ impl MqttDriver {
             return;
         }
         let now = unix_ms();
-        self.last_message_ms = now;
         for m in got {
+            // A retained message is the last value the device published,
+            // at some unknown time: good enough as a first value (marked
+            // uncertain), but neither proof of life nor a new reading.
+            if !m.retain {
+                self.last_message_ms = now;
+            }
             for (_, p) in self.props.iter_mut().filter(|(_, p)| p.topic == m.topic) {
+                if m.retain && p.latest.is_some() {
+                    continue;
+                }
                 let text = path_text(&p.path);
+                let quality = if m.retain { Quality::Uncertain } else { Quality::Good };
                 p.latest = Some(extract(&m.payload, &text, p.ty).map(|value| Reading {
                     value,
                     ts_ms: now.max(p.latest_ts() + 1),
-                    quality: Quality::Good,
+                    quality,
                 }));
             }
         }
@@ -203,7 +212,12 @@ fn path_text(steps: &[PathStep]) -> String {
 #[async_trait::async_trait]
 impl Driver for MqttDriver {
     async fn connect(&mut self) -> Result<(), DriverError> {
-        self.subs.clear();
+        // Subscriptions outlive "disconnects" (a silent device): the bus is
+        // local, and subscribing again would replay retained messages as if
+        // the device had just spoken.
+        if !self.subs.is_empty() {
+            return Ok(());
+        }
         let mut topics: Vec<&str> = self.props.iter().map(|(_, p)| p.topic.as_str()).collect();
         topics.sort_unstable();
         topics.dedup();
@@ -247,9 +261,7 @@ impl Driver for MqttDriver {
         Ok(())
     }
 
-    async fn disconnect(&mut self) {
-        self.subs.clear();
-    }
+    async fn disconnect(&mut self) {}
 }
 
 #[cfg(test)]
@@ -270,5 +282,73 @@ mod tests {
         assert!(extract(b"{\"t\": \"hot\"}", "t", PropertyType::Float).is_err());
         assert!(parse_path("a[").is_err());
         assert!(parse_path("a..b").is_err());
+    }
+
+    fn cfg(offline_after: &str) -> DeviceConfig {
+        use yunbian_api::*;
+        let model = DeviceModel::new(
+            "m",
+            DeviceModelSpec {
+                description: String::new(),
+                properties: vec![PropertyModel { name: "t".into(), ty: PropertyType::Float, ..Default::default() }],
+            },
+        );
+        let device = Device::new(
+            "d",
+            DeviceSpec {
+                model: "m".into(),
+                node: "n".into(),
+                protocol: Protocol::Mqtt(MqttConnection { offline_after: offline_after.into() }),
+                properties: vec![PropertyVisitor {
+                    name: "t".into(),
+                    mqtt: Some(MqttVisitor { topic: "s/d".into(), json_path: "t".into(), set_topic: String::new() }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        );
+        DeviceConfig { device: Arc::new(device), model: Arc::new(model) }
+    }
+
+    fn value(reads: &[PropertyRead]) -> Option<(serde_json::Value, Quality, u64)> {
+        match &reads.first()?.result {
+            Ok(Some(r)) => Some((r.value.clone(), r.quality, r.ts_ms)),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn retained_values_are_uncertain_and_not_proof_of_life() {
+        let bus = crate::bus::MemoryBus::new();
+        bus.publish("s/d", br#"{"t": 1.5}"#.to_vec(), true);
+        let mut d = MqttDriver::new(&cfg("1ms"), Arc::new(bus.clone())).expect("driver");
+        d.connect().await.expect("connect");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        // The retained value is a first value, uncertain; it does not make
+        // a silent device alive.
+        assert!(matches!(d.read(&[]).await, Err(DriverError::Timeout(1))));
+        d.disconnect().await;
+        d.connect().await.expect("reconnect");
+        let first = d.read(&[]).await;
+        assert!(first.is_err(), "still silent after a reconnect: {first:?}");
+        // A live message is a good, new reading.
+        bus.publish("s/d", br#"{"t": 2.5}"#.to_vec(), false);
+        let r = d.read(&[]).await.expect("alive");
+        let (v, q, _) = value(&r).expect("value");
+        assert_eq!((v, q), (serde_json::json!(2.5), Quality::Good));
+    }
+
+    #[tokio::test]
+    async fn a_retained_first_value_is_kept_as_uncertain() {
+        let bus = crate::bus::MemoryBus::new();
+        bus.publish("s/d", br#"{"t": 1.5}"#.to_vec(), true);
+        let mut d = MqttDriver::new(&cfg(""), Arc::new(bus.clone())).expect("driver");
+        d.connect().await.expect("connect");
+        let (v, q, ts) = value(&d.read(&[]).await.expect("read")).expect("value");
+        assert_eq!((v, q), (serde_json::json!(1.5), Quality::Uncertain));
+        // Reading again without a new message returns the same timestamp:
+        // the twin does not take it for a new reading.
+        let (_, _, ts2) = value(&d.read(&[]).await.expect("read")).expect("value");
+        assert_eq!(ts, ts2);
     }
 }

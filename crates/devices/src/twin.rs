@@ -36,7 +36,11 @@ struct PropertyTwin {
     deadband: f64,
     desired: Option<DesiredTwin>,
     observed_desired: u64,
+    /// Why the last read of this property failed.
     error: String,
+    /// Why the last write failed (kept until a write succeeds, so a good
+    /// read does not hide it).
+    write_error: String,
 }
 
 /// What a collection produced for the bus.
@@ -122,10 +126,23 @@ impl TwinState {
         }
         self.props = next;
         self.report_cycle_ms = report_cycle_ms;
+        self.set_generation(generation);
+    }
+
+    /// The spec generation the node now runs (a change of desired values
+    /// only does not reshape the twin).
+    pub fn set_generation(&mut self, generation: u64) {
         if generation != self.generation {
             self.generation = generation;
             self.urgent = true;
         }
+    }
+
+    /// Makes the next [`TwinState::poll_report`] send the whole twin (a
+    /// report was lost on the way to the agent).
+    pub fn requeue(&mut self) {
+        self.urgent = true;
+        self.changed = true;
     }
 
     /// Current state.
@@ -263,7 +280,7 @@ impl TwinState {
         if let Some(p) = self.props.get_mut(property) {
             if version > p.observed_desired {
                 p.observed_desired = version;
-                p.error.clear();
+                p.write_error.clear();
                 self.urgent = true;
             }
         }
@@ -272,8 +289,8 @@ impl TwinState {
     /// A write to `property` failed.
     pub fn on_write_failed(&mut self, property: &str, error: String) {
         if let Some(p) = self.props.get_mut(property) {
-            if p.error != error {
-                p.error = error;
+            if p.write_error != error {
+                p.write_error = error;
                 self.urgent = true;
             }
         }
@@ -336,7 +353,7 @@ impl TwinState {
                             reported: if with_values { p.reported.clone() } else { None },
                             desired: p.desired.clone(),
                             observed_desired: p.observed_desired,
-                            error: p.error.clone(),
+                            error: if p.write_error.is_empty() { p.error.clone() } else { p.write_error.clone() },
                         },
                     )
                 })
@@ -344,6 +361,7 @@ impl TwinState {
             observed_generation: self.generation,
             message: String::new(),
             observed_seq: 0,
+            reported_by: String::new(),
         }
     }
 

@@ -53,11 +53,19 @@ impl EdgeBus for BrokerBus {
     fn subscribe(&self, filter: &str) -> Result<mpsc::Receiver<BusMessage>, String> {
         let mut sub = self.0.subscribe(filter, SUBSCRIPTION_CAPACITY).map_err(|e| e.to_string())?;
         let (tx, rx) = mpsc::channel(SUBSCRIPTION_CAPACITY);
+        // Ends (and drops the broker route) as soon as the receiver is
+        // dropped, even on a topic nobody publishes to.
         tokio::spawn(async move {
-            while let Some(m) = sub.recv().await {
-                let msg = BusMessage { topic: m.topic.to_string(), payload: m.payload.to_vec() };
-                if tx.try_send(msg).is_err() && tx.is_closed() {
-                    return;
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    m = sub.recv() => {
+                        let Some(m) = m else { return };
+                        let msg = BusMessage { topic: m.topic.to_string(), payload: m.payload.to_vec(), retain: m.retain };
+                        // A full receiver loses this message (counted by the
+                        // mapper as a missed reading), never blocks the bus.
+                        let _ = tx.try_send(msg);
+                    }
                 }
             }
         });
