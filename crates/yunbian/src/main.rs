@@ -247,8 +247,20 @@ fn main() {
     let cli = Cli::parse();
     // The edge agent is mostly idle I/O: one worker thread keeps it small.
     // The cloud, demo and simulator use one worker per core.
-    let mut builder = match cli.command {
-        Command::Edge(_) => {
+    let mut builder = match &cli.command {
+        Command::Edge(e) => {
+            // The OPC UA client keeps its PKI (application certificate,
+            // trusted and rejected server certificates) in this node's data
+            // directory, not in a shared /tmp default. Set while the process
+            // is still single-threaded.
+            if std::env::var_os("YUNBIAN_OPCUA_PKI_DIR").is_none() {
+                let dir = match &e.join {
+                    Some(EdgeCommand::Join(j)) => &j.run.data_dir,
+                    None => &e.run.data_dir,
+                };
+                let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
+                std::env::set_var("YUNBIAN_OPCUA_PKI_DIR", dir.join("opcua-pki"));
+            }
             let mut b = tokio::runtime::Builder::new_multi_thread();
             b.worker_threads(1).max_blocking_threads(8);
             b
