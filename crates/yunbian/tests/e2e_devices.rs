@@ -47,6 +47,39 @@ fn device(c: &Cluster, name: &str) -> Result<Value, String> {
     c.get("devices", name).ok_or_else(|| format!("device {name} not found"))
 }
 
+/// The first `n` lines `yunbian ARGS` prints (it runs until killed).
+fn watch_lines(c: &Cluster, args: &[&str], n: usize) -> Vec<String> {
+    use std::io::BufRead;
+    let mut child = c
+        .cli_command(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the watch");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    while lines.len() < n {
+        match rx.recv_timeout(WAIT) {
+            Ok(l) => lines.push(l),
+            Err(e) => {
+                let _ = child.kill();
+                panic!("{args:?} printed only {lines:?}: {e}");
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    lines
+}
+
 fn mosquitto(tool: &str, port: u16, args: &[&str]) -> String {
     let mut cmd = Command::new(tool);
     cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()]).args(args);
@@ -80,6 +113,17 @@ fn twins_desired_values_and_the_edge_bus() {
     assert!(o.success() && o.ok().contains("t1") && o.ok().contains("online"), "{o:?}");
     let o = c.cli(&["describe", "device", "t1"]);
     assert!(o.success() && o.ok().contains("setpoint") && o.ok().contains("temp"), "{o:?}");
+
+    // `device watch` streams readings as the cloud receives them.
+    let lines = watch_lines(&c, &["device", "watch", "t1", "--property", "temp", "-o", "json"], 3);
+    let mut stamps = Vec::new();
+    for l in &lines {
+        let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}"));
+        assert_eq!((v["device"].as_str(), v["property"].as_str()), (Some("t1"), Some("temp")), "{l}");
+        assert!(v["value"].is_number() && v["quality"] == "good", "{l}");
+        stamps.push(v["ts"].as_u64().expect("ts"));
+    }
+    assert!(stamps.windows(2).all(|w| w[0] < w[1]), "each line is a newer reading: {stamps:?}");
 
     // Desired values: written on the device, verified by read-back, observed.
     let o = c.cli(&["device", "set", "t1", "setpoint=42.5", "--wait=30s"]);
