@@ -6,7 +6,9 @@
 # runs the same generator against both for QoS 0 and QoS 1.
 # Usage: scripts/bench-mqtt.sh
 #   BENCH_MQTT_CLIENTS (100), BENCH_MQTT_SUBSCRIBERS (10), BENCH_MQTT_PAYLOAD (64),
-#   BENCH_MQTT_SECONDS (10), BENCH_MQTT_WINDOW (10), MOSQUITTO (/usr/sbin/mosquitto)
+#   BENCH_MQTT_SECONDS (10), BENCH_MQTT_WINDOW (10), MOSQUITTO (/usr/sbin/mosquitto),
+#   BENCH_MQTT_BROKER_WORKERS (1: our broker on one runtime thread, as in the
+#   edge agent and like single-threaded mosquitto; 2 to let it use both cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLIENTS=${BENCH_MQTT_CLIENTS:-100}
@@ -42,7 +44,7 @@ wait_port() {
 }
 
 OURS=$(free_port)
-"$BENCH" serve --port "$OURS" 2>"$D/ours.log" &
+MQTT_BENCH_WORKERS=${BENCH_MQTT_BROKER_WORKERS:-1} "$BENCH" serve --port "$OURS" 2>"$D/ours.log" &
 PIDS+=($!)
 MOSQ=$(free_port)
 cat >"$D/mosquitto.conf" <<CONF
@@ -58,7 +60,7 @@ wait_port "$OURS"
 wait_port "$MOSQ"
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr); $("$MOSQUITTO" -h | head -1)"
-echo "clients=$CLIENTS subscribers=$SUBS payload=${PAYLOAD}B window=$WINDOW seconds=$SECONDS_PER_CASE"
+echo "broker workers=${BENCH_MQTT_BROKER_WORKERS:-1} clients=$CLIENTS subscribers=$SUBS payload=${PAYLOAD}B window=$WINDOW seconds=$SECONDS_PER_CASE"
 RESULTS=$D/results
 for qos in 0 1; do
   for target in "yunbian:$OURS" "mosquitto:$MOSQ"; do

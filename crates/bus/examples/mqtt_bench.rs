@@ -84,14 +84,23 @@ fn die(msg: &str) -> ! {
     std::process::exit(2)
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
-    let args = parse_args();
-    match args.mode.as_str() {
-        "serve" => serve(args.port).await,
-        "run" => run(args).await,
-        _ => die("usage: mqtt_bench serve|run [flags] (see the source's header)"),
-    }
+/// Runtime worker threads: `MQTT_BENCH_WORKERS` (default 2). The edge
+/// agent runs everything, broker included, on one worker.
+fn main() {
+    let workers = std::env::var("MQTT_BENCH_WORKERS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| die(&format!("runtime: {e}")));
+    rt.block_on(async {
+        let args = parse_args();
+        match args.mode.as_str() {
+            "serve" => serve(args.port).await,
+            "run" => run(args).await,
+            _ => die("usage: mqtt_bench serve|run [flags] (see the source's header)"),
+        }
+    });
 }
 
 async fn serve(port: u16) {
