@@ -236,3 +236,29 @@ fn a_selector_device_moves_when_its_node_is_lost() {
         ok.then_some(()).ok_or_else(|| format!("{:#}", d["status"]))
     });
 }
+
+#[test]
+fn the_site_listener_needs_a_password() {
+    if !have_tool("mosquitto_pub") {
+        return;
+    }
+    let mut c = Cluster::start("devices-site-bus");
+    let site = free_port();
+    let passwords = c.write_file("mqtt-passwords", "# user:password\nsensor-7:s3cret\n");
+    let site_addr = format!("127.0.0.1:{site}");
+    let pw = passwords.display().to_string();
+    c.join_with("edge-1", EdgeSetup::new().args(&["--mqtt-site-listen", &site_addr, "--mqtt-passwords", &pw]));
+    let publish = |extra: &[&str]| {
+        let mut cmd = Command::new("mosquitto_pub");
+        cmd.args(["-h", "127.0.0.1", "-p", &site.to_string(), "-t", "sensors/x", "-m", "1"]).args(extra);
+        run(cmd, Duration::from_secs(20))
+    };
+    eventually(WAIT, "the right password is accepted", || {
+        let o = publish(&["-u", "sensor-7", "-P", "s3cret"]);
+        o.success().then_some(()).ok_or_else(|| format!("{o:?}"))
+    });
+    let wrong = publish(&["-u", "sensor-7", "-P", "guess"]);
+    assert!(!wrong.success(), "a wrong password must be refused: {wrong:?}");
+    let anonymous = publish(&[]);
+    assert!(!anonymous.success(), "anonymous clients must be refused on the site listener: {anonymous:?}");
+}

@@ -525,11 +525,19 @@ pub struct EdgeSetup {
     labels: String,
     heartbeat: String,
     mqtt: Option<String>,
+    extra: Vec<String>,
 }
 
 impl Default for EdgeSetup {
     fn default() -> Self {
-        EdgeSetup { link: false, faketime: None, labels: "site=a".into(), heartbeat: "1s".into(), mqtt: None }
+        EdgeSetup {
+            link: false,
+            faketime: None,
+            labels: "site=a".into(),
+            heartbeat: "1s".into(),
+            mqtt: None,
+            extra: Vec::new(),
+        }
     }
 }
 
@@ -558,6 +566,11 @@ impl EdgeSetup {
     /// Runs the agent's MQTT broker on `addr` (default: a free port nobody is told about).
     pub fn mqtt(mut self, addr: &str) -> EdgeSetup {
         self.mqtt = Some(addr.into());
+        self
+    }
+    /// Extra arguments for the agent (`--mqtt-site-listen …`).
+    pub fn args(mut self, args: &[&str]) -> EdgeSetup {
+        self.extra.extend(args.iter().map(|s| s.to_string()));
         self
     }
     /// The agent's `--heartbeat` (default 1s).
@@ -1011,6 +1024,7 @@ impl Cluster {
         if let Some(m) = &setup.mqtt {
             v[5] = m.clone();
         }
+        v.extend(setup.extra.iter().cloned());
         v
     }
 
