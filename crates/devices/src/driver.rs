@@ -114,7 +114,45 @@ pub fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// Time stamps for polled readings: Unix milliseconds that never go back
+/// (a wall clock stepped backwards would otherwise make every reading look
+/// older than the last one, and the twin would drop them as not new until
+/// the clock caught up).
+#[derive(Debug, Default)]
+pub struct ReadStamps {
+    last: u64,
+}
+
+impl ReadStamps {
+    /// The stamp of a reading taken now.
+    pub fn stamp(&mut self) -> u64 {
+        self.stamp_at(unix_ms())
+    }
+
+    /// The stamp of a reading taken at `now` (Unix ms from the caller's clock).
+    pub fn stamp_at(&mut self, now: u64) -> u64 {
+        let t = now.max(self.last + 1);
+        self.last = t;
+        t
+    }
+}
+
 /// Parses a validated duration field, falling back when it is not.
 pub fn duration_ms(s: &str, fallback: u64) -> u64 {
     yunbian_api::time::parse_duration_ms(s).unwrap_or(fallback)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_stamps_never_go_back() {
+        let mut s = ReadStamps::default();
+        assert_eq!(s.stamp_at(1_000), 1_000);
+        // Same millisecond, then a clock stepped back: still newer.
+        assert_eq!(s.stamp_at(1_000), 1_001);
+        assert_eq!(s.stamp_at(400), 1_002);
+        assert_eq!(s.stamp_at(5_000), 5_000);
+    }
 }

@@ -25,6 +25,7 @@ pub struct VirtualDriver {
     order: Vec<String>,
     rng: u64,
     clock: fn() -> u64,
+    stamps: crate::driver::ReadStamps,
 }
 
 impl VirtualDriver {
@@ -55,7 +56,7 @@ impl VirtualDriver {
         }
         // Never zero: xorshift would stay at zero.
         let rng = seed ^ 0x9E37_79B9_7F4A_7C15;
-        Ok(VirtualDriver { props, order, rng: rng.max(1), clock })
+        Ok(VirtualDriver { props, order, rng: rng.max(1), clock, stamps: Default::default() })
     }
 
     fn next_unit(&mut self) -> f64 {
@@ -108,12 +109,13 @@ impl Driver for VirtualDriver {
 
     async fn read(&mut self, only: &[String]) -> Result<Vec<PropertyRead>, DriverError> {
         let now = (self.clock)();
+        let ts_ms = self.stamps.stamp_at(now);
         let names: Vec<String> = if only.is_empty() { self.order.clone() } else { only.to_vec() };
         Ok(names
             .into_iter()
             .map(|n| {
                 let result = match self.value_of(&n, now) {
-                    Some(value) => Ok(Some(Reading { value, ts_ms: now, quality: Quality::Good })),
+                    Some(value) => Ok(Some(Reading { value, ts_ms, quality: Quality::Good })),
                     None => Err(format!("no such property {n:?}")),
                 };
                 PropertyRead { property: n, result }

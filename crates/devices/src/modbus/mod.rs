@@ -51,7 +51,7 @@ use tokio_modbus::client::{Client, Context};
 use tokio_modbus::{ExceptionCode, Request, Response, Slave};
 use yunbian_api::{ModbusRtu, Parity, Protocol, Quality, RegisterType};
 
-use crate::driver::{duration_ms, unix_ms, DeviceConfig, Driver, DriverError, PropertyRead, Reading, WriteError};
+use crate::driver::{duration_ms, DeviceConfig, Driver, DriverError, PropertyRead, Reading, WriteError};
 use codec::{PlanOptions, Point, ReadPlan};
 
 /// Timeout used when the spec's cannot be parsed (validated specs always can).
@@ -96,6 +96,8 @@ struct Link {
     ctx: Option<Context>,
     timeout: Duration,
     requests: u64,
+    /// Stamps of readings (never going back).
+    stamps: crate::driver::ReadStamps,
 }
 
 impl std::fmt::Debug for ModbusDriver {
@@ -165,7 +167,7 @@ impl ModbusDriver {
             points,
             options,
             full_plan,
-            link: Link { ctx: None, timeout, requests: 0 },
+            link: Link { ctx: None, timeout, requests: 0, stamps: crate::driver::ReadStamps::default() },
         })
     }
 
@@ -334,7 +336,7 @@ impl Link {
         for req in &plan.requests {
             match self.read(req.table, req.address, req.quantity).await? {
                 Ok(answer) => {
-                    let ts_ms = unix_ms();
+                    let ts_ms = self.stamps.stamp();
                     for slot in &req.slots {
                         out[slot.point] = Some(decode_slot(&points[slot.point], slot, &answer, ts_ms));
                     }
@@ -348,7 +350,7 @@ impl Link {
                         let p = &points[slot.point];
                         let one = codec::Slot { offset: 0, ..*slot };
                         let result = match self.read(req.table, p.visitor.address, slot.quantity).await? {
-                            Ok(answer) => decode_slot(p, &one, &answer, unix_ms()),
+                            Ok(answer) => decode_slot(p, &one, &answer, self.stamps.stamp()),
                             Err(code) => Err(exception_text(code)),
                         };
                         out[slot.point] = Some(result);
