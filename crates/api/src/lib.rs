@@ -14,6 +14,7 @@ pub mod kinds;
 pub mod manifest;
 pub mod meta;
 pub mod quantity;
+pub mod rule;
 pub mod time;
 pub mod validate;
 
@@ -21,6 +22,7 @@ pub use device::*;
 pub use kinds::*;
 pub use manifest::{parse_manifests, parse_one, ManifestError, Resource};
 pub use meta::{Kind, ObjectMeta, API_VERSION};
+pub use rule::*;
 pub use validate::{FieldError, Validate};
 
 /// One entry of a watch stream, as sent by the cloud API (one JSON object per line).

@@ -6,6 +6,7 @@ use serde::de::DeserializeOwned;
 use crate::device::*;
 use crate::kinds::*;
 use crate::meta::Kind;
+use crate::rule::*;
 use crate::validate::{FieldError, Validate};
 
 /// Any object of any kind.
@@ -25,6 +26,8 @@ pub enum Resource {
     DeviceModel(DeviceModel),
     /// A Device.
     Device(Device),
+    /// A Rule.
+    Rule(Rule),
 }
 
 /// Why a manifest was refused.
@@ -70,6 +73,7 @@ impl Resource {
             Resource::AppInstance(_) => Kind::AppInstance,
             Resource::DeviceModel(_) => Kind::DeviceModel,
             Resource::Device(_) => Kind::Device,
+            Resource::Rule(_) => Kind::Rule,
         }
     }
 
@@ -83,6 +87,7 @@ impl Resource {
             Resource::AppInstance(o) => o.name(),
             Resource::DeviceModel(o) => o.name(),
             Resource::Device(o) => o.name(),
+            Resource::Rule(o) => o.name(),
         }
     }
 
@@ -96,6 +101,7 @@ impl Resource {
             Resource::AppInstance(o) => o.to_value(),
             Resource::DeviceModel(o) => o.to_value(),
             Resource::Device(o) => o.to_value(),
+            Resource::Rule(o) => o.to_value(),
         }
     }
 
@@ -109,6 +115,7 @@ impl Resource {
             Resource::AppInstance(o) => o.errors(),
             Resource::DeviceModel(o) => o.errors(),
             Resource::Device(o) => o.errors(),
+            Resource::Rule(o) => o.errors(),
         }
     }
 
@@ -124,6 +131,7 @@ impl Resource {
             "AppInstance" => Kind::AppInstance,
             "DeviceModel" => Kind::DeviceModel,
             "Device" => Kind::Device,
+            "Rule" => Kind::Rule,
             other => return Err(ManifestError::Kind(format!("unknown kind {other:?}"))),
         };
         let r = match kind {
@@ -134,6 +142,7 @@ impl Resource {
             Kind::AppInstance => Resource::AppInstance(typed(v)?),
             Kind::DeviceModel => Resource::DeviceModel(typed(v)?),
             Kind::Device => Resource::Device(typed(v)?),
+            Kind::Rule => Resource::Rule(typed(v)?),
         };
         let errs = r.errors();
         if errs.is_empty() {

@@ -59,12 +59,22 @@ pub enum Kind {
     DeviceModel,
     /// One device attached to a node, with its twin.
     Device,
+    /// A stream rule run on the edge.
+    Rule,
 }
 
 impl Kind {
     /// All kinds, in a stable order.
-    pub const ALL: [Kind; 7] =
-        [Kind::Node, Kind::NodeGroup, Kind::Token, Kind::App, Kind::AppInstance, Kind::DeviceModel, Kind::Device];
+    pub const ALL: [Kind; 8] = [
+        Kind::Node,
+        Kind::NodeGroup,
+        Kind::Token,
+        Kind::App,
+        Kind::AppInstance,
+        Kind::DeviceModel,
+        Kind::Device,
+        Kind::Rule,
+    ];
 
     /// The plural path segment used by the REST API (`/v1/<plural>`).
     pub fn plural(self) -> &'static str {
@@ -76,6 +86,7 @@ impl Kind {
             Kind::AppInstance => "instances",
             Kind::DeviceModel => "devicemodels",
             Kind::Device => "devices",
+            Kind::Rule => "rules",
         }
     }
 
@@ -89,6 +100,7 @@ impl Kind {
             Kind::AppInstance => "AppInstance",
             Kind::DeviceModel => "DeviceModel",
             Kind::Device => "Device",
+            Kind::Rule => "Rule",
         }
     }
 
@@ -102,6 +114,7 @@ impl Kind {
             Kind::AppInstance => "instance",
             Kind::DeviceModel => "devicemodel",
             Kind::Device => "device",
+            Kind::Rule => "rule",
         }
     }
 }
@@ -114,7 +127,7 @@ impl fmt::Display for Kind {
 
 /// Error for a kind name nobody serves.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown kind {0:?} (known: nodes, nodegroups, tokens, apps, instances, devicemodels, devices)")]
+#[error("unknown kind {0:?} (known: nodes, nodegroups, tokens, apps, instances, devicemodels, devices, rules)")]
 pub struct UnknownKind(pub String);
 
 impl FromStr for Kind {
@@ -131,6 +144,7 @@ impl FromStr for Kind {
             "appinstance" | "appinstances" | "instance" | "instances" | "inst" => Kind::AppInstance,
             "devicemodel" | "devicemodels" | "dm" => Kind::DeviceModel,
             "device" | "devices" | "dev" => Kind::Device,
+            "rule" | "rules" => Kind::Rule,
             _ => return Err(UnknownKind(s.to_string())),
         };
         Ok(k)

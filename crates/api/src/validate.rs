@@ -6,6 +6,7 @@ use crate::device::*;
 use crate::kinds::*;
 use crate::meta::ObjectMeta;
 use crate::quantity::{parse_cpu_millis, parse_memory_bytes};
+use crate::rule::*;
 
 /// One problem with one field (`spec.replicas: must be >= 0`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -475,6 +476,144 @@ impl Validate for DeviceSpec {
     }
 }
 
+impl Validate for RuleSpec {
+    fn validate(&self, path: &str, errs: &mut Errors) {
+        check_labels(&join(path, "nodeSelector"), &self.node_selector, errs);
+        let src = join(path, "source");
+        match (&self.source.devices, &self.source.mqtt) {
+            (None, None) | (Some(_), Some(_)) => errs.add(&src, "exactly one of devices, mqtt must be set"),
+            (Some(d), None) => {
+                for (i, n) in d.names.iter().enumerate() {
+                    if let Err(m) = check_name(n) {
+                        errs.add(join(&src, &format!("devices.names[{i}]")), m);
+                    }
+                }
+                for (i, n) in d.models.iter().enumerate() {
+                    if let Err(m) = check_name(n) {
+                        errs.add(join(&src, &format!("devices.models[{i}]")), m);
+                    }
+                }
+                check_labels(&join(&src, "devices.selector"), &d.selector, errs);
+                for (i, p) in d.properties.iter().enumerate() {
+                    if let Err(m) = check_property_name(p) {
+                        errs.add(join(&src, &format!("devices.properties[{i}]")), m);
+                    }
+                }
+            }
+            (None, Some(m)) => {
+                if m.topic.is_empty() || m.topic.len() > 1024 || m.topic.contains('\0') {
+                    errs.add(join(&src, "mqtt.topic"), "must be 1-1024 bytes without NUL");
+                } else if m.topic.split('/').any(|l| (l.contains('+') || l.contains('#')) && l.len() > 1)
+                    || m.topic.split('/').rev().skip(1).any(|l| l == "#")
+                {
+                    errs.add(join(&src, "mqtt.topic"), "wildcards must fill a whole level, and # must be last");
+                }
+            }
+        }
+        for (i, st) in self.steps.iter().enumerate() {
+            let sp = join(path, &format!("steps[{i}]"));
+            let n = st.filter.is_some() as u8
+                + st.map.is_some() as u8
+                + st.window.is_some() as u8
+                + st.deadband.is_some() as u8
+                + st.rename.is_some() as u8
+                + st.tag.is_some() as u8;
+            if n != 1 {
+                errs.add(&sp, "exactly one of filter, map, window, deadband, rename, tag must be set");
+            }
+            for (field, expr) in [("filter", &st.filter), ("map", &st.map)] {
+                if expr.as_ref().is_some_and(|e| e.trim().is_empty()) {
+                    errs.add(join(&sp, field), "must not be empty");
+                }
+            }
+            if let Some(w) = &st.window {
+                check_duration(&join(&sp, "window.size"), &w.size, 1, errs);
+                match (w.kind, w.every.is_empty()) {
+                    (WindowKind::Sliding, true) => {
+                        errs.add(join(&sp, "window.every"), "is required for sliding windows")
+                    }
+                    (WindowKind::Tumbling, false) => {
+                        errs.add(join(&sp, "window.every"), "applies to sliding windows only")
+                    }
+                    (WindowKind::Sliding, false) => {
+                        check_duration(&join(&sp, "window.every"), &w.every, 1, errs);
+                        let size = crate::time::parse_duration_ms(&w.size).unwrap_or(0);
+                        let every = crate::time::parse_duration_ms(&w.every).unwrap_or(0);
+                        if every > size {
+                            errs.add(join(&sp, "window.every"), "must be <= size");
+                        } else if every > 0 && size / every > 1_000 {
+                            errs.add(join(&sp, "window.every"), "at most 1000 windows may overlap");
+                        }
+                    }
+                    (WindowKind::Tumbling, true) => {}
+                }
+                if !w.lateness.is_empty() {
+                    check_duration(&join(&sp, "window.lateness"), &w.lateness, 0, errs);
+                }
+            }
+            if let Some(d) = st.deadband {
+                if !(d.is_finite() && d >= 0.0) {
+                    errs.add(join(&sp, "deadband"), "must be a finite number >= 0");
+                }
+            }
+            if let Some(r) = &st.rename {
+                if let Err(m) = check_metric_name(r) {
+                    errs.add(join(&sp, "rename"), m);
+                }
+            }
+            if let Some(t) = &st.tag {
+                check_labels(&join(&sp, "tag"), t, errs);
+            }
+        }
+        if self.sinks.is_empty() {
+            errs.add(join(path, "sinks"), "at least one sink is required");
+        }
+        for (i, sk) in self.sinks.iter().enumerate() {
+            let sp = join(path, &format!("sinks[{i}]"));
+            let n =
+                sk.tsdb.is_some() as u8 + sk.mqtt.is_some() as u8 + sk.cloud.is_some() as u8 + sk.alert.is_some() as u8;
+            if n != 1 {
+                errs.add(&sp, "exactly one of tsdb, mqtt, cloud, alert must be set");
+            }
+            if let Some(t) = &sk.tsdb {
+                if !t.metric.is_empty() {
+                    if let Err(m) = check_metric_name(&t.metric) {
+                        errs.add(join(&sp, "tsdb.metric"), m);
+                    }
+                }
+            }
+            if let Some(m) = &sk.mqtt {
+                check_topic(&join(&sp, "mqtt.topic"), &m.topic, errs);
+            }
+            if let Some(c) = &sk.cloud {
+                if c.priority > 9 {
+                    errs.add(join(&sp, "cloud.priority"), "must be 0-9");
+                }
+            }
+            if let Some(a) = &sk.alert {
+                if a.message.trim().is_empty() {
+                    errs.add(join(&sp, "alert.message"), "must not be empty");
+                }
+            }
+        }
+    }
+}
+
+/// Metric names: 1–200 of letters, digits, `_`, `:`, `.` and `-`, not
+/// starting with a digit.
+pub fn check_metric_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 200 {
+        return Err("must be 1-200 characters".into());
+    }
+    if name.starts_with(|c: char| c.is_ascii_digit()) {
+        return Err(format!("{name:?} must not start with a digit"));
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || "_:.-".contains(c)) {
+        return Err(format!("{name:?} must consist of letters, digits, '_', ':', '.' and '-'"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,5 +635,34 @@ mod tests {
         assert!(errs.contains(&"spec.replicas: must be >= 0".to_string()), "{errs:?}");
         assert!(errs.contains(&"spec.process: is required when runtime is process".to_string()), "{errs:?}");
         assert!(errs.iter().any(|e| e.starts_with("spec.resources.limits.memory:")), "{errs:?}");
+    }
+
+    #[test]
+    fn rule_errors_carry_paths() {
+        let y = r#"
+source: {devices: {models: [boiler]}, mqtt: {topic: "a/#"}}
+steps:
+  - {filter: "value > 1", map: "value"}
+  - window: {type: sliding, size: 10s}
+  - rename: "9bad"
+sinks:
+  - {cloud: {priority: 12}}
+  - {mqtt: {topic: "out/+"}}
+"#;
+        let v: serde_json::Value = serde_yaml::from_str(y).expect("yaml");
+        let spec: RuleSpec = serde_json::from_value(v).expect("shape");
+        let mut e = Errors::default();
+        spec.validate("spec", &mut e);
+        let errs: Vec<String> = e.0.iter().map(|e| e.to_string()).collect();
+        for want in [
+            "spec.source: exactly one of devices, mqtt",
+            "spec.steps[0]: exactly one of",
+            "spec.steps[1].window.every: is required for sliding windows",
+            "spec.steps[2].rename:",
+            "spec.sinks[0].cloud.priority: must be 0-9",
+            "spec.sinks[1].mqtt.topic: must not contain wildcards",
+        ] {
+            assert!(errs.iter().any(|e| e.starts_with(want)), "{want} not in {errs:?}");
+        }
     }
 }

@@ -24,6 +24,9 @@ pub fn headers(kind: Kind, wide: bool) -> Vec<&'static str> {
         Kind::NodeGroup => (&["NAME", "NODES", "READY", "SELECTOR"], &[]),
         Kind::Device => (&["NAME", "MODEL", "NODE", "PROTOCOL", "STATE", "PROPS", "AGE"], &["LAST-ONLINE", "ERROR"]),
         Kind::DeviceModel => (&["NAME", "PROPERTIES", "AGE"], &["TYPES"]),
+        Kind::Rule => {
+            (&["NAME", "SOURCE", "STEPS", "SINKS", "NODES", "RATE", "ERRORS", "AGE"], &["PER-NODE", "LAST-ERROR"])
+        }
     };
     let mut h = base.to_vec();
     if wide {
@@ -85,6 +88,24 @@ pub fn row(kind: Kind, obj: &Value, wide: bool, now: i64) -> Vec<String> {
             age,
         ],
         Kind::DeviceModel => vec![name, count(obj, "/spec/properties"), age],
+        Kind::Rule => {
+            let nodes = obj.pointer("/status/nodes").and_then(Value::as_object);
+            let sum = |field: &str| -> f64 {
+                nodes.map_or(0.0, |m| m.values().filter_map(|n| n.get(field).and_then(Value::as_f64)).sum())
+            };
+            let state =
+                if flag(obj, "/spec/paused") { "paused".to_string() } else { nodes.map_or(0, |m| m.len()).to_string() };
+            vec![
+                name,
+                rule_source(obj),
+                count(obj, "/spec/steps"),
+                rule_sinks(obj),
+                state,
+                format!("{:.1}/s", sum("rate")),
+                format!("{}", sum("errors") as u64),
+                age,
+            ]
+        }
     };
     if wide {
         match kind {
@@ -118,10 +139,65 @@ pub fn row(kind: Kind, obj: &Value, wide: bool, now: i64) -> Vec<String> {
                 cells.extend([last_online, error]);
             }
             Kind::DeviceModel => cells.push(property_types(obj)),
+            Kind::Rule => {
+                let nodes = obj.pointer("/status/nodes").and_then(Value::as_object);
+                let per_node = nodes
+                    .map(|m| {
+                        m.iter()
+                            .map(|(n, s)| {
+                                let rate = s.get("rate").and_then(Value::as_f64).unwrap_or(0.0);
+                                let errors = s.get("errors").and_then(Value::as_u64).unwrap_or(0);
+                                format!("{n}:{rate:.1}/s,{errors}err")
+                            })
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    })
+                    .unwrap_or_default();
+                let last_error = nodes
+                    .and_then(|m| {
+                        m.values().find_map(|s| s.get("lastError").and_then(Value::as_str).filter(|e| !e.is_empty()))
+                    })
+                    .unwrap_or_default()
+                    .to_string();
+                cells.extend([per_node, last_error]);
+            }
             Kind::Token | Kind::NodeGroup => {}
         }
     }
     cells.into_iter().map(|c| if c.is_empty() { "<none>".to_string() } else { c }).collect()
+}
+
+/// A rule's source, short: `devices(model=boiler)`, `mqtt(sensors/#)`.
+fn rule_source(obj: &Value) -> String {
+    if let Some(t) = obj.pointer("/spec/source/mqtt/topic").and_then(Value::as_str) {
+        return format!("mqtt({t})");
+    }
+    let Some(d) = obj.pointer("/spec/source/devices") else { return String::new() };
+    let list = |k: &str| {
+        d.get(k).and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","))
+    };
+    let mut parts = Vec::new();
+    if let Some(n) = list("names").filter(|s| !s.is_empty()) {
+        parts.push(n);
+    }
+    if let Some(m) = list("models").filter(|s| !s.is_empty()) {
+        parts.push(format!("model={m}"));
+    }
+    let sel = pairs(d.get("selector"));
+    if !sel.is_empty() {
+        parts.push(sel);
+    }
+    format!("devices({})", if parts.is_empty() { "*".to_string() } else { parts.join(";") })
+}
+
+/// A rule's sinks by kind: `tsdb,cloud,alert`.
+fn rule_sinks(obj: &Value) -> String {
+    obj.pointer("/spec/sinks")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter().filter_map(|s| s.as_object().and_then(|m| m.keys().next().cloned())).collect::<Vec<_>>().join(",")
+        })
+        .unwrap_or_default()
 }
 
 /// An instance's phase, with the reason of a failure (`Failed (OOMKilled)`).
