@@ -30,6 +30,7 @@ use yunbian_sync::{Change, CloudAction, CloudSession, DesiredObject, Down, NodeV
 use crate::device_views::DeviceRouting;
 use crate::metrics::Metrics;
 use crate::objects::{self, now_rfc3339, update_status};
+use crate::rule_views::RuleRouting;
 
 /// Deltas kept per node for resuming without a snapshot.
 const VIEW_LOG: usize = 1024;
@@ -95,6 +96,9 @@ struct Inner {
     /// Store revisions of the Device and DeviceModel listings the routing
     /// was built from.
     device_listed: (u64, u64),
+    rules: RuleRouting,
+    /// Store revisions of the Rule and Node listings.
+    rule_listed: (u64, u64),
 }
 
 impl Inner {
@@ -147,6 +151,55 @@ fn desired_of(o: &StoredObject) -> Option<(String, u64, DesiredObject)> {
     Some((node, generation, desired_value(o)))
 }
 
+/// Seeds the views with `wanted` (first listing), or adds to `per_node`
+/// what makes each view's objects of `kinds` match it. Objects are
+/// compared by generation: a status report changes an object's revision,
+/// not what its node runs.
+fn merge_wanted(
+    inner: &mut Inner,
+    wanted: HashMap<String, Vec<DesiredObject>>,
+    kinds: &[Kind],
+    first: bool,
+    per_node: &mut HashMap<String, Vec<Change>>,
+) {
+    if first {
+        for (node, objs) in wanted {
+            let view = inner.view_mut(&node);
+            for o in objs {
+                view.seed(o);
+            }
+        }
+        return;
+    }
+    let generation = |o: &DesiredObject| o.value.pointer("/metadata/generation").and_then(|g| g.as_u64());
+    let mut nodes: std::collections::HashSet<String> = inner.views.keys().cloned().collect();
+    nodes.extend(wanted.keys().cloned());
+    for node in nodes {
+        let want: HashMap<(Kind, String), DesiredObject> = wanted
+            .get(&node)
+            .map(|v| v.iter().map(|o| ((o.kind, o.name.clone()), o.clone())).collect())
+            .unwrap_or_default();
+        let have: HashMap<(Kind, String), Option<u64>> = inner
+            .view_mut(&node)
+            .objects()
+            .into_iter()
+            .filter(|o| kinds.contains(&o.kind))
+            .map(|o| ((o.kind, o.name.clone()), generation(&o)))
+            .collect();
+        let changes = per_node.entry(node.clone()).or_default();
+        for (kind, name) in have.keys() {
+            if !want.contains_key(&(*kind, name.clone())) {
+                changes.push(Change::Remove { kind: *kind, name: name.clone() });
+            }
+        }
+        for (k, o) in want {
+            if have.get(&k) != Some(&generation(&o)) {
+                changes.push(Change::Upsert { object: o });
+            }
+        }
+    }
+}
+
 impl Hub {
     /// A hub over `store`. Call [`Hub::run_view_builder`] to fill it.
     pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>, cfg: HubConfig) -> Arc<Self> {
@@ -182,9 +235,11 @@ impl Hub {
                 let (items, rev) = self.store.list(Kind::AppInstance).await?;
                 let devices = self.store.list(Kind::Device).await?;
                 let models = self.store.list(Kind::DeviceModel).await?;
-                Ok::<_, StoreError>((items, devices, models, rev))
+                let rules = self.store.list(Kind::Rule).await?;
+                let nodes = self.store.list(Kind::Node).await?;
+                Ok::<_, StoreError>((items, devices, models, rules, nodes, rev))
             };
-            let (items, devices, models, rev) = match listed.await {
+            let (items, devices, models, rules, nodes, rev) = match listed.await {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::error!(error = %e, "hub: list instances and devices");
@@ -194,6 +249,7 @@ impl Hub {
             };
             let mut per_node = self.resync(items, rev, first);
             self.resync_devices(devices, models, rev, first, &mut per_node);
+            self.resync_rules(rules, nodes, rev, first, &mut per_node);
             self.apply_resync(rev, per_node);
             first = false;
             self.views_ready.store(true, Ordering::Release);
@@ -211,6 +267,7 @@ impl Hub {
                     Ok(ev) => match ev.object.kind {
                         Kind::AppInstance => self.on_instance_event(ev.revision, ev.event, &ev.object),
                         Kind::Device | Kind::DeviceModel => self.on_device_event(ev.revision, ev.event, &ev.object),
+                        Kind::Rule | Kind::Node => self.on_rule_event(ev.revision, ev.event, &ev.object),
                         _ => {}
                     },
                     Err(e) => {
@@ -225,8 +282,6 @@ impl Hub {
 
     /// Device part of a (re)listing: seeds the views the first time,
     /// otherwise adds to `per_node` what makes each view match the listing.
-    /// Objects are compared by generation (a twin report changes a
-    /// Device's revision, not what its node runs).
     fn resync_devices(
         &self,
         (devices, device_rev): (Vec<StoredObject>, u64),
@@ -242,41 +297,47 @@ impl Hub {
         // watch (from `rev`, the instances' listing) replays them.
         inner.device_listed = (device_rev.max(rev), model_rev.max(rev));
         inner.devices = routing;
-        if first {
-            for (node, objs) in wanted {
-                let view = inner.view_mut(&node);
-                for o in objs {
-                    view.seed(o);
+        merge_wanted(&mut inner, wanted, &[Kind::Device, Kind::DeviceModel], first, per_node);
+    }
+
+    /// Rule part of a (re)listing (rules follow node labels).
+    fn resync_rules(
+        &self,
+        (rules, rule_rev): (Vec<StoredObject>, u64),
+        (nodes, node_rev): (Vec<StoredObject>, u64),
+        rev: u64,
+        first: bool,
+        per_node: &mut HashMap<String, Vec<Change>>,
+    ) {
+        let routing = RuleRouting::build(&rules, &nodes);
+        let wanted = routing.wanted();
+        let mut inner = self.lock();
+        inner.rule_listed = (rule_rev.max(rev), node_rev.max(rev));
+        inner.rules = routing;
+        merge_wanted(&mut inner, wanted, &[Kind::Rule], first, per_node);
+    }
+
+    fn on_rule_event(&self, rev: u64, ev: EventType, o: &StoredObject) {
+        let mut touched = Vec::new();
+        {
+            let mut inner = self.lock();
+            let listed = if o.kind == Kind::Rule { inner.rule_listed.0 } else { inner.rule_listed.1 };
+            if rev <= listed {
+                return;
+            }
+            let object = (ev != EventType::Deleted).then_some(o);
+            let changes = match o.kind {
+                Kind::Rule => inner.rules.on_rule(&o.name, object),
+                _ => inner.rules.on_node(&o.name, object),
+            };
+            for (node, c) in changes {
+                if inner.view_mut(&node).apply(rev, c).is_some() {
+                    touched.push(node);
                 }
             }
-            return;
         }
-        let generation = |o: &DesiredObject| o.value.pointer("/metadata/generation").and_then(|g| g.as_u64());
-        let mut nodes: std::collections::HashSet<String> = inner.views.keys().cloned().collect();
-        nodes.extend(wanted.keys().cloned());
-        for node in nodes {
-            let want: HashMap<(Kind, String), DesiredObject> = wanted
-                .get(&node)
-                .map(|v| v.iter().map(|o| ((o.kind, o.name.clone()), o.clone())).collect())
-                .unwrap_or_default();
-            let have: HashMap<(Kind, String), Option<u64>> = inner
-                .view_mut(&node)
-                .objects()
-                .into_iter()
-                .filter(|o| matches!(o.kind, Kind::Device | Kind::DeviceModel))
-                .map(|o| ((o.kind, o.name.clone()), generation(&o)))
-                .collect();
-            let changes = per_node.entry(node.clone()).or_default();
-            for (kind, name) in have.keys() {
-                if !want.contains_key(&(*kind, name.clone())) {
-                    changes.push(Change::Remove { kind: *kind, name: name.clone() });
-                }
-            }
-            for (k, o) in want {
-                if have.get(&k) != Some(&generation(&o)) {
-                    changes.push(Change::Upsert { object: o });
-                }
-            }
+        for n in touched {
+            self.poke(&n);
         }
     }
 

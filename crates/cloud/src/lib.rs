@@ -26,6 +26,7 @@ pub mod device_views;
 pub mod hub;
 pub mod metrics;
 pub mod objects;
+pub mod rule_views;
 pub mod scheduler;
 pub mod server;
 
