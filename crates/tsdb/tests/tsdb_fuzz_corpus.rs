@@ -1,0 +1,126 @@
+//! Replays the `tsdb_block_decode` and `tsdb_wal_read` fuzz corpora
+//! (`fuzz/corpus/…`) through the checks the libFuzzer targets run
+//! (`yunbian_tsdb::fuzzing`), then a fixed stream of mutated inputs (bit
+//! flips, truncations, splices), so the decoders are exercised on every
+//! `cargo test`. `YUNBIAN_FUZZ_ITERS=<n>` changes the number of mutations
+//! (default 20000).
+
+use std::path::{Path, PathBuf};
+
+use yunbian_tsdb::fuzzing::{check_block, check_chunk_roundtrip, check_wal};
+
+fn corpus(target: &str) -> Vec<Vec<u8>> {
+    let dir: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus").join(target);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .map(|e| e.expect("entry").path())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "{} has seeds", dir.display());
+    files.iter().map(|p| std::fs::read(p).expect("read seed")).collect()
+}
+
+fn iterations() -> usize {
+    std::env::var("YUNBIAN_FUZZ_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000)
+}
+
+struct Mutator(u64);
+
+impl Mutator {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn mutate(&mut self, seed: &[u8]) -> Vec<u8> {
+        let mut b = seed.to_vec();
+        for _ in 0..1 + self.next() % 4 {
+            if b.is_empty() {
+                b.push(self.next() as u8);
+                continue;
+            }
+            let i = (self.next() as usize) % b.len();
+            match self.next() % 5 {
+                0 => b[i] ^= 1 << (self.next() % 8),
+                1 => b[i] = self.next() as u8,
+                2 => b.truncate(i),
+                3 => b.insert(i, self.next() as u8),
+                _ => {
+                    let j = (self.next() as usize) % b.len();
+                    b.swap(i, j);
+                }
+            }
+        }
+        b
+    }
+}
+
+#[test]
+fn block_corpus_and_mutations_never_panic() {
+    let seeds = corpus("tsdb_block_decode");
+    let mut m = Mutator(0x9e37_79b9_7f4a_7c15);
+    for s in &seeds {
+        check_block(s);
+    }
+    for i in 0..iterations() {
+        check_block(&m.mutate(&seeds[i % seeds.len()]));
+    }
+}
+
+#[test]
+fn wal_corpus_and_mutations_never_panic() {
+    let seeds = corpus("tsdb_wal_read");
+    let mut m = Mutator(0x2545_f491_4f6c_dd1d);
+    for s in &seeds {
+        check_wal(s);
+    }
+    for i in 0..iterations() {
+        check_wal(&m.mutate(&seeds[i % seeds.len()]));
+    }
+}
+
+#[test]
+fn chunk_roundtrip_on_random_points() {
+    let mut m = Mutator(42);
+    for _ in 0..iterations() / 10 {
+        let n = (m.next() % 400) as usize;
+        let data: Vec<u8> = (0..n).map(|_| m.next() as u8).collect();
+        check_chunk_roundtrip(&data);
+    }
+}
+
+/// Writes the seed corpus from a real store (run once with `--ignored`).
+#[test]
+#[ignore]
+fn write_seed_corpus() {
+    use yunbian_tsdb::{FsyncPolicy, Options, SeriesKey, Store};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
+    let dir = std::env::temp_dir().join(format!("yunbian-tsdb-seeds-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let opts = Options { fsync: FsyncPolicy::Never, auto_compact: false, ..Options::default() };
+    let mut s = Store::open(&dir, opts).expect("open");
+    let keys = [
+        SeriesKey::new("temp", [("room", "a")]).expect("key"),
+        SeriesKey::new("counter", [("dev", "x"), ("k", "v")]).expect("key"),
+        SeriesKey::metric("noise").expect("key"),
+    ];
+    for i in 0..60i64 {
+        s.append(&keys[0], i * 1000, 20.0 + (i % 7) as f64 / 10.0).expect("a");
+        s.append(&keys[1], i * 1000 + (i % 3), (i * i) as f64).expect("b");
+        s.append(&keys[2], i * 997, (i as f64).sin()).expect("c");
+    }
+    s.append(&keys[0], 30_500, f64::NAN).expect("ooo");
+    let wal = std::fs::read_dir(dir.join("wal")).expect("wal").next().expect("segment").expect("entry").path();
+    std::fs::create_dir_all(root.join("tsdb_wal_read")).expect("mkdir");
+    std::fs::copy(&wal, root.join("tsdb_wal_read/seed-3-series")).expect("copy wal");
+    s.flush().expect("flush");
+    s.apply_retention(40_000 + 7 * 24 * 3_600_000).expect("rollup");
+    std::fs::create_dir_all(root.join("tsdb_block_decode")).expect("mkdir");
+    for e in std::fs::read_dir(dir.join("blocks")).expect("blocks") {
+        let p = e.expect("entry").path();
+        let name = p.file_name().expect("name").to_string_lossy().into_owned();
+        std::fs::copy(&p, root.join("tsdb_block_decode").join(format!("seed-{name}"))).expect("copy block");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
