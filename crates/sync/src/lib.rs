@@ -2,11 +2,13 @@
 //!
 //! Architecture invariant: nothing in this crate opens a socket, reads a
 //! clock or touches the disk. [`session`] holds the two state machines,
-//! [`view`] the cloud's per-node desired view with its delta log, [`wire`]
+//! [`view`] the cloud's per-node desired view with its delta log, [`data`]
+//! store-and-forward of data batches, [`wire`]
 //! the messages and their codec. The cloud hub and the edge agent drive
 //! these with real connections; the simulation tests drive them with a
 //! virtual network and clock.
 
+pub mod data;
 pub mod fuzzing;
 pub mod session;
 pub mod view;
