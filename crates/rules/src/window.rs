@@ -204,7 +204,8 @@ impl WindowStep {
         let ts = record.ts_ms;
         let Record { metric, tags, value, quality, .. } = record;
         let key = SeriesKey { metric, tags };
-        if !self.series.contains_key(&key) && self.series.len() >= self.limits.max_series {
+        let is_new = !self.series.contains_key(&key);
+        if is_new && self.series.len() >= self.limits.max_series {
             return (PushOutcome::Refused, Vec::new());
         }
         let s = self.series.entry(key.clone()).or_insert_with(|| SeriesWindows {
@@ -241,6 +242,11 @@ impl WindowStep {
                 start += every;
             }
             if self.open + missing > self.limits.max_windows {
+                if is_new {
+                    // A refused record leaves no state behind.
+                    self.series.remove(&key);
+                    return (PushOutcome::Refused, Vec::new());
+                }
                 PushOutcome::Refused
             } else {
                 let mut start = open_from;
