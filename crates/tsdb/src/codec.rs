@@ -21,9 +21,12 @@
 //! `n = v × 10^s` as an integer when `n as f64 / 10^s` gives back exactly
 //! the same bits. The residual `r` (mode 0: `n - n_prev`; mode 1:
 //! `n - n_prev - delta_prev`) is coded: `0` → 0; `10`+2 bits, `110`+6 bits,
-//! `1110`+12 bits, `11110`+24 bits of zigzag(r); `111110`+64 bits; a value
-//! that does not fit the scale (NaN, ±inf, -0.0, more digits) is escaped as
-//! `111111`+64 raw IEEE bits and leaves the predictor untouched.
+//! `1110`+12 bits, `11110`+24 bits of zigzag(r); `111110`+64 bits. `111111`
+//! escapes: `1`+3 bits raises the scale for the rest of the chunk (the
+//! predictor is multiplied up, then the value's residual code follows, never
+//! itself an escape); `0`+64 raw IEEE bits carries
+//! a value no scale fits (NaN, ±inf, -0.0, too many digits) and leaves the
+//! predictor untouched.
 //!
 //! **Values, xor mode** (Gorilla): `0` → same as previous; `10` + the
 //! meaningful bits inside the previous window; `11` + 5 bits leading zeros
@@ -322,6 +325,8 @@ pub struct ChunkEncoder {
     x_trail: u32,
     // Learning for the next chunk.
     max_scale: u8,
+    /// Scale at the start of the chunk (the header's).
+    scale0: u8,
     cost_delta: u64,
     cost_dod: u64,
     escapes: u32,
@@ -353,6 +358,7 @@ impl ChunkEncoder {
             x_lead: 0,
             x_trail: 0,
             max_scale: 0,
+            scale0: scale,
             cost_delta: 0,
             cost_dod: 0,
             escapes: 0,
@@ -443,15 +449,32 @@ impl ChunkEncoder {
     }
 
     fn push_decimal(&mut self, v: f64) {
-        let scaled = to_scaled(v, self.scale);
-        match decimal_scale(v) {
-            Some(s) => self.max_scale = self.max_scale.max(s),
-            None => self.max_scale = MAX_SCALE,
+        let needed = decimal_scale(v);
+        self.max_scale = self.max_scale.max(needed.unwrap_or(MAX_SCALE));
+        let mut scaled = to_scaled(v, self.scale);
+        if scaled.is_none() {
+            // More digits than the chunk's scale: raise the scale for the
+            // rest of the chunk when the predictor survives the rescale.
+            if let Some(s2) = needed.filter(|&s2| s2 > self.scale) {
+                let f = 10i64.pow(u32::from(s2 - self.scale));
+                let prev = self.v_prev.checked_mul(f).filter(|p| (*p as f64).abs() < MAX_EXACT);
+                let delta = self.v_delta.checked_mul(f).filter(|d| (*d as f64).abs() < MAX_EXACT);
+                if let (Some(prev), Some(delta)) = (prev, delta) {
+                    self.bits.write(0b111111, 6);
+                    self.bits.write(1, 1);
+                    self.bits.write(u64::from(s2), 3);
+                    self.scale = s2;
+                    self.v_prev = prev;
+                    self.v_delta = delta;
+                    scaled = to_scaled(v, s2);
+                }
+            }
         }
         let w = &mut self.bits;
         let Some(n) = scaled else {
             self.escapes += 1;
             w.write(0b111111, 6);
+            w.write(0, 1);
             w.write(v.to_bits(), 64);
             return;
         };
@@ -519,7 +542,7 @@ impl ChunkEncoder {
     pub fn finish_into(&self, out: &mut Vec<u8>) {
         put_varint(out, u64::from(self.n));
         out.push(self.mode.byte());
-        out.push(self.scale);
+        out.push(self.scale0);
         put_ivarint(out, self.t0);
         self.bits.finish_into(out);
     }
@@ -552,7 +575,7 @@ pub fn decode_chunk(buf: &[u8], out: &mut Vec<(i64, f64)>) -> Result<usize, Deco
     let mut c = Cursor::new(buf);
     let n = c.varint()?;
     let mode = ValueMode::from_byte(c.u8()?)?;
-    let scale = c.u8()?;
+    let mut scale = c.u8()?;
     if scale > MAX_SCALE {
         return Err(DecodeError::Invalid("chunk scale"));
     }
@@ -566,7 +589,7 @@ pub fn decode_chunk(buf: &[u8], out: &mut Vec<(i64, f64)>) -> Result<usize, Deco
         return Err(DecodeError::Invalid("chunk point count exceeds its size"));
     }
     out.reserve(n as usize);
-    let p = POW10[scale as usize];
+    let mut p = POW10[scale as usize];
     let mut r = BitReader { buf: body, bit: 0 };
     let (mut t, mut t_delta) = (t0, 0i64);
     let (mut v_prev, mut v_delta) = (0i64, 0i64);
@@ -624,6 +647,30 @@ pub fn decode_chunk(buf: &[u8], out: &mut Vec<(i64, f64)>) -> Result<usize, Deco
                     4 => Some(r.read(24)?),
                     5 => Some(r.read(64)?),
                     _ => None,
+                };
+                let z = match z {
+                    Some(z) => Some(z),
+                    None if r.bit()? => {
+                        let s2 = r.read(3)? as u8;
+                        if s2 <= scale || s2 > MAX_SCALE {
+                            return Err(DecodeError::Invalid("chunk rescale"));
+                        }
+                        let f = 10i64.pow(u32::from(s2 - scale));
+                        v_prev = v_prev.wrapping_mul(f);
+                        v_delta = v_delta.wrapping_mul(f);
+                        scale = s2;
+                        p = POW10[scale as usize];
+                        Some(match r.ones(6)? {
+                            0 => 0,
+                            1 => r.read(2)?,
+                            2 => r.read(6)?,
+                            3 => r.read(12)?,
+                            4 => r.read(24)?,
+                            5 => r.read(64)?,
+                            _ => return Err(DecodeError::Invalid("escape after rescale")),
+                        })
+                    }
+                    None => None,
                 };
                 match z {
                     Some(z) => {
