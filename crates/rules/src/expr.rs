@@ -20,7 +20,7 @@ use cel::common::value::CowVal;
 use cel::context::VariableResolver;
 use cel::{Context, Env, IdedExpr, Program};
 
-use crate::record::{Record, Value};
+use crate::record::{Quality, Record, Value};
 
 /// The variables a rule expression can use.
 pub const VARIABLES: [&str; 5] = ["value", "ts", "metric", "tags", "quality"];
@@ -158,6 +158,14 @@ fn to_cel(v: &Value) -> cel::Value {
     }
 }
 
+/// The quality names as shared CEL strings (no allocation per record).
+fn quality_name(q: Quality) -> Arc<String> {
+    static NAMES: OnceLock<[Arc<String>; 3]> = OnceLock::new();
+    let names =
+        NAMES.get_or_init(|| [Quality::Good, Quality::Uncertain, Quality::Bad].map(|q| Arc::new(q.as_str().into())));
+    Arc::clone(&names[q as usize])
+}
+
 /// Resolves the record's variables on demand.
 struct RecordVars<'a>(&'a Record);
 
@@ -168,7 +176,7 @@ impl VariableResolver for RecordVars<'_> {
             "value" => to_cel(&r.value),
             "ts" => cel::Value::Int(r.ts_ms),
             "metric" => cel::Value::String(Arc::new(r.metric.clone())),
-            "quality" => cel::Value::String(Arc::new(r.quality.as_str().to_string())),
+            "quality" => cel::Value::String(quality_name(r.quality)),
             "tags" => {
                 let map: std::collections::HashMap<String, String> =
                     r.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect();

@@ -35,7 +35,7 @@ use yunbian_api::rule::Severity;
 use crate::compile::{CompiledRule, Sink, Step};
 use crate::record::{Record, Value};
 use crate::series::SeriesKey;
-use crate::window::{PushOutcome, WindowLimits, WindowStep};
+use crate::window::{needs_number, PushOutcome, WindowLimits, WindowStep};
 
 /// Event times must be within ±2^60 ms of the epoch (± 36 million years);
 /// others are errors, so window arithmetic cannot overflow.
@@ -275,17 +275,16 @@ fn run(rule: &CompiledRule, st: &mut State, mut rec: Record, from: usize, now: i
             },
             Step::Window(_) => {
                 let StepState::Window(w) = &mut st.steps[i] else { return };
-                let sample = rec.clone();
+                if needs_number(w.aggregate()) && rec.value.as_f64().is_none() {
+                    let msg = format!("aggregate needs a number, got {}", rec.value.type_name());
+                    return st.error(&format!("spec.steps[{i}].window"), msg, &rec);
+                }
                 let (outcome, emitted) = w.push(rec, now);
                 match outcome {
                     PushOutcome::Accepted => {}
                     PushOutcome::Late => st.stats.late += 1,
                     PushOutcome::Refused => st.stats.dropped += 1,
-                    PushOutcome::NotNumeric(t) => st.error(
-                        &format!("spec.steps[{i}].window"),
-                        format!("aggregate needs a number, got {t}"),
-                        &sample,
-                    ),
+                    PushOutcome::NotNumeric(_) => st.stats.errors += 1,
                 }
                 for r in emitted {
                     run(rule, st, r, i + 1, now, out);

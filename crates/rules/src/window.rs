@@ -182,6 +182,11 @@ impl WindowStep {
         WindowStep { shape, limits, series: HashMap::new(), open: 0 }
     }
 
+    /// The step's aggregate.
+    pub fn aggregate(&self) -> Aggregate {
+        self.shape.aggregate
+    }
+
     /// Series tracked.
     pub fn series_count(&self) -> usize {
         self.series.len()
@@ -208,13 +213,17 @@ impl WindowStep {
         if is_new && self.series.len() >= self.limits.max_series {
             return (PushOutcome::Refused, Vec::new());
         }
-        let s = self.series.entry(key.clone()).or_insert_with(|| SeriesWindows {
-            max_ts: ts,
-            arrived: now,
-            last_seen: now,
-            closed_until: i64::MIN,
-            windows: BTreeMap::new(),
-        });
+        if is_new {
+            let fresh = SeriesWindows {
+                max_ts: ts,
+                arrived: now,
+                last_seen: now,
+                closed_until: i64::MIN,
+                windows: BTreeMap::new(),
+            };
+            self.series.insert(key.clone(), fresh);
+        }
+        let Some(s) = self.series.get_mut(&key) else { return (PushOutcome::Refused, Vec::new()) };
         // Windows covering ts: starts k*every with start <= ts < start + size.
         let last_start = ts.div_euclid(every) * every;
         let first_start = (ts - size).div_euclid(every) * every + every;
