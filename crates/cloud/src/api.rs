@@ -372,6 +372,18 @@ async fn check_references(store: &Arc<dyn Store>, kind: Kind, v: &Value) -> ApiR
             }
             errs
         }
+        Kind::Rule => {
+            let r = yunbian_api::Rule::from_value(v.clone())
+                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+            // CEL expressions, with their positions (`spec.steps[0].filter: 1:9: …`).
+            yunbian_rules::compile_errors(&r.spec)
+                .into_iter()
+                .map(|line| match line.split_once(": ") {
+                    Some((path, message)) => FieldError { path: path.to_string(), message: message.to_string() },
+                    None => FieldError { path: "spec".into(), message: line },
+                })
+                .collect()
+        }
         _ => Vec::new(),
     };
     if errs.is_empty() {
