@@ -22,6 +22,7 @@ use axum::extract::ws::{Message, WebSocket};
 use tokio::sync::{mpsc, Notify};
 use yunbian_api::{
     AppInstanceSpec, DeviceSpec, Kind, NodeGroupSpec, NodeGroupStatus, NodeInfo, NodePhase, NodeSpec, NodeUsage,
+    RuleSpec,
 };
 use yunbian_store::{Coordinator, EventType, Store, StoreError, StoredObject};
 use yunbian_sync::wire::{decode_up, encode};
@@ -681,6 +682,20 @@ impl Hub {
                         }
                         o.status = status.clone();
                         o.status.observed_seq = seq;
+                        true
+                    })
+                    .await;
+                    match r {
+                        Ok(_) | Err(StoreError::NotFound { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Report::RuleStatus { rule, status } => {
+                    let r = update_status::<RuleSpec>(&self.store, &rule, |o| {
+                        if o.status.nodes.get(node) == Some(&status) {
+                            return false;
+                        }
+                        o.status.nodes.insert(node.to_string(), status.clone());
                         true
                     })
                     .await;

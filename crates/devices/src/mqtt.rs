@@ -62,13 +62,13 @@ fn parse_path(p: &str) -> Result<Vec<PathStep>, String> {
     Ok(steps)
 }
 
-/// Extracts the property value from a payload and types it as the model says.
-pub fn extract(payload: &[u8], path_text: &str, ty: PropertyType) -> Result<serde_json::Value, String> {
+/// Extracts the value at `path_text` from a payload, untyped (a bare
+/// payload that is not JSON is text).
+pub fn extract_raw(payload: &[u8], path_text: &str) -> Result<serde_json::Value, String> {
     let path = parse_path(path_text)?;
     let text = std::str::from_utf8(payload).map_err(|_| "payload is not UTF-8".to_string())?;
     let doc: serde_json::Value = match serde_json::from_str(text) {
         Ok(v) => v,
-        // A bare word is text, when the whole payload is the value.
         Err(_) if path.is_empty() => serde_json::Value::String(text.trim().to_string()),
         Err(e) => return Err(format!("payload is not JSON: {e}")),
     };
@@ -80,7 +80,12 @@ pub fn extract(payload: &[u8], path_text: &str, ty: PropertyType) -> Result<serd
         }
         .ok_or_else(|| format!("JSON path {path_text:?} not found in payload"))?;
     }
-    coerce(v, ty)
+    Ok(v.clone())
+}
+
+/// Extracts the property value from a payload and types it as the model says.
+pub fn extract(payload: &[u8], path_text: &str, ty: PropertyType) -> Result<serde_json::Value, String> {
+    coerce(&extract_raw(payload, path_text)?, ty)
 }
 
 fn coerce(v: &serde_json::Value, ty: PropertyType) -> Result<serde_json::Value, String> {

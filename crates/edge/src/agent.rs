@@ -139,13 +139,13 @@ fn instances_of(objects: &[DesiredObject]) -> BTreeMap<String, AppInstance> {
         .collect()
 }
 
-/// Device and device-model objects of a desired view.
+/// Device, device-model and rule objects of a desired view.
 type DeviceObjects = BTreeMap<(Kind, String), DesiredObject>;
 
 fn device_objects_of(objects: &[DesiredObject]) -> DeviceObjects {
     objects
         .iter()
-        .filter(|o| matches!(o.kind, Kind::Device | Kind::DeviceModel))
+        .filter(|o| matches!(o.kind, Kind::Device | Kind::DeviceModel | Kind::Rule))
         .map(|o| ((o.kind, o.name.clone()), o.clone()))
         .collect()
 }
@@ -187,6 +187,25 @@ pub struct DeviceSide {
     pub host: MapperHost,
     /// Twin reports from the mappers.
     pub events: mpsc::Receiver<HostEvent>,
+    /// Runs the node's stream rules.
+    pub rules: Option<Arc<crate::rules::RuleHost>>,
+}
+
+/// How often rules' per-node status goes to the cloud.
+const RULE_STATUS_EVERY: Duration = Duration::from_secs(10);
+
+fn rules_of(objects: &DeviceObjects) -> Vec<yunbian_api::Rule> {
+    objects
+        .iter()
+        .filter(|((k, _), _)| *k == Kind::Rule)
+        .filter_map(|((_, name), o)| match serde_json::from_value::<yunbian_api::Rule>(o.value.clone()) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(rule = %name, error = %e, "desired rule does not decode; ignored");
+                None
+            }
+        })
+        .collect()
 }
 
 /// Runs an agent until the process ends.
@@ -204,13 +223,21 @@ pub async fn run_agent(
     let mut session = EdgeSession::new(cfg.session, restored.applied, restored.outbox, restored.next_seq);
     let mut desired = instances_of(&restored.desired);
     let mut device_objects = device_objects_of(&restored.desired);
-    let (host, mut host_events) = match devices {
-        Some(d) => (Some(d.host), Some(d.events)),
-        None => (None, None),
+    let (host, mut host_events, rules) = match devices {
+        Some(d) => (Some(d.host), Some(d.events), d.rules),
+        None => (None, None, None),
     };
-    if let Some(h) = &host {
-        h.apply(device_configs(&device_objects));
-    }
+    let apply_devices = |objects: &DeviceObjects| {
+        let configs = device_configs(objects);
+        if let Some(r) = &rules {
+            r.apply(rules_of(objects), &configs);
+        }
+        if let Some(h) = &host {
+            h.apply(configs);
+        }
+    };
+    apply_devices(&device_objects);
+    let mut last_rule_status = Instant::now();
     tracing::info!(node = %node, applied = restored.applied, instances = desired.len(), "agent starting from local state");
 
     let adopted = runtime.recover().await.context("recover workloads")?;
@@ -398,6 +425,18 @@ pub async fn run_agent(
                         }));
                     }
                 }
+                if let Some(r) = rules.as_ref().filter(|_| last_rule_status.elapsed() >= RULE_STATUS_EVERY) {
+                    last_rule_status = Instant::now();
+                    let mut acts = Vec::new();
+                    for (rule, status) in r.statuses() {
+                        acts.extend(session.report(Report::RuleStatus { rule, status }, now()));
+                    }
+                    let mut ignored = false;
+                    if let Err(e) = execute(&store, &mut desired, &mut device_objects, &mut ignored, acts, out.as_ref())
+                    {
+                        tracing::warn!(node = %node, error = %e, "queue rule statuses");
+                    }
+                }
                 if out.is_some() && rehello_at.is_some_and(|t| Instant::now() >= t) {
                     rehello_at = None;
                     session.on_connected(now())
@@ -410,9 +449,7 @@ pub async fn run_agent(
         let mut devices_changed = false;
         let result = execute(&store, &mut desired, &mut device_objects, &mut devices_changed, actions, out.as_ref());
         if devices_changed {
-            if let Some(h) = &host {
-                h.apply(device_configs(&device_objects));
-            }
+            apply_devices(&device_objects);
         }
         if result.is_ok() && writes && store_failure.take().is_some() {
             // Statuses observed while the outbox could not be written were
@@ -467,6 +504,9 @@ pub async fn run_agent(
     reconciler.abort();
     if let Some(h) = &host {
         h.shutdown();
+    }
+    if let Some(r) = &rules {
+        r.shutdown();
     }
     result
 }
@@ -527,12 +567,15 @@ fn execute(
                             desired.remove(name);
                         }
                         yunbian_sync::Change::Upsert { object }
-                            if matches!(object.kind, Kind::Device | Kind::DeviceModel) =>
+                            if matches!(object.kind, Kind::Device | Kind::DeviceModel | Kind::Rule) =>
                         {
                             devices.insert((object.kind, object.name.clone()), object.clone());
                             *devices_changed = true;
                         }
-                        yunbian_sync::Change::Remove { kind: kind @ (Kind::Device | Kind::DeviceModel), name } => {
+                        yunbian_sync::Change::Remove {
+                            kind: kind @ (Kind::Device | Kind::DeviceModel | Kind::Rule),
+                            name,
+                        } => {
                             devices.remove(&(*kind, name.clone()));
                             *devices_changed = true;
                         }

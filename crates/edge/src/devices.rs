@@ -128,6 +128,7 @@ pub async fn start_devices(node: &str, data_dir: &Path, opts: &DeviceOptions) ->
     let (tx, rx) = mpsc::channel(1024);
     let registry = yunbian_devices::external::ExternalRegistry::new(std::time::Duration::from_secs(10));
     let factory = yunbian_devices::standard_drivers(bus.clone(), Some(registry.clone()));
+    let rules = Arc::new(crate::rules::RuleHost::new(data_dir, bus.clone()));
     let host = MapperHost::new(node, Some(data_dir.join("devices")), bus, factory, tx);
     let mut tasks = vec![tokio::spawn(host.clone().serve_bus_sets())];
     let local_api = match opts.local_api {
@@ -152,5 +153,5 @@ pub async fn start_devices(node: &str, data_dir: &Path, opts: &DeviceOptions) ->
             tracing::error!(node, path = %sock.display(), error = %e, "cannot serve the external mapper socket; external devices stay offline")
         }
     }
-    Ok((DeviceServices { broker, broker_addrs, local_api, tasks }, DeviceSide { host, events: rx }))
+    Ok((DeviceServices { broker, broker_addrs, local_api, tasks }, DeviceSide { host, events: rx, rules: Some(rules) }))
 }

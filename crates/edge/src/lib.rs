@@ -23,6 +23,7 @@ pub mod http;
 pub mod identity;
 pub mod local_store;
 pub mod node_info;
+pub mod rules;
 
 pub use agent::{AgentConfig, AgentStats};
 pub use identity::{enroll, join, Identity, JoinToken};

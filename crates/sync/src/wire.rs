@@ -5,7 +5,7 @@
 //! reject oversize frames and never panic on any input (fuzzed).
 
 use serde::{Deserialize, Serialize};
-use yunbian_api::{AppInstanceStatus, DeviceStatus, Kind, NodeInfo, NodeUsage};
+use yunbian_api::{AppInstanceStatus, DeviceStatus, Kind, NodeInfo, NodeUsage, RuleNodeStatus};
 
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 16 << 20;
@@ -64,6 +64,13 @@ pub enum Report {
         /// report them to the cloud).
         status: DeviceStatus,
     },
+    /// How a rule runs on the node.
+    RuleStatus {
+        /// Rule name.
+        rule: String,
+        /// Counters and rate on this node.
+        status: RuleNodeStatus,
+    },
 }
 
 impl Report {
@@ -73,6 +80,7 @@ impl Report {
         match self {
             Report::InstanceStatus { instance, .. } => (Kind::AppInstance, instance),
             Report::DeviceStatus { device, .. } => (Kind::Device, device),
+            Report::RuleStatus { rule, .. } => (Kind::Rule, rule),
         }
     }
 }

@@ -262,3 +262,64 @@ fn the_site_listener_needs_a_password() {
     let anonymous = publish(&[]);
     assert!(!anonymous.success(), "anonymous clients must be refused on the site listener: {anonymous:?}");
 }
+
+#[test]
+fn a_rule_windows_device_readings_onto_the_bus_and_reports_per_node() {
+    if !have_tool("mosquitto_sub") {
+        return;
+    }
+    let mut c = Cluster::start("devices-rules");
+    let port = free_port();
+    c.join_with("edge-1", EdgeSetup::new().mqtt(&format!("127.0.0.1:{port}")));
+    c.apply(MODEL);
+    c.apply(&virtual_device("t1", "node: edge-1"));
+
+    // CEL is checked at apply time, with the position of the error.
+    let bad = r#"apiVersion: yunbian.io/v1
+kind: Rule
+metadata: {name: bad}
+spec:
+  source: {devices: {models: [thermostat]}}
+  steps: [{filter: "value >> 3"}]
+  sinks: [{tsdb: {}}]
+"#;
+    let o = c.try_apply(bad);
+    assert!(!o.success() && o.err().contains("spec.steps[0].filter: 1:"), "{o:?}");
+    // A sink that is not there yet is refused, not accepted and lost.
+    let o = c.try_apply(&bad.replace(r#"value >> 3"#, "value > 3").replace("{tsdb: {}}", "{cloud: {}}"));
+    assert!(!o.success() && o.err().contains("not available yet"), "{o:?}");
+
+    c.apply(
+        r#"apiVersion: yunbian.io/v1
+kind: Rule
+metadata: {name: temp-avg}
+spec:
+  source: {devices: {models: [thermostat], properties: [temp]}}
+  steps:
+    - filter: "quality == 'good'"
+    - window: {size: 1s, aggregate: avg}
+    - rename: temp_avg_1s
+  sinks:
+    - mqtt: {topic: "rules/{tags.device}/temp_avg"}
+    - tsdb: {}
+"#,
+    );
+    let msg = mosquitto("mosquitto_sub", port, &["-t", "rules/t1/temp_avg", "-C", "2", "-W", "30"]);
+    for line in msg.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        assert_eq!(v["metric"], "temp_avg_1s", "{v}");
+        assert_eq!(v["tags"]["device"], "t1", "{v}");
+        assert!(v["value"].as_f64().is_some_and(|x| (0.0..=40.0).contains(&x)), "{v}");
+        assert_eq!(v["ts"].as_i64().map(|t| t % 1000), Some(0), "a 1 s window ends on a second: {v}");
+    }
+    // Per-node throughput reaches the cloud and `get rules`.
+    eventually(Duration::from_secs(60), "rule status from edge-1", || {
+        let r = c.get("rules", "temp-avg").ok_or("no rule")?;
+        let n = &r["status"]["nodes"]["edge-1"];
+        (n["recordsIn"].as_u64() > Some(0) && n["recordsOut"].as_u64() > Some(0))
+            .then_some(())
+            .ok_or_else(|| format!("{r}"))
+    });
+    let o = c.cli(&["get", "rules", "-o", "wide"]);
+    assert!(o.success() && o.ok().contains("temp-avg") && o.ok().contains("edge-1:"), "{o:?}");
+}

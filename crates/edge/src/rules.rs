@@ -1,0 +1,299 @@
+//! The agent's rule host: runs every Rule placed on this node. Each rule is
+//! one task that subscribes to its source on the edge bus (device readings
+//! are on `yunbian/devices/<device>/properties/<property>`; MQTT sources on
+//! their own topics), feeds records to a [`RuleRunner`], ticks it every
+//! second, and executes its outputs: points into the edge time-series
+//! store, messages onto the bus.
+//!
+//! Not wired yet (issue 5): the `cloud` (store-and-forward) and `alert`
+//! sinks. The cloud refuses rules that use them at apply time, so a rule
+//! never silently loses data here.
+//!
+//! Invariant: a rule that fails to compile, or a sink that fails, is a
+//! counted error in that rule's status; it never stops the agent or other
+//! rules.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use yunbian_api::{Rule, RuleNodeStatus};
+use yunbian_devices::bus::EdgeBus;
+use yunbian_devices::DeviceConfig;
+use yunbian_rules::{CompiledRule, Output, Quality, Record, RuleRunner, RuleStats, Value};
+
+/// Devices the rule tasks may read: name → (model, labels).
+type DeviceIndex = Arc<Mutex<HashMap<String, (String, BTreeMap<String, String>)>>>;
+
+struct Running {
+    generation: u64,
+    stats: Arc<Mutex<(RuleStats, String)>>,
+    task: tokio::task::JoinHandle<()>,
+    /// `records_in` at the last status, and when.
+    last: (u64, std::time::Instant),
+}
+
+/// Runs the node's rules.
+pub struct RuleHost {
+    bus: Arc<dyn EdgeBus>,
+    tsdb: Option<Arc<Mutex<yunbian_tsdb::Store>>>,
+    devices: DeviceIndex,
+    running: Mutex<HashMap<String, Running>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl RuleHost {
+    /// A host whose tsdb sink writes under `data_dir/tsdb` (a store that
+    /// cannot be opened is logged; tsdb sinks then count errors).
+    pub fn new(data_dir: &Path, bus: Arc<dyn EdgeBus>) -> Self {
+        let tsdb = match yunbian_tsdb::Store::open(data_dir.join("tsdb"), yunbian_tsdb::Options::default()) {
+            Ok(s) => Some(Arc::new(Mutex::new(s))),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open the edge time-series store; rules' tsdb sinks will fail");
+                None
+            }
+        };
+        RuleHost { bus, tsdb, devices: Arc::new(Mutex::new(HashMap::new())), running: Mutex::new(HashMap::new()) }
+    }
+
+    /// The edge time-series store, when open.
+    pub fn tsdb(&self) -> Option<Arc<Mutex<yunbian_tsdb::Store>>> {
+        self.tsdb.clone()
+    }
+
+    /// Makes the running rules exactly `rules`; `devices` are the node's
+    /// devices (for device sources chosen by model or labels).
+    pub fn apply(&self, rules: Vec<Rule>, devices: &[DeviceConfig]) {
+        {
+            let mut idx = lock(&self.devices);
+            idx.clear();
+            for d in devices {
+                idx.insert(d.name().to_string(), (d.device.spec.model.clone(), d.device.metadata.labels.clone()));
+            }
+        }
+        let mut running = lock(&self.running);
+        let keep: std::collections::HashSet<&str> = rules.iter().map(|r| r.name()).collect();
+        running.retain(|name, r| {
+            let k = keep.contains(name.as_str());
+            if !k {
+                r.task.abort();
+                tracing::info!(rule = %name, "rule stopped");
+            }
+            k
+        });
+        for rule in rules {
+            let name = rule.name().to_string();
+            let generation = rule.metadata.generation;
+            if running.get(&name).is_some_and(|r| r.generation == generation && !r.task.is_finished()) {
+                continue;
+            }
+            if let Some(old) = running.remove(&name) {
+                old.task.abort();
+            }
+            let stats = Arc::new(Mutex::new((RuleStats::default(), String::new())));
+            let task =
+                tokio::spawn(run_rule(rule, self.bus.clone(), self.tsdb.clone(), self.devices.clone(), stats.clone()));
+            tracing::info!(rule = %name, "rule started");
+            running.insert(name, Running { generation, stats, task, last: (0, std::time::Instant::now()) });
+        }
+    }
+
+    /// Each rule's status on this node (rates since the previous call).
+    pub fn statuses(&self) -> Vec<(String, RuleNodeStatus)> {
+        let mut running = lock(&self.running);
+        let now = std::time::Instant::now();
+        running
+            .iter_mut()
+            .map(|(name, r)| {
+                let (s, compile_error) = lock(&r.stats).clone();
+                let secs = now.duration_since(r.last.1).as_secs_f64().max(0.001);
+                let rate = (s.records_in.saturating_sub(r.last.0)) as f64 / secs;
+                r.last = (s.records_in, now);
+                let last_error = if compile_error.is_empty() { s.last_error.clone() } else { compile_error };
+                let status = RuleNodeStatus {
+                    records_in: s.records_in,
+                    records_out: s.records_out,
+                    errors: s.errors,
+                    last_error,
+                    rate: (rate * 10.0).round() / 10.0,
+                };
+                (name.clone(), status)
+            })
+            .collect()
+    }
+
+    /// Stops every rule.
+    pub fn shutdown(&self) {
+        for (_, r) in lock(&self.running).drain() {
+            r.task.abort();
+        }
+    }
+}
+
+/// Topic filters and record making for a rule's source.
+enum Source {
+    Devices { names: Vec<String>, models: Vec<String>, selector: BTreeMap<String, String>, properties: Vec<String> },
+    Mqtt { path: String, metric: String },
+}
+
+fn quality_of(q: &str) -> Quality {
+    match q {
+        "bad" => Quality::Bad,
+        "uncertain" => Quality::Uncertain,
+        _ => Quality::Good,
+    }
+}
+
+impl Source {
+    fn record(&self, topic: &str, payload: &[u8], devices: &DeviceIndex) -> Result<Option<Record>, String> {
+        match self {
+            Source::Devices { names, models, selector, properties } => {
+                let parts: Vec<&str> = topic.split('/').collect();
+                let ["yunbian", "devices", device, "properties", property] = parts.as_slice() else {
+                    return Ok(None);
+                };
+                if (!names.is_empty() && !names.iter().any(|n| n == device))
+                    || (!properties.is_empty() && !properties.iter().any(|p| p == property))
+                {
+                    return Ok(None);
+                }
+                let model = {
+                    let idx = lock(devices);
+                    let Some((model, labels)) = idx.get(*device) else { return Ok(None) };
+                    if (!models.is_empty() && !models.contains(model))
+                        || !yunbian_api::selector_matches(selector, labels)
+                    {
+                        return Ok(None);
+                    }
+                    model.clone()
+                };
+                if payload.is_empty() {
+                    return Ok(None);
+                }
+                let v: serde_json::Value =
+                    serde_json::from_slice(payload).map_err(|e| format!("reading on {topic} is not JSON: {e}"))?;
+                let value = Value::try_from(&v["value"]).map_err(|e| format!("reading on {topic}: {e}"))?;
+                let mut tags = BTreeMap::new();
+                tags.insert("device".to_string(), device.to_string());
+                tags.insert("property".to_string(), property.to_string());
+                tags.insert("model".to_string(), model);
+                Ok(Some(Record {
+                    metric: property.to_string(),
+                    tags,
+                    ts_ms: v["ts"].as_i64().unwrap_or_else(unix_ms),
+                    value,
+                    quality: quality_of(v["quality"].as_str().unwrap_or("good")),
+                }))
+            }
+            Source::Mqtt { path, metric } => {
+                let raw = yunbian_devices::mqtt::extract_raw(payload, path)?;
+                let value = Value::try_from(&raw).map_err(|e| format!("message on {topic}: {e}"))?;
+                let mut tags = BTreeMap::new();
+                tags.insert("topic".to_string(), topic.to_string());
+                let metric = if metric.is_empty() { topic.to_string() } else { metric.clone() };
+                Ok(Some(Record { metric, tags, ts_ms: unix_ms(), value, quality: Quality::Good }))
+            }
+        }
+    }
+}
+
+async fn run_rule(
+    rule: Rule,
+    bus: Arc<dyn EdgeBus>,
+    tsdb: Option<Arc<Mutex<yunbian_tsdb::Store>>>,
+    devices: DeviceIndex,
+    stats: Arc<Mutex<(RuleStats, String)>>,
+) {
+    let name = rule.name().to_string();
+    let compiled = match CompiledRule::compile(&rule.spec) {
+        Ok(c) => c,
+        Err(errs) => {
+            let text = errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ");
+            tracing::error!(rule = %name, errors = %text, "rule does not compile; not running it");
+            lock(&stats).1 = format!("does not compile: {text}");
+            return;
+        }
+    };
+    let (filter, source) = match (&rule.spec.source.devices, &rule.spec.source.mqtt) {
+        (Some(d), _) => (
+            "yunbian/devices/+/properties/+".to_string(),
+            Source::Devices {
+                names: d.names.clone(),
+                models: d.models.clone(),
+                selector: d.selector.clone(),
+                properties: d.properties.clone(),
+            },
+        ),
+        (None, Some(m)) => (m.topic.clone(), Source::Mqtt { path: m.json_path.clone(), metric: m.metric.clone() }),
+        (None, None) => return,
+    };
+    let mut rx = match bus.subscribe(&filter) {
+        Ok(rx) => rx,
+        Err(e) => {
+            lock(&stats).1 = format!("cannot subscribe to {filter}: {e}");
+            return;
+        }
+    };
+    let mut runner = RuleRunner::new(compiled);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut sink_errors = 0u64;
+    let mut sink_error = String::new();
+    loop {
+        let outputs = tokio::select! {
+            m = rx.recv() => {
+                let Some(m) = m else { return };
+                // Retained readings are old news when a rule (re)starts.
+                if m.retain {
+                    continue;
+                }
+                match source.record(&m.topic, &m.payload, &devices) {
+                    Ok(Some(rec)) => runner.push(rec, unix_ms()),
+                    Ok(None) => continue,
+                    Err(e) => {
+                        sink_errors += 1;
+                        sink_error = format!("source: {e}");
+                        Vec::new()
+                    }
+                }
+            }
+            _ = tick.tick() => runner.tick(unix_ms()),
+        };
+        for o in outputs {
+            if let Err(e) = execute(o, &bus, tsdb.as_ref()) {
+                sink_errors += 1;
+                sink_error = e;
+            }
+        }
+        let mut s = runner.stats();
+        s.errors += sink_errors;
+        if !sink_error.is_empty() && s.last_error.is_empty() {
+            s.last_error = sink_error.clone();
+        }
+        lock(&stats).0 = s;
+    }
+}
+
+fn execute(o: Output, bus: &Arc<dyn EdgeBus>, tsdb: Option<&Arc<Mutex<yunbian_tsdb::Store>>>) -> Result<(), String> {
+    match o {
+        Output::Tsdb { metric, tags, ts_ms, value } => {
+            let store = tsdb.ok_or("tsdb sink: the edge time-series store is not open")?;
+            let v = value.as_f64().ok_or_else(|| format!("tsdb sink: {value} is not a number"))?;
+            let key = yunbian_tsdb::SeriesKey::new(metric, tags).map_err(|e| format!("tsdb sink: {e}"))?;
+            lock(store).append(&key, ts_ms, v).map_err(|e| format!("tsdb sink: {e}"))
+        }
+        Output::Mqtt { topic, payload, retain } => {
+            bus.publish(&topic, payload, retain);
+            Ok(())
+        }
+        Output::Cloud { .. } => Err("cloud sink: store-and-forward is not wired into the agent yet".into()),
+        Output::Alert { .. } => Err("alert sink: alerts are not wired into the agent yet".into()),
+    }
+}
