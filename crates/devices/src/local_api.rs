@@ -267,13 +267,16 @@ pub struct DesiredAnswer {
 
 /// The router of the local device API.
 pub fn router(host: MapperHost) -> Router {
-    let r = Router::new()
+    finish_router(routes(host))
+}
+
+fn routes(host: MapperHost) -> Router {
+    Router::new()
         .route("/v1/devices", get(list_devices))
         .route("/v1/devices/{name}", get(get_device))
         .route("/v1/devices/{name}/properties/{prop}", get(get_property))
         .route("/v1/devices/{name}/properties/{prop}/desired", put(put_desired))
-        .with_state(host);
-    finish_router(r)
+        .with_state(host)
 }
 
 /// Serves the local API on `addr` (the agent uses [`DEFAULT_ADDR`]) until
@@ -288,10 +291,16 @@ pub async fn serve_tcp(host: MapperHost, addr: SocketAddr) -> Result<(), ServeEr
 
 /// Serves the local API on a bound listener until the task is dropped.
 pub async fn serve_tcp_listener(host: MapperHost, listener: tokio::net::TcpListener) {
+    serve_tcp_listener_with(host, listener, Router::new()).await
+}
+
+/// Like [`serve_tcp_listener`], with more routes of the agent's (the edge
+/// time-series queries) under the same limits.
+pub async fn serve_tcp_listener_with(host: MapperHost, listener: tokio::net::TcpListener, extra: Router) {
     if let Ok(a) = listener.local_addr() {
         tracing::info!(addr = %a, "local device API listening");
     }
-    let app = router(host);
+    let app = finish_router(routes(host).merge(extra));
     let listener = Arc::new(listener);
     accept_loop(
         move || {

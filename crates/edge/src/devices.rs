@@ -135,7 +135,11 @@ pub async fn start_devices(node: &str, data_dir: &Path, opts: &DeviceOptions) ->
         Some(addr) => match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => {
                 let bound = l.local_addr().ok();
-                tasks.push(tokio::spawn(yunbian_devices::local_api::serve_tcp_listener(host.clone(), l)));
+                let extra = match rules.tsdb() {
+                    Some(db) => crate::data_api::router(db),
+                    None => axum::Router::new(),
+                };
+                tasks.push(tokio::spawn(yunbian_devices::local_api::serve_tcp_listener_with(host.clone(), l, extra)));
                 bound
             }
             Err(e) => {

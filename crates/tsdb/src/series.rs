@@ -188,4 +188,115 @@ impl Selector {
     pub fn matches(&self, key: &SeriesKey) -> bool {
         self.metric.as_deref().is_none_or(|m| m == key.name()) && self.matchers.iter().all(|m| m.matches(key))
     }
+
+    /// Parses the selector syntax of the query API and CLI (Prometheus's):
+    /// `metric`, `metric{tag="v", tag!="v", tag=~"re", tag!~"re"}`, or
+    /// `{…}` alone. Values are double-quoted with `\"` and `\\` escapes.
+    pub fn parse(text: &str) -> Result<Selector, Error> {
+        let bad = |m: &str| Error::InvalidQuery(format!("selector {text:?}: {m}"));
+        let s = text.trim();
+        let (metric, rest) = match s.find('{') {
+            Some(i) => (s[..i].trim(), &s[i..]),
+            None => (s, ""),
+        };
+        let mut sel = if metric.is_empty() { Selector::all() } else { Selector::metric(metric) };
+        if !metric.is_empty() && !metric.chars().all(|c| c.is_ascii_alphanumeric() || "_:.-".contains(c)) {
+            return Err(bad("metric names are letters, digits, '_', ':', '.' and '-'"));
+        }
+        if rest.is_empty() {
+            if metric.is_empty() {
+                return Err(bad("empty"));
+            }
+            return Ok(sel);
+        }
+        let body = rest.strip_prefix('{').and_then(|r| r.strip_suffix('}')).ok_or_else(|| bad("unbalanced braces"))?;
+        let mut chars = body.chars().peekable();
+        loop {
+            while chars.peek().is_some_and(|c| c.is_whitespace() || *c == ',') {
+                chars.next();
+            }
+            if chars.peek().is_none() {
+                break;
+            }
+            let mut name = String::new();
+            while let Some(&c) = chars.peek() {
+                if c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-' || c == '/' {
+                    name.push(c);
+                    chars.next();
+                } else {
+                    break;
+                }
+            }
+            while chars.peek().is_some_and(|c| c.is_whitespace()) {
+                chars.next();
+            }
+            let mut op = String::new();
+            while let Some(&c) = chars.peek() {
+                if "=!~".contains(c) {
+                    op.push(c);
+                    chars.next();
+                } else {
+                    break;
+                }
+            }
+            while chars.peek().is_some_and(|c| c.is_whitespace()) {
+                chars.next();
+            }
+            if name.is_empty() {
+                return Err(bad("expected a tag name"));
+            }
+            if chars.next() != Some('"') {
+                return Err(bad("expected a double-quoted value"));
+            }
+            let mut value = String::new();
+            loop {
+                match chars.next() {
+                    Some('\\') => match chars.next() {
+                        Some(c) => value.push(c),
+                        None => return Err(bad("unterminated value")),
+                    },
+                    Some('"') => break,
+                    Some(c) => value.push(c),
+                    None => return Err(bad("unterminated value")),
+                }
+            }
+            let m = match op.as_str() {
+                "=" => TagMatcher::eq(name, value),
+                "!=" => TagMatcher::ne(name, value),
+                "=~" => TagMatcher::re(name, &value)?,
+                "!~" => TagMatcher::not_re(name, &value)?,
+                other => return Err(bad(&format!("unknown operator {other:?}"))),
+            };
+            sel = sel.with(m);
+        }
+        if sel.metric.is_none() && sel.matchers.is_empty() {
+            return Err(bad("select a metric or at least one tag"));
+        }
+        Ok(sel)
+    }
+}
+
+#[cfg(test)]
+mod selector_tests {
+    use super::*;
+
+    fn key(metric: &str, tags: &[(&str, &str)]) -> SeriesKey {
+        SeriesKey::new(metric, tags.iter().map(|(k, v)| (k.to_string(), v.to_string()))).expect("key")
+    }
+
+    #[test]
+    fn parses_prometheus_style_selectors() {
+        let s = Selector::parse(r#"temperature{device="boiler-1", site!="b",node=~"edge-.*"}"#).expect("parses");
+        assert!(s.matches(&key("temperature", &[("device", "boiler-1"), ("site", "a"), ("node", "edge-1")])));
+        assert!(!s.matches(&key("temperature", &[("device", "boiler-1"), ("site", "b"), ("node", "edge-1")])));
+        assert!(!s.matches(&key("temperature", &[("device", "boiler-2"), ("site", "a"), ("node", "edge-1")])));
+        assert!(!s.matches(&key("humidity", &[("device", "boiler-1"), ("node", "edge-1")])));
+        let any = Selector::parse(r#"{device!~"boiler-.*"}"#).expect("parses");
+        assert!(any.matches(&key("x", &[("device", "pump")])));
+        assert!(Selector::parse("temp").expect("bare").matches(&key("temp", &[])));
+        assert!(Selector::parse(r#"t{a="q\"x"}"#).expect("escape").matches(&key("t", &[("a", "q\"x")])));
+        for bad in ["", "{}", "t{a=b}", r#"t{a=="b"}"#, r#"t{a="b""#, "t{", "te mp", r#"t{a=~"("}"#] {
+            assert!(Selector::parse(bad).is_err(), "{bad:?} should not parse");
+        }
+    }
 }

@@ -110,6 +110,20 @@ spec:
   properties:
     - {name: temperature, virtual: {generator: sine, amplitude: 5, period: 90s, offset: 18}}
     - {name: humidity, virtual: {generator: randomWalk, start: 60, step: 1, min: 20, max: 90}}
+---
+apiVersion: yunbian.io/v1
+kind: Rule
+metadata: {name: boiler-avg}
+spec:
+  nodeSelector: {site: a}
+  source: {devices: {models: [boiler], properties: [temperature]}}
+  steps:
+    - filter: "quality == 'good'"
+    - window: {size: 10s, aggregate: avg}
+    - rename: temperature_avg_10s
+  sinks:
+    - tsdb: {}
+    - mqtt: {topic: "rules/{tags.device}/temperature_avg"}
 "#;
 
 /// The sample app that reads device data from its node's edge bus.
@@ -230,7 +244,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         outage(&client, &link, args.outage).await?;
     }
     println!(
-        "\nThe cluster is up. In another terminal:\n\n    export YUNBIAN_CONFIG={}\n    {exe} get nodes -o wide\n    {exe} get instances\n    {exe} get devices\n    {exe} describe device boiler-1\n    {exe} device set boiler-1 setpoint=80 --wait\n    {exe} device watch boiler-1\n    {exe} logs app/device-reader --follow\n    mosquitto_sub -p {MQTT_BASE} -t 'yunbian/devices/#' -v   (edge-a1's bus)\n    {exe} logs app/hello --follow\n    {exe} apply -f <your-app.yaml>\n\nPress Ctrl-C to stop (the demo's apps are deleted first, so no workload outlives it).",
+        "\nThe cluster is up. In another terminal:\n\n    export YUNBIAN_CONFIG={}\n    {exe} get nodes -o wide\n    {exe} get instances\n    {exe} get devices\n    {exe} describe device boiler-1\n    {exe} device set boiler-1 setpoint=80 --wait\n    {exe} device watch boiler-1\n    {exe} logs app/device-reader --follow\n    mosquitto_sub -p {MQTT_BASE} -t 'yunbian/devices/#' -v   (edge-a1's bus)\n    {exe} get rules -o wide\n    curl -G http://127.0.0.1:17790/v1/query --data-urlencode 'q=temperature_avg_10s{{device=\"boiler-1\"}}' -d since=10m   (edge-a1's store)\n    {exe} logs app/hello --follow\n    {exe} apply -f <your-app.yaml>\n\nPress Ctrl-C to stop (the demo's apps are deleted first, so no workload outlives it).",
         cloud.admin_config.display()
     );
     if args.exit_when_ready {
@@ -250,7 +264,7 @@ async fn devices(client: &yunbian_cli::Client, exe: &str) -> Result<crate::modbu
     for doc in yunbian_api::parse_manifests(&manifests).context("demo devices")? {
         client.apply(&doc.to_value()).await?;
     }
-    say("applied device models boiler and env-sensor, and devices boiler-1 (Modbus), env-a2 and env-b1 (virtual)");
+    say("applied device models boiler and env-sensor, devices boiler-1 (Modbus), env-a2 and env-b1 (virtual), and the rule boiler-avg (10 s averages into the edge time-series store and onto the bus)");
     let reader: Value = serde_yaml::from_str(&device_reader(exe)).context("device-reader app")?;
     client.apply(&reader).await?;
     say("applied the sample app `device-reader`: it reads every reading from its node's MQTT bus");

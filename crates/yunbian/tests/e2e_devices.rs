@@ -80,6 +80,19 @@ fn watch_lines(c: &Cluster, args: &[&str], n: usize) -> Vec<String> {
     lines
 }
 
+/// `GET http://addr path` → (status, body), plain HTTP/1.1.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("send");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read");
+    let code = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (code, body)
+}
+
 fn mosquitto(tool: &str, port: u16, args: &[&str]) -> String {
     let mut cmd = Command::new(tool);
     cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()]).args(args);
@@ -270,7 +283,8 @@ fn a_rule_windows_device_readings_onto_the_bus_and_reports_per_node() {
     }
     let mut c = Cluster::start("devices-rules");
     let port = free_port();
-    c.join_with("edge-1", EdgeSetup::new().mqtt(&format!("127.0.0.1:{port}")));
+    let api = format!("127.0.0.1:{}", free_port());
+    c.join_with("edge-1", EdgeSetup::new().mqtt(&format!("127.0.0.1:{port}")).device_api(&api));
     c.apply(MODEL);
     c.apply(&virtual_device("t1", "node: edge-1"));
 
@@ -312,6 +326,17 @@ spec:
         assert!(v["value"].as_f64().is_some_and(|x| (0.0..=40.0).contains(&x)), "{v}");
         assert_eq!(v["ts"].as_i64().map(|t| t % 1000), Some(0), "a 1 s window ends on a second: {v}");
     }
+    // The tsdb sink wrote the same windows into the edge store, which apps
+    // query over the agent's local API.
+    let (code, body) = http_get(&api, "/v1/query?q=temp_avg_1s%7Bdevice%3D%22t1%22%7D&since=10m");
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("JSON");
+    let points = v["series"][0]["points"].as_array().cloned().unwrap_or_default();
+    assert!(!points.is_empty() && v["series"][0]["tags"]["model"] == "thermostat", "{v}");
+    assert!(points.iter().all(|p| p[0].as_i64().is_some_and(|t| t % 1000 == 0)), "{v}");
+    let (code, body) = http_get(&api, "/v1/query?q=temp_avg_1s%7Bdevice%3D%22t1%22&since=10m");
+    assert_eq!(code, 400, "a broken selector is a 400: {body}");
+
     // Per-node throughput reaches the cloud and `get rules`.
     eventually(Duration::from_secs(60), "rule status from edge-1", || {
         let r = c.get("rules", "temp-avg").ok_or("no rule")?;

@@ -525,6 +525,7 @@ pub struct EdgeSetup {
     labels: String,
     heartbeat: String,
     mqtt: Option<String>,
+    device_api: Option<String>,
     extra: Vec<String>,
 }
 
@@ -536,6 +537,7 @@ impl Default for EdgeSetup {
             labels: "site=a".into(),
             heartbeat: "1s".into(),
             mqtt: None,
+            device_api: None,
             extra: Vec::new(),
         }
     }
@@ -566,6 +568,11 @@ impl EdgeSetup {
     /// Runs the agent's MQTT broker on `addr` (default: a free port nobody is told about).
     pub fn mqtt(mut self, addr: &str) -> EdgeSetup {
         self.mqtt = Some(addr.into());
+        self
+    }
+    /// Serves the agent's local device and data API on `addr` (default: off).
+    pub fn device_api(mut self, addr: &str) -> EdgeSetup {
+        self.device_api = Some(addr.into());
         self
     }
     /// Extra arguments for the agent (`--mqtt-site-listen …`).
@@ -1023,6 +1030,9 @@ impl Cluster {
         v.extend(EDGE_RUN_ARGS[2..].iter().map(|s| s.to_string()));
         if let Some(m) = &setup.mqtt {
             v[5] = m.clone();
+        }
+        if let Some(a) = &setup.device_api {
+            v[7] = a.clone();
         }
         v.extend(setup.extra.iter().cloned());
         v
