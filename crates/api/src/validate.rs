@@ -584,6 +584,33 @@ impl Validate for RuleSpec {
             }
             if let Some(m) = &sk.mqtt {
                 check_topic(&join(&sp, "mqtt.topic"), &m.topic, errs);
+                // `{…}` placeholders can become anything: match them as `+`.
+                let concrete: String = {
+                    let mut out = String::new();
+                    let mut depth = 0;
+                    for c in m.topic.chars() {
+                        match c {
+                            '{' => depth += 1,
+                            '}' if depth > 0 => {
+                                depth -= 1;
+                                if depth == 0 {
+                                    out.push('\u{1}');
+                                }
+                            }
+                            _ if depth == 0 => out.push(c),
+                            _ => {}
+                        }
+                    }
+                    out
+                };
+                let source_filter = match (&self.source.mqtt, &self.source.devices) {
+                    (Some(s), _) => Some(s.topic.as_str()),
+                    (None, Some(_)) => Some("yunbian/devices/+/properties/+"),
+                    _ => None,
+                };
+                if source_filter.is_some_and(|f| topic_may_match(f, &concrete)) {
+                    errs.add(join(&sp, "mqtt.topic"), "matches the rule's own source: the rule would feed itself");
+                }
             }
             if let Some(c) = &sk.cloud {
                 if c.priority > 9 {
@@ -595,6 +622,22 @@ impl Validate for RuleSpec {
                     errs.add(join(&sp, "alert.message"), "must not be empty");
                 }
             }
+        }
+    }
+}
+
+/// Whether MQTT filter `filter` can match `topic`, where `\u{1}` in the
+/// topic stands for any text (a `{…}` placeholder).
+fn topic_may_match(filter: &str, topic: &str) -> bool {
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b || b.contains('\u{1}') => {}
+            (None, None) => return true,
+            _ => return false,
         }
     }
 }
@@ -664,5 +707,16 @@ sinks:
         ] {
             assert!(errs.iter().any(|e| e.starts_with(want)), "{want} not in {errs:?}");
         }
+        // A rule must not publish where it reads.
+        let y = r#"
+source: {devices: {}}
+sinks: [{mqtt: {topic: "yunbian/devices/{tags.device}/properties/avg"}}, {mqtt: {topic: "rules/avg"}}]
+"#;
+        let v: serde_json::Value = serde_yaml::from_str(y).expect("yaml");
+        let spec: RuleSpec = serde_json::from_value(v).expect("shape");
+        let mut e = Errors::default();
+        spec.validate("spec", &mut e);
+        let errs: Vec<String> = e.0.iter().map(|e| e.to_string()).collect();
+        assert_eq!(errs, ["spec.sinks[0].mqtt.topic: matches the rule's own source: the rule would feed itself"]);
     }
 }

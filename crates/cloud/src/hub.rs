@@ -691,8 +691,17 @@ impl Hub {
                     }
                 }
                 Report::RuleStatus { rule, status } => {
+                    let members = self.lock().rules.placed_on(&rule).cloned().unwrap_or_default();
+                    if !members.contains(node) {
+                        tracing::debug!(node, rule = %rule, "status of a rule not placed on the node ignored");
+                        self.metrics.reports_applied.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     let r = update_status::<RuleSpec>(&self.store, &rule, |o| {
-                        if o.status.nodes.get(node) == Some(&status) {
+                        // Nodes the rule left (unselected, paused, deleted) drop out.
+                        let before = o.status.nodes.len();
+                        o.status.nodes.retain(|n, _| members.contains(n));
+                        if o.status.nodes.get(node) == Some(&status) && o.status.nodes.len() == before {
                             return false;
                         }
                         o.status.nodes.insert(node.to_string(), status.clone());

@@ -78,6 +78,11 @@ impl RuleRouting {
         r
     }
 
+    /// The nodes rule `name` is placed on.
+    pub fn placed_on(&self, name: &str) -> Option<&BTreeSet<String>> {
+        self.rules.get(name).map(|r| &r.nodes)
+    }
+
     /// Every node's rule objects.
     pub fn wanted(&self) -> HashMap<String, Vec<DesiredObject>> {
         let mut out: HashMap<String, Vec<DesiredObject>> = HashMap::new();
@@ -146,12 +151,9 @@ impl RuleRouting {
                 out.entry(name.to_string()).or_default().push(Change::Upsert { object: r.object.clone() });
             } else if !member && was {
                 r.nodes.remove(name);
-                // A deleted node has no view worth changing.
-                if node_labels.is_some() {
-                    out.entry(name.to_string())
-                        .or_default()
-                        .push(Change::Remove { kind: Kind::Rule, name: rule.clone() });
-                }
+                // Also for a deleted node: its view lives on, and a node
+                // joining again under the name must not inherit the rule.
+                out.entry(name.to_string()).or_default().push(Change::Remove { kind: Kind::Rule, name: rule.clone() });
             }
         }
         out

@@ -26,6 +26,10 @@ use yunbian_tsdb::{Aggregation, Selector, SeriesKey, Store};
 
 /// Most points a raw (unstepped) query returns.
 pub const MAX_POINTS: usize = 1_000_000;
+/// Most steps of a stepped query (per series).
+pub const MAX_STEPS: i64 = 100_000;
+/// Longest range of a raw query.
+pub const MAX_RAW_RANGE_MS: i64 = 86_400_000;
 
 type Tsdb = Arc<Mutex<Store>>;
 
@@ -112,6 +116,13 @@ async fn query(State(db): State<Tsdb>, Query(p): Query<QueryParams>) -> Response
         Err(e) => return bad(e),
     };
     let start = end - since.max(1);
+    if let Some(step) = step {
+        if step <= 0 || (end - start) / step > MAX_STEPS {
+            return bad(format!("more than {MAX_STEPS} steps: use a larger step or a shorter range"));
+        }
+    } else if since > MAX_RAW_RANGE_MS {
+        return bad("a raw query covers at most 24h: add a step for longer ranges");
+    }
     let result = tokio::task::spawn_blocking(move || {
         let mut store = db.lock().unwrap_or_else(|e| e.into_inner());
         match step {
@@ -139,7 +150,11 @@ async fn series(State(db): State<Tsdb>, Query(p): Query<SeriesParams>) -> Respon
         Ok(s) => s,
         Err(e) => return bad(e.to_string()),
     };
-    let keys = db.lock().unwrap_or_else(|e| e.into_inner()).series(&sel);
+    let keys =
+        match tokio::task::spawn_blocking(move || db.lock().unwrap_or_else(|e| e.into_inner()).series(&sel)).await {
+            Ok(k) => k,
+            Err(e) => return bad(format!("query task: {e}")),
+        };
     let out: Vec<serde_json::Value> = keys.iter().map(|k| json!({"metric": k.name(), "tags": tags_json(k)})).collect();
     Json(json!({"series": out})).into_response()
 }

@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,11 +24,96 @@ use yunbian_devices::bus::EdgeBus;
 use yunbian_devices::DeviceConfig;
 use yunbian_rules::{CompiledRule, Output, Quality, Record, RuleRunner, RuleStats, Value};
 
+/// Points queued for the tsdb writer thread (beyond it, points are dropped
+/// and counted as the rule's errors).
+const TSDB_QUEUE: usize = 65_536;
+/// How often the writer applies retention.
+const RETENTION_EVERY: Duration = Duration::from_secs(60);
+
+/// Where a rule's sink errors are counted (shared with the writer thread).
+#[derive(Clone, Default)]
+struct SinkErrors {
+    count: Arc<AtomicU64>,
+    last: Arc<Mutex<String>>,
+}
+
+impl SinkErrors {
+    fn add(&self, e: String) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.last) = e;
+    }
+}
+
+type TsdbWrite = (yunbian_tsdb::SeriesKey, i64, f64, SinkErrors);
+
+/// The edge time-series store, owned by one writer thread: rule tasks
+/// queue points (never blocking the async runtime: appends may flush,
+/// fsync and compact), the thread appends them and applies retention;
+/// queries lock the store from blocking threads.
+#[derive(Clone)]
+pub struct EdgeTsdb {
+    store: Arc<Mutex<yunbian_tsdb::Store>>,
+    tx: std::sync::mpsc::SyncSender<TsdbWrite>,
+}
+
+impl EdgeTsdb {
+    /// Opens the store in `dir` and starts its writer thread.
+    pub fn open(dir: &Path) -> Result<EdgeTsdb, yunbian_tsdb::Error> {
+        let store = Arc::new(Mutex::new(yunbian_tsdb::Store::open(dir, yunbian_tsdb::Options::default())?));
+        let (tx, rx) = std::sync::mpsc::sync_channel::<TsdbWrite>(TSDB_QUEUE);
+        let s = store.clone();
+        let spawned = std::thread::Builder::new().name("edge-tsdb".into()).spawn(move || {
+            let mut last_retention = std::time::Instant::now();
+            loop {
+                let first = match rx.recv_timeout(Duration::from_secs(1)) {
+                    Ok(w) => Some(w),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                };
+                let mut batch: Vec<TsdbWrite> = first.into_iter().collect();
+                while batch.len() < 10_000 {
+                    match rx.try_recv() {
+                        Ok(w) => batch.push(w),
+                        Err(_) => break,
+                    }
+                }
+                let mut store = lock(&s);
+                for (key, ts, v, errs) in batch {
+                    if let Err(e) = store.append(&key, ts, v) {
+                        errs.add(format!("tsdb sink: {e}"));
+                    }
+                }
+                if last_retention.elapsed() >= RETENTION_EVERY {
+                    last_retention = std::time::Instant::now();
+                    if let Err(e) = store.apply_retention(unix_ms()) {
+                        tracing::warn!(error = %e, "edge tsdb: retention");
+                    }
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the edge tsdb writer thread");
+        }
+        Ok(EdgeTsdb { store, tx })
+    }
+
+    /// The store, for queries (lock it only from blocking threads).
+    pub fn store(&self) -> Arc<Mutex<yunbian_tsdb::Store>> {
+        self.store.clone()
+    }
+
+    fn write(&self, w: TsdbWrite) -> Result<(), String> {
+        self.tx.try_send(w).map_err(|_| "tsdb sink: the writer is behind; point dropped".to_string())
+    }
+}
+
 /// Devices the rule tasks may read: name → (model, labels).
 type DeviceIndex = Arc<Mutex<HashMap<String, (String, BTreeMap<String, String>)>>>;
 
 struct Running {
-    generation: u64,
+    /// (uid, generation) of the spec it runs: a rule deleted and created
+    /// again restarts even at the same generation.
+    version: (String, u64),
     stats: Arc<Mutex<(RuleStats, String)>>,
     task: tokio::task::JoinHandle<()>,
     /// `records_in` at the last status, and when.
@@ -37,7 +123,7 @@ struct Running {
 /// Runs the node's rules.
 pub struct RuleHost {
     bus: Arc<dyn EdgeBus>,
-    tsdb: Option<Arc<Mutex<yunbian_tsdb::Store>>>,
+    tsdb: Option<EdgeTsdb>,
     devices: DeviceIndex,
     running: Mutex<HashMap<String, Running>>,
 }
@@ -54,8 +140,8 @@ impl RuleHost {
     /// A host whose tsdb sink writes under `data_dir/tsdb` (a store that
     /// cannot be opened is logged; tsdb sinks then count errors).
     pub fn new(data_dir: &Path, bus: Arc<dyn EdgeBus>) -> Self {
-        let tsdb = match yunbian_tsdb::Store::open(data_dir.join("tsdb"), yunbian_tsdb::Options::default()) {
-            Ok(s) => Some(Arc::new(Mutex::new(s))),
+        let tsdb = match EdgeTsdb::open(&data_dir.join("tsdb")) {
+            Ok(s) => Some(s),
             Err(e) => {
                 tracing::error!(error = %e, "cannot open the edge time-series store; rules' tsdb sinks will fail");
                 None
@@ -66,7 +152,7 @@ impl RuleHost {
 
     /// The edge time-series store, when open.
     pub fn tsdb(&self) -> Option<Arc<Mutex<yunbian_tsdb::Store>>> {
-        self.tsdb.clone()
+        self.tsdb.as_ref().map(|t| t.store())
     }
 
     /// Makes the running rules exactly `rules`; `devices` are the node's
@@ -91,8 +177,8 @@ impl RuleHost {
         });
         for rule in rules {
             let name = rule.name().to_string();
-            let generation = rule.metadata.generation;
-            if running.get(&name).is_some_and(|r| r.generation == generation && !r.task.is_finished()) {
+            let version = (rule.metadata.uid.clone(), rule.metadata.generation);
+            if running.get(&name).is_some_and(|r| r.version == version && !r.task.is_finished()) {
                 continue;
             }
             if let Some(old) = running.remove(&name) {
@@ -102,7 +188,7 @@ impl RuleHost {
             let task =
                 tokio::spawn(run_rule(rule, self.bus.clone(), self.tsdb.clone(), self.devices.clone(), stats.clone()));
             tracing::info!(rule = %name, "rule started");
-            running.insert(name, Running { generation, stats, task, last: (0, std::time::Instant::now()) });
+            running.insert(name, Running { version, stats, task, last: (0, std::time::Instant::now()) });
         }
     }
 
@@ -208,7 +294,7 @@ impl Source {
 async fn run_rule(
     rule: Rule,
     bus: Arc<dyn EdgeBus>,
-    tsdb: Option<Arc<Mutex<yunbian_tsdb::Store>>>,
+    tsdb: Option<EdgeTsdb>,
     devices: DeviceIndex,
     stats: Arc<Mutex<(RuleStats, String)>>,
 ) {
@@ -244,8 +330,7 @@ async fn run_rule(
     };
     let mut runner = RuleRunner::new(compiled);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut sink_errors = 0u64;
-    let mut sink_error = String::new();
+    let sink = SinkErrors::default();
     loop {
         let outputs = tokio::select! {
             m = rx.recv() => {
@@ -258,8 +343,7 @@ async fn run_rule(
                     Ok(Some(rec)) => runner.push(rec, unix_ms()),
                     Ok(None) => continue,
                     Err(e) => {
-                        sink_errors += 1;
-                        sink_error = format!("source: {e}");
+                        sink.add(format!("source: {e}"));
                         Vec::new()
                     }
                 }
@@ -267,27 +351,26 @@ async fn run_rule(
             _ = tick.tick() => runner.tick(unix_ms()),
         };
         for o in outputs {
-            if let Err(e) = execute(o, &bus, tsdb.as_ref()) {
-                sink_errors += 1;
-                sink_error = e;
+            if let Err(e) = execute(o, &bus, tsdb.as_ref(), &sink) {
+                sink.add(e);
             }
         }
         let mut s = runner.stats();
-        s.errors += sink_errors;
-        if !sink_error.is_empty() && s.last_error.is_empty() {
-            s.last_error = sink_error.clone();
+        s.errors += sink.count.load(Ordering::Relaxed);
+        if s.last_error.is_empty() {
+            s.last_error = lock(&sink.last).clone();
         }
         lock(&stats).0 = s;
     }
 }
 
-fn execute(o: Output, bus: &Arc<dyn EdgeBus>, tsdb: Option<&Arc<Mutex<yunbian_tsdb::Store>>>) -> Result<(), String> {
+fn execute(o: Output, bus: &Arc<dyn EdgeBus>, tsdb: Option<&EdgeTsdb>, errs: &SinkErrors) -> Result<(), String> {
     match o {
         Output::Tsdb { metric, tags, ts_ms, value } => {
             let store = tsdb.ok_or("tsdb sink: the edge time-series store is not open")?;
             let v = value.as_f64().ok_or_else(|| format!("tsdb sink: {value} is not a number"))?;
             let key = yunbian_tsdb::SeriesKey::new(metric, tags).map_err(|e| format!("tsdb sink: {e}"))?;
-            lock(store).append(&key, ts_ms, v).map_err(|e| format!("tsdb sink: {e}"))
+            store.write((key, ts_ms, v, errs.clone()))
         }
         Output::Mqtt { topic, payload, retain } => {
             bus.publish(&topic, payload, retain);

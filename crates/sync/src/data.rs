@@ -13,10 +13,18 @@
 //!   recognises ids it already stored ([`DataInbox::accept`]) and only acks
 //!   them, so a retry never duplicates points.
 //!
+//! - a batch in flight for longer than `resend_ms` is sent again (a send
+//!   lost on a live connection must not wait for a reconnect).
+//!
 //! Limits: total bytes and age (TTL). Past them the outbox drops whole
 //! batches — expired ones first, then the lowest priority, oldest first
-//! among equals — never one in flight, and every drop is counted by reason
+//! among equals, in flight or not (a batch the cloud stored but did not
+//! acknowledge yet is safe anyway) — and every drop is counted by reason
 //! and returned as [`DataAction::Dropped`] so it can be reported.
+//!
+//! Ids: a driver whose persisted outbox was lost (a rebuilt local store)
+//! must start ids above every id it ever used — e.g. at the current Unix
+//! time in microseconds — or the cloud would take new batches for old ones.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -74,11 +82,13 @@ pub struct DataOutboxConfig {
     pub ttl_ms: u64,
     /// Batches in flight (sent, not acknowledged).
     pub window: usize,
+    /// A batch unacknowledged this long after its send is sent again.
+    pub resend_ms: u64,
 }
 
 impl Default for DataOutboxConfig {
     fn default() -> Self {
-        DataOutboxConfig { max_bytes: 256 << 20, ttl_ms: 7 * 86_400_000, window: 16 }
+        DataOutboxConfig { max_bytes: 256 << 20, ttl_ms: 7 * 86_400_000, window: 16, resend_ms: 30_000 }
     }
 }
 
@@ -113,7 +123,8 @@ pub struct DataStats {
 pub struct DataOutbox {
     cfg: DataOutboxConfig,
     queue: BTreeMap<u64, Meta>,
-    inflight: BTreeSet<u64>,
+    /// Id → when it was (last) sent.
+    inflight: BTreeMap<u64, u64>,
     connected: bool,
     bytes: u64,
     next_id: u64,
@@ -127,7 +138,7 @@ impl DataOutbox {
         let mut o = DataOutbox {
             cfg,
             queue: BTreeMap::new(),
-            inflight: BTreeSet::new(),
+            inflight: BTreeMap::new(),
             connected: false,
             bytes: 0,
             next_id: next_id.max(1),
@@ -168,14 +179,14 @@ impl DataOutbox {
     }
 
     /// Drops expired batches, then the lowest priority (oldest first) until
-    /// the bytes fit. In-flight batches are never dropped.
+    /// the bytes fit.
     fn enforce(&mut self, now_ms: u64, out: &mut Vec<DataAction>) {
         let mut dropped: Vec<(u64, u8, DropReason)> = Vec::new();
         if self.cfg.ttl_ms > 0 {
             let expired: Vec<u64> = self
                 .queue
                 .iter()
-                .filter(|(id, m)| !self.inflight.contains(id) && now_ms.saturating_sub(m.created_ms) > self.cfg.ttl_ms)
+                .filter(|(_, m)| now_ms.saturating_sub(m.created_ms) > self.cfg.ttl_ms)
                 .map(|(id, _)| *id)
                 .collect();
             for id in expired {
@@ -185,12 +196,7 @@ impl DataOutbox {
             }
         }
         while self.bytes > self.cfg.max_bytes {
-            let victim = self
-                .queue
-                .iter()
-                .filter(|(id, _)| !self.inflight.contains(id))
-                .min_by_key(|(id, m)| (m.priority, **id))
-                .map(|(id, _)| *id);
+            let victim = self.queue.iter().min_by_key(|(id, m)| (m.priority, **id)).map(|(id, _)| *id);
             let Some(id) = victim else { break };
             if let Some(m) = self.remove(id) {
                 dropped.push((id, m.priority, DropReason::Full));
@@ -255,17 +261,33 @@ impl DataOutbox {
             return out;
         }
         let mut spent = 0u64;
+        // Overdue batches first: sent again in place (they keep their slot).
+        let overdue: Vec<(u64, u64)> = self
+            .inflight
+            .iter()
+            .filter(|(_, sent)| now_ms.saturating_sub(**sent) >= self.cfg.resend_ms)
+            .filter_map(|(id, _)| Some((*id, self.queue.get(id)?.size)))
+            .collect();
+        for (id, size) in overdue {
+            if spent > 0 && spent + size > budget_bytes {
+                return out;
+            }
+            spent += size;
+            self.inflight.insert(id, now_ms);
+            self.stats.sent += 1;
+            out.push(DataAction::Send { id });
+        }
         let candidates: Vec<(u64, u64)> =
-            self.queue.iter().filter(|(id, _)| !self.inflight.contains(id)).map(|(id, m)| (*id, m.size)).collect();
+            self.queue.iter().filter(|(id, _)| !self.inflight.contains_key(id)).map(|(id, m)| (*id, m.size)).collect();
         for (id, size) in candidates {
             if self.inflight.len() >= self.cfg.window.max(1) {
                 break;
             }
-            if spent + size > budget_bytes && !(spent == 0 && self.inflight.is_empty()) {
+            if spent + size > budget_bytes && spent > 0 {
                 break;
             }
             spent += size;
-            self.inflight.insert(id);
+            self.inflight.insert(id, now_ms);
             self.stats.sent += 1;
             out.push(DataAction::Send { id });
         }
@@ -302,10 +324,6 @@ impl Default for DataInbox {
     }
 }
 
-/// Most ids kept above the floor; past it the floor jumps (the edge sends
-/// in id order, so a gap that old is a batch the edge dropped).
-pub const INBOX_SPAN: usize = 4096;
-
 impl DataInbox {
     /// An inbox that has stored every id below `floor` and the ids in `above`.
     pub fn new(floor: u64, above: impl IntoIterator<Item = u64>) -> Self {
@@ -314,8 +332,13 @@ impl DataInbox {
         i
     }
 
-    /// Whether batch `id` is new: true exactly once per id (the caller
-    /// stores its points, then records it with [`DataInbox::stored`]).
+    /// Whether batch `id` is new (not stored yet). The caller stores its
+    /// points and records it with [`DataInbox::stored`] before looking at
+    /// another batch of the same node (one connection per node serves its
+    /// batches in order), so an id is stored at most once.
+    ///
+    /// The set above the floor is bounded by what the edge sends between
+    /// two connections' [`DataInbox::forget_below`] (its window and resends).
     pub fn accept(&self, id: u64) -> bool {
         id >= self.floor && !self.above.contains(&id)
     }
@@ -331,12 +354,6 @@ impl DataInbox {
     fn advance(&mut self) {
         while self.above.remove(&self.floor) {
             self.floor += 1;
-        }
-        while self.above.len() > INBOX_SPAN {
-            if let Some(first) = self.above.pop_first() {
-                self.floor = first + 1;
-                self.advance();
-            }
         }
     }
 

@@ -45,6 +45,7 @@ struct World {
     /// Points the cloud stored, by batch id (must be unique).
     stored: BTreeMap<u64, Vec<u8>>,
     made: BTreeMap<u64, (u8, Vec<u8>)>,
+    created: BTreeMap<u64, u64>,
     dropped: BTreeMap<u64, DropReason>,
     now: u64,
     connected: bool,
@@ -57,6 +58,7 @@ impl World {
             match a {
                 DataAction::Persist(b) => {
                     self.made.insert(b.id, (b.priority, b.payload.clone()));
+                    self.created.insert(b.id, b.created_ms);
                     self.disk.insert(b.id, (b.priority, b.created_ms, b.payload));
                 }
                 DataAction::Delete(ids) => {
@@ -68,6 +70,23 @@ impl World {
                     // A batch the cloud stored but whose ack was lost may
                     // still be dropped by the edge later: its points are safe.
                     assert_eq!(self.made[&id].0, priority, "dropped batch {id} has its priority");
+                    match reason {
+                        // The policy: lowest priority first, oldest first among equals.
+                        DropReason::Full => {
+                            let least = self.disk.iter().map(|(i, (p, _, _))| (*p, *i)).min();
+                            assert!(
+                                least.is_none_or(|l| (priority, id) < l),
+                                "dropped {id} (p{priority}) while {least:?} stays"
+                            );
+                        }
+                        DropReason::Expired => {
+                            let created = self.created[&id];
+                            assert!(
+                                self.now.saturating_sub(created) > self.cfg.ttl_ms,
+                                "batch {id} dropped before its TTL"
+                            );
+                        }
+                    }
                     assert!(self.dropped.insert(id, reason).is_none(), "batch {id} dropped twice");
                 }
                 DataAction::Send { id } => {
@@ -97,7 +116,7 @@ proptest! {
 
     #[test]
     fn nothing_lost_nothing_duplicated(ops in proptest::collection::vec(op(), 1..300)) {
-        let cfg = DataOutboxConfig { max_bytes: 3_000, ttl_ms: 20_000, window: 4 };
+        let cfg = DataOutboxConfig { max_bytes: 3_000, ttl_ms: 20_000, window: 4, resend_ms: 200 };
         let mut w = World {
             cfg,
             outbox: DataOutbox::new(cfg, [], 1),
@@ -106,6 +125,7 @@ proptest! {
             inbox_disk: (0, Vec::new()),
             stored: BTreeMap::new(),
             made: BTreeMap::new(),
+            created: BTreeMap::new(),
             dropped: BTreeMap::new(),
             now: 1_000,
             connected: false,
@@ -150,14 +170,18 @@ proptest! {
             prop_assert_eq!(s.queued as usize, w.disk.len());
             prop_assert_eq!(s.bytes, w.disk.values().map(|(_, _, b)| b.len() as u64).sum::<u64>());
         }
-        // Drain: connect and poll until empty.
-        w.connected = true;
-        w.outbox.on_connected();
-        w.inbox.forget_below(w.outbox.first_id());
+        // Drain on the connection as it is (no reconnect: lost sends must
+        // be resent by the timer), connecting first if down.
+        if !w.connected {
+            w.connected = true;
+            w.outbox.on_connected();
+            w.inbox.forget_below(w.outbox.first_id());
+        }
         for _ in 0..10_000 {
             if w.disk.is_empty() {
                 break;
             }
+            w.now += 50;
             let a = w.outbox.poll(w.now, 1 << 20);
             w.apply(a, false, false);
         }
@@ -182,8 +206,8 @@ proptest! {
 }
 
 #[test]
-fn full_outbox_drops_lowest_priority_oldest_first_and_never_in_flight() {
-    let cfg = DataOutboxConfig { max_bytes: 300, ttl_ms: 0, window: 1 };
+fn full_outbox_drops_lowest_priority_oldest_first_even_in_flight() {
+    let cfg = DataOutboxConfig { max_bytes: 300, ttl_ms: 0, window: 1, resend_ms: 1_000 };
     let mut o = DataOutbox::new(cfg, [], 1);
     o.on_connected();
     let _ = o.enqueue(1, vec![0; 100], 1); // id 1, low priority
@@ -192,15 +216,18 @@ fn full_outbox_drops_lowest_priority_oldest_first_and_never_in_flight() {
     let _ = o.enqueue(1, vec![0; 100], 2); // id 2, low
     let _ = o.enqueue(9, vec![0; 100], 3); // id 3, high
     let a = o.enqueue(5, vec![0; 100], 4); // id 4: over the limit
-                                           // Id 1 is in flight, so the oldest low-priority batch not in flight goes.
-    assert!(a.contains(&DataAction::Dropped { id: 2, priority: 1, reason: DropReason::Full }), "{a:?}");
+                                           // The oldest low-priority batch goes, even in flight: a high-priority
+                                           // batch never makes way for it.
+    assert!(a.contains(&DataAction::Dropped { id: 1, priority: 1, reason: DropReason::Full }), "{a:?}");
+    // An ack of the dropped batch is harmless.
+    assert!(o.on_ack(&[1]).is_empty());
     let s = o.stats();
     assert_eq!((s.queued, s.bytes, s.dropped_full), (3, 300, 1));
 }
 
 #[test]
 fn expired_batches_are_dropped_and_counted() {
-    let cfg = DataOutboxConfig { max_bytes: 1 << 20, ttl_ms: 1_000, window: 4 };
+    let cfg = DataOutboxConfig { max_bytes: 1 << 20, ttl_ms: 1_000, window: 4, resend_ms: 1_000 };
     let mut o = DataOutbox::new(cfg, [], 1);
     let _ = o.enqueue(5, vec![1; 10], 0);
     let _ = o.enqueue(5, vec![1; 10], 900);
@@ -224,4 +251,15 @@ fn the_inbox_recognises_old_ids_after_a_restart_and_forgets_dropped_gaps() {
     // The edge dropped 4 and will never send it: forgetting moves past 5 too.
     back.forget_below(5);
     assert_eq!(back.state(), (6, vec![]));
+}
+
+#[test]
+fn a_send_lost_on_a_live_connection_is_resent_by_the_timer() {
+    let cfg = DataOutboxConfig { max_bytes: 1 << 20, ttl_ms: 0, window: 2, resend_ms: 500 };
+    let mut o = DataOutbox::new(cfg, [], 1);
+    o.on_connected();
+    let _ = o.enqueue(5, vec![1; 10], 0);
+    assert_eq!(o.poll(0, 1_000), vec![DataAction::Send { id: 1 }]);
+    assert!(o.poll(400, 1_000).is_empty(), "not yet overdue");
+    assert_eq!(o.poll(500, 1_000), vec![DataAction::Send { id: 1 }], "resent without a reconnect");
 }

@@ -268,6 +268,13 @@ impl Selector {
                 other => return Err(bad(&format!("unknown operator {other:?}"))),
             };
             sel = sel.with(m);
+            while chars.peek().is_some_and(|c| c.is_whitespace()) {
+                chars.next();
+            }
+            match chars.next() {
+                None | Some(',') => {}
+                Some(c) => return Err(bad(&format!("expected ',' or '}}' after a value, found {c:?}"))),
+            }
         }
         if sel.metric.is_none() && sel.matchers.is_empty() {
             return Err(bad("select a metric or at least one tag"));
@@ -295,7 +302,8 @@ mod selector_tests {
         assert!(any.matches(&key("x", &[("device", "pump")])));
         assert!(Selector::parse("temp").expect("bare").matches(&key("temp", &[])));
         assert!(Selector::parse(r#"t{a="q\"x"}"#).expect("escape").matches(&key("t", &[("a", "q\"x")])));
-        for bad in ["", "{}", "t{a=b}", r#"t{a=="b"}"#, r#"t{a="b""#, "t{", "te mp", r#"t{a=~"("}"#] {
+        for bad in ["", "{}", "t{a=b}", r#"t{a="1"b="2"}"#, r#"t{a=="b"}"#, r#"t{a="b""#, "t{", "te mp", r#"t{a=~"("}"#]
+        {
             assert!(Selector::parse(bad).is_err(), "{bad:?} should not parse");
         }
     }
