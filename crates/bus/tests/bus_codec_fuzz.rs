@@ -13,12 +13,11 @@
 
 use std::path::{Path, PathBuf};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use proptest::prelude::*;
-use proptest::strategy::ValueTree;
 use yunbian_bus::codec::{
-    encode, Ack, Auth, ConnAck, Connect, Disconnect, LastWill, Packet, Properties, Protocol, Publish, QoS,
-    RetainHandling, SubAck, Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe,
+    Ack, Auth, ConnAck, Connect, Disconnect, LastWill, Packet, Properties, Protocol, Publish, QoS, RetainHandling,
+    SubAck, Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe,
 };
 use yunbian_bus::fuzzing::{check_mqtt_stream, check_round_trip};
 
@@ -363,38 +362,4 @@ proptest! {
     fn connect_round_trips(p in connect()) {
         check_round_trip(&p, None);
     }
-}
-
-/// Rewrites the hand-made seeds of the corpus.
-#[test]
-#[ignore]
-fn write_seed_corpus() {
-    let dir = corpus_dir();
-    std::fs::create_dir_all(&dir).expect("create corpus dir");
-    let bytes = |p: &Packet, v: Protocol| {
-        let mut out = BytesMut::new();
-        encode(p, v, &mut out).expect("encode");
-        out.to_vec()
-    };
-    let mut runner = proptest::test_runner::TestRunner::deterministic();
-    let write = |name: String, data: Vec<u8>| std::fs::write(dir.join(name), data).expect("write seed");
-    for i in 0..12 {
-        let p = v5_packet().new_tree(&mut runner).expect("value").current();
-        write(format!("v5_generated_{i:02}"), bytes(&p, Protocol::V5));
-        if let Some(p3) = as_v311(&p) {
-            write(format!("v311_generated_{i:02}"), bytes(&p3, Protocol::V311));
-        }
-        let c = connect().new_tree(&mut runner).expect("value").current();
-        write(format!("connect_generated_{i:02}"), bytes(&c, Protocol::V5));
-    }
-    write("v5_ping_stream".into(), vec![0xc0, 0x00, 0xc0, 0x00, 0xe0, 0x00]);
-    write("v311_publish_qos1".into(), vec![0x32, 0x08, 0x00, 0x03, b'a', b'/', b'b', 0x00, 0x01, b'x']);
-    write("bad_five_byte_length".into(), vec![0x30, 0xff, 0xff, 0xff, 0xff, 0x7f]);
-    write("bad_nonminimal_length".into(), vec![0xc0, 0x80, 0x00]);
-    write("bad_type_zero".into(), vec![0x00, 0x00]);
-    write("bad_publish_qos3".into(), vec![0x36, 0x05, 0x00, 0x01, b'a', 0x00, 0x01]);
-    write("bad_subscribe_flags".into(), vec![0x80, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x00]);
-    write("bad_utf8_topic".into(), vec![0x30, 0x04, 0x00, 0x02, 0xc3, 0x28]);
-    write("bad_wildcard_topic".into(), vec![0x30, 0x04, 0x00, 0x02, b'a', b'+']);
-    write("bad_pingreq_body".into(), vec![0xc0, 0x01, 0x00]);
 }
