@@ -6,6 +6,9 @@
 //! Tests that run Python need `python3`: without it they print `SKIP:` and
 //! pass, unless `CI` is set, where they fail.
 
+mod common_raw;
+
+use common_raw::{assert_4xx_or_closed, garbage};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -438,34 +441,9 @@ async fn python_mapper_death_takes_an_online_device_offline() {
     );
 }
 
-/// Deterministic garbage: xorshift bytes from a fixed seed.
-fn garbage(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.max(1);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 async fn send_raw(socket: &Path, bytes: &[u8]) -> Vec<u8> {
-    let mut s = UnixStream::connect(socket).await.expect("connect");
-    let _ = s.write_all(bytes).await;
-    let _ = s.shutdown().await;
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(PATIENCE, s.read_to_end(&mut buf)).await.expect("the server answers or closes");
-    buf
-}
-
-fn assert_4xx_or_closed(answer: &[u8], what: &str) {
-    if answer.is_empty() {
-        return;
-    }
-    let head = String::from_utf8_lossy(&answer[..answer.len().min(12)]).to_string();
-    assert!(head.starts_with("HTTP/1.1 4"), "{what}: expected a 4xx or a closed connection, got {head:?}");
+    let s = UnixStream::connect(socket).await.expect("connect");
+    common_raw::exchange(s, bytes, PATIENCE).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

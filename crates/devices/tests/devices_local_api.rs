@@ -2,6 +2,9 @@
 //! writes with and without `?wait=`, model errors as JSON, 404s, and garbage
 //! that gets 4xx (or a closed connection) while the server keeps serving.
 
+mod common_raw;
+
+use common_raw::{assert_4xx_or_closed, garbage};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -206,35 +209,10 @@ async fn desired_writes_are_versioned_observed_and_checked_against_the_model() {
     assert_eq!(f.host.twin("vd1").expect("twin").twins["setpoint"].desired.as_ref().map(|d| d.version), Some(v2));
 }
 
-/// Deterministic garbage: xorshift bytes from a fixed seed.
-fn garbage(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.max(1);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// Sends `bytes` then closes the write half; returns what came back.
 async fn send_raw(addr: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    let _ = s.write_all(bytes).await;
-    let _ = s.shutdown().await;
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(PATIENCE, s.read_to_end(&mut buf)).await.expect("the server answers or closes");
-    buf
-}
-
-fn assert_4xx_or_closed(answer: &[u8], what: &str) {
-    if answer.is_empty() {
-        return;
-    }
-    let head = String::from_utf8_lossy(&answer[..answer.len().min(12)]).to_string();
-    assert!(head.starts_with("HTTP/1.1 4"), "{what}: expected a 4xx or a closed connection, got {head:?}");
+    let s = TcpStream::connect(addr).await.expect("connect");
+    common_raw::exchange(s, bytes, PATIENCE).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
