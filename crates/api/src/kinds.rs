@@ -147,6 +147,46 @@ pub struct NodeUsage {
     /// Instances the agent is running.
     #[serde(default)]
     pub instances: u32,
+    /// The store-and-forward data outbox (absent on nodes without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_outbox: Option<DataOutboxStatus>,
+}
+
+/// Backlog and counters of a node's store-and-forward data outbox.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DataOutboxStatus {
+    /// Batches waiting for the cloud's acknowledgement.
+    #[serde(default)]
+    pub queued_batches: u64,
+    /// Their bytes.
+    #[serde(default)]
+    pub queued_bytes: u64,
+    /// Points in them.
+    #[serde(default)]
+    pub queued_points: u64,
+    /// Age of the oldest queued batch, seconds (0 when empty).
+    #[serde(default)]
+    pub oldest_age_seconds: u64,
+    /// Points the cloud acknowledged since the outbox was created.
+    #[serde(default)]
+    pub acked_points: u64,
+    /// Points dropped because their batch outlived the TTL.
+    #[serde(default)]
+    pub dropped_expired_points: u64,
+    /// Points dropped because the outbox was over its size limit (lowest
+    /// priority first, then oldest).
+    #[serde(default)]
+    pub dropped_full_points: u64,
+    /// Points dropped because their batch could not be written to disk.
+    #[serde(default)]
+    pub dropped_disk_points: u64,
+    /// The configured upload limit, bytes per second (0: none).
+    #[serde(default)]
+    pub bandwidth_limit: u64,
+    /// The last error writing or reading the outbox, if any.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_error: String,
 }
 
 /// Capacity the scheduler may hand out.

@@ -28,6 +28,7 @@ use yunbian_store::{Coordinator, EventType, Store, StoreError, StoredObject};
 use yunbian_sync::wire::{decode_up, encode};
 use yunbian_sync::{Change, CloudAction, CloudSession, DesiredObject, Down, NodeView, Report, SessionConfig, Up};
 
+use crate::data_store::{DataStore, DataStoreError, Ingested};
 use crate::device_views::DeviceRouting;
 use crate::metrics::Metrics;
 use crate::objects::{self, now_rfc3339, update_status};
@@ -129,7 +130,24 @@ pub struct Hub {
     /// Set once the views were built from the store; connections before
     /// that would be served an empty view.
     views_ready: std::sync::atomic::AtomicBool,
+    /// Where store-and-forward data goes (set once at start).
+    data: std::sync::OnceLock<Arc<dyn DataStore>>,
+    /// Per node: held while one of its batches is checked and stored, so
+    /// two connections of one node never store the same batch twice.
+    data_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
+
+/// A data batch on its way from a connection to the data store.
+struct DataIn {
+    id: u64,
+    first_id: u64,
+    points: u64,
+    payload: Vec<u8>,
+}
+
+/// Batches a connection queues for its data task before it refuses more
+/// (an edge keeps at most its window in flight, plus resends).
+const DATA_QUEUE: usize = 64;
 
 /// Node and generation of an instance (cheap: no copy of the object).
 fn placement_of(o: &StoredObject) -> Option<(String, u64)> {
@@ -213,6 +231,8 @@ impl Hub {
             next_id: AtomicU64::new(1),
             started: Instant::now(),
             views_ready: std::sync::atomic::AtomicBool::new(false),
+            data: std::sync::OnceLock::new(),
+            data_locks: Mutex::new(HashMap::new()),
         })
     }
 
@@ -544,11 +564,81 @@ impl Hub {
         Ok(rx)
     }
 
+    /// Sets where store-and-forward data is stored. Until it is set, data
+    /// batches are not acknowledged (edges keep them).
+    pub fn set_data_store(&self, store: Arc<dyn DataStore>) {
+        if self.data.set(store).is_err() {
+            tracing::warn!("data store set twice; keeping the first");
+        }
+    }
+
+    /// Stores the batches a connection receives, one at a time and in
+    /// order, and acknowledges each once stored (or known).
+    async fn run_data(self: Arc<Self>, node: String, mut rx: mpsc::Receiver<DataIn>, control: mpsc::Sender<Down>) {
+        while let Some(b) = rx.recv().await {
+            let Some(store) = self.data.get().cloned() else {
+                tracing::warn!(node = %node, "no data store: batch {} kept by the edge", b.id);
+                continue;
+            };
+            let lock = self.data_locks.lock().expect("data locks").entry(node.clone()).or_default().clone();
+            let _held = lock.lock().await;
+            let n = node.clone();
+            let id = b.id;
+            let result = tokio::task::spawn_blocking(move || {
+                let series = yunbian_tsdb::batch::decode(&b.payload)
+                    .map_err(|e| DataStoreError::Malformed(e.to_string()))?;
+                let got: u64 = series.iter().map(|s| s.points.len() as u64).sum();
+                if got != b.points {
+                    return Err(DataStoreError::Malformed(format!("{got} points, header says {}", b.points)));
+                }
+                store.ingest(&n, b.id, b.first_id, series)
+            })
+            .await;
+            let m = &self.metrics;
+            let ack = match result {
+                Ok(Ok(Ingested::Stored { accepted, rejected })) => {
+                    m.data_batches_stored.fetch_add(1, Ordering::Relaxed);
+                    m.data_points_stored.fetch_add(accepted, Ordering::Relaxed);
+                    if rejected > 0 {
+                        m.data_points_rejected.fetch_add(rejected, Ordering::Relaxed);
+                        tracing::warn!(node = %node, batch = id, rejected, "points of a batch refused by the data store");
+                    }
+                    true
+                }
+                Ok(Ok(Ingested::Duplicate)) => {
+                    m.data_batches_duplicate.fetch_add(1, Ordering::Relaxed);
+                    true
+                }
+                Ok(Err(DataStoreError::Malformed(e))) => {
+                    // Sending it again cannot help: acknowledge, count, log.
+                    m.data_batches_malformed.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(node = %node, batch = id, error = %e, "malformed data batch dropped");
+                    true
+                }
+                Ok(Err(e)) => {
+                    m.data_store_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(node = %node, batch = id, error = %e, "data batch not stored; the edge will resend it");
+                    false
+                }
+                Err(e) => {
+                    m.data_store_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(node = %node, batch = id, error = %e, "data ingest task failed");
+                    false
+                }
+            };
+            if ack && control.send(Down::DataAck { ids: vec![id] }).await.is_err() {
+                return; // connection gone; the edge sends it again and we answer Duplicate
+            }
+        }
+    }
+
     /// Serves one authenticated node connection until it ends.
     pub async fn serve(self: Arc<Self>, node: String, address: String, cert_expiry: u64, mut ws: WebSocket) {
         let conn = self.next_id.fetch_add(1, Ordering::Relaxed);
         let notify = Arc::new(Notify::new());
         let (control_tx, mut control_rx) = mpsc::channel::<Down>(256);
+        let (data_tx, data_rx) = mpsc::channel::<DataIn>(DATA_QUEUE);
+        let data_task = tokio::spawn(self.clone().run_data(node.clone(), data_rx, control_tx.clone()));
         {
             let mut inner = self.lock();
             inner.links.insert(node.clone(), Link { conn, notify: notify.clone(), control: control_tx });
@@ -605,6 +695,12 @@ impl Hub {
                             self.log_end(&node, stream, error);
                             continue;
                         }
+                        Up::Data { id, first_id, points, payload, .. } => {
+                            if data_tx.try_send(DataIn { id, first_id, points, payload }).is_err() {
+                                tracing::warn!(node = %node, batch = id, "data queue full; the edge will resend");
+                            }
+                            continue;
+                        }
                         up => {
                             let now = self.now_ms();
                             let mut inner = self.lock();
@@ -636,6 +732,8 @@ impl Hub {
             }
         };
         tracing::info!(node = %node, reason = %reason, "edge disconnected");
+        drop(data_tx);
+        data_task.abort();
         let _ = ws.send(Message::Close(None)).await;
         {
             let mut inner = self.lock();
@@ -761,7 +859,15 @@ impl Hub {
             // Usage (instance count included) is refreshed every
             // `status_interval`: writing it on every change would double
             // the store writes of a fleet-wide rollout.
-            let changed = l.info != info || l.limits != limits || l.disk_pressure != disk_pressure;
+            let drops = |u: &NodeUsage| {
+                u.data_outbox.as_ref().map(|d| {
+                    (d.dropped_expired_points, d.dropped_full_points, d.dropped_disk_points, d.last_error.clone())
+                })
+            };
+            let changed = l.info != info
+                || l.limits != limits
+                || l.disk_pressure != disk_pressure
+                || drops(&l.usage) != drops(&usage);
             if l.disk_pressure != disk_pressure {
                 if disk_pressure.is_empty() {
                     tracing::info!(node, "disk pressure cleared");

@@ -21,6 +21,7 @@ use yunbian_store::{Coordinator, RedbStore, Store};
 pub mod api;
 pub mod bootstrap;
 pub mod controllers;
+pub mod data_store;
 pub mod device_placement;
 pub mod device_views;
 pub mod hub;

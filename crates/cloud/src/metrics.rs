@@ -40,6 +40,18 @@ pub struct Metrics {
     pub leader: AtomicU64,
     /// Latest store revision.
     pub store_revision: AtomicU64,
+    /// Data batches stored.
+    pub data_batches_stored: AtomicU64,
+    /// Data batches received again after they were stored (acknowledged only).
+    pub data_batches_duplicate: AtomicU64,
+    /// Data batches that did not decode (acknowledged and dropped).
+    pub data_batches_malformed: AtomicU64,
+    /// Data batches the store failed to write (not acknowledged).
+    pub data_store_errors: AtomicU64,
+    /// Points stored.
+    pub data_points_stored: AtomicU64,
+    /// Points the store refused (too old, out of order, limits).
+    pub data_points_rejected: AtomicU64,
 }
 
 fn fold_method(m: &str) -> &'static str {
@@ -141,6 +153,24 @@ impl Metrics {
             "counter",
         );
         g(&mut out, "yunbian_store_revision", "Latest store revision.", ld(&self.store_revision), "gauge");
+        for (name, help, v) in [
+            ("yunbian_data_batches_stored_total", "Store-and-forward batches stored.", &self.data_batches_stored),
+            (
+                "yunbian_data_batches_duplicate_total",
+                "Batches received again after they were stored (acknowledged, not stored twice).",
+                &self.data_batches_duplicate,
+            ),
+            (
+                "yunbian_data_batches_malformed_total",
+                "Batches that did not decode (acknowledged and dropped).",
+                &self.data_batches_malformed,
+            ),
+            ("yunbian_data_store_errors_total", "Batches the data store failed to write.", &self.data_store_errors),
+            ("yunbian_data_points_stored_total", "Points stored.", &self.data_points_stored),
+            ("yunbian_data_points_rejected_total", "Points the data store refused.", &self.data_points_rejected),
+        ] {
+            g(&mut out, name, help, ld(v), "counter");
+        }
         yunbian_telemetry::process_metrics(&mut out);
         out
     }

@@ -92,5 +92,6 @@ pub fn node_usage(data_dir: &Path, cpu: &mut CpuSampler, cpus: u32, instances: u
         memory_bytes: meminfo("MemTotal").saturating_sub(meminfo("MemAvailable")),
         disk_used_bytes: disk(data_dir).1,
         instances,
+        data_outbox: None,
     }
 }

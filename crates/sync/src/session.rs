@@ -173,7 +173,7 @@ impl CloudSession {
                     out.push(CloudAction::Send(Down::ReportAck { upto }));
                 }
             }
-            Up::Heartbeat { .. } | Up::LogData { .. } | Up::LogEnd { .. } => {}
+            Up::Heartbeat { .. } | Up::LogData { .. } | Up::LogEnd { .. } | Up::Data { .. } => {}
         }
         out
     }
@@ -357,7 +357,7 @@ impl EdgeSession {
                     self.send_outbox(now, &mut out);
                 }
             }
-            Down::LogRequest { .. } | Down::LogCancel { .. } | Down::Refused { .. } => {}
+            Down::LogRequest { .. } | Down::LogCancel { .. } | Down::Refused { .. } | Down::DataAck { .. } => {}
         }
         out
     }

@@ -114,6 +114,12 @@ pub enum Down {
         /// Cumulative acknowledgement.
         upto: u64,
     },
+    /// These data batches are durably stored in the cloud (or were stored
+    /// before): the edge may delete them.
+    DataAck {
+        /// Batch ids.
+        ids: Vec<u64>,
+    },
     /// Stream an instance's log back with [`Up::LogData`].
     LogRequest {
         /// Stream id chosen by the cloud.
@@ -178,6 +184,22 @@ pub enum Up {
         #[serde(default, skip_serializing_if = "String::is_empty")]
         disk_pressure: String,
     },
+    /// One store-and-forward data batch (see [`crate::data`]); the cloud
+    /// answers with [`Down::DataAck`] once its points are durably stored.
+    Data {
+        /// Node-unique, increasing batch id.
+        id: u64,
+        /// The edge's lowest unacknowledged batch id: it will never send an
+        /// id below it again.
+        first_id: u64,
+        /// 0–9.
+        priority: u8,
+        /// Points in the batch.
+        points: u64,
+        /// The encoded points (`yunbian_tsdb::batch`).
+        #[serde(with = "base64_bytes")]
+        payload: Vec<u8>,
+    },
     /// A chunk of a log stream.
     LogData {
         /// Stream id.
@@ -192,6 +214,20 @@ pub enum Up {
         /// Why it ended early.
         error: Option<String>,
     },
+}
+
+mod base64_bytes {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD.decode(text).map_err(serde::de::Error::custom)
+    }
 }
 
 /// Decoding failure.

@@ -46,6 +46,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agg;
+pub mod batch;
 pub mod block;
 pub mod codec;
 mod error;
