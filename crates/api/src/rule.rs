@@ -87,6 +87,10 @@ pub struct MqttSource {
     /// Metric name of the records (default: the topic).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub metric: String,
+    /// Where the reading's time is in a JSON payload, as Unix milliseconds
+    /// or an RFC 3339 string (empty: the time the message arrived).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub timestamp_path: String,
 }
 
 /// Window kinds.

@@ -57,6 +57,9 @@ pub fn describe(kind: Kind, obj: &Value, related: Option<&Related>, now: i64) ->
                 field(label, v);
             }
         }
+        if let Some(d) = obj.pointer("/status/usage/dataOutbox") {
+            field("Data Outbox", data_outbox(d));
+        }
     }
     match kind {
         Kind::Device => {
@@ -84,6 +87,30 @@ pub fn describe(kind: Kind, obj: &Value, related: Option<&Related>, now: i64) ->
         }
     }
     out
+}
+
+/// A node's store-and-forward backlog and counters, on one line.
+fn data_outbox(d: &Value) -> String {
+    let n = |k: &str| d.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let limit = match n("bandwidthLimit") {
+        0 => "no bandwidth limit".to_string(),
+        b => format!("limit {}/s", yunbian_api::quantity::format_bytes(b)),
+    };
+    let mut s = format!(
+        "{} batches ({} points, {}), oldest {}s; {} points acked; dropped: {} expired, {} over size, {} disk full; {limit}",
+        n("queuedBatches"),
+        n("queuedPoints"),
+        yunbian_api::quantity::format_bytes(n("queuedBytes")),
+        n("oldestAgeSeconds"),
+        n("ackedPoints"),
+        n("droppedExpiredPoints"),
+        n("droppedFullPoints"),
+        n("droppedDiskPoints"),
+    );
+    if let Some(e) = d.get("lastError").and_then(Value::as_str).filter(|e| !e.is_empty()) {
+        s.push_str(&format!("; last error: {e}"));
+    }
+    s
 }
 
 /// A device's connection, cycles and state, as fields.

@@ -385,12 +385,6 @@ async fn check_references(store: &Arc<dyn Store>, kind: Kind, v: &Value) -> ApiR
                 .collect();
             // Absent, and said so, rather than accepted and lost.
             for (i, sink) in r.spec.sinks.iter().enumerate() {
-                if sink.cloud.is_some() {
-                    errs.push(FieldError {
-                        path: format!("spec.sinks[{i}].cloud"),
-                        message: "not available yet: store-and-forward to the cloud is not wired into the agent".into(),
-                    });
-                }
                 if sink.alert.is_some() {
                     errs.push(FieldError {
                         path: format!("spec.sinks[{i}].alert"),

@@ -237,6 +237,7 @@ pub async fn run_agent(
         }
     };
     apply_devices(&device_objects);
+    let shipper = rules.as_ref().and_then(|r| r.shipper());
     let mut last_rule_status = Instant::now();
     tracing::info!(node = %node, applied = restored.applied, instances = desired.len(), "agent starting from local state");
 
@@ -302,14 +303,27 @@ pub async fn run_agent(
         let Some(ev) = ev_rx.recv().await else { break Ok(()) };
         let actions = match ev {
             Event::Connected(tx) => {
-                out = Some(tx);
+                out = Some(tx.clone());
                 stats.connected.store(true, Ordering::Relaxed);
                 stats.connects.fetch_add(1, Ordering::Relaxed);
                 last_heartbeat = None;
                 rehello_at = None;
-                session.on_connected(now())
+                let actions = session.on_connected(now());
+                // The Hello goes first: data batches follow it on the same queue.
+                let mut ignored = false;
+                let r = execute(&store, &mut desired, &mut device_objects, &mut ignored, actions, out.as_ref());
+                if let Some(s) = shipper {
+                    s.connected(tx);
+                }
+                if let Err(e) = r {
+                    tracing::warn!(node = %node, error = %e, "hello");
+                }
+                continue;
             }
             Event::Disconnected => {
+                if let Some(s) = shipper {
+                    s.disconnected();
+                }
                 out = None;
                 stats.connected.store(false, Ordering::Relaxed);
                 session.on_disconnected();
@@ -332,6 +346,12 @@ pub async fn run_agent(
                 Ok(Down::LogCancel { stream }) => {
                     if let Some(h) = logs.remove(&stream) {
                         h.abort();
+                    }
+                    continue;
+                }
+                Ok(Down::DataAck { ids }) => {
+                    if let Some(s) = shipper {
+                        s.acked(ids);
                     }
                     continue;
                 }
@@ -366,11 +386,12 @@ pub async fn run_agent(
                 if let Some(tx) = &out {
                     if last_heartbeat.is_none_or(|t| t.elapsed() >= cfg.heartbeat) {
                         let limits = runtime.limits_support();
-                        let usage = if cfg.real_node_info {
+                        let mut usage = if cfg.real_node_info {
                             node_info::node_usage(&cfg.data_dir, &mut cpu, info.cpus, desired.len() as u32)
                         } else {
                             yunbian_api::NodeUsage { instances: desired.len() as u32, ..Default::default() }
                         };
+                        usage.data_outbox = shipper.map(|s| s.status());
                         let mut disk_pressure = if cfg.real_node_info {
                             node_info::disk_pressure(&cfg.data_dir).unwrap_or_default()
                         } else {

@@ -29,6 +29,8 @@ pub struct DeviceOptions {
     pub broker: Option<BrokerConfig>,
     /// Where to serve the local device HTTP API (`None`: not served).
     pub local_api: Option<SocketAddr>,
+    /// Store-and-forward limits and pacing (rules' `cloud` sinks).
+    pub shipping: crate::shipper::ShipperOptions,
 }
 
 impl Default for DeviceOptions {
@@ -36,6 +38,7 @@ impl Default for DeviceOptions {
         DeviceOptions {
             broker: Some(BrokerConfig::default()),
             local_api: Some(SocketAddr::from(([127, 0, 0, 1], 7790))),
+            shipping: Default::default(),
         }
     }
 }
@@ -128,7 +131,7 @@ pub async fn start_devices(node: &str, data_dir: &Path, opts: &DeviceOptions) ->
     let (tx, rx) = mpsc::channel(1024);
     let registry = yunbian_devices::external::ExternalRegistry::new(std::time::Duration::from_secs(10));
     let factory = yunbian_devices::standard_drivers(bus.clone(), Some(registry.clone()));
-    let rules = Arc::new(crate::rules::RuleHost::new(data_dir, bus.clone()));
+    let rules = Arc::new(crate::rules::RuleHost::new(data_dir, bus.clone(), opts.shipping.clone()));
     let host = MapperHost::new(node, Some(data_dir.join("devices")), bus, factory, tx);
     let mut tasks = vec![tokio::spawn(host.clone().serve_bus_sets())];
     let local_api = match opts.local_api {

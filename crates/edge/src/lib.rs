@@ -25,6 +25,7 @@ pub mod identity;
 pub mod local_store;
 pub mod node_info;
 pub mod rules;
+pub mod shipper;
 
 pub use agent::{AgentConfig, AgentStats};
 pub use identity::{enroll, join, Identity, JoinToken};

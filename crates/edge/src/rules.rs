@@ -3,11 +3,11 @@
 //! are on `yunbian/devices/<device>/properties/<property>`; MQTT sources on
 //! their own topics), feeds records to a [`RuleRunner`], ticks it every
 //! second, and executes its outputs: points into the edge time-series
-//! store, messages onto the bus.
+//! store, messages onto the bus, points into the store-and-forward
+//! [`Shipper`] (`cloud` sinks).
 //!
-//! Not wired yet (issue 5): the `cloud` (store-and-forward) and `alert`
-//! sinks. The cloud refuses rules that use them at apply time, so a rule
-//! never silently loses data here.
+//! Not wired yet: the `alert` sink. The cloud refuses rules that use it at
+//! apply time, so a rule never silently loses alerts here.
 //!
 //! Invariant: a rule that fails to compile, or a sink that fails, is a
 //! counted error in that rule's status; it never stops the agent or other
@@ -23,6 +23,8 @@ use yunbian_api::{Rule, RuleNodeStatus};
 use yunbian_devices::bus::EdgeBus;
 use yunbian_devices::DeviceConfig;
 use yunbian_rules::{CompiledRule, Output, Quality, Record, RuleRunner, RuleStats, Value};
+
+use crate::shipper::{Shipper, ShipperOptions};
 
 /// Points queued for the tsdb writer thread (beyond it, points are dropped
 /// and counted as the rule's errors).
@@ -124,6 +126,7 @@ struct Running {
 pub struct RuleHost {
     bus: Arc<dyn EdgeBus>,
     tsdb: Option<EdgeTsdb>,
+    shipper: Option<Shipper>,
     devices: DeviceIndex,
     running: Mutex<HashMap<String, Running>>,
 }
@@ -137,9 +140,10 @@ fn unix_ms() -> i64 {
 }
 
 impl RuleHost {
-    /// A host whose tsdb sink writes under `data_dir/tsdb` (a store that
-    /// cannot be opened is logged; tsdb sinks then count errors).
-    pub fn new(data_dir: &Path, bus: Arc<dyn EdgeBus>) -> Self {
+    /// A host whose tsdb sink writes under `data_dir/tsdb` and whose cloud
+    /// sink queues into the outbox in `data_dir/outbox` (a store that cannot
+    /// be opened is logged; its sinks then count errors).
+    pub fn new(data_dir: &Path, bus: Arc<dyn EdgeBus>, shipping: ShipperOptions) -> Self {
         let tsdb = match EdgeTsdb::open(&data_dir.join("tsdb")) {
             Ok(s) => Some(s),
             Err(e) => {
@@ -147,7 +151,25 @@ impl RuleHost {
                 None
             }
         };
-        RuleHost { bus, tsdb, devices: Arc::new(Mutex::new(HashMap::new())), running: Mutex::new(HashMap::new()) }
+        let shipper = match Shipper::start(&data_dir.join("outbox"), shipping) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open the data outbox; rules' cloud sinks will fail");
+                None
+            }
+        };
+        RuleHost {
+            bus,
+            tsdb,
+            shipper,
+            devices: Arc::new(Mutex::new(HashMap::new())),
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The store-and-forward shipper, when its outbox opened.
+    pub fn shipper(&self) -> Option<&Shipper> {
+        self.shipper.as_ref()
     }
 
     /// The edge time-series store, when open.
@@ -185,8 +207,7 @@ impl RuleHost {
                 old.task.abort();
             }
             let stats = Arc::new(Mutex::new((RuleStats::default(), String::new())));
-            let task =
-                tokio::spawn(run_rule(rule, self.bus.clone(), self.tsdb.clone(), self.devices.clone(), stats.clone()));
+            let task = tokio::spawn(run_rule(rule, self.sinks(), self.devices.clone(), stats.clone()));
             tracing::info!(rule = %name, "rule started");
             running.insert(name, Running { version, stats, task, last: (0, std::time::Instant::now()) });
         }
@@ -216,10 +237,17 @@ impl RuleHost {
             .collect()
     }
 
-    /// Stops every rule.
+    fn sinks(&self) -> Sinks {
+        Sinks { bus: self.bus.clone(), tsdb: self.tsdb.clone(), shipper: self.shipper.clone() }
+    }
+
+    /// Stops every rule, and seals and persists what the shipper holds.
     pub fn shutdown(&self) {
         for (_, r) in lock(&self.running).drain() {
             r.task.abort();
+        }
+        if let Some(s) = &self.shipper {
+            s.stop();
         }
     }
 }
@@ -227,7 +255,7 @@ impl RuleHost {
 /// Topic filters and record making for a rule's source.
 enum Source {
     Devices { names: Vec<String>, models: Vec<String>, selector: BTreeMap<String, String>, properties: Vec<String> },
-    Mqtt { path: String, metric: String },
+    Mqtt { path: String, metric: String, ts_path: String },
 }
 
 fn quality_of(q: &str) -> Quality {
@@ -279,25 +307,46 @@ impl Source {
                     quality: quality_of(v["quality"].as_str().unwrap_or("good")),
                 }))
             }
-            Source::Mqtt { path, metric } => {
+            Source::Mqtt { path, metric, ts_path } => {
                 let raw = yunbian_devices::mqtt::extract_raw(payload, path)?;
                 let value = Value::try_from(&raw).map_err(|e| format!("message on {topic}: {e}"))?;
+                let ts_ms = if ts_path.is_empty() {
+                    unix_ms()
+                } else {
+                    let t = yunbian_devices::mqtt::extract_raw(payload, ts_path)?;
+                    timestamp_of(&t).ok_or_else(|| {
+                        format!("message on {topic}: {ts_path} is {t}, not Unix milliseconds or RFC 3339")
+                    })?
+                };
                 let mut tags = BTreeMap::new();
                 tags.insert("topic".to_string(), topic.to_string());
                 let metric = if metric.is_empty() { topic.to_string() } else { metric.clone() };
-                Ok(Some(Record { metric, tags, ts_ms: unix_ms(), value, quality: Quality::Good }))
+                Ok(Some(Record { metric, tags, ts_ms, value, quality: Quality::Good }))
             }
         }
     }
 }
 
-async fn run_rule(
-    rule: Rule,
+/// A reading's time from JSON: Unix milliseconds (integer) or RFC 3339.
+fn timestamp_of(v: &serde_json::Value) -> Option<i64> {
+    match v {
+        serde_json::Value::Number(n) => n.as_i64().or_else(|| n.as_f64().filter(|f| f.is_finite()).map(|f| f as i64)),
+        serde_json::Value::String(s) => {
+            s.parse::<i64>().ok().or_else(|| yunbian_api::time::parse_rfc3339_signed(s).map(|secs| secs * 1000))
+        }
+        _ => None,
+    }
+}
+
+/// Where a rule's outputs go.
+#[derive(Clone)]
+struct Sinks {
     bus: Arc<dyn EdgeBus>,
     tsdb: Option<EdgeTsdb>,
-    devices: DeviceIndex,
-    stats: Arc<Mutex<(RuleStats, String)>>,
-) {
+    shipper: Option<Shipper>,
+}
+
+async fn run_rule(rule: Rule, sinks: Sinks, devices: DeviceIndex, stats: Arc<Mutex<(RuleStats, String)>>) {
     let name = rule.name().to_string();
     let compiled = match CompiledRule::compile(&rule.spec) {
         Ok(c) => c,
@@ -318,10 +367,13 @@ async fn run_rule(
                 properties: d.properties.clone(),
             },
         ),
-        (None, Some(m)) => (m.topic.clone(), Source::Mqtt { path: m.json_path.clone(), metric: m.metric.clone() }),
+        (None, Some(m)) => (
+            m.topic.clone(),
+            Source::Mqtt { path: m.json_path.clone(), metric: m.metric.clone(), ts_path: m.timestamp_path.clone() },
+        ),
         (None, None) => return,
     };
-    let mut rx = match bus.subscribe(&filter) {
+    let mut rx = match sinks.bus.subscribe(&filter) {
         Ok(rx) => rx,
         Err(e) => {
             lock(&stats).1 = format!("cannot subscribe to {filter}: {e}");
@@ -351,7 +403,7 @@ async fn run_rule(
             _ = tick.tick() => runner.tick(unix_ms()),
         };
         for o in outputs {
-            if let Err(e) = execute(o, &bus, tsdb.as_ref(), &sink) {
+            if let Err(e) = execute(o, &sinks, &sink) {
                 sink.add(e);
             }
         }
@@ -364,19 +416,33 @@ async fn run_rule(
     }
 }
 
-fn execute(o: Output, bus: &Arc<dyn EdgeBus>, tsdb: Option<&EdgeTsdb>, errs: &SinkErrors) -> Result<(), String> {
+/// A record's value as a stored number: booleans are 0/1, strings are an error.
+fn numeric(value: &Value, sink: &str) -> Result<f64, String> {
+    match value {
+        Value::Bool(b) => Ok(if *b { 1.0 } else { 0.0 }),
+        v => v.as_f64().ok_or_else(|| format!("{sink} sink: {v} is not a number")),
+    }
+}
+
+fn execute(o: Output, sinks: &Sinks, errs: &SinkErrors) -> Result<(), String> {
     match o {
         Output::Tsdb { metric, tags, ts_ms, value } => {
-            let store = tsdb.ok_or("tsdb sink: the edge time-series store is not open")?;
-            let v = value.as_f64().ok_or_else(|| format!("tsdb sink: {value} is not a number"))?;
+            let store = sinks.tsdb.as_ref().ok_or("tsdb sink: the edge time-series store is not open")?;
+            let v = numeric(&value, "tsdb")?;
             let key = yunbian_tsdb::SeriesKey::new(metric, tags).map_err(|e| format!("tsdb sink: {e}"))?;
             store.write((key, ts_ms, v, errs.clone()))
         }
         Output::Mqtt { topic, payload, retain } => {
-            bus.publish(&topic, payload, retain);
+            sinks.bus.publish(&topic, payload, retain);
             Ok(())
         }
-        Output::Cloud { .. } => Err("cloud sink: store-and-forward is not wired into the agent yet".into()),
+        Output::Cloud { priority, record } => {
+            let shipper = sinks.shipper.as_ref().ok_or("cloud sink: the data outbox is not open")?;
+            let v = numeric(&record.value, "cloud")?;
+            let key =
+                yunbian_tsdb::SeriesKey::new(record.metric, record.tags).map_err(|e| format!("cloud sink: {e}"))?;
+            shipper.push(priority, key, record.ts_ms, v)
+        }
         Output::Alert { .. } => Err("alert sink: alerts are not wired into the agent yet".into()),
     }
 }

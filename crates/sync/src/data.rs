@@ -48,6 +48,9 @@ pub enum DropReason {
     Expired,
     /// The outbox was over its byte limit.
     Full,
+    /// The disk had no room: the batch could not be written, or an older,
+    /// lower-priority batch was deleted to make room for a new one.
+    Disk,
 }
 
 /// What the driver must do, in order.
@@ -116,6 +119,8 @@ pub struct DataStats {
     pub dropped_expired: u64,
     /// Dropped because the outbox was full.
     pub dropped_full: u64,
+    /// Dropped because the disk was full.
+    pub dropped_disk: u64,
 }
 
 /// The edge side: batches not yet acknowledged by the cloud.
@@ -202,6 +207,10 @@ impl DataOutbox {
                 dropped.push((id, m.priority, DropReason::Full));
             }
         }
+        self.report_drops(dropped, out);
+    }
+
+    fn report_drops(&mut self, dropped: Vec<(u64, u8, DropReason)>, out: &mut Vec<DataAction>) {
         if dropped.is_empty() {
             return;
         }
@@ -210,8 +219,49 @@ impl DataOutbox {
             match reason {
                 DropReason::Expired => self.stats.dropped_expired += 1,
                 DropReason::Full => self.stats.dropped_full += 1,
+                DropReason::Disk => self.stats.dropped_disk += 1,
             }
             out.push(DataAction::Dropped { id, priority, reason });
+        }
+    }
+
+    /// Batch `id` could not be persisted (its `Persist` failed): it is
+    /// dropped for lack of disk. Returns the drop (and a `Delete` of
+    /// whatever part of it was written).
+    pub fn unpersisted(&mut self, id: u64) -> Vec<DataAction> {
+        let mut out = Vec::new();
+        if let Some(m) = self.remove(id) {
+            self.report_drops(vec![(id, m.priority, DropReason::Disk)], &mut out);
+        }
+        out
+    }
+
+    /// Makes room on a full disk for batch `new_id`: drops the queued batch
+    /// the policy gives up first (lowest priority, then oldest) among those
+    /// of priority at most `new_id`'s, other than `new_id` itself. Empty
+    /// when there is none (the new batch is then the one to drop).
+    pub fn evict_for_disk(&mut self, new_id: u64) -> Vec<DataAction> {
+        let mut out = Vec::new();
+        let Some(limit) = self.queue.get(&new_id).map(|m| m.priority) else { return out };
+        let victim = self
+            .queue
+            .iter()
+            .filter(|(id, m)| **id != new_id && m.priority <= limit)
+            .min_by_key(|(id, m)| (m.priority, **id))
+            .map(|(id, _)| *id);
+        if let Some(id) = victim {
+            if let Some(m) = self.remove(id) {
+                self.report_drops(vec![(id, m.priority, DropReason::Disk)], &mut out);
+            }
+        }
+        out
+    }
+
+    /// A `Send` could not be handed to the connection (its queue was
+    /// full): the batch is no longer in flight and goes with a later poll.
+    pub fn unsend(&mut self, id: u64) {
+        if self.inflight.remove(&id).is_some() {
+            self.stats.sent = self.stats.sent.saturating_sub(1);
         }
     }
 

@@ -79,6 +79,7 @@ impl World {
                                 "dropped {id} (p{priority}) while {least:?} stays"
                             );
                         }
+                        DropReason::Disk => panic!("the model never fills the disk"),
                         DropReason::Expired => {
                             let created = self.created[&id];
                             assert!(
@@ -262,4 +263,42 @@ fn a_send_lost_on_a_live_connection_is_resent_by_the_timer() {
     assert_eq!(o.poll(0, 1_000), vec![DataAction::Send { id: 1 }]);
     assert!(o.poll(400, 1_000).is_empty(), "not yet overdue");
     assert_eq!(o.poll(500, 1_000), vec![DataAction::Send { id: 1 }], "resent without a reconnect");
+}
+
+#[test]
+fn a_full_disk_drops_the_lowest_priority_oldest_batch_or_the_new_one() {
+    let cfg = DataOutboxConfig { max_bytes: 1 << 20, ttl_ms: 0, window: 4, resend_ms: 1_000 };
+    let mut o = DataOutbox::new(cfg, [], 1);
+    let _ = o.enqueue(2, vec![0; 10], 1); // id 1
+    let _ = o.enqueue(7, vec![0; 10], 2); // id 2
+    let _ = o.enqueue(2, vec![0; 10], 3); // id 3
+                                          // Batch 4 (p5) does not fit on disk: the oldest batch of the lowest
+                                          // priority at most its own goes first.
+    let _ = o.enqueue(5, vec![0; 10], 4);
+    let a = o.evict_for_disk(4);
+    assert_eq!(
+        a,
+        vec![DataAction::Delete(vec![1]), DataAction::Dropped { id: 1, priority: 2, reason: DropReason::Disk }]
+    );
+    let a = o.evict_for_disk(4);
+    assert_eq!(a[1], DataAction::Dropped { id: 3, priority: 2, reason: DropReason::Disk });
+    // Only a higher-priority batch is left: it is never given up for a lower one.
+    assert!(o.evict_for_disk(4).is_empty());
+    let a = o.unpersisted(4);
+    assert_eq!(a[1], DataAction::Dropped { id: 4, priority: 5, reason: DropReason::Disk });
+    let s = o.stats();
+    assert_eq!((s.queued, s.bytes, s.dropped_disk, s.dropped_full), (1, 10, 3, 0));
+}
+
+#[test]
+fn a_send_the_connection_could_not_take_goes_with_the_next_poll() {
+    let cfg = DataOutboxConfig { max_bytes: 1 << 20, ttl_ms: 0, window: 4, resend_ms: 60_000 };
+    let mut o = DataOutbox::new(cfg, [], 1);
+    o.on_connected();
+    let _ = o.enqueue(5, vec![0; 10], 1);
+    assert_eq!(o.poll(1, 1_000), vec![DataAction::Send { id: 1 }]);
+    assert!(o.poll(2, 1_000).is_empty(), "in flight");
+    o.unsend(1);
+    assert_eq!(o.poll(3, 1_000), vec![DataAction::Send { id: 1 }]);
+    assert_eq!(o.stats().sent, 1);
 }

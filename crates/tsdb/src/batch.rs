@@ -129,7 +129,7 @@ mod tests {
     use super::*;
 
     fn key(m: &str, dev: &str) -> SeriesKey {
-        SeriesKey::new(m, [("device", dev)]).unwrap()
+        SeriesKey::new(m, [("device", dev)]).expect("valid key")
     }
 
     #[test]
@@ -146,7 +146,7 @@ mod tests {
         let (bytes, n) = b.finish();
         assert!(b.is_empty());
         assert_eq!(n, 4);
-        let got = decode(&bytes).unwrap();
+        let got = decode(&bytes).expect("decodes");
         assert_eq!(got.len(), 2);
         assert_eq!(got[0].key, a);
         assert_eq!(got[0].points, vec![(1000, 2.0), (3000, 7.0)]);
@@ -159,7 +159,7 @@ mod tests {
     fn an_empty_batch_round_trips() {
         let (bytes, n) = BatchBuilder::new().finish();
         assert_eq!(n, 0);
-        assert!(decode(&bytes).unwrap().is_empty());
+        assert!(decode(&bytes).expect("decodes").is_empty());
     }
 
     #[test]

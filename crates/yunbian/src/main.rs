@@ -134,6 +134,17 @@ struct EdgeRunArgs {
     /// Local device HTTP API for apps; "off" to disable.
     #[arg(long, default_value = "127.0.0.1:7790")]
     device_api_listen: String,
+    /// Upload limit of store-and-forward data (rules' cloud sinks), bytes
+    /// per second, e.g. 256Ki; 0 for none.
+    #[arg(long, default_value = "0", value_parser = yunbian_api::quantity::parse_memory_bytes)]
+    data_bandwidth: u64,
+    /// Most disk the data outbox may use; past it the lowest-priority,
+    /// oldest batches are dropped (and counted).
+    #[arg(long, default_value = "256Mi", value_parser = yunbian_api::quantity::parse_memory_bytes)]
+    data_outbox_max: u64,
+    /// Data batches older than this are dropped (and counted); 0s: never.
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    data_outbox_ttl: Duration,
 }
 
 /// The broker configuration the edge flags describe.
@@ -333,6 +344,9 @@ async fn run(cli: Cli) -> Result<()> {
                 "off" => None,
                 a => Some(a.parse().with_context(|| format!("--device-api-listen {a:?}: not an address"))?),
             };
+            opts.devices.shipping.bandwidth = run.data_bandwidth;
+            opts.devices.shipping.max_bytes = run.data_outbox_max;
+            opts.devices.shipping.ttl = run.data_outbox_ttl;
             if let Some(urls) = &run.cloud_urls {
                 yunbian_edge::identity::set_cloud_urls(&run.data_dir, urls)?;
             }

@@ -300,7 +300,9 @@ spec:
     let o = c.try_apply(bad);
     assert!(!o.success() && o.err().contains("spec.steps[0].filter: 1:"), "{o:?}");
     // A sink that is not there yet is refused, not accepted and lost.
-    let o = c.try_apply(&bad.replace(r#"value >> 3"#, "value > 3").replace("{tsdb: {}}", "{cloud: {}}"));
+    let o = c.try_apply(
+        &bad.replace(r#"value >> 3"#, "value > 3").replace("{tsdb: {}}", "{alert: {when: \"true\", message: m}}"),
+    );
     assert!(!o.success() && o.err().contains("not available yet"), "{o:?}");
 
     c.apply(

@@ -1,0 +1,196 @@
+//! The store-and-forward shipper against real files: batches are sealed,
+//! persisted, sent when connected, deleted once acknowledged, survive a
+//! restart, respect the size limit's drop policy, and a corrupt batch file
+//! is quarantined and counted.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use yunbian_edge::shipper::{Shipper, ShipperOptions};
+use yunbian_sync::wire::{decode_up, Up};
+use yunbian_tsdb::SeriesKey;
+
+/// A fresh directory, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("yunbian-shipper-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("test setup");
+        TempDir(p)
+    }
+
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn opts() -> ShipperOptions {
+    ShipperOptions { batch_interval: Duration::from_millis(50), ..Default::default() }
+}
+
+fn key(i: u32) -> SeriesKey {
+    SeriesKey::new("temp", [("device", format!("d{i}"))]).expect("test setup")
+}
+
+fn batch_files(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .expect("test setup")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.ends_with(".batch"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Waits for the next data frame on the connection.
+async fn next_data(rx: &mut mpsc::Receiver<Vec<u8>>) -> (u64, u64, u64, Vec<u8>) {
+    let frame = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("a frame in time").expect("open");
+    match decode_up(&frame).expect("decodes") {
+        Up::Data { id, first_id, points, payload, .. } => (id, first_id, points, payload),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn batches_are_persisted_sent_acked_and_deleted() {
+    let dir = TempDir::new();
+    let s = Shipper::start(dir.path(), opts()).expect("test setup");
+    for t in 0..100 {
+        s.push(5, key(t % 3), 1_000 + i64::from(t), f64::from(t)).expect("test setup");
+    }
+    s.seal();
+    eventually("a batch file", || batch_files(dir.path()).len() == 1).await;
+    // Disconnected: nothing is sent; the backlog is visible.
+    eventually("status", || s.status().queued_points == 100).await;
+    let (tx, mut rx) = mpsc::channel(16);
+    s.connected(tx);
+    let (id, first_id, points, payload) = next_data(&mut rx).await;
+    assert_eq!((first_id, points), (id, 100));
+    let series = yunbian_tsdb::batch::decode(&payload).expect("test setup");
+    assert_eq!(series.len(), 3);
+    assert_eq!(series.iter().map(|s| s.points.len()).sum::<usize>(), 100);
+    s.acked(vec![id]);
+    eventually("the file deleted", || batch_files(dir.path()).is_empty()).await;
+    eventually("acked counted", || s.status().acked_points == 100 && s.status().queued_batches == 0).await;
+    s.stop();
+}
+
+#[tokio::test]
+async fn unacknowledged_batches_survive_a_restart_and_are_sent_again() {
+    let dir = TempDir::new();
+    let s = Shipper::start(dir.path(), opts()).expect("test setup");
+    let (tx, mut rx) = mpsc::channel(16);
+    s.connected(tx);
+    s.push(1, key(0), 5_000, 1.5).expect("test setup");
+    s.seal();
+    let (id, ..) = next_data(&mut rx).await;
+    // The cloud never acknowledges; the agent dies.
+    s.stop();
+    drop(s);
+    // Stopping writes the counters last.
+    eventually("the thread to stop", || dir.path().join("counters").exists()).await;
+    let files = batch_files(dir.path());
+    assert_eq!(files, vec![format!("{id:020}.batch")]);
+
+    let s = Shipper::start(dir.path(), opts()).expect("test setup");
+    eventually("restored backlog", || s.status().queued_batches == 1).await;
+    let (tx, mut rx) = mpsc::channel(16);
+    s.connected(tx);
+    let (again, first_id, points, _) = next_data(&mut rx).await;
+    assert_eq!((again, first_id, points), (id, id, 1));
+    // New batches get ids above the old ones.
+    s.push(1, key(0), 6_000, 2.5).expect("test setup");
+    s.seal();
+    let (next, first_id, ..) = next_data(&mut rx).await;
+    assert!(next > id && first_id == id, "{next} {first_id} {id}");
+    s.acked(vec![id, next]);
+    eventually("all deleted", || batch_files(dir.path()).is_empty()).await;
+    s.stop();
+}
+
+#[tokio::test]
+async fn over_the_size_limit_the_lowest_priority_oldest_batch_is_dropped_and_counted() {
+    let dir = TempDir::new();
+    // Each batch of 200 random-ish values is a few hundred bytes.
+    let s = Shipper::start(dir.path(), ShipperOptions { max_bytes: 2_000, ..opts() }).expect("test setup");
+    let batch = |s: &Shipper, prio: u8, base: i64| {
+        for t in 0..200 {
+            s.push(prio, key(0), base + t, ((t * 7_919) % 1_000) as f64 * 1.37).expect("test setup");
+        }
+        s.seal();
+    };
+    batch(&s, 9, 0);
+    eventually("first batch", || s.status().queued_batches == 1).await;
+    let one = s.status().queued_bytes;
+    assert!(one > 500 && one < 2_000, "{one} bytes");
+    let mut base = 1_000;
+    while s.status().dropped_full_points == 0 {
+        batch(&s, 1, base);
+        base += 1_000;
+        eventually("sealed", || {
+            s.status().queued_points + s.status().dropped_full_points == (base as u64 / 1_000) * 200
+        })
+        .await;
+    }
+    let st = s.status();
+    assert!(st.queued_bytes <= 2_000, "{st:?}");
+    assert_eq!(st.dropped_full_points % 200, 0, "whole batches: {st:?}");
+    // The high-priority batch (the oldest) stays; low-priority ones went.
+    let files = batch_files(dir.path());
+    let oldest = std::fs::read(dir.path().join(&files[0])).expect("test setup");
+    assert_eq!(oldest[4], 9, "priority byte of the oldest kept batch");
+    assert!(files[1..].iter().all(|f| std::fs::read(dir.path().join(f)).expect("test setup")[4] == 1));
+    s.stop();
+}
+
+#[tokio::test]
+async fn a_corrupt_batch_file_is_quarantined_and_counted_as_lost_to_the_disk() {
+    let dir = TempDir::new();
+    let s = Shipper::start(dir.path(), opts()).expect("test setup");
+    for t in 0..10 {
+        s.push(5, key(0), 1_000 + t, 1.0).expect("test setup");
+    }
+    s.seal();
+    eventually("a batch file", || batch_files(dir.path()).len() == 1).await;
+    s.stop();
+    eventually("stopped", || std::fs::read_to_string(dir.path().join("counters")).is_ok()).await;
+    let f = dir.path().join(&batch_files(dir.path())[0]);
+    let mut bytes = std::fs::read(&f).expect("test setup");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&f, bytes).expect("test setup");
+    // A stray temporary file from a kill mid-write is removed.
+    std::fs::write(dir.path().join(".00000000000000000001.tmp"), b"half").expect("test setup");
+
+    let s = Shipper::start(dir.path(), opts()).expect("test setup");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(batch_files(dir.path()).is_empty());
+    assert!(!dir.path().join(".00000000000000000001.tmp").exists());
+    let q: Vec<_> = std::fs::read_dir(dir.path().join("quarantine")).expect("test setup").flatten().collect();
+    assert_eq!(q.len(), 1);
+    eventually("the loss counted", || s.status().dropped_disk_points == 10).await;
+    assert!(s.status().last_error.contains("quarantined"), "{:?}", s.status());
+    assert_eq!(s.status().queued_batches, 0);
+    s.stop();
+}
