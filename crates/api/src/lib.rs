@@ -9,6 +9,7 @@
 //! [`kinds`], a variant in [`Kind`] and [`Resource`], and a `Validate` impl.
 
 pub mod device;
+pub mod event;
 pub mod fuzzing;
 pub mod kinds;
 pub mod manifest;
@@ -19,6 +20,7 @@ pub mod time;
 pub mod validate;
 
 pub use device::*;
+pub use event::*;
 pub use kinds::*;
 pub use manifest::{parse_manifests, parse_one, ManifestError, Resource};
 pub use meta::{Kind, ObjectMeta, API_VERSION};

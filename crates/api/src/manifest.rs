@@ -132,6 +132,9 @@ impl Resource {
             "DeviceModel" => Kind::DeviceModel,
             "Device" => Kind::Device,
             "Rule" => Kind::Rule,
+            "Event" => {
+                return Err(ManifestError::Kind("Event objects are raised by alert rules, they cannot be applied".into()))
+            }
             other => return Err(ManifestError::Kind(format!("unknown kind {other:?}"))),
         };
         let r = match kind {
@@ -143,6 +146,7 @@ impl Resource {
             Kind::DeviceModel => Resource::DeviceModel(typed(v)?),
             Kind::Device => Resource::Device(typed(v)?),
             Kind::Rule => Resource::Rule(typed(v)?),
+            Kind::Event => unreachable!("refused above"),
         };
         let errs = r.errors();
         if errs.is_empty() {

@@ -61,11 +61,13 @@ pub enum Kind {
     Device,
     /// A stream rule run on the edge.
     Rule,
+    /// An alert raised by a rule (written by the cloud, never applied).
+    Event,
 }
 
 impl Kind {
     /// All kinds, in a stable order.
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Node,
         Kind::NodeGroup,
         Kind::Token,
@@ -74,6 +76,7 @@ impl Kind {
         Kind::DeviceModel,
         Kind::Device,
         Kind::Rule,
+        Kind::Event,
     ];
 
     /// The plural path segment used by the REST API (`/v1/<plural>`).
@@ -87,6 +90,7 @@ impl Kind {
             Kind::DeviceModel => "devicemodels",
             Kind::Device => "devices",
             Kind::Rule => "rules",
+            Kind::Event => "events",
         }
     }
 
@@ -101,6 +105,7 @@ impl Kind {
             Kind::DeviceModel => "DeviceModel",
             Kind::Device => "Device",
             Kind::Rule => "Rule",
+            Kind::Event => "Event",
         }
     }
 
@@ -115,6 +120,7 @@ impl Kind {
             Kind::DeviceModel => "devicemodel",
             Kind::Device => "device",
             Kind::Rule => "rule",
+            Kind::Event => "event",
         }
     }
 }
@@ -145,6 +151,7 @@ impl FromStr for Kind {
             "devicemodel" | "devicemodels" | "dm" => Kind::DeviceModel,
             "device" | "devices" | "dev" => Kind::Device,
             "rule" | "rules" => Kind::Rule,
+            "event" | "events" | "ev" => Kind::Event,
             _ => return Err(UnknownKind(s.to_string())),
         };
         Ok(k)

@@ -27,6 +27,7 @@ pub fn headers(kind: Kind, wide: bool) -> Vec<&'static str> {
         Kind::Rule => {
             (&["NAME", "SOURCE", "STEPS", "SINKS", "NODES", "RATE", "ERRORS", "AGE"], &["PER-NODE", "LAST-ERROR"])
         }
+        Kind::Event => (&["NAME", "SEVERITY", "STATE", "NODE", "RULE", "COUNT", "SINCE", "MESSAGE"], &["SERIES", "VALUE"]),
     };
     let mut h = base.to_vec();
     if wide {
@@ -106,6 +107,19 @@ pub fn row(kind: Kind, obj: &Value, wide: bool, now: i64) -> Vec<String> {
                 age,
             ]
         }
+        Kind::Event => {
+            let since = text(obj, "/status/firingSince");
+            vec![
+                name,
+                text(obj, "/spec/severity"),
+                text(obj, "/status/state"),
+                text(obj, "/spec/node"),
+                text(obj, "/spec/rule"),
+                number(obj, "/status/count"),
+                if since.is_empty() { since } else { format!("{} ago", age_since(&since, now)) },
+                text(obj, "/status/message"),
+            ]
+        }
     };
     if wide {
         match kind {
@@ -161,6 +175,10 @@ pub fn row(kind: Kind, obj: &Value, wide: bool, now: i64) -> Vec<String> {
                     .to_string();
                 cells.extend([per_node, last_error]);
             }
+            Kind::Event => cells.extend([
+                text(obj, "/spec/series"),
+                obj.pointer("/status/value").filter(|v| !v.is_null()).map(|v| v.to_string()).unwrap_or_default(),
+            ]),
             Kind::Token | Kind::NodeGroup => {}
         }
     }

@@ -376,23 +376,13 @@ async fn check_references(store: &Arc<dyn Store>, kind: Kind, v: &Value) -> ApiR
             let r = yunbian_api::Rule::from_value(v.clone())
                 .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
             // CEL expressions, with their positions (`spec.steps[0].filter: 1:9: …`).
-            let mut errs: Vec<FieldError> = yunbian_rules::compile_errors(&r.spec)
+            yunbian_rules::compile_errors(&r.spec)
                 .into_iter()
                 .map(|line| match line.split_once(": ") {
                     Some((path, message)) => FieldError { path: path.to_string(), message: message.to_string() },
                     None => FieldError { path: "spec".into(), message: line },
                 })
-                .collect();
-            // Absent, and said so, rather than accepted and lost.
-            for (i, sink) in r.spec.sinks.iter().enumerate() {
-                if sink.alert.is_some() {
-                    errs.push(FieldError {
-                        path: format!("spec.sinks[{i}].alert"),
-                        message: "not available yet: cloud alerts are not wired into the agent".into(),
-                    });
-                }
-            }
-            errs
+                .collect()
         }
         _ => Vec::new(),
     };

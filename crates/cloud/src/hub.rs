@@ -30,6 +30,7 @@ use yunbian_sync::{Change, CloudAction, CloudSession, DesiredObject, Down, NodeV
 
 use crate::data_store::{DataStore, DataStoreError, Ingested};
 use crate::device_views::DeviceRouting;
+use crate::events::AlertReport;
 use crate::metrics::Metrics;
 use crate::objects::{self, now_rfc3339, update_status};
 use crate::rule_views::RuleRouting;
@@ -809,6 +810,15 @@ impl Hub {
                     match r {
                         Ok(_) | Err(StoreError::NotFound { .. }) => {}
                         Err(e) => return Err(e),
+                    }
+                }
+                Report::Alert { rule, series, firing, severity, message, value, since_ms, at_ms, .. } => {
+                    let members = self.lock().rules.placed_on(&rule).cloned().unwrap_or_default();
+                    if !members.contains(node) {
+                        tracing::debug!(node, rule = %rule, "alert of a rule not placed on the node ignored");
+                    } else {
+                        let r = AlertReport { rule, series, firing, severity, message, value, since_ms, at_ms };
+                        crate::events::record_alert(&self.store, node, &r).await?;
                     }
                 }
                 Report::DeviceStatus { device, status } => {

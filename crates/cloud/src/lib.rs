@@ -24,6 +24,7 @@ pub mod controllers;
 pub mod data_store;
 pub mod device_placement;
 pub mod device_views;
+pub mod events;
 pub mod hub;
 pub mod metrics;
 pub mod objects;

@@ -50,6 +50,8 @@ pub enum Event {
     LogDone(u64),
     /// A device mapper has something to report.
     Device(HostEvent),
+    /// A rule raised or resolved an alert.
+    Alert(Report),
     /// Timer.
     Tick,
 }
@@ -262,6 +264,16 @@ pub async fn run_agent(
             }
         });
     }
+    if let Some(mut rx) = rules.as_ref().and_then(|r| r.take_alerts()) {
+        let ev_tx = ev_tx.clone();
+        tokio::spawn(async move {
+            while let Some(r) = rx.recv().await {
+                if ev_tx.send(Event::Alert(r)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
     if let Some(mut rx) = host_events.take() {
         let ev_tx = ev_tx.clone();
         tokio::spawn(async move {
@@ -382,6 +394,7 @@ pub async fn run_agent(
                 }
                 session.report(Report::DeviceStatus { device, status }, now())
             }
+            Event::Alert(report) => session.report(report, now()),
             Event::Tick => {
                 if let Some(tx) = &out {
                     if last_heartbeat.is_none_or(|t| t.elapsed() >= cfg.heartbeat) {

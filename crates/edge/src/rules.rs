@@ -6,8 +6,8 @@
 //! store, messages onto the bus, points into the store-and-forward
 //! [`Shipper`] (`cloud` sinks).
 //!
-//! Not wired yet: the `alert` sink. The cloud refuses rules that use it at
-//! apply time, so a rule never silently loses alerts here.
+//! Alerts (`alert` sinks) become [`Report::Alert`]s the agent queues in its
+//! persisted report outbox, so they reach the cloud across outages.
 //!
 //! Invariant: a rule that fails to compile, or a sink that fails, is a
 //! counted error in that rule's status; it never stops the agent or other
@@ -23,6 +23,7 @@ use yunbian_api::{Rule, RuleNodeStatus};
 use yunbian_devices::bus::EdgeBus;
 use yunbian_devices::DeviceConfig;
 use yunbian_rules::{CompiledRule, Output, Quality, Record, RuleRunner, RuleStats, Value};
+use yunbian_sync::Report;
 
 use crate::shipper::{Shipper, ShipperOptions};
 
@@ -122,8 +123,13 @@ struct Running {
     last: (u64, std::time::Instant),
 }
 
+/// Alert reports queued for the agent before the rules count errors.
+const ALERT_QUEUE: usize = 1024;
+
 /// Runs the node's rules.
 pub struct RuleHost {
+    alerts: tokio::sync::mpsc::Sender<Report>,
+    alerts_rx: Mutex<Option<tokio::sync::mpsc::Receiver<Report>>>,
     bus: Arc<dyn EdgeBus>,
     tsdb: Option<EdgeTsdb>,
     shipper: Option<Shipper>,
@@ -158,13 +164,21 @@ impl RuleHost {
                 None
             }
         };
+        let (alerts, alerts_rx) = tokio::sync::mpsc::channel(ALERT_QUEUE);
         RuleHost {
+            alerts,
+            alerts_rx: Mutex::new(Some(alerts_rx)),
             bus,
             tsdb,
             shipper,
             devices: Arc::new(Mutex::new(HashMap::new())),
             running: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The alert reports rules raise (taken once, by the agent).
+    pub fn take_alerts(&self) -> Option<tokio::sync::mpsc::Receiver<Report>> {
+        lock(&self.alerts_rx).take()
     }
 
     /// The store-and-forward shipper, when its outbox opened.
@@ -238,7 +252,12 @@ impl RuleHost {
     }
 
     fn sinks(&self) -> Sinks {
-        Sinks { bus: self.bus.clone(), tsdb: self.tsdb.clone(), shipper: self.shipper.clone() }
+        Sinks {
+            bus: self.bus.clone(),
+            tsdb: self.tsdb.clone(),
+            shipper: self.shipper.clone(),
+            alerts: self.alerts.clone(),
+        }
     }
 
     /// Stops every rule, and seals and persists what the shipper holds.
@@ -344,6 +363,7 @@ struct Sinks {
     bus: Arc<dyn EdgeBus>,
     tsdb: Option<EdgeTsdb>,
     shipper: Option<Shipper>,
+    alerts: tokio::sync::mpsc::Sender<Report>,
 }
 
 async fn run_rule(rule: Rule, sinks: Sinks, devices: DeviceIndex, stats: Arc<Mutex<(RuleStats, String)>>) {
@@ -383,6 +403,8 @@ async fn run_rule(rule: Rule, sinks: Sinks, devices: DeviceIndex, stats: Arc<Mut
     let mut runner = RuleRunner::new(compiled);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let sink = SinkErrors::default();
+    // Start of each firing alert's episode, by alert key.
+    let mut firing: HashMap<String, i64> = HashMap::new();
     loop {
         let outputs = tokio::select! {
             m = rx.recv() => {
@@ -403,7 +425,7 @@ async fn run_rule(rule: Rule, sinks: Sinks, devices: DeviceIndex, stats: Arc<Mut
             _ = tick.tick() => runner.tick(unix_ms()),
         };
         for o in outputs {
-            if let Err(e) = execute(o, &sinks, &sink) {
+            if let Err(e) = execute(o, &sinks, &sink, &name, &mut firing) {
                 sink.add(e);
             }
         }
@@ -424,7 +446,13 @@ fn numeric(value: &Value, sink: &str) -> Result<f64, String> {
     }
 }
 
-fn execute(o: Output, sinks: &Sinks, errs: &SinkErrors) -> Result<(), String> {
+fn execute(
+    o: Output,
+    sinks: &Sinks,
+    errs: &SinkErrors,
+    rule: &str,
+    firing: &mut HashMap<String, i64>,
+) -> Result<(), String> {
     match o {
         Output::Tsdb { metric, tags, ts_ms, value } => {
             let store = sinks.tsdb.as_ref().ok_or("tsdb sink: the edge time-series store is not open")?;
@@ -443,6 +471,25 @@ fn execute(o: Output, sinks: &Sinks, errs: &SinkErrors) -> Result<(), String> {
                 yunbian_tsdb::SeriesKey::new(record.metric, record.tags).map_err(|e| format!("cloud sink: {e}"))?;
             shipper.push(priority, key, record.ts_ms, v)
         }
-        Output::Alert { .. } => Err("alert sink: alerts are not wired into the agent yet".into()),
+        Output::Alert { key, firing: holds, severity, message, record } => {
+            let at_ms = record.ts_ms;
+            let since_ms = if holds {
+                *firing.entry(key.clone()).or_insert(at_ms)
+            } else {
+                firing.remove(&key).unwrap_or(at_ms)
+            };
+            let report = Report::Alert {
+                id: format!("{rule}/{key}"),
+                rule: rule.to_string(),
+                series: record.series_name(),
+                firing: holds,
+                severity,
+                message,
+                value: record.value.to_json(),
+                since_ms,
+                at_ms,
+            };
+            sinks.alerts.try_send(report).map_err(|_| "alert sink: the agent is behind; alert dropped".to_string())
+        }
     }
 }

@@ -5,7 +5,7 @@
 //! reject oversize frames and never panic on any input (fuzzed).
 
 use serde::{Deserialize, Serialize};
-use yunbian_api::{AppInstanceStatus, DeviceStatus, Kind, NodeInfo, NodeUsage, RuleNodeStatus};
+use yunbian_api::{AppInstanceStatus, DeviceStatus, Kind, NodeInfo, NodeUsage, RuleNodeStatus, Severity};
 
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 16 << 20;
@@ -64,6 +64,30 @@ pub enum Report {
         /// report them to the cloud).
         status: DeviceStatus,
     },
+    /// An alert sink's condition started (`firing`) or stopped holding for
+    /// one series.
+    Alert {
+        /// `<rule>/<sink>:<series>`: a later report of the same alert
+        /// supersedes this one (a resolve carries `since_ms`, so an episode
+        /// that started and ended while offline is still recorded).
+        id: String,
+        /// The rule.
+        rule: String,
+        /// The series, `metric{tag="v",…}`.
+        series: String,
+        /// Holds (true) or stopped holding (false).
+        firing: bool,
+        /// Severity.
+        severity: Severity,
+        /// The message, filled in.
+        message: String,
+        /// The value that changed the state.
+        value: serde_json::Value,
+        /// When the episode started (Unix ms, edge time).
+        since_ms: i64,
+        /// When this state was observed (Unix ms, edge time).
+        at_ms: i64,
+    },
     /// How a rule runs on the node.
     RuleStatus {
         /// Rule name.
@@ -81,6 +105,7 @@ impl Report {
             Report::InstanceStatus { instance, .. } => (Kind::AppInstance, instance),
             Report::DeviceStatus { device, .. } => (Kind::Device, device),
             Report::RuleStatus { rule, .. } => (Kind::Rule, rule),
+            Report::Alert { id, .. } => (Kind::Event, id),
         }
     }
 }

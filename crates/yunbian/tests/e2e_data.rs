@@ -161,3 +161,61 @@ fn data_reaches_the_cloud_exactly_once_across_link_cuts_and_agent_kills() {
     let o = c.cli(&["describe", "node", "edge-1"]);
     assert!(o.success() && o.ok().contains("Data Outbox:"), "{o:?}");
 }
+
+fn publish(port: u16, topic: &str, payload: &str) {
+    let mut cmd = Command::new("mosquitto_pub");
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic, "-m", payload]);
+    let o = harness::run(cmd, Duration::from_secs(20));
+    assert!(o.success(), "mosquitto_pub: {o:?}");
+}
+
+/// An alert rule raises one Event per episode in the cloud, resolves it,
+/// and counts the next episode on the same object; an episode that starts
+/// and ends while the link is cut still arrives.
+#[test]
+fn alerts_become_deduplicated_events_in_the_cloud() {
+    let mut c = Cluster::start("data-alerts");
+    let port = free_port();
+    c.join_with("edge-1", EdgeSetup::new().via_link().mqtt(&format!("127.0.0.1:{port}")));
+    c.apply(
+        r#"apiVersion: yunbian.io/v1
+kind: Rule
+metadata: {name: hot}
+spec:
+  source: {mqtt: {topic: "boiler/+/temp", metric: temp}}
+  sinks:
+    - alert: {when: "value > 90.0", severity: critical, message: "{tags.topic} at {value} °C"}
+"#,
+    );
+    eventually(Duration::from_secs(60), "rule hot running on edge-1", || {
+        let r = c.get("rules", "hot").ok_or("no rule")?;
+        r["status"]["nodes"]["edge-1"].is_object().then_some(()).ok_or_else(|| format!("{r}"))
+    });
+    let event = |c: &Cluster, state: &str, count: u64| -> Result<Value, String> {
+        let evs = c.try_list("events")?;
+        let [e] = &evs[..] else { return Err(format!("{} events: {evs:?}", evs.len())) };
+        (e["status"]["state"] == state && e["status"]["count"].as_u64() == Some(count))
+            .then(|| e.clone())
+            .ok_or_else(|| format!("{e}"))
+    };
+    for v in ["95.5", "96.5", "97.5"] {
+        publish(port, "boiler/b1/temp", v);
+    }
+    let e = eventually(Duration::from_secs(60), "a firing event", || event(&c, "Firing", 1));
+    assert_eq!(e["spec"]["severity"], "critical", "{e}");
+    assert_eq!(e["spec"]["node"], "edge-1", "{e}");
+    assert_eq!(e["status"]["message"], "boiler/b1/temp at 95.5 °C", "{e}");
+    publish(port, "boiler/b1/temp", "20.5");
+    eventually(Duration::from_secs(60), "resolved", || event(&c, "Resolved", 1));
+
+    // A whole episode while the link is cut: only its resolve is kept, and counted.
+    c.link("edge-1").cut();
+    publish(port, "boiler/b1/temp", "99.5");
+    publish(port, "boiler/b1/temp", "21.5");
+    std::thread::sleep(Duration::from_secs(1));
+    c.link("edge-1").heal().expect("heal");
+    let e = eventually(Duration::from_secs(90), "the second episode", || event(&c, "Resolved", 2));
+    assert_eq!(e["status"]["value"], 21.5, "{e}");
+    let o = c.cli(&["get", "events"]);
+    assert!(o.success() && o.ok().contains("critical") && o.ok().contains("hot"), "{o:?}");
+}

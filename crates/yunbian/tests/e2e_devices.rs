@@ -299,11 +299,9 @@ spec:
 "#;
     let o = c.try_apply(bad);
     assert!(!o.success() && o.err().contains("spec.steps[0].filter: 1:"), "{o:?}");
-    // A sink that is not there yet is refused, not accepted and lost.
-    let o = c.try_apply(
-        &bad.replace(r#"value >> 3"#, "value > 3").replace("{tsdb: {}}", "{alert: {when: \"true\", message: m}}"),
-    );
-    assert!(!o.success() && o.err().contains("not available yet"), "{o:?}");
+    // Events cannot be applied: alert rules raise them.
+    let o = c.try_apply("apiVersion: yunbian.io/v1\nkind: Event\nmetadata: {name: e}\nspec: {}\n");
+    assert!(!o.success() && o.err().contains("raised by alert rules"), "{o:?}");
 
     c.apply(
         r#"apiVersion: yunbian.io/v1

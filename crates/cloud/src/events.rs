@@ -1,0 +1,174 @@
+//! Alerts from edge rules become Event objects: one per rule, node and
+//! series, Firing while the condition holds and Resolved after, with a
+//! count of episodes — deduplicated, so a condition that holds for an hour
+//! is one event, not one per reading.
+//!
+//! Reports arrive in order per node, but the edge's outbox keeps only the
+//! latest report of an alert: an episode that started and ended while the
+//! node was offline arrives as a single resolve that carries the episode's
+//! start (`since_ms`), and is still counted.
+
+use std::sync::Arc;
+
+use yunbian_api::{Event, EventSpec, EventState, EventStatus, Kind, Severity};
+use yunbian_store::{Store, StoreError};
+
+use crate::objects::{self, update_status};
+
+/// One alert report, as the hub received it.
+#[derive(Debug, Clone)]
+pub struct AlertReport {
+    /// Rule name.
+    pub rule: String,
+    /// `metric{tags}`.
+    pub series: String,
+    /// Started (true) or stopped holding.
+    pub firing: bool,
+    /// Severity.
+    pub severity: Severity,
+    /// Message.
+    pub message: String,
+    /// Value that changed the state.
+    pub value: serde_json::Value,
+    /// Episode start, Unix ms.
+    pub since_ms: i64,
+    /// Observation time, Unix ms.
+    pub at_ms: i64,
+}
+
+/// The Event's name: `<rule>.<node>.<8 hex digits of the series>`.
+pub fn event_name(rule: &str, node: &str, series: &str) -> String {
+    // FNV-1a: stable across releases (unlike std's hasher).
+    let mut h: u32 = 0x811c_9dc5;
+    for b in series.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{rule}.{node}.{h:08x}")
+}
+
+fn rfc3339_ms(ms: i64) -> String {
+    yunbian_api::time::format_rfc3339(u64::try_from(ms / 1000).unwrap_or(0))
+}
+
+/// Applies a report to an event's status; false when it changes nothing
+/// (a repeated report of the current state).
+pub fn apply_alert(st: &mut EventStatus, r: &AlertReport, new: bool) -> bool {
+    let same_episode = !new && st.since_ms == r.since_ms;
+    if r.firing {
+        if same_episode && st.state == EventState::Firing {
+            return false;
+        }
+        if !same_episode {
+            st.count += 1;
+        }
+        st.state = EventState::Firing;
+        st.resolved_timestamp.clear();
+    } else {
+        if same_episode && st.state == EventState::Resolved {
+            return false;
+        }
+        if !same_episode {
+            // Its firing report was superseded while the node was offline.
+            st.count += 1;
+        }
+        st.state = EventState::Resolved;
+        st.resolved_timestamp = rfc3339_ms(r.at_ms);
+    }
+    st.since_ms = r.since_ms;
+    st.firing_since = rfc3339_ms(r.since_ms);
+    if st.first_timestamp.is_empty() {
+        st.first_timestamp = st.firing_since.clone();
+    }
+    st.message = r.message.clone();
+    st.value = r.value.clone();
+    true
+}
+
+/// Records an alert report of `node` in its Event object.
+pub async fn record_alert(store: &Arc<dyn Store>, node: &str, r: &AlertReport) -> Result<(), StoreError> {
+    let name = event_name(&r.rule, node, &r.series);
+    loop {
+        match store.get(Kind::Event, &name).await {
+            Err(StoreError::NotFound { .. }) => {
+                let spec =
+                    EventSpec { rule: r.rule.clone(), node: node.to_string(), series: r.series.clone(), severity: r.severity };
+                let mut ev = Event::new(&name, spec);
+                ev.metadata.labels.insert("yunbian.io/rule".into(), r.rule.clone());
+                ev.metadata.labels.insert("yunbian.io/node".into(), node.to_string());
+                apply_alert(&mut ev.status, r, true);
+                let mut v = ev.to_value();
+                objects::stamp_new(&mut v);
+                match store.create(Kind::Event, &name, v).await {
+                    Ok(_) => return Ok(()),
+                    Err(StoreError::AlreadyExists { .. }) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+            Ok(_) => {
+                update_status::<EventSpec>(store, &name, |ev| {
+                    let sev = ev.spec.severity != r.severity;
+                    ev.spec.severity = r.severity;
+                    apply_alert(&mut ev.status, r, false) || sev
+                })
+                .await?;
+                return Ok(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(firing: bool, since_ms: i64, at_ms: i64) -> AlertReport {
+        AlertReport {
+            rule: "hot".into(),
+            series: r#"temp{device="b1"}"#.into(),
+            firing,
+            severity: Severity::Critical,
+            message: format!("at {at_ms}"),
+            value: serde_json::json!(91.5),
+            since_ms,
+            at_ms,
+        }
+    }
+
+    #[test]
+    fn one_event_per_episode_repeats_change_nothing() {
+        let mut st = EventStatus::default();
+        assert!(apply_alert(&mut st, &report(true, 1_000_000, 1_000_000), true));
+        assert_eq!((st.state, st.count), (EventState::Firing, 1));
+        assert!(!apply_alert(&mut st, &report(true, 1_000_000, 1_000_000), false), "a resent report");
+        assert!(apply_alert(&mut st, &report(false, 1_000_000, 1_060_000), false));
+        assert_eq!((st.state, st.count), (EventState::Resolved, 1));
+        assert!(!st.resolved_timestamp.is_empty());
+        assert!(!apply_alert(&mut st, &report(false, 1_000_000, 1_060_000), false));
+        // A second episode.
+        assert!(apply_alert(&mut st, &report(true, 2_000_000, 2_000_000), false));
+        assert_eq!((st.state, st.count), (EventState::Firing, 2));
+        assert!(st.resolved_timestamp.is_empty());
+        assert_eq!(st.first_timestamp, rfc3339_ms(1_000_000));
+    }
+
+    #[test]
+    fn an_episode_seen_only_as_its_resolve_is_counted() {
+        let mut st = EventStatus::default();
+        apply_alert(&mut st, &report(true, 1_000_000, 1_000_000), true);
+        apply_alert(&mut st, &report(false, 1_000_000, 1_100_000), false);
+        // Fired and resolved while offline: only the resolve arrives.
+        assert!(apply_alert(&mut st, &report(false, 3_000_000, 3_100_000), false));
+        assert_eq!((st.state, st.count), (EventState::Resolved, 2));
+        assert_eq!(st.firing_since, rfc3339_ms(3_000_000));
+    }
+
+    #[test]
+    fn names_are_stable_and_differ_by_series() {
+        let a = event_name("hot", "edge-1", r#"temp{device="b1"}"#);
+        assert_eq!(a, event_name("hot", "edge-1", r#"temp{device="b1"}"#));
+        assert_ne!(a, event_name("hot", "edge-1", r#"temp{device="b2"}"#));
+        assert!(a.starts_with("hot.edge-1."));
+    }
+}
