@@ -35,4 +35,15 @@ fn main() {
         std::fs::copy(&p, root.join("tsdb_block_decode").join(format!("seed-{name}"))).expect("copy block");
     }
     let _ = std::fs::remove_dir_all(&dir);
+    // Store-and-forward batches: a small mixed one and an empty one.
+    let mut b = yunbian_tsdb::batch::BatchBuilder::new();
+    for i in 0..40i64 {
+        b.push(&keys[0], i * 1000, 20.0 + (i % 7) as f64 / 10.0);
+        b.push(&keys[1], i * 1000, (i * i) as f64);
+        b.push(&keys[2], i * 997, (i as f64).sin());
+    }
+    std::fs::create_dir_all(root.join("tsdb_batch_decode")).expect("mkdir");
+    std::fs::write(root.join("tsdb_batch_decode/seed-3-series"), b.finish().0).expect("batch seed");
+    let empty = yunbian_tsdb::batch::BatchBuilder::new().finish().0;
+    std::fs::write(root.join("tsdb_batch_decode/seed-empty"), empty).expect("batch seed");
 }

@@ -26,6 +26,27 @@ pub fn check_block(data: &[u8]) {
     }
 }
 
+/// Batch decoder (what the cloud reads from edges): never panics, with or
+/// without a valid checksum; what it accepts has strictly increasing
+/// timestamps per series and encodes back to the same points.
+pub fn check_batch(data: &[u8]) {
+    let _ = crate::batch::decode(data);
+    let Some(body) = data.get(4..) else { return };
+    let Ok(series) = crate::batch::decode_body(body) else { return };
+    for s in &series {
+        assert!(s.points.windows(2).all(|w| w[0].0 < w[1].0), "decoded timestamps increase");
+    }
+    let (bytes, n) = crate::batch::encode(series.clone());
+    assert_eq!(n, series.iter().map(|s| s.points.len()).sum::<usize>());
+    let again = crate::batch::decode(&bytes).expect("an encoded batch decodes");
+    assert_eq!(again.len(), series.len());
+    for (a, b) in again.iter().zip(&series) {
+        assert_eq!(a.key, b.key);
+        let bits = |p: &[(i64, f64)]| p.iter().map(|(t, v)| (*t, v.to_bits())).collect::<Vec<_>>();
+        assert_eq!(bits(&a.points), bits(&b.points), "round trip of {}", a.key);
+    }
+}
+
 /// WAL reader: never panics; the valid prefix reads back as the same records.
 pub fn check_wal(data: &[u8]) {
     let (records, valid) = read_segment(data);

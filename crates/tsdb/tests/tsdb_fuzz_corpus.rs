@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use yunbian_tsdb::fuzzing::{check_block, check_chunk_roundtrip, check_wal};
+use yunbian_tsdb::fuzzing::{check_batch, check_block, check_chunk_roundtrip, check_wal};
 
 fn corpus(target: &str) -> Vec<Vec<u8>> {
     let dir: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus").join(target);
@@ -65,6 +65,19 @@ fn block_corpus_and_mutations_never_panic() {
     }
     for i in 0..iterations() {
         check_block(&m.mutate(&seeds[i % seeds.len()]));
+    }
+}
+
+#[test]
+fn batch_corpus_and_mutations_never_panic() {
+    let seeds = corpus("tsdb_batch_decode");
+    let mut m = Mutator(0x6a09_e667_f3bc_c908);
+    for s in &seeds {
+        check_batch(s);
+        assert!(yunbian_tsdb::batch::decode(s).is_ok(), "seeds are valid batches");
+    }
+    for i in 0..iterations() {
+        check_batch(&m.mutate(&seeds[i % seeds.len()]));
     }
 }
 
