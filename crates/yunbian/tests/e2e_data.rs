@@ -44,9 +44,47 @@ impl Rng {
     }
 }
 
+/// Starts the paho generator: `n` readings at `rate`/s on `topic`, reading
+/// i stamped `base + i * period` ms.
+fn generator(port: u16, topic: &str, n: u64, rate: u64, base: i64, period: i64) -> Guard {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/mqtt_generator.py");
+    let gen = Command::new("python3")
+        .args([script, "127.0.0.1", &port.to_string(), topic, &n.to_string(), &rate.to_string()])
+        .args([base.to_string(), period.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("python3 with paho-mqtt (installed by .ci/run)");
+    Guard(gen)
+}
+
+/// Waits for the generator to finish; returns what it printed.
+fn finish(mut gen: Guard) -> String {
+    let stdout = gen.0.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
+    eventually(Duration::from_secs(180), "the generator to finish", || match gen.0.try_wait() {
+        Ok(Some(_)) => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+    reader.join().expect("reader")
+}
+
+/// Rule `name` reports running on edge-1.
+fn wait_rule(c: &Cluster, name: &str) {
+    eventually(Duration::from_secs(60), &format!("rule {name} running on edge-1"), || {
+        let r = c.get("rules", name).ok_or("no rule")?;
+        r["status"]["nodes"]["edge-1"].is_object().then_some(()).ok_or_else(|| format!("{r}"))
+    });
+}
+
 /// The points of `gen{topic=…}` in the cloud, by timestamp.
 fn cloud_points(c: &Cluster, topic: &str) -> Result<BTreeMap<i64, f64>, String> {
-    let sel = format!("gen{{topic=\"{topic}\",node=\"edge-1\"}}");
+    metric_points(c, "gen", topic)
+}
+
+/// The points of `metric{topic=…}` in the cloud, by timestamp.
+fn metric_points(c: &Cluster, metric: &str, topic: &str) -> Result<BTreeMap<i64, f64>, String> {
+    let sel = format!("{metric}{{topic=\"{topic}\",node=\"edge-1\"}}");
     let o = c.cli(&["query", &sel, "--since", "3h", "-o", "json"]);
     if !o.success() {
         return Err(format!("query: {o:?}"));
@@ -76,26 +114,13 @@ fn data_reaches_the_cloud_exactly_once_across_link_cuts_and_agent_kills() {
     c.join_with("edge-1", EdgeSetup::new().via_link().mqtt(&mqtt));
     c.apply(RULE);
     // The rule runs (its status comes back) before the generator starts.
-    eventually(Duration::from_secs(60), "rule ship running on edge-1", || {
-        let r = c.get("rules", "ship").ok_or("no rule")?;
-        r["status"]["nodes"]["edge-1"].is_object().then_some(()).ok_or_else(|| format!("{r}"))
-    });
+    wait_rule(&c, "ship");
 
     const N: u64 = 6_000;
     const RATE: u64 = 200;
     const PERIOD_MS: i64 = 10;
     let base = (unix_now() as i64 - 120) * 1000;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/mqtt_generator.py");
-    let gen = Command::new("python3")
-        .args([script, "127.0.0.1", &port.to_string(), "gen/a", &N.to_string(), &RATE.to_string()])
-        .args([base.to_string(), PERIOD_MS.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("python3 with paho-mqtt (installed by .ci/run)");
-    let mut gen = Guard(gen);
-    let stdout = gen.0.stdout.take().expect("piped");
-    let reader = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
+    let gen = generator(port, "gen/a", N, RATE, base, PERIOD_MS);
 
     // Faults while the generator runs (~30 s): cuts, resets, kills.
     let start = Instant::now();
@@ -124,11 +149,7 @@ fn data_reaches_the_cloud_exactly_once_across_link_cuts_and_agent_kills() {
         }
     }
     eprintln!("faults: {faults:?}");
-    eventually(Duration::from_secs(120), "the generator to finish", || match gen.0.try_wait() {
-        Ok(Some(_)) => Ok(()),
-        other => Err(format!("{other:?}")),
-    });
-    let out = reader.join().expect("reader");
+    let out = finish(gen);
     assert!(out.contains(&format!("done {N}")), "generator: {out}");
 
     // Exactly the generated points: every timestamp, every value, nothing else.
@@ -187,10 +208,7 @@ spec:
     - alert: {when: "value > 90.0", severity: critical, message: "{tags.topic} at {value} °C"}
 "#,
     );
-    eventually(Duration::from_secs(60), "rule hot running on edge-1", || {
-        let r = c.get("rules", "hot").ok_or("no rule")?;
-        r["status"]["nodes"]["edge-1"].is_object().then_some(()).ok_or_else(|| format!("{r}"))
-    });
+    wait_rule(&c, "hot");
     let event = |c: &Cluster, state: &str, count: u64| -> Result<Value, String> {
         let evs = c.try_list("events")?;
         let [e] = &evs[..] else { return Err(format!("{} events: {evs:?}", evs.len())) };
@@ -218,4 +236,63 @@ spec:
     assert_eq!(e["status"]["value"], 21.5, "{e}");
     let o = c.cli(&["get", "events"]);
     assert!(o.success() && o.ok().contains("critical") && o.ok().contains("hot"), "{o:?}");
+}
+
+/// The outbox on a full disk: with the link cut, data piles up; the file
+/// system fills; the drop policy gives up low-priority batches, oldest
+/// first, to keep high-priority ones, counts every dropped point, and what
+/// is left reaches the cloud intact once the disk and the link are back:
+/// points in the cloud + points counted as dropped = points generated.
+#[test]
+fn a_full_disk_drops_low_priority_batches_first_and_counts_them() {
+    let mut c = Cluster::start("data-full-disk");
+    c.mount_tmpfs("edge-1", 48 << 20);
+    let port = free_port();
+    c.join_with("edge-1", EdgeSetup::new().via_link().mqtt(&format!("127.0.0.1:{port}")));
+    for (name, metric, priority) in [("low", "gen_low", 1), ("high", "gen_high", 8)] {
+        c.apply(&format!(
+            "apiVersion: yunbian.io/v1\nkind: Rule\nmetadata: {{name: {name}}}\nspec:\n  source: {{mqtt: {{topic: \"gen/+\", jsonPath: v, timestampPath: ts, metric: {metric}}}}}\n  sinks: [{{cloud: {{priority: {priority}}}}}]\n"
+        ));
+    }
+    wait_rule(&c, "low");
+    wait_rule(&c, "high");
+    c.link("edge-1").cut();
+    const N: u64 = 1_500;
+    let base = (unix_now() as i64 - 120) * 1000;
+    let out = finish(generator(port, "gen/f", N, 300, base, 10));
+    assert!(out.contains(&format!("done {N} reconnects 0")), "{out}");
+    // Every batch of the first half is on disk before the disk fills.
+    let outbox = c.edge("edge-1").dir.join("outbox");
+    eventually(Duration::from_secs(30), "batches on disk", || {
+        let n = std::fs::read_dir(&outbox).map_err(|e| e.to_string())?.count();
+        (n >= 4).then_some(()).ok_or(format!("{n} files"))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    c.tmpfs("edge-1").fill(0).expect("fill the tmpfs");
+    let out = finish(generator(port, "gen/f", N, 300, base + N as i64 * 10, 10));
+    assert!(out.contains("done"), "{out}");
+    std::thread::sleep(Duration::from_secs(3));
+    c.tmpfs("edge-1").unfill().expect("free the tmpfs");
+    c.link("edge-1").heal().expect("heal");
+
+    let outbox = eventually(Duration::from_secs(120), "the outbox drained", || {
+        let n = c.node("edge-1").ok_or("no node")?;
+        let d = n["status"]["usage"]["dataOutbox"].clone();
+        (d["queuedBatches"].as_u64() == Some(0) && d["ackedPoints"].as_u64() > Some(0))
+            .then_some(d.clone())
+            .ok_or_else(|| format!("{d}"))
+    });
+    let dropped = outbox["droppedDiskPoints"].as_u64().unwrap_or(0);
+    assert!(dropped > 0, "the full disk dropped something: {outbox}");
+    assert_eq!(outbox["droppedFullPoints"].as_u64().unwrap_or(0), 0, "{outbox}");
+    let (high, low) = eventually(Duration::from_secs(60), "the cloud to hold what was kept", || {
+        let high = metric_points(&c, "gen_high", "gen/f")?.len() as u64;
+        let low = metric_points(&c, "gen_low", "gen/f")?.len() as u64;
+        (high + low + dropped == 4 * N).then_some((high, low)).ok_or(format!("high {high} low {low} dropped {dropped}"))
+    });
+    // The low-priority stream paid for the full disk.
+    assert_eq!(high, 2 * N, "high-priority points all kept (low {low}, dropped {dropped})");
+    // And the node says so.
+    let o = c.cli(&["describe", "node", "edge-1"]);
+    assert!(o.ok().contains(&format!("{dropped} disk full")), "{o:?}");
 }
