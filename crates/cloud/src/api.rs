@@ -1,5 +1,7 @@
 //! The HTTPS REST API: CRUD and watch for every kind, tokens, join and
-//! certificate renewal, the hub upgrade, logs and metrics.
+//! certificate renewal, the hub upgrade, logs, metrics, and queries of the
+//! data edges ship (`/v1/data/{query,series,latest}`, the routes of
+//! `yunbian-dataapi`).
 //!
 //! Authentication happens here, per route: the admin bearer token for the
 //! management API, the verified client certificate (put into the request by
@@ -60,6 +62,9 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     /// Lifetime of node certificates.
     pub node_cert_ttl: Duration,
+    /// Where `/v1/data/…` queries are answered: the cloud data store, or
+    /// [`yunbian_dataapi::Unavailable`] (503) when it could not be opened.
+    pub data: Arc<dyn yunbian_dataapi::DataQuery>,
 }
 
 type St = State<Arc<ApiState>>;
@@ -124,7 +129,10 @@ type ApiResult<T> = Result<T, ApiError>;
 
 /// Builds the router.
 pub fn router(state: Arc<ApiState>) -> Router {
+    let data = yunbian_dataapi::router(state.data.clone(), "/v1/data")
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), admin_only));
     Router::new()
+        .merge(data)
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .route("/v1/ca", get(ca))
@@ -163,6 +171,16 @@ fn require_admin(s: &ApiState, headers: &HeaderMap, peer: &Peer) -> ApiResult<()
             Err(ApiError::new(StatusCode::FORBIDDEN, "node certificates may not use the management API"))
         }
         None => Err(ApiError::new(StatusCode::UNAUTHORIZED, "authentication required: send a bearer token")),
+    }
+}
+
+/// The admin token check as a layer, for routes built elsewhere (the data
+/// queries).
+async fn admin_only(State(s): St, req: Request, next: Next) -> Response {
+    let peer = req.extensions().get::<Peer>().cloned().unwrap_or_default();
+    match require_admin(&s, req.headers(), &peer) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
     }
 }
 

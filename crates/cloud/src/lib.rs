@@ -218,6 +218,7 @@ pub async fn start(opts: CloudOptions) -> Result<CloudHandle> {
     let metrics = Arc::new(metrics::Metrics::default());
     let hub_cfg = HubConfig { cert_grace: opts.node_cert_grace, url: url.clone(), ..opts.hub };
     let hub = hub::Hub::new(store.clone(), metrics.clone(), hub_cfg);
+    let data = data_store::start(&opts.data_dir, &hub).await;
     let tls =
         yunbian_pki::server_config(&creds.server_cert, &creds.server_key, creds.ca.cert_pem(), opts.node_cert_grace)
             .context("server TLS configuration")?;
@@ -229,6 +230,7 @@ pub async fn start(opts: CloudOptions) -> Result<CloudHandle> {
         admin_token_hash: creds.admin_token_hash,
         metrics: metrics.clone(),
         node_cert_ttl: opts.node_cert_ttl,
+        data,
     });
     let app = api::router(state);
     let tasks = vec![
