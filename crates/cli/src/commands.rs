@@ -1,6 +1,7 @@
 //! The client command tree (`get`, `describe`, `apply`, `delete`, `logs`,
-//! `token`, `device`) and [`run`], which executes one command against the
-//! cloud. The `device` subcommands live in [`crate::device`].
+//! `token`, `device`, `query`, `series`) and [`run`], which executes one
+//! command against the cloud. The `device` subcommands live in
+//! [`crate::device`], `query` and `series` in [`crate::data`].
 //!
 //! Every failure becomes an `anyhow::Error` whose message is one line fit
 //! for `error: {e:#}`; messages about objects (`app hello not found`) are
@@ -21,6 +22,7 @@ use yunbian_api::{parse_manifests, Kind, Resource};
 use crate::client::{Client, ClientError, ListOptions};
 use crate::columns::{headers, row, text};
 use crate::config::ClientConfig;
+use crate::data::{QueryArgs, SeriesArgs};
 use crate::describe::{describe, Related};
 use crate::device::DeviceCommand;
 use crate::table::Table;
@@ -48,6 +50,10 @@ pub enum ClientCommand {
     /// Write desired values of a device's properties, or stream its readings.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Read the points edges shipped to the cloud, raw or one per step.
+    Query(QueryArgs),
+    /// List the series the cloud holds data for.
+    Series(SeriesArgs),
 }
 
 /// Arguments of `get`.
@@ -227,6 +233,8 @@ pub async fn run(config_path: Option<PathBuf>, cmd: ClientCommand) -> Result<()>
         ClientCommand::Logs(a) => logs(&session, a).await,
         ClientCommand::Token(t) => token(&session, t).await,
         ClientCommand::Device(d) => crate::device::run(&session, d).await,
+        ClientCommand::Query(a) => crate::data::query(&session, a).await,
+        ClientCommand::Series(a) => crate::data::series(&session, a).await,
     }
 }
 
@@ -725,6 +733,62 @@ mod tests {
             panic!("not describe")
         };
         assert_eq!(d.kind, Kind::DeviceModel);
+    }
+
+    #[test]
+    fn data_arguments() {
+        use crate::data::{Agg, DataFormat, Span};
+        let ClientCommand::Query(q) = parse(&[
+            "query",
+            r#"temperature{device="boiler-1"}"#,
+            "--since",
+            "2h",
+            "--until",
+            "2026-11-21T09:00:00Z",
+            "--step",
+            "1m",
+            "--agg",
+            "max",
+            "-o",
+            "csv",
+        ])
+        .expect("parses") else {
+            panic!("not query")
+        };
+        assert_eq!(q.selector, r#"temperature{device="boiler-1"}"#);
+        assert_eq!(
+            (q.since, q.step, q.agg, q.output),
+            (Span(7_200_000), Some(Span(60_000)), Some(Agg::Max), DataFormat::Csv)
+        );
+        assert_eq!(q.until, Some(1_795_251_600_000));
+        let ClientCommand::Query(q) = parse(&["query", "up", "--until", "1700000000000"]).expect("parses") else {
+            panic!("not query")
+        };
+        assert_eq!(
+            (q.since, q.step, q.agg, q.output, q.until),
+            (Span(3_600_000), None, None, DataFormat::Table, Some(1_700_000_000_000))
+        );
+        for bad in [
+            &["query"][..],
+            &["query", "up", "--agg", "avg"],
+            &["query", "up", "--step", "1m", "--agg", "median"],
+            &["query", "up", "--since", "0"],
+            &["query", "up", "--since", "an hour"],
+            &["query", "up", "--until", "noon"],
+            &["query", "up", "--step", "0s"],
+            &["query", "up", "-o", "yaml"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+        let ClientCommand::Series(s) =
+            parse(&["series", "--match", r#"{node="edge-1"}"#, "-o", "json"]).expect("parses")
+        else {
+            panic!("not series")
+        };
+        assert_eq!((s.matcher.as_str(), s.output), (r#"{node="edge-1"}"#, DataFormat::Json));
+        let ClientCommand::Series(s) = parse(&["series", "-m", "up"]).expect("parses") else { panic!("not series") };
+        assert_eq!(s.output, DataFormat::Table);
+        assert!(parse(&["series"]).is_err());
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //!   (kubectl-style tables, ages, descriptions) with no I/O.
 //! - [`device`]: `device set` (checked, conflict-retried writes of desired
 //!   values, `--wait` for the node to apply them) and `device watch`.
+//! - [`data`]: `query` and `series`, reading the data edges shipped to the
+//!   cloud, as a table, CSV or JSON.
 //! - [`commands`]: the clap command tree ([`ClientCommand`]) and [`run`],
 //!   which the `yunbian` binary calls and whose errors it prints as
 //!   `error: {e:#}`.
@@ -24,6 +26,7 @@ pub mod client;
 pub mod columns;
 pub mod commands;
 pub mod config;
+pub mod data;
 pub mod describe;
 pub mod device;
 pub mod table;
