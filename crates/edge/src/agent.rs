@@ -97,6 +97,8 @@ pub struct AgentStats {
     pub applied: AtomicU64,
     /// Successful connections since start.
     pub connects: AtomicU64,
+    /// The store-and-forward outbox (refreshed on every agent tick).
+    pub data_outbox: std::sync::Mutex<Option<yunbian_api::DataOutboxStatus>>,
 }
 
 impl AgentStats {
@@ -122,6 +124,41 @@ impl AgentStats {
         );
         metric(&mut out, "yunbian_edge_applied_revision", "gauge", "Desired-view revision applied.", l(&self.applied));
         metric(&mut out, "yunbian_edge_connects_total", "counter", "Connections established.", l(&self.connects));
+        let data = self.data_outbox.lock().map(|d| d.clone()).unwrap_or_default();
+        if let Some(d) = data {
+            for (name, kind, help, v) in [
+                ("yunbian_edge_data_queued_batches", "gauge", "Data batches waiting for the cloud.", d.queued_batches),
+                ("yunbian_edge_data_queued_points", "gauge", "Points in them.", d.queued_points),
+                ("yunbian_edge_data_queued_bytes", "gauge", "Their bytes.", d.queued_bytes),
+                (
+                    "yunbian_edge_data_oldest_age_seconds",
+                    "gauge",
+                    "Age of the oldest queued batch.",
+                    d.oldest_age_seconds,
+                ),
+                ("yunbian_edge_data_acked_points_total", "counter", "Points the cloud acknowledged.", d.acked_points),
+                (
+                    "yunbian_edge_data_dropped_expired_points_total",
+                    "counter",
+                    "Points dropped: batch older than the TTL.",
+                    d.dropped_expired_points,
+                ),
+                (
+                    "yunbian_edge_data_dropped_full_points_total",
+                    "counter",
+                    "Points dropped: outbox over its size limit.",
+                    d.dropped_full_points,
+                ),
+                (
+                    "yunbian_edge_data_dropped_disk_points_total",
+                    "counter",
+                    "Points dropped: disk full or corrupt batch.",
+                    d.dropped_disk_points,
+                ),
+            ] {
+                metric(&mut out, name, kind, help, v);
+            }
+        }
         yunbian_telemetry::process_metrics(&mut out);
         out
     }
@@ -533,6 +570,9 @@ pub async fn run_agent(
         }
         stats.outbox.store(session.outbox_len() as u64, Ordering::Relaxed);
         stats.applied.store(session.applied(), Ordering::Relaxed);
+        if let (Some(s), Ok(mut d)) = (shipper, stats.data_outbox.lock()) {
+            *d = Some(s.status());
+        }
     };
     conn.abort();
     reconciler.abort();
