@@ -473,11 +473,8 @@ fn execute(
         }
         Output::Alert { key, firing: holds, severity, message, record } => {
             let at_ms = record.ts_ms;
-            let since_ms = if holds {
-                *firing.entry(key.clone()).or_insert(at_ms)
-            } else {
-                firing.remove(&key).unwrap_or(at_ms)
-            };
+            let since_ms =
+                if holds { *firing.entry(key.clone()).or_insert(at_ms) } else { firing.remove(&key).unwrap_or(at_ms) };
             let report = Report::Alert {
                 id: format!("{rule}/{key}"),
                 rule: rule.to_string(),
