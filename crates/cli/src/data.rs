@@ -33,7 +33,7 @@ pub struct QueryArgs {
     /// One point per step (1m, 5m, 1h), aggregated with --agg.
     #[arg(long, value_parser = parse_span)]
     pub step: Option<Span>,
-    /// How a step aggregates its points.
+    /// How a step aggregates its points (default avg).
     #[arg(long, value_enum, requires = "step")]
     pub agg: Option<Agg>,
     /// Output format.
