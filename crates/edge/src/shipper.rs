@@ -11,7 +11,10 @@
 //! <data-dir>/outbox/<id:020>.batch    "YOB1", u8 priority, u64 created ms,
 //!                                     u64 points, u32 crc32 of what follows
 //!                                     it, payload (yunbian_tsdb::batch)
-//! <data-dir>/outbox/counters          acked and dropped point counters
+//! <data-dir>/outbox/counters          acked and dropped point counters,
+//!                                     rewritten before batch files are
+//!                                     deleted (a SIGKILL never loses a
+//!                                     count; a power loss may)
 //! <data-dir>/outbox/quarantine/       batch files that failed their checksum
 //! ```
 //!
@@ -265,6 +268,7 @@ impl Worker {
                 self.seal_due(false);
                 self.ship();
                 self.publish_status();
+                // A write that failed (full disk) is retried.
                 if self.counters_dirty && self.last_counters_write.elapsed() >= Duration::from_secs(5) {
                     self.write_counters();
                 }
@@ -345,6 +349,24 @@ impl Worker {
     }
 
     fn execute(&mut self, actions: Vec<DataAction>) {
+        // Counters first, written before any batch file is deleted: a kill
+        // between the two must not lose a drop (or an acknowledgement) from
+        // the counts.
+        for a in &actions {
+            if let DataAction::Dropped { id, priority, reason } = a {
+                let n = self.points.remove(id).unwrap_or(0);
+                match reason {
+                    DropReason::Expired => self.counters.expired += n,
+                    DropReason::Full => self.counters.full += n,
+                    DropReason::Disk => self.counters.disk += n,
+                }
+                self.counters_dirty = true;
+                tracing::warn!(batch = id, priority, points = n, reason = ?reason, "data batch dropped by policy");
+            }
+        }
+        if self.counters_dirty && actions.iter().any(|a| matches!(a, DataAction::Delete(_))) {
+            self.write_counters();
+        }
         for a in actions {
             match a {
                 DataAction::Persist(b) => {
@@ -381,16 +403,7 @@ impl Worker {
                         self.disk.delete(id);
                     }
                 }
-                DataAction::Dropped { id, priority, reason } => {
-                    let n = self.points.remove(&id).unwrap_or(0);
-                    match reason {
-                        DropReason::Expired => self.counters.expired += n,
-                        DropReason::Full => self.counters.full += n,
-                        DropReason::Disk => self.counters.disk += n,
-                    }
-                    self.counters_dirty = true;
-                    tracing::warn!(batch = id, priority, points = n, reason = ?reason, "data batch dropped by policy");
-                }
+                DataAction::Dropped { .. } => {}
             }
         }
     }
