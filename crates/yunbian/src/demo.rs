@@ -126,6 +126,29 @@ spec:
     - mqtt: {topic: "rules/{tags.device}/temperature_avg"}
 "#;
 
+/// Edge data for the cloud: 10 s averages of every env sensor shipped by
+/// store-and-forward (site b's keep flowing across its outage), and an
+/// over-temperature alert.
+const DATA_RULES: &str = r#"apiVersion: yunbian.io/v1
+kind: Rule
+metadata: {name: env-to-cloud}
+spec:
+  source: {devices: {models: [env-sensor], properties: [temperature]}}
+  steps:
+    - window: {size: 10s, aggregate: avg}
+    - rename: temperature_avg_10s
+  sinks:
+    - cloud: {priority: 5}
+---
+apiVersion: yunbian.io/v1
+kind: Rule
+metadata: {name: env-hot}
+spec:
+  source: {devices: {models: [env-sensor], properties: [temperature]}}
+  sinks:
+    - alert: {when: "value > 23.0", severity: warning, message: "{tags.device} is at {value} °C (over 23)"}
+"#;
+
 /// The sample app that reads device data from its node's edge bus.
 fn device_reader(exe: &str) -> String {
     format!(
@@ -240,11 +263,17 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
     let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "yunbian".into());
     let _boiler = devices(&client, &exe).await?;
+    for doc in yunbian_api::parse_manifests(DATA_RULES).context("demo data rules")? {
+        client.apply(&doc.to_value()).await?;
+    }
+    say("applied the rules env-to-cloud (10 s averages of the env sensors, shipped to the cloud by store-and-forward) and env-hot (an Event when a sensor is over 23 °C)");
+    let rules_at = Instant::now();
     if !args.outage.is_zero() {
         outage(&client, &link, args.outage).await?;
     }
+    cloud_data(&client, rules_at).await?;
     println!(
-        "\nThe cluster is up. In another terminal:\n\n    export YUNBIAN_CONFIG={}\n    {exe} get nodes -o wide\n    {exe} get instances\n    {exe} get devices\n    {exe} describe device boiler-1\n    {exe} device set boiler-1 setpoint=80 --wait\n    {exe} device watch boiler-1\n    {exe} logs app/device-reader --follow\n    mosquitto_sub -p {MQTT_BASE} -t 'yunbian/devices/#' -v   (edge-a1's bus)\n    {exe} get rules -o wide\n    curl -G http://127.0.0.1:17790/v1/query --data-urlencode 'q=temperature_avg_10s{{device=\"boiler-1\"}}' -d since=10m   (edge-a1's store)\n    {exe} logs app/hello --follow\n    {exe} apply -f <your-app.yaml>\n\nPress Ctrl-C to stop (the demo's apps are deleted first, so no workload outlives it).",
+        "\nThe cluster is up. In another terminal:\n\n    export YUNBIAN_CONFIG={}\n    {exe} get nodes -o wide\n    {exe} get instances\n    {exe} get devices\n    {exe} describe device boiler-1\n    {exe} device set boiler-1 setpoint=80 --wait\n    {exe} device watch boiler-1\n    {exe} logs app/device-reader --follow\n    mosquitto_sub -p {MQTT_BASE} -t 'yunbian/devices/#' -v   (edge-a1's bus)\n    {exe} get rules -o wide\n    {exe} query 'temperature_avg_10s' --since 30m --step 1m --agg avg\n    {exe} series --match '{{node=~\"edge-.*\"}}'\n    {exe} get events\n    {exe} describe node edge-b1   (its data outbox)\n    curl -G http://127.0.0.1:17790/v1/query --data-urlencode 'q=temperature_avg_10s{{device=\"boiler-1\"}}' -d since=10m   (edge-a1's store)\n    {exe} logs app/hello --follow\n    {exe} apply -f <your-app.yaml>\n\nPress Ctrl-C to stop (the demo's apps are deleted first, so no workload outlives it).",
         cloud.admin_config.display()
     );
     if args.exit_when_ready {
@@ -311,6 +340,65 @@ async fn devices(client: &yunbian_cli::Client, exe: &str) -> Result<crate::modbu
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Ok(boiler)
+}
+
+/// Waits for the env sensors' averages in the cloud's store (site b's
+/// include what it buffered while its link was cut), prints them as
+/// `yunbian query` does, and lists the alert events so far.
+async fn cloud_data(client: &yunbian_cli::Client, since: Instant) -> Result<()> {
+    let path = yunbian_cli::client::with_query(
+        "/v1/data/query",
+        &[
+            ("q", "temperature_avg_10s".to_string()),
+            ("since", "10m".into()),
+            ("step", "30s".into()),
+            ("agg", "avg".into()),
+        ],
+    );
+    let t0 = Instant::now();
+    loop {
+        let body = client.get(&path).await?;
+        let nodes: std::collections::BTreeSet<String> = body["series"]
+            .as_array()
+            .map(|a| {
+                a.iter().filter_map(|s| s.pointer("/tags/node").and_then(Value::as_str).map(str::to_string)).collect()
+            })
+            .unwrap_or_default();
+        if nodes.len() >= 2 {
+            say(&format!(
+                "the cloud's store holds the 10 s averages from {}, {:.1}s after the rules were applied (yunbian query 'temperature_avg_10s' --since 10m --step 30s):",
+                nodes.into_iter().collect::<Vec<_>>().join(" and "),
+                since.elapsed().as_secs_f64()
+            ));
+            let table = yunbian_cli::data::points_table(&body)?;
+            for line in table.render().lines().take(12) {
+                println!("    {line}");
+            }
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!("no averages from two nodes reached the cloud within 60 s: {body}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let events = client.list(Kind::Event).await?;
+    if events.is_empty() {
+        say("no over-temperature alert yet (env-hot raises one when a sensor passes 23 °C; see yunbian get events)");
+    }
+    for e in events {
+        let g = |p: &str| {
+            e.pointer(p).map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).unwrap_or_default()
+        };
+        say(&format!(
+            "event {}: {} {} ×{} — {}",
+            g("/metadata/name"),
+            g("/spec/severity"),
+            g("/status/state"),
+            g("/status/count"),
+            g("/status/message")
+        ));
+    }
+    Ok(())
 }
 
 /// Pids of the instances on `node`, by instance name.
