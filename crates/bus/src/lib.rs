@@ -98,7 +98,7 @@ pub struct Message {
 #[derive(Clone)]
 pub struct Broker {
     shared: Arc<Shared>,
-    addrs: Arc<Vec<SocketAddr>>,
+    addrs: Arc<std::sync::Mutex<Vec<SocketAddr>>>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -145,13 +145,21 @@ impl Broker {
                 }
             }
         });
-        Ok(Broker { shared, addrs: Arc::new(addrs) })
+        Ok(Broker { shared, addrs: Arc::new(std::sync::Mutex::new(addrs)) })
+    }
+
+    /// Binds one more listener (e.g. once in-process subscribers are in
+    /// place, so no client publishes before they listen).
+    pub async fn listen(&self, l: ListenerConfig) -> Result<SocketAddr, BusError> {
+        let a = listener::start(self.shared.clone(), l).await?;
+        self.addrs.lock().unwrap_or_else(|e| e.into_inner()).push(a);
+        Ok(a)
     }
 
     /// The addresses the listeners are bound to, in configuration order
     /// (with the real port where port 0 was asked for).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.addrs.as_ref().clone()
+        self.addrs.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Publishes a message from inside the agent. Never blocks: a

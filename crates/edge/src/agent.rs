@@ -233,6 +233,13 @@ pub struct DeviceSide {
 /// How often rules' per-node status goes to the cloud.
 const RULE_STATUS_EVERY: Duration = Duration::from_secs(10);
 
+/// The rules and device configurations of a desired view (what the rule
+/// host runs before the agent's loop starts).
+pub(crate) fn rules_and_devices(objects: &[DesiredObject]) -> (Vec<yunbian_api::Rule>, Vec<DeviceConfig>) {
+    let d = device_objects_of(objects);
+    (rules_of(&d), device_configs(&d))
+}
+
 fn rules_of(objects: &DeviceObjects) -> Vec<yunbian_api::Rule> {
     objects
         .iter()

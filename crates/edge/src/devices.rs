@@ -111,10 +111,19 @@ impl DeviceServices {
 }
 
 /// Starts the broker and the mapper host for node `node` with state under
-/// `data_dir`; returns the services and the agent's device side.
-pub async fn start_devices(node: &str, data_dir: &Path, opts: &DeviceOptions) -> Result<(DeviceServices, DeviceSide)> {
+/// `data_dir`; returns the services and the agent's device side. The rules
+/// of the node's last desired view (`desired`) subscribe to the bus before
+/// its listeners open, so a client that reconnects the moment the agent
+/// restarts publishes to running rules.
+pub async fn start_devices(
+    node: &str,
+    data_dir: &Path,
+    opts: &DeviceOptions,
+    desired: &[yunbian_sync::DesiredObject],
+) -> Result<(DeviceServices, DeviceSide)> {
+    let listeners = opts.broker.as_ref().map(|c| c.listeners.clone()).unwrap_or_default();
     let (broker, bus): (Option<Broker>, Arc<dyn EdgeBus>) = match &opts.broker {
-        Some(cfg) => match Broker::start(cfg.clone()).await {
+        Some(cfg) => match Broker::start(BrokerConfig { listeners: Vec::new(), ..cfg.clone() }).await {
             Ok(b) => (Some(b.clone()), Arc::new(BrokerBus(b))),
             Err(e) => {
                 // Workloads and the cloud connection matter more than the bus.
@@ -124,14 +133,26 @@ pub async fn start_devices(node: &str, data_dir: &Path, opts: &DeviceOptions) ->
         },
         None => (None, Arc::new(yunbian_devices::MemoryBus::new())),
     };
-    let broker_addrs = broker.as_ref().map(|b| b.local_addrs()).unwrap_or_default();
-    if !broker_addrs.is_empty() {
-        tracing::info!(node, listen = ?broker_addrs, "edge MQTT broker listening");
-    }
     let (tx, rx) = mpsc::channel(1024);
     let registry = yunbian_devices::external::ExternalRegistry::new(std::time::Duration::from_secs(10));
     let factory = yunbian_devices::standard_drivers(bus.clone(), Some(registry.clone()));
     let rules = Arc::new(crate::rules::RuleHost::new(data_dir, bus.clone(), opts.shipping.clone()));
+    let (initial_rules, initial_devices) = crate::agent::rules_and_devices(desired);
+    rules.apply(initial_rules, &initial_devices);
+    if let Some(b) = &broker {
+        for l in listeners {
+            let addr = l.bind;
+            if let Err(e) = b.listen(l).await {
+                // The in-agent bus (mappers, rules) keeps working; only
+                // clients of this listener cannot reach it.
+                tracing::error!(node, %addr, error = %e, "cannot open an edge MQTT broker listener; running without it");
+            }
+        }
+    }
+    let broker_addrs = broker.as_ref().map(|b| b.local_addrs()).unwrap_or_default();
+    if !broker_addrs.is_empty() {
+        tracing::info!(node, listen = ?broker_addrs, "edge MQTT broker listening");
+    }
     let host = MapperHost::new(node, Some(data_dir.join("devices")), bus, factory, tx);
     let mut tasks = vec![tokio::spawn(host.clone().serve_bus_sets())];
     let local_api = match opts.local_api {

@@ -92,7 +92,9 @@ impl EdgeHandle {
 pub async fn start(opts: EdgeOptions) -> Result<EdgeHandle> {
     let identity = Identity::load(&opts.data_dir)?;
     let store = open_store(&opts.data_dir)?;
-    let (services, side) = devices::start_devices(&identity.config.name, &opts.data_dir, &opts.devices).await?;
+    let desired = store.restore().map(|r| r.desired).unwrap_or_default();
+    let (services, side) =
+        devices::start_devices(&identity.config.name, &opts.data_dir, &opts.devices, &desired).await?;
     let (tx, rx) = mpsc::unbounded_channel();
     let runtime_opts =
         yunbian_runtime::ProcessRuntimeOptions { node_env: services.workload_env(), ..Default::default() };

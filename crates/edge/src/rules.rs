@@ -221,7 +221,13 @@ impl RuleHost {
                 old.task.abort();
             }
             let stats = Arc::new(Mutex::new((RuleStats::default(), String::new())));
-            let task = tokio::spawn(run_rule(rule, self.sinks(), self.devices.clone(), stats.clone()));
+            let task = match prepare(&rule, &self.bus) {
+                Ok(p) => tokio::spawn(run_rule(rule, p, self.sinks(), self.devices.clone(), stats.clone())),
+                Err(e) => {
+                    lock(&stats).1 = e;
+                    tokio::spawn(async {})
+                }
+            };
             tracing::info!(rule = %name, "rule started");
             running.insert(name, Running { version, stats, task, last: (0, std::time::Instant::now()) });
         }
@@ -366,17 +372,21 @@ struct Sinks {
     alerts: tokio::sync::mpsc::Sender<Report>,
 }
 
-async fn run_rule(rule: Rule, sinks: Sinks, devices: DeviceIndex, stats: Arc<Mutex<(RuleStats, String)>>) {
-    let name = rule.name().to_string();
-    let compiled = match CompiledRule::compile(&rule.spec) {
-        Ok(c) => c,
-        Err(errs) => {
-            let text = errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ");
-            tracing::error!(rule = %name, errors = %text, "rule does not compile; not running it");
-            lock(&stats).1 = format!("does not compile: {text}");
-            return;
-        }
-    };
+/// A rule ready to run: compiled, its source decoded, and already
+/// subscribed to the bus — so nothing published after [`RuleHost::apply`]
+/// returns is missed, not even before its task first runs.
+struct Prepared {
+    compiled: CompiledRule,
+    source: Source,
+    rx: tokio::sync::mpsc::Receiver<yunbian_devices::bus::BusMessage>,
+}
+
+fn prepare(rule: &Rule, bus: &Arc<dyn EdgeBus>) -> Result<Prepared, String> {
+    let compiled = CompiledRule::compile(&rule.spec).map_err(|errs| {
+        let text = errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ");
+        tracing::error!(rule = %rule.name(), errors = %text, "rule does not compile; not running it");
+        format!("does not compile: {text}")
+    })?;
     let (filter, source) = match (&rule.spec.source.devices, &rule.spec.source.mqtt) {
         (Some(d), _) => (
             "yunbian/devices/+/properties/+".to_string(),
@@ -391,15 +401,15 @@ async fn run_rule(rule: Rule, sinks: Sinks, devices: DeviceIndex, stats: Arc<Mut
             m.topic.clone(),
             Source::Mqtt { path: m.json_path.clone(), metric: m.metric.clone(), ts_path: m.timestamp_path.clone() },
         ),
-        (None, None) => return,
+        (None, None) => return Err("no source".into()),
     };
-    let mut rx = match sinks.bus.subscribe(&filter) {
-        Ok(rx) => rx,
-        Err(e) => {
-            lock(&stats).1 = format!("cannot subscribe to {filter}: {e}");
-            return;
-        }
-    };
+    let rx = bus.subscribe(&filter).map_err(|e| format!("cannot subscribe to {filter}: {e}"))?;
+    Ok(Prepared { compiled, source, rx })
+}
+
+async fn run_rule(rule: Rule, p: Prepared, sinks: Sinks, devices: DeviceIndex, stats: Arc<Mutex<(RuleStats, String)>>) {
+    let name = rule.name().to_string();
+    let Prepared { compiled, source, mut rx } = p;
     let mut runner = RuleRunner::new(compiled);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let sink = SinkErrors::default();

@@ -155,7 +155,19 @@ fn data_reaches_the_cloud_exactly_once_across_link_cuts_and_agent_kills() {
     // Exactly the generated points: every timestamp, every value, nothing else.
     let points = eventually(Duration::from_secs(120), "all points in the cloud", || {
         let p = cloud_points(&c, "gen/a")?;
-        (p.len() as u64 == N).then_some(p.clone()).ok_or_else(|| format!("{} of {N} points", p.len()))
+        (p.len() as u64 == N).then_some(p.clone()).ok_or_else(|| {
+            // Which readings are missing, as index ranges.
+            let mut gaps: Vec<(i64, i64)> = Vec::new();
+            for i in 0..N as i64 {
+                if !p.contains_key(&(base + i * PERIOD_MS)) {
+                    match gaps.last_mut() {
+                        Some(g) if g.1 == i - 1 => g.1 = i,
+                        _ => gaps.push((i, i)),
+                    }
+                }
+            }
+            format!("{} of {N} points; missing readings {gaps:?}", p.len())
+        })
     });
     let mut sum = 0i64;
     for (i, (t, v)) in points.iter().enumerate() {
