@@ -85,14 +85,43 @@ pub fn apply_alert(st: &mut EventStatus, r: &AlertReport, new: bool) -> bool {
     true
 }
 
+/// How long a resolved Event is kept after it resolved.
+pub const RESOLVED_TTL_SECS: u64 = 7 * 86_400;
+
+/// Deletes Events resolved more than `ttl_secs` before `now` (Unix
+/// seconds); returns how many. Firing events are kept however old.
+pub async fn expire_resolved(store: &Arc<dyn Store>, now: u64, ttl_secs: u64) -> Result<usize, StoreError> {
+    let (events, _) = store.list(Kind::Event).await?;
+    let mut n = 0;
+    for o in events {
+        let resolved = o.value.pointer("/status/resolvedTimestamp").and_then(|v| v.as_str()).unwrap_or_default();
+        let firing = o.value.pointer("/status/state").and_then(|v| v.as_str()) == Some("Firing");
+        let Some(at) = yunbian_api::time::parse_rfc3339(resolved) else { continue };
+        if firing || now.saturating_sub(at) <= ttl_secs {
+            continue;
+        }
+        match store.delete(Kind::Event, &o.name, Some(o.revision)).await {
+            Ok(_) => n += 1,
+            // Changed (fired again) or deleted meanwhile: leave it.
+            Err(StoreError::NotFound { .. } | StoreError::Conflict { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 /// Records an alert report of `node` in its Event object.
 pub async fn record_alert(store: &Arc<dyn Store>, node: &str, r: &AlertReport) -> Result<(), StoreError> {
     let name = event_name(&r.rule, node, &r.series);
     loop {
         match store.get(Kind::Event, &name).await {
             Err(StoreError::NotFound { .. }) => {
-                let spec =
-                    EventSpec { rule: r.rule.clone(), node: node.to_string(), series: r.series.clone(), severity: r.severity };
+                let spec = EventSpec {
+                    rule: r.rule.clone(),
+                    node: node.to_string(),
+                    series: r.series.clone(),
+                    severity: r.severity,
+                };
                 let mut ev = Event::new(&name, spec);
                 ev.metadata.labels.insert("yunbian.io/rule".into(), r.rule.clone());
                 ev.metadata.labels.insert("yunbian.io/node".into(), node.to_string());
@@ -162,6 +191,42 @@ mod tests {
         assert!(apply_alert(&mut st, &report(false, 3_000_000, 3_100_000), false));
         assert_eq!((st.state, st.count), (EventState::Resolved, 2));
         assert_eq!(st.firing_since, rfc3339_ms(3_000_000));
+    }
+
+    #[tokio::test]
+    async fn resolved_events_expire_firing_ones_stay() {
+        let dir = std::env::temp_dir().join(format!("yunbian-events-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let store: Arc<dyn Store> =
+            yunbian_store::RedbStore::open(&dir.join("s.redb"), Default::default()).expect("store");
+        let day = 86_400_000i64;
+        // Resolved 10 days ago, resolved 1 day ago, firing for 30 days.
+        let now_ms = 100 * day;
+        let mut a = report(true, now_ms - 11 * day, now_ms - 11 * day);
+        a.series = "a".into();
+        record_alert(&store, "n", &a).await.expect("a fires");
+        record_alert(&store, "n", &AlertReport { firing: false, at_ms: now_ms - 10 * day, ..a.clone() })
+            .await
+            .expect("a resolves");
+        let mut b = report(true, now_ms - 2 * day, now_ms - 2 * day);
+        b.series = "b".into();
+        record_alert(&store, "n", &b).await.expect("b fires");
+        record_alert(&store, "n", &AlertReport { firing: false, at_ms: now_ms - day, ..b.clone() })
+            .await
+            .expect("b resolves");
+        let mut c = report(true, now_ms - 30 * day, now_ms - 30 * day);
+        c.series = "c".into();
+        record_alert(&store, "n", &c).await.expect("c fires");
+        let n = expire_resolved(&store, (now_ms / 1000) as u64, RESOLVED_TTL_SECS).await.expect("expire");
+        assert_eq!(n, 1);
+        let (left, _) = store.list(Kind::Event).await.expect("list");
+        let mut names: Vec<String> = left.iter().map(|o| o.name.clone()).collect();
+        names.sort();
+        let mut want = vec![event_name("hot", "n", "b"), event_name("hot", "n", "c")];
+        want.sort();
+        assert_eq!(names, want);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

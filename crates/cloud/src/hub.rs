@@ -586,8 +586,8 @@ impl Hub {
             let n = node.clone();
             let id = b.id;
             let result = tokio::task::spawn_blocking(move || {
-                let series = yunbian_tsdb::batch::decode(&b.payload)
-                    .map_err(|e| DataStoreError::Malformed(e.to_string()))?;
+                let series =
+                    yunbian_tsdb::batch::decode(&b.payload).map_err(|e| DataStoreError::Malformed(e.to_string()))?;
                 let got: u64 = series.iter().map(|s| s.points.len() as u64).sum();
                 if got != b.points {
                     return Err(DataStoreError::Malformed(format!("{got} points, header says {}", b.points)));
@@ -1026,10 +1026,20 @@ impl Hub {
         let mut tick = tokio::time::interval(self.cfg.heartbeat.min(Duration::from_secs(2)));
         let mut published: Option<Vec<u8>> = None;
         let mut last_publish = Instant::now();
+        let mut last_event_expiry: Option<Instant> = None;
         loop {
             tick.tick().await;
             self.refresh_gauges();
             self.reap_log_streams();
+            if last_event_expiry.is_none_or(|t| t.elapsed() >= Duration::from_secs(600)) {
+                last_event_expiry = Some(Instant::now());
+                let ttl = crate::events::RESOLVED_TTL_SECS;
+                match crate::events::expire_resolved(&self.store, objects::unix_now(), ttl).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(events = n, "deleted events resolved more than 7 days ago"),
+                    Err(e) => tracing::warn!(error = %e, "housekeeping: expire events"),
+                }
+            }
             let mut ready: Vec<String> = self.ready_nodes().into_iter().filter(|(_, ok)| *ok).map(|(n, _)| n).collect();
             ready.sort();
             let data = serde_json::to_vec(&ready).unwrap_or_default();
