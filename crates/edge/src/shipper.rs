@@ -16,15 +16,19 @@
 //!                                     deleted (a SIGKILL never loses a
 //!                                     count; a power loss may)
 //! <data-dir>/outbox/quarantine/       batch files that failed their checksum
+//! <data-dir>/outbox/next-id           ids below it may have been used
+//!                                     (reserved in blocks, fsynced)
 //! ```
 //!
 //! A batch file is written to a temporary name, fsynced and renamed (then
 //! the directory fsynced) before the batch may be sent, so a SIGKILL at any
 //! moment leaves either the whole batch or none of it; stray temporary
-//! files are removed on start. Ids: every start begins above both the
-//! highest id on disk and the current Unix time in microseconds, so a lost
-//! outbox directory never makes new batches look like old ones to the
-//! cloud.
+//! files are removed on start. Ids only grow, across restarts too: every
+//! start begins above the highest id on disk, above the reserved
+//! high-water mark in `next-id` (so a clock set back — a gateway booting at
+//! 1970 before NTP — cannot reuse ids the cloud has seen) and above the
+//! current Unix time in microseconds (so an outbox directory that was lost
+//! does not either, with a sane clock).
 //!
 //! Invariants: a point the shipper accepted is in a batch that is either
 //! acknowledged by the cloud, still on disk, or counted as dropped (TTL,
@@ -34,7 +38,8 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -50,6 +55,8 @@ const HEADER: usize = 4 + 1 + 8 + 8 + 4;
 /// Points queued between rules and the shipper thread before rules see
 /// "behind" errors.
 const QUEUE: usize = 65_536;
+/// Ids reserved at a time in `next-id`.
+const ID_RESERVE: u64 = 1 << 20;
 
 /// Limits and pacing of the shipper.
 #[derive(Debug, Clone)]
@@ -97,8 +104,12 @@ enum Msg {
 /// Handle to the shipper thread (cheap to clone).
 #[derive(Clone)]
 pub struct Shipper {
-    tx: SyncSender<Msg>,
+    /// Unbounded, so control messages never block the caller (the agent's
+    /// runtime worker); points are bounded by `queued`.
+    tx: Sender<Msg>,
+    queued: Arc<AtomicUsize>,
     status: Arc<Mutex<DataOutboxStatus>>,
+    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -126,9 +137,16 @@ impl Shipper {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(1);
+        let reserved = disk.read_next_id().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "data outbox id mark unreadable; new ids start at the current time");
+            0
+        });
         let meta: Vec<(u64, u8, u64, u64)> =
             restored.iter().map(|b| (b.id, b.priority, b.created_ms, b.size)).collect();
-        let outbox = DataOutbox::new(cfg, meta, now_us);
+        let outbox = DataOutbox::new(cfg, meta, now_us.max(reserved));
+        // Reserve the first block before any id of it is used.
+        let reserved = outbox.next_id() + ID_RESERVE;
+        disk.write_next_id(reserved)?;
         let points: HashMap<u64, u64> = restored.iter().map(|b| (b.id, b.points)).collect();
         if !restored.is_empty() {
             tracing::info!(
@@ -145,8 +163,11 @@ impl Shipper {
         }
         let counters_dirty = !corrupt.is_empty();
         let status = Arc::new(Mutex::new(status));
-        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
         let mut worker = Worker {
+            queued: queued.clone(),
+            reserved,
             opts,
             disk,
             outbox,
@@ -160,22 +181,25 @@ impl Shipper {
             counters_dirty,
             last_counters_write: Instant::now(),
         };
-        std::thread::Builder::new().name("data-shipper".into()).spawn(move || worker.run(rx))?;
-        Ok(Shipper { tx, status })
+        let thread = std::thread::Builder::new().name("data-shipper".into()).spawn(move || worker.run(rx))?;
+        Ok(Shipper { tx, queued, status, thread: Arc::new(Mutex::new(Some(thread))) })
     }
 
     /// Queues a point for the cloud. Never blocks: when the thread is this
     /// far behind, the point is refused with an error the rule counts.
     pub fn push(&self, priority: u8, key: SeriesKey, ts: i64, v: f64) -> Result<(), String> {
-        match self.tx.try_send(Msg::Point(priority.min(9), key, ts, v)) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => Err("cloud sink: the data outbox is behind; point dropped".into()),
-            Err(TrySendError::Disconnected(_)) => Err("cloud sink: the data outbox is stopped".into()),
+        if self.queued.load(Ordering::Relaxed) >= QUEUE {
+            return Err("cloud sink: the data outbox is behind; point dropped".into());
         }
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        self.tx.send(Msg::Point(priority.min(9), key, ts, v)).map_err(|_| {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            "cloud sink: the data outbox is stopped".to_string()
+        })
     }
 
     fn control(&self, m: Msg) {
-        // Control messages wait for room: losing one would stall shipping.
+        // Never blocks; fails only when the thread is gone.
         let _ = self.tx.send(m);
     }
 
@@ -205,10 +229,25 @@ impl Shipper {
         lock(&self.status).clone()
     }
 
-    /// Seals what is open and stops the thread.
+    /// Seals what is open and stops the thread (returns at once).
     pub fn stop(&self) {
         self.control(Msg::Seal);
         self.control(Msg::Stop);
+    }
+
+    /// [`Shipper::stop`], then waits up to `timeout` for the thread to have
+    /// written what it held; true when it did.
+    pub fn stop_and_wait(&self, timeout: Duration) -> bool {
+        self.stop();
+        let Some(h) = lock(&self.thread).take() else { return true };
+        let deadline = Instant::now() + timeout;
+        while !h.is_finished() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        h.join().is_ok()
     }
 }
 
@@ -227,6 +266,9 @@ struct Open {
 }
 
 struct Worker {
+    queued: Arc<AtomicUsize>,
+    /// Ids below this are reserved in `next-id`.
+    reserved: u64,
     opts: ShipperOptions,
     disk: BatchDir,
     outbox: DataOutbox,
@@ -279,6 +321,7 @@ impl Worker {
     fn handle(&mut self, m: Msg) {
         match m {
             Msg::Point(priority, key, ts, v) => {
+                self.queued.fetch_sub(1, Ordering::Relaxed);
                 let open = self
                     .open
                     .entry(priority)
@@ -337,7 +380,17 @@ impl Worker {
             return;
         }
         let (payload, points) = open.builder.finish();
-        let actions = self.outbox.enqueue(priority, payload, unix_ms());
+        if self.outbox.next_id() >= self.reserved {
+            let next = self.outbox.next_id() + ID_RESERVE;
+            match self.disk.write_next_id(next) {
+                Ok(()) => self.reserved = next,
+                // Used anyway (the batch write needs the same disk); only
+                // a restart with the clock set back could then reuse ids.
+                Err(e) => tracing::warn!(error = %e, "cannot reserve data batch ids"),
+            }
+        }
+        let size = disk_size(payload.len());
+        let actions = self.outbox.enqueue_sized(priority, payload, size, unix_ms());
         let id = actions.iter().find_map(|a| match a {
             DataAction::Persist(b) => Some(b.id),
             _ => None,
@@ -414,7 +467,13 @@ impl Worker {
         let Some(conn) = &self.conn else { return false };
         let (priority, points, payload) = match self.disk.read(id) {
             Ok(b) => b,
-            Err(e) => {
+            Err(ReadError::Io(e)) => {
+                // Transient (EMFILE, EIO…): the file stays; try again later.
+                tracing::warn!(batch = id, error = %e, "data batch not readable now; will retry");
+                self.set_error(format!("read batch {id}: {e}"));
+                return false;
+            }
+            Err(ReadError::Lost(e)) => {
                 // Quarantined by `read`: count its points as lost to the disk.
                 tracing::error!(batch = id, error = %e, "data batch unreadable; quarantined");
                 self.set_error(format!("read batch {id}: {e}"));
@@ -500,6 +559,21 @@ struct Restored {
     size: u64,
 }
 
+/// What a batch file of `payload` bytes takes on disk, as the size limit
+/// counts it: the header, rounded up to whole 4 KiB blocks (a file of a few
+/// bytes still takes a block; many small batches must not escape the limit).
+fn disk_size(payload: usize) -> u64 {
+    ((HEADER + payload) as u64).div_ceil(4096) * 4096
+}
+
+/// Why a batch could not be read back.
+enum ReadError {
+    /// Gone or corrupt (quarantined): its points are lost to the disk.
+    Lost(String),
+    /// A transient error: the file is intact as far as we know.
+    Io(String),
+}
+
 /// The outbox directory: one file per batch.
 struct BatchDir {
     dir: PathBuf,
@@ -557,14 +631,20 @@ impl BatchDir {
         Ok((buf[4], u64_at(5), u64_at(13), buf[HEADER..].to_vec()))
     }
 
-    fn read(&self, id: u64) -> Result<(u8, u64, Vec<u8>), String> {
+    fn read(&self, id: u64) -> Result<(u8, u64, Vec<u8>), ReadError> {
         let path = self.path(id);
-        let buf = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let buf = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ReadError::Lost(format!("{}: {e}", path.display())))
+            }
+            Err(e) => return Err(ReadError::Io(format!("{}: {e}", path.display()))),
+        };
         match Self::parse(&buf) {
             Ok((priority, _, points, payload)) => Ok((priority, points, payload)),
             Err(e) => {
                 self.quarantine(&path);
-                Err(format!("{}: {e}", path.display()))
+                Err(ReadError::Lost(format!("{}: {e}", path.display())))
             }
         }
     }
@@ -604,7 +684,7 @@ impl BatchDir {
             let Some(id) = name.strip_suffix(".batch").and_then(|n| n.parse::<u64>().ok()) else { continue };
             match std::fs::read(&path).map_err(|e| e.to_string()).and_then(|b| Self::parse(&b)) {
                 Ok((priority, created_ms, points, payload)) => {
-                    out.push(Restored { id, priority, created_ms, points, size: payload.len() as u64 })
+                    out.push(Restored { id, priority, created_ms, points, size: disk_size(payload.len()) })
                 }
                 Err(err) => {
                     tracing::error!(path = %path.display(), error = %err, "corrupt data batch quarantined");
@@ -619,6 +699,35 @@ impl BatchDir {
         }
         out.sort_by_key(|r| r.id);
         (out, corrupt)
+    }
+
+    fn next_id_path(&self) -> PathBuf {
+        self.dir.join("next-id")
+    }
+
+    /// The reserved high-water mark (0 when never written). An unreadable
+    /// file is an error: starting below ids already used would make the
+    /// cloud take new batches for old ones.
+    fn read_next_id(&self) -> std::io::Result<u64> {
+        match std::fs::read_to_string(self.next_id_path()) {
+            Ok(t) => t.trim().parse().map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: not a number: {t:?}", self.next_id_path().display()),
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn write_next_id(&self, id: u64) -> std::io::Result<()> {
+        let tmp = self.dir.join(".next-id.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(format!("{id}\n").as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, self.next_id_path())?;
+        std::fs::File::open(&self.dir)?.sync_all()
     }
 
     fn counters_path(&self) -> PathBuf {

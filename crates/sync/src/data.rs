@@ -172,9 +172,15 @@ impl DataOutbox {
     /// Queues a new batch of `payload`; returns the actions (persist it, and
     /// drop what the limits require).
     pub fn enqueue(&mut self, priority: u8, payload: Vec<u8>, now_ms: u64) -> Vec<DataAction> {
+        let size = payload.len() as u64;
+        self.enqueue_sized(priority, payload, size, now_ms)
+    }
+
+    /// [`DataOutbox::enqueue`] of a batch that costs `size` bytes against
+    /// the limit (what it takes on disk: headers, file-system blocks).
+    pub fn enqueue_sized(&mut self, priority: u8, payload: Vec<u8>, size: u64, now_ms: u64) -> Vec<DataAction> {
         let id = self.next_id;
         self.next_id += 1;
-        let size = payload.len() as u64;
         let mut out =
             vec![DataAction::Persist(DataBatch { id, priority: priority.min(9), created_ms: now_ms, payload })];
         self.queue.insert(id, Meta { priority: priority.min(9), created_ms: now_ms, size });
