@@ -70,6 +70,10 @@ pub struct EventStatus {
     /// The latest episode's start in Unix ms (to recognise its reports).
     #[serde(default)]
     pub since_ms: i64,
+    /// Sequence number of the node's last report applied (older reports,
+    /// from an earlier connection, are ignored).
+    #[serde(default)]
+    pub observed_seq: u64,
 }
 
 impl KindOf for EventSpec {

@@ -34,6 +34,9 @@ pub struct AlertReport {
     pub since_ms: i64,
     /// Observation time, Unix ms.
     pub at_ms: i64,
+    /// The report's sequence number in the node's outbox (older ones are
+    /// ignored).
+    pub seq: u64,
 }
 
 /// The Event's name: `<rule>.<node>.<8 hex digits of the series>`.
@@ -53,30 +56,34 @@ fn rfc3339_ms(ms: i64) -> String {
 
 /// Applies a report to an event's status; false when it changes nothing
 /// (a repeated report of the current state).
+///
+/// A Firing report while the event fires continues the episode (the rule
+/// restarted and saw the condition hold again): not counted. A Resolved
+/// report while it fires ends the episode. A Resolved report while it is
+/// resolved, for another episode, is an episode that started and ended
+/// while the node was offline (its Firing report was superseded): counted.
 pub fn apply_alert(st: &mut EventStatus, r: &AlertReport, new: bool) -> bool {
-    let same_episode = !new && st.since_ms == r.since_ms;
     if r.firing {
-        if same_episode && st.state == EventState::Firing {
+        if !new && st.state == EventState::Firing {
             return false;
         }
-        if !same_episode {
-            st.count += 1;
-        }
+        st.count += 1;
         st.state = EventState::Firing;
         st.resolved_timestamp.clear();
+        st.since_ms = r.since_ms;
+        st.firing_since = rfc3339_ms(r.since_ms);
     } else {
-        if same_episode && st.state == EventState::Resolved {
+        if !new && st.state == EventState::Resolved && st.since_ms == r.since_ms {
             return false;
         }
-        if !same_episode {
-            // Its firing report was superseded while the node was offline.
+        if new || st.state == EventState::Resolved {
             st.count += 1;
+            st.since_ms = r.since_ms;
+            st.firing_since = rfc3339_ms(r.since_ms);
         }
         st.state = EventState::Resolved;
         st.resolved_timestamp = rfc3339_ms(r.at_ms);
     }
-    st.since_ms = r.since_ms;
-    st.firing_since = rfc3339_ms(r.since_ms);
     if st.first_timestamp.is_empty() {
         st.first_timestamp = st.firing_since.clone();
     }
@@ -126,6 +133,7 @@ pub async fn record_alert(store: &Arc<dyn Store>, node: &str, r: &AlertReport) -
                 ev.metadata.labels.insert("yunbian.io/rule".into(), r.rule.clone());
                 ev.metadata.labels.insert("yunbian.io/node".into(), node.to_string());
                 apply_alert(&mut ev.status, r, true);
+                ev.status.observed_seq = r.seq;
                 let mut v = ev.to_value();
                 objects::stamp_new(&mut v);
                 match store.create(Kind::Event, &name, v).await {
@@ -137,6 +145,10 @@ pub async fn record_alert(store: &Arc<dyn Store>, node: &str, r: &AlertReport) -
             Err(e) => return Err(e),
             Ok(_) => {
                 update_status::<EventSpec>(store, &name, |ev| {
+                    if ev.status.observed_seq >= r.seq && r.seq > 0 {
+                        return false; // an older report (an earlier connection's)
+                    }
+                    ev.status.observed_seq = r.seq;
                     let sev = ev.spec.severity != r.severity;
                     ev.spec.severity = r.severity;
                     apply_alert(&mut ev.status, r, false) || sev
@@ -162,6 +174,7 @@ mod tests {
             value: serde_json::json!(91.5),
             since_ms,
             at_ms,
+            seq: 0,
         }
     }
 
@@ -191,6 +204,17 @@ mod tests {
         assert!(apply_alert(&mut st, &report(false, 3_000_000, 3_100_000), false));
         assert_eq!((st.state, st.count), (EventState::Resolved, 2));
         assert_eq!(st.firing_since, rfc3339_ms(3_000_000));
+    }
+
+    #[test]
+    fn a_rule_restarted_while_firing_continues_the_episode() {
+        let mut st = EventStatus::default();
+        apply_alert(&mut st, &report(true, 1_000_000, 1_000_000), true);
+        // The agent restarted; the condition still holds: a new since.
+        assert!(!apply_alert(&mut st, &report(true, 1_500_000, 1_500_000), false));
+        assert!(apply_alert(&mut st, &report(false, 1_500_000, 1_600_000), false));
+        assert_eq!((st.state, st.count), (EventState::Resolved, 1));
+        assert_eq!(st.firing_since, rfc3339_ms(1_000_000), "the episode's start is kept");
     }
 
     #[tokio::test]

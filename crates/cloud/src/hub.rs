@@ -146,9 +146,12 @@ struct DataIn {
     payload: Vec<u8>,
 }
 
-/// Batches a connection queues for its data task before it refuses more
-/// (an edge keeps at most its window in flight, plus resends).
-const DATA_QUEUE: usize = 64;
+/// Batches a connection queues for its data task; past it the connection
+/// waits (an edge keeps at most its window in flight).
+const DATA_QUEUE: usize = 16;
+/// Most points one batch may claim: checked before decoding, so a node
+/// cannot make the cloud decode an outsize batch (edges seal at 10,000).
+const MAX_BATCH_POINTS: u64 = 200_000;
 
 /// Node and generation of an instance (cheap: no copy of the object).
 fn placement_of(o: &StoredObject) -> Option<(String, u64)> {
@@ -582,10 +585,19 @@ impl Hub {
                 continue;
             };
             let lock = self.data_locks.lock().expect("data locks").entry(node.clone()).or_default().clone();
-            let _held = lock.lock().await;
+            // Held by the blocking call itself, so the node's next batch
+            // waits for this one even if this task is aborted meanwhile.
+            let held = lock.lock_owned().await;
             let n = node.clone();
             let id = b.id;
             let result = tokio::task::spawn_blocking(move || {
+                let _held = held;
+                if b.points > MAX_BATCH_POINTS {
+                    return Err(DataStoreError::Malformed(format!(
+                        "{} points in one batch (at most {MAX_BATCH_POINTS})",
+                        b.points
+                    )));
+                }
                 let series =
                     yunbian_tsdb::batch::decode(&b.payload).map_err(|e| DataStoreError::Malformed(e.to_string()))?;
                 let got: u64 = series.iter().map(|s| s.points.len() as u64).sum();
@@ -639,7 +651,11 @@ impl Hub {
         let notify = Arc::new(Notify::new());
         let (control_tx, mut control_rx) = mpsc::channel::<Down>(256);
         let (data_tx, data_rx) = mpsc::channel::<DataIn>(DATA_QUEUE);
-        let data_task = tokio::spawn(self.clone().run_data(node.clone(), data_rx, control_tx.clone()));
+        // Acks have their own channel: the control channel's only sender
+        // must stay the link map's, so a newer connection that replaces the
+        // link ends this one.
+        let (ack_tx, mut ack_rx) = mpsc::channel::<Down>(DATA_QUEUE * 2);
+        let data_task = tokio::spawn(self.clone().run_data(node.clone(), data_rx, ack_tx));
         {
             let mut inner = self.lock();
             inner.links.insert(node.clone(), Link { conn, notify: notify.clone(), control: control_tx });
@@ -697,8 +713,11 @@ impl Hub {
                             continue;
                         }
                         Up::Data { id, first_id, points, payload, .. } => {
-                            if data_tx.try_send(DataIn { id, first_id, points, payload }).is_err() {
-                                tracing::warn!(node = %node, batch = id, "data queue full; the edge will resend");
+                            // Back-pressure, not loss: a full queue (a slow
+                            // store) holds this connection's reads, and TCP
+                            // then holds the edge.
+                            if data_tx.send(DataIn { id, first_id, points, payload }).await.is_err() {
+                                break "data task ended".into();
                             }
                             continue;
                         }
@@ -715,6 +734,7 @@ impl Hub {
                     let mut inner = self.lock();
                     session.on_view_changed(inner.view_mut(&node), now)
                 }
+                Some(a) = ack_rx.recv() => vec![CloudAction::Send(a)],
                 c = control_rx.recv() => match c {
                     Some(d) => vec![CloudAction::Send(d)],
                     None => break "replaced by a newer connection".into(),
@@ -742,8 +762,12 @@ impl Hub {
                 inner.links.remove(&node);
             }
         }
-        // End this node's log streams.
-        self.logs.lock().expect("log map lock").retain(|_, (n, _)| *n != node);
+        // End this node's log streams, unless a newer connection serves it
+        // (its streams are its own).
+        let replaced = self.lock().links.get(&node).is_some_and(|l| l.conn != conn);
+        if !replaced {
+            self.logs.lock().expect("log map lock").retain(|_, (n, _)| *n != node);
+        }
     }
 
     async fn execute(&self, node: &str, actions: Vec<CloudAction>, ws: &mut WebSocket) -> Result<(), String> {
@@ -817,7 +841,7 @@ impl Hub {
                     if !members.contains(node) {
                         tracing::debug!(node, rule = %rule, "alert of a rule not placed on the node ignored");
                     } else {
-                        let r = AlertReport { rule, series, firing, severity, message, value, since_ms, at_ms };
+                        let r = AlertReport { rule, series, firing, severity, message, value, since_ms, at_ms, seq };
                         crate::events::record_alert(&self.store, node, &r).await?;
                     }
                 }

@@ -65,9 +65,12 @@ impl EdgeBus for BrokerBus {
                     m = sub.recv() => {
                         let Some(m) = m else { return };
                         let msg = BusMessage { topic: m.topic.to_string(), payload: m.payload.to_vec(), retain: m.retain };
-                        // A full receiver loses this message (counted by the
-                        // mapper as a missed reading), never blocks the bus.
-                        let _ = tx.try_send(msg);
+                        // A slow receiver holds this forwarder; the broker's
+                        // queue for the subscription then fills and the
+                        // broker drops and counts (it never blocks the bus).
+                        if tx.send(msg).await.is_err() {
+                            return;
+                        }
                     }
                 }
             }

@@ -86,7 +86,7 @@ impl Default for ShipperOptions {
             batch_interval: Duration::from_secs(1),
             batch_points: 10_000,
             window: 16,
-            resend: Duration::from_secs(30),
+            resend: Duration::from_secs(300),
         }
     }
 }
