@@ -133,7 +133,9 @@ impl Resource {
             "Device" => Kind::Device,
             "Rule" => Kind::Rule,
             "Event" => {
-                return Err(ManifestError::Kind("Event objects are raised by alert rules, they cannot be applied".into()))
+                return Err(ManifestError::Kind(
+                    "Event objects are raised by alert rules, they cannot be applied".into(),
+                ))
             }
             other => return Err(ManifestError::Kind(format!("unknown kind {other:?}"))),
         };
