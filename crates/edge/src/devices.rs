@@ -87,6 +87,7 @@ pub struct DeviceServices {
     pub broker_addrs: Vec<SocketAddr>,
     /// The local API address, when served.
     pub local_api: Option<SocketAddr>,
+    rules: Arc<crate::rules::RuleHost>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -109,6 +110,19 @@ impl DeviceServices {
     pub fn stop(&self) {
         for t in &self.tasks {
             t.abort();
+        }
+    }
+
+    /// A clean stop of the data path: rules stop, and the shipper seals
+    /// the batches it was filling and writes them to disk (waiting up to
+    /// `timeout`), so a planned stop loses no point.
+    pub async fn stop_data(&self, timeout: std::time::Duration) {
+        self.rules.shutdown();
+        if let Some(s) = self.rules.shipper().cloned() {
+            let done = tokio::task::spawn_blocking(move || s.stop_and_wait(timeout)).await.unwrap_or(false);
+            if !done {
+                tracing::warn!("data outbox did not finish writing within {timeout:?}");
+            }
         }
     }
 }
@@ -184,5 +198,8 @@ pub async fn start_devices(
             tracing::error!(node, path = %sock.display(), error = %e, "cannot serve the external mapper socket; external devices stay offline")
         }
     }
-    Ok((DeviceServices { broker, broker_addrs, local_api, tasks }, DeviceSide { host, events: rx, rules: Some(rules) }))
+    Ok((
+        DeviceServices { broker, broker_addrs, local_api, rules: rules.clone(), tasks },
+        DeviceSide { host, events: rx, rules: Some(rules) },
+    ))
 }

@@ -71,9 +71,24 @@ pub struct EdgeHandle {
 }
 
 impl EdgeHandle {
+    /// The agent task, to wait on it without giving up the handle.
+    pub fn task_mut(&mut self) -> &mut tokio::task::JoinHandle<Result<()>> {
+        &mut self.task
+    }
+
     /// Waits for the agent to end (it only ends on a fatal error).
     pub async fn wait(self) -> Result<()> {
         self.task.await.context("agent task")?
+    }
+
+    /// A planned stop (SIGTERM, Ctrl-C): rules stop and the data outbox
+    /// writes what it was batching, then the agent stops. Workloads keep
+    /// running, as on any agent restart.
+    pub async fn shutdown(&self) {
+        if let Some(d) = &self.devices {
+            d.stop_data(std::time::Duration::from_secs(5)).await;
+        }
+        self.stop();
     }
 
     /// Stops the agent task. Workloads keep running.

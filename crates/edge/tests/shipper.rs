@@ -213,3 +213,19 @@ async fn ids_never_go_below_the_reserved_mark_even_with_the_clock_behind() {
     assert!(now_mark > id, "{now_mark} <= {id}");
     s.stop();
 }
+
+#[tokio::test]
+async fn a_planned_stop_writes_the_batch_being_filled() {
+    let dir = TempDir::new();
+    // A long batch interval: only the stop seals it.
+    let s = Shipper::start(dir.path(), ShipperOptions { batch_interval: Duration::from_secs(3600), ..opts() })
+        .expect("test setup");
+    for t in 0..25 {
+        s.push(3, key(1), 10_000 + t, 0.5).expect("push");
+    }
+    assert!(s.stop_and_wait(Duration::from_secs(10)), "the thread finished");
+    assert_eq!(batch_files(dir.path()).len(), 1);
+    let s = Shipper::start(dir.path(), opts()).expect("test setup");
+    eventually("restored", || s.status().queued_points == 25).await;
+    s.stop();
+}

@@ -350,11 +350,17 @@ async fn run(cli: Cli) -> Result<()> {
             if let Some(urls) = &run.cloud_urls {
                 yunbian_edge::identity::set_cloud_urls(&run.data_dir, urls)?;
             }
-            let agent = yunbian_edge::start(opts).await?;
+            let mut agent = yunbian_edge::start(opts).await?;
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("install the SIGTERM handler")?;
             tokio::select! {
-                r = agent.wait() => r.context("agent stopped"),
-                _ = tokio::signal::ctrl_c() => Ok(()),
+                r = agent.task_mut() => return r.context("agent task")?.context("agent stopped"),
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
             }
+            tracing::info!("stopping: sealing the data outbox; workloads keep running");
+            agent.shutdown().await;
+            Ok(())
         }
         Command::Demo(a) => {
             init_tracing();
