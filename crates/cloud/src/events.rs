@@ -95,11 +95,32 @@ pub fn apply_alert(st: &mut EventStatus, r: &AlertReport, new: bool) -> bool {
 /// How long a resolved Event is kept after it resolved.
 pub const RESOLVED_TTL_SECS: u64 = 7 * 86_400;
 
-/// Deletes Events resolved more than `ttl_secs` before `now` (Unix
-/// seconds); returns how many. Firing events are kept however old.
+/// Housekeeping of Events: a firing Event whose rule was deleted is
+/// resolved (its edge will never report on it again), and Events resolved
+/// more than `ttl_secs` before `now` (Unix seconds) are deleted. Returns
+/// how many were deleted.
 pub async fn expire_resolved(store: &Arc<dyn Store>, now: u64, ttl_secs: u64) -> Result<usize, StoreError> {
     let (events, _) = store.list(Kind::Event).await?;
+    let (rules, _) = store.list(Kind::Rule).await?;
+    let rules: std::collections::HashSet<&str> = rules.iter().map(|r| r.name.as_str()).collect();
     let mut n = 0;
+    for o in &events {
+        let rule = o.value.pointer("/spec/rule").and_then(|v| v.as_str()).unwrap_or_default();
+        let firing = o.value.pointer("/status/state").and_then(|v| v.as_str()) == Some("Firing");
+        if firing && !rules.contains(rule) {
+            update_status::<EventSpec>(store, &o.name, |ev| {
+                if ev.status.state != EventState::Firing {
+                    return false;
+                }
+                ev.status.state = EventState::Resolved;
+                ev.status.resolved_timestamp = yunbian_api::time::format_rfc3339(now);
+                ev.status.message = format!("resolved: rule {rule} was deleted");
+                true
+            })
+            .await
+            .or_else(|e| if matches!(e, StoreError::NotFound { .. }) { Ok(false) } else { Err(e) })?;
+        }
+    }
     for o in events {
         let resolved = o.value.pointer("/status/resolvedTimestamp").and_then(|v| v.as_str()).unwrap_or_default();
         let firing = o.value.pointer("/status/state").and_then(|v| v.as_str()) == Some("Firing");
@@ -242,8 +263,18 @@ mod tests {
         let mut c = report(true, now_ms - 30 * day, now_ms - 30 * day);
         c.series = "c".into();
         record_alert(&store, "n", &c).await.expect("c fires");
+        // Rule "hot" exists; an event of a deleted rule is resolved.
+        let rule = serde_json::json!({"apiVersion": "yunbian.io/v1", "kind": "Rule", "metadata": {"name": "hot"},
+            "spec": {"source": {"mqtt": {"topic": "t"}}, "sinks": [{"tsdb": {}}]}});
+        store.create(Kind::Rule, "hot", rule).await.expect("rule");
+        let mut gone = report(true, now_ms - day, now_ms - day);
+        gone.rule = "gone".into();
+        record_alert(&store, "n", &gone).await.expect("gone fires");
         let n = expire_resolved(&store, (now_ms / 1000) as u64, RESOLVED_TTL_SECS).await.expect("expire");
         assert_eq!(n, 1);
+        let g = store.get(Kind::Event, &event_name("gone", "n", &gone.series)).await.expect("kept, resolved");
+        assert_eq!(g.value.pointer("/status/state").and_then(|v| v.as_str()), Some("Resolved"));
+        store.delete(Kind::Event, &g.name, None).await.expect("clean");
         let (left, _) = store.list(Kind::Event).await.expect("list");
         let mut names: Vec<String> = left.iter().map(|o| o.name.clone()).collect();
         names.sort();

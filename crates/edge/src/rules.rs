@@ -128,6 +128,7 @@ const ALERT_QUEUE: usize = 1024;
 
 /// Runs the node's rules.
 pub struct RuleHost {
+    state_dir: std::path::PathBuf,
     alerts: tokio::sync::mpsc::Sender<Report>,
     alerts_rx: Mutex<Option<tokio::sync::mpsc::Receiver<Report>>>,
     bus: Arc<dyn EdgeBus>,
@@ -166,6 +167,7 @@ impl RuleHost {
         };
         let (alerts, alerts_rx) = tokio::sync::mpsc::channel(ALERT_QUEUE);
         RuleHost {
+            state_dir: data_dir.join("rules"),
             alerts,
             alerts_rx: Mutex::new(Some(alerts_rx)),
             bus,
@@ -207,6 +209,8 @@ impl RuleHost {
             let k = keep.contains(name.as_str());
             if !k {
                 r.task.abort();
+                // Its alerts die with it (the cloud resolves the rule's events).
+                let _ = std::fs::remove_file(self.state_dir.join(format!("{name}.alerts.json")));
                 tracing::info!(rule = %name, "rule stopped");
             }
             k
@@ -263,6 +267,7 @@ impl RuleHost {
             tsdb: self.tsdb.clone(),
             shipper: self.shipper.clone(),
             alerts: self.alerts.clone(),
+            state_dir: self.state_dir.clone(),
         }
     }
 
@@ -363,6 +368,65 @@ fn timestamp_of(v: &serde_json::Value) -> Option<i64> {
     }
 }
 
+/// One firing alert of a rule, as persisted.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct FiringAlert {
+    sink: usize,
+    metric: String,
+    tags: BTreeMap<String, String>,
+    since: i64,
+}
+
+impl FiringAlert {
+    fn series(&self) -> yunbian_rules::SeriesKey {
+        yunbian_rules::SeriesKey { metric: self.metric.clone(), tags: self.tags.clone() }
+    }
+}
+
+/// The sink index of an alert key `sinks[<i>]:<series>`.
+fn alert_sink_index(key: &str) -> usize {
+    key.strip_prefix("sinks[").and_then(|k| k.split(']').next()).and_then(|i| i.parse().ok()).unwrap_or(usize::MAX)
+}
+
+/// A rule's firing alerts on disk: `<data-dir>/rules/<rule>.alerts.json`,
+/// for the rule's uid (a rule deleted and created again starts clean).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct AlertState {
+    uid: String,
+    alerts: BTreeMap<String, FiringAlert>,
+}
+
+impl AlertState {
+    fn path(dir: &Path, rule: &Rule) -> std::path::PathBuf {
+        dir.join(format!("{}.alerts.json", rule.name()))
+    }
+
+    fn load(path: &Path, rule: &Rule) -> HashMap<String, FiringAlert> {
+        let Ok(text) = std::fs::read(path) else { return HashMap::new() };
+        match serde_json::from_slice::<AlertState>(&text) {
+            Ok(s) if s.uid == rule.metadata.uid => s.alerts.into_iter().collect(),
+            Ok(_) => HashMap::new(),
+            Err(e) => {
+                tracing::warn!(rule = %rule.name(), error = %e, "alert state unreadable; starting without it");
+                HashMap::new()
+            }
+        }
+    }
+
+    fn save(path: &Path, rule: &Rule, firing: &HashMap<String, FiringAlert>) -> std::io::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let state = AlertState {
+            uid: rule.metadata.uid.clone(),
+            alerts: firing.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        };
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&state).unwrap_or_default())?;
+        std::fs::rename(&tmp, path)
+    }
+}
+
 /// Where a rule's outputs go.
 #[derive(Clone)]
 struct Sinks {
@@ -370,6 +434,8 @@ struct Sinks {
     tsdb: Option<EdgeTsdb>,
     shipper: Option<Shipper>,
     alerts: tokio::sync::mpsc::Sender<Report>,
+    /// Where rules keep their firing alerts.
+    state_dir: std::path::PathBuf,
 }
 
 /// A rule ready to run: compiled, its source decoded, and already
@@ -413,8 +479,11 @@ async fn run_rule(rule: Rule, p: Prepared, sinks: Sinks, devices: DeviceIndex, s
     let mut runner = RuleRunner::new(compiled);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let sink = SinkErrors::default();
-    // Start of each firing alert's episode, by alert key.
-    let mut firing: HashMap<String, i64> = HashMap::new();
+    // Firing alerts, by alert key: restored from the last run of this rule
+    // (so a condition that cleared while the agent was down still resolves).
+    let state = AlertState::path(&sinks.state_dir, &rule);
+    let mut firing = AlertState::load(&state, &rule);
+    firing.retain(|_, a| runner.restore_firing(a.sink, a.series()));
     loop {
         let outputs = tokio::select! {
             m = rx.recv() => {
@@ -434,9 +503,15 @@ async fn run_rule(rule: Rule, p: Prepared, sinks: Sinks, devices: DeviceIndex, s
             }
             _ = tick.tick() => runner.tick(unix_ms()),
         };
+        let alerted = outputs.iter().any(|o| matches!(o, Output::Alert { .. }));
         for o in outputs {
             if let Err(e) = execute(o, &sinks, &sink, &name, &mut firing) {
                 sink.add(e);
+            }
+        }
+        if alerted {
+            if let Err(e) = AlertState::save(&state, &rule, &firing) {
+                sink.add(format!("alert state: {e}"));
             }
         }
         let mut s = runner.stats();
@@ -461,7 +536,7 @@ fn execute(
     sinks: &Sinks,
     errs: &SinkErrors,
     rule: &str,
-    firing: &mut HashMap<String, i64>,
+    firing: &mut HashMap<String, FiringAlert>,
 ) -> Result<(), String> {
     match o {
         Output::Tsdb { metric, tags, ts_ms, value } => {
@@ -483,8 +558,16 @@ fn execute(
         }
         Output::Alert { key, firing: holds, severity, message, record } => {
             let at_ms = record.ts_ms;
-            let since_ms =
-                if holds { *firing.entry(key.clone()).or_insert(at_ms) } else { firing.remove(&key).unwrap_or(at_ms) };
+            let since_ms = if holds {
+                let sink = alert_sink_index(&key);
+                let series = (record.metric.clone(), record.tags.clone());
+                firing
+                    .entry(key.clone())
+                    .or_insert(FiringAlert { sink, metric: series.0, tags: series.1, since: at_ms })
+                    .since
+            } else {
+                firing.remove(&key).map_or(at_ms, |a| a.since)
+            };
             let report = Report::Alert {
                 id: format!("{rule}/{key}"),
                 rule: rule.to_string(),

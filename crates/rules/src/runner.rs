@@ -193,6 +193,24 @@ impl RuleRunner {
         self.state.stats.clone()
     }
 
+    /// Marks `series` as firing in alert sink `sink` (state restored after a
+    /// restart: the next record of the series for which the condition does
+    /// not hold resolves it). False when `sink` is not an alert sink or its
+    /// series cap is reached.
+    pub fn restore_firing(&mut self, sink: usize, series: SeriesKey) -> bool {
+        if !matches!(self.rule.sinks.get(sink), Some(Sink::Alert { .. })) {
+            return false;
+        }
+        let cap = self.state.config.max_series;
+        match self.state.firing.get_mut(sink) {
+            Some(f) if f.len() < cap || f.contains(&series) => {
+                f.insert(series);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Series tracked by the stateful step at `index` (0 for stateless steps).
     pub fn series_in_step(&self, index: usize) -> usize {
         match self.state.steps.get(index) {

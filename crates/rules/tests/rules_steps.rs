@@ -143,6 +143,22 @@ fn an_alert_fires_once_while_it_holds_and_resolves_once() {
 }
 
 #[test]
+fn a_restored_firing_alert_resolves_on_the_first_record_that_clears_it() {
+    let sinks =
+        json!([{"cloud": {}}, {"alert": {"when": "value > 80.0", "severity": "critical", "message": "{value}"}}]);
+    let mut r = with_sinks(json!([]), sinks);
+    let a = yunbian_rules::SeriesKey::of(&rec("a", 0, 0.0));
+    assert!(!r.restore_firing(0, a.clone()), "sink 0 is not an alert");
+    assert!(r.restore_firing(1, a));
+    // Still holding: nothing new to say.
+    assert!(alerts(r.push(rec("a", 0, 90.0), 0)).is_empty());
+    assert_eq!(
+        alerts(r.push(rec("a", 0, 10.0), 0)),
+        vec![("sinks[1]:m{s=\"a\"}".to_string(), false, "10".to_string())]
+    );
+}
+
+#[test]
 fn an_alert_after_a_window_fires_on_the_aggregate() {
     let mut r = with_sinks(
         json!([{"window": {"size": "10s", "aggregate": "avg"}}]),

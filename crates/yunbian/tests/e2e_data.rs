@@ -248,6 +248,21 @@ spec:
     assert_eq!(e["status"]["value"], 21.5, "{e}");
     let o = c.cli(&["get", "events"]);
     assert!(o.success() && o.ok().contains("critical") && o.ok().contains("hot"), "{o:?}");
+
+    // The agent restarts while the alert fires; the condition clears after
+    // the restart: the restored alert resolves (it is not left firing).
+    publish(port, "boiler/b1/temp", "98.5");
+    eventually(Duration::from_secs(60), "the third episode", || event(&c, "Firing", 3));
+    c.kill_edge("edge-1");
+    c.start_edge("edge-1");
+    eventually(Duration::from_secs(60), "the broker back", || {
+        let mut cmd = Command::new("mosquitto_pub");
+        cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", "boiler/b1/temp", "-m", "22.5"]);
+        let o = harness::run(cmd, Duration::from_secs(10));
+        o.success().then_some(()).ok_or_else(|| format!("{o:?}"))
+    });
+    let e = eventually(Duration::from_secs(60), "resolved after the restart", || event(&c, "Resolved", 3));
+    assert_eq!(e["status"]["value"], 22.5, "{e}");
 }
 
 /// The outbox on a full disk: with the link cut, data piles up; the file
