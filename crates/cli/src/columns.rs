@@ -27,7 +27,9 @@ pub fn headers(kind: Kind, wide: bool) -> Vec<&'static str> {
         Kind::Rule => {
             (&["NAME", "SOURCE", "STEPS", "SINKS", "NODES", "RATE", "ERRORS", "AGE"], &["PER-NODE", "LAST-ERROR"])
         }
-        Kind::Event => (&["NAME", "SEVERITY", "STATE", "NODE", "RULE", "COUNT", "SINCE", "MESSAGE"], &["SERIES", "VALUE"]),
+        Kind::Event => {
+            (&["NAME", "SEVERITY", "STATE", "NODE", "RULE", "COUNT", "SINCE", "MESSAGE"], &["SERIES", "VALUE"])
+        }
     };
     let mut h = base.to_vec();
     if wide {
