@@ -55,6 +55,9 @@ const HEADER: usize = 4 + 1 + 8 + 8 + 4;
 /// Points queued between rules and the shipper thread before rules see
 /// "behind" errors.
 const QUEUE: usize = 65_536;
+/// A batch is sealed before its encoding can pass this (it must fit one
+/// WebSocket frame, base64 and JSON included, with room to spare).
+const MAX_BATCH_BYTES: usize = 4 << 20;
 /// Ids reserved at a time in `next-id`.
 const ID_RESERVE: u64 = 1 << 20;
 
@@ -330,7 +333,7 @@ impl Worker {
                     open.since = Instant::now();
                 }
                 open.builder.push(&key, ts, v);
-                if open.builder.len() >= self.opts.batch_points {
+                if open.builder.len() >= self.opts.batch_points || open.builder.max_encoded_bytes() >= MAX_BATCH_BYTES {
                     self.seal(priority);
                 }
             }
@@ -483,6 +486,15 @@ impl Worker {
             }
         };
         let frame = encode(&Up::Data { id, first_id: self.outbox.first_id(), priority, points, payload });
+        if frame.len() > yunbian_sync::wire::MAX_FRAME {
+            // Cannot happen with the sealing bound above; if it did, sending
+            // it would close the connection on every attempt.
+            tracing::error!(batch = id, bytes = frame.len(), "data batch larger than a frame; dropped");
+            self.set_error(format!("batch {id} of {} bytes exceeds the frame limit", frame.len()));
+            let dropped = self.outbox.unpersisted(id);
+            self.execute(dropped);
+            return true;
+        }
         let size = frame.len() as f64;
         match conn.try_send(frame) {
             Ok(()) => {

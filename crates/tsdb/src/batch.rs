@@ -28,6 +28,7 @@ const MAGIC: &[u8; 4] = b"YTB1";
 pub struct BatchBuilder {
     series: BTreeMap<SeriesKey, Vec<(i64, f64)>>,
     points: usize,
+    key_bytes: usize,
 }
 
 impl BatchBuilder {
@@ -41,10 +42,19 @@ impl BatchBuilder {
         match self.series.get_mut(key) {
             Some(p) => p.push((ts, v)),
             None => {
+                self.key_bytes +=
+                    key.name().len() + key.tags().iter().map(|(k, v)| k.len() + v.len() + 2).sum::<usize>() + 4;
                 self.series.insert(key.clone(), vec![(ts, v)]);
             }
         }
         self.points += 1;
+    }
+
+    /// An upper bound of the encoded size so far (series keys plus at most
+    /// 20 bytes a point: 68 bits of timestamp and 80 of value in the worst
+    /// case), for sealing batches before they grow too large.
+    pub fn max_encoded_bytes(&self) -> usize {
+        16 + self.key_bytes + self.series.len() * 24 + self.points * 20
     }
 
     /// Points pushed (before deduplication of equal timestamps).
@@ -62,6 +72,7 @@ impl BatchBuilder {
     pub fn finish(&mut self) -> (Vec<u8>, usize) {
         let series = std::mem::take(&mut self.series);
         self.points = 0;
+        self.key_bytes = 0;
         let series: Vec<SeriesPoints> = series.into_iter().map(|(key, points)| SeriesPoints { key, points }).collect();
         encode(series)
     }
@@ -159,6 +170,24 @@ mod tests {
         assert_eq!(got[1].key, z);
         assert!(got[1].points[0].1.is_nan());
         assert_eq!(got[1].points[1], (2000, 21.5));
+    }
+
+    #[test]
+    fn the_size_bound_holds_for_incompressible_points() {
+        let mut b = BatchBuilder::new();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut t: i64 = 0;
+        for i in 0..5_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            t += 1 + (x >> 20) as i64 % 1_000_000_000;
+            let k = key("m", &format!("d{}", i % 7));
+            b.push(&k, t, f64::from_bits(x));
+        }
+        let bound = b.max_encoded_bytes();
+        let (bytes, _) = b.finish();
+        assert!(bytes.len() <= bound, "{} > {bound}", bytes.len());
     }
 
     #[test]
