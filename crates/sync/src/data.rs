@@ -194,10 +194,13 @@ impl DataOutbox {
     fn enforce(&mut self, now_ms: u64, out: &mut Vec<DataAction>) {
         let mut dropped: Vec<(u64, u8, DropReason)> = Vec::new();
         if self.cfg.ttl_ms > 0 {
+            // Oldest first: ids grow with creation time, so the scan stops
+            // at the first batch still within its TTL (O(expired), not
+            // O(queued), on every poll).
             let expired: Vec<u64> = self
                 .queue
                 .iter()
-                .filter(|(_, m)| now_ms.saturating_sub(m.created_ms) > self.cfg.ttl_ms)
+                .take_while(|(_, m)| now_ms.saturating_sub(m.created_ms) > self.cfg.ttl_ms)
                 .map(|(id, _)| *id)
                 .collect();
             for id in expired {
@@ -333,8 +336,14 @@ impl DataOutbox {
             self.stats.sent += 1;
             out.push(DataAction::Send { id });
         }
-        let candidates: Vec<(u64, u64)> =
-            self.queue.iter().filter(|(id, _)| !self.inflight.contains_key(id)).map(|(id, m)| (*id, m.size)).collect();
+        let room = self.cfg.window.max(1).saturating_sub(self.inflight.len());
+        let candidates: Vec<(u64, u64)> = self
+            .queue
+            .iter()
+            .filter(|(id, _)| !self.inflight.contains_key(id))
+            .take(room)
+            .map(|(id, m)| (*id, m.size))
+            .collect();
         for (id, size) in candidates {
             if self.inflight.len() >= self.cfg.window.max(1) {
                 break;
@@ -355,7 +364,7 @@ impl DataOutbox {
         DataStats {
             queued: self.queue.len() as u64,
             bytes: self.bytes,
-            oldest_ms: self.queue.values().map(|m| m.created_ms).min().unwrap_or(0),
+            oldest_ms: self.queue.values().next().map_or(0, |m| m.created_ms),
             ..self.stats
         }
     }
