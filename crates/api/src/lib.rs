@@ -8,6 +8,7 @@
 //! `metadata`, `spec`, `status`. Adding a kind means: a spec/status pair in
 //! [`kinds`], a variant in [`Kind`] and [`Resource`], and a `Validate` impl.
 
+pub mod artifact;
 pub mod device;
 pub mod event;
 pub mod fuzzing;
@@ -19,6 +20,10 @@ pub mod rule;
 pub mod time;
 pub mod validate;
 
+pub use artifact::{
+    artifact_object_name, signing_statement, Artifact, ArtifactBlob, ArtifactSpec, ArtifactStatus, BlobSignature,
+    BlobType, ChunkEntry,
+};
 pub use device::*;
 pub use event::*;
 pub use kinds::*;

@@ -3,6 +3,7 @@
 
 use serde::de::DeserializeOwned;
 
+use crate::artifact::{object_name_errors, Artifact};
 use crate::device::*;
 use crate::kinds::*;
 use crate::meta::Kind;
@@ -28,6 +29,8 @@ pub enum Resource {
     Device(Device),
     /// A Rule.
     Rule(Rule),
+    /// An Artifact.
+    Artifact(Artifact),
 }
 
 /// Why a manifest was refused.
@@ -74,6 +77,7 @@ impl Resource {
             Resource::DeviceModel(_) => Kind::DeviceModel,
             Resource::Device(_) => Kind::Device,
             Resource::Rule(_) => Kind::Rule,
+            Resource::Artifact(_) => Kind::Artifact,
         }
     }
 
@@ -88,6 +92,7 @@ impl Resource {
             Resource::DeviceModel(o) => o.name(),
             Resource::Device(o) => o.name(),
             Resource::Rule(o) => o.name(),
+            Resource::Artifact(o) => o.name(),
         }
     }
 
@@ -102,6 +107,7 @@ impl Resource {
             Resource::DeviceModel(o) => o.to_value(),
             Resource::Device(o) => o.to_value(),
             Resource::Rule(o) => o.to_value(),
+            Resource::Artifact(o) => o.to_value(),
         }
     }
 
@@ -116,6 +122,11 @@ impl Resource {
             Resource::DeviceModel(o) => o.errors(),
             Resource::Device(o) => o.errors(),
             Resource::Rule(o) => o.errors(),
+            Resource::Artifact(o) => {
+                let mut errs = o.errors();
+                errs.extend(object_name_errors(o));
+                errs
+            }
         }
     }
 
@@ -132,6 +143,7 @@ impl Resource {
             "DeviceModel" => Kind::DeviceModel,
             "Device" => Kind::Device,
             "Rule" => Kind::Rule,
+            "Artifact" => Kind::Artifact,
             "Event" => {
                 return Err(ManifestError::Kind(
                     "Event objects are raised by alert rules, they cannot be applied".into(),
@@ -148,6 +160,7 @@ impl Resource {
             Kind::DeviceModel => Resource::DeviceModel(typed(v)?),
             Kind::Device => Resource::Device(typed(v)?),
             Kind::Rule => Resource::Rule(typed(v)?),
+            Kind::Artifact => Resource::Artifact(typed(v)?),
             Kind::Event => unreachable!("refused above"),
         };
         let errs = r.errors();

@@ -63,11 +63,13 @@ pub enum Kind {
     Rule,
     /// An alert raised by a rule (written by the cloud, never applied).
     Event,
+    /// A published artifact: name, version, one blob per platform.
+    Artifact,
 }
 
 impl Kind {
     /// All kinds, in a stable order.
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Node,
         Kind::NodeGroup,
         Kind::Token,
@@ -77,6 +79,7 @@ impl Kind {
         Kind::Device,
         Kind::Rule,
         Kind::Event,
+        Kind::Artifact,
     ];
 
     /// The plural path segment used by the REST API (`/v1/<plural>`).
@@ -91,6 +94,7 @@ impl Kind {
             Kind::Device => "devices",
             Kind::Rule => "rules",
             Kind::Event => "events",
+            Kind::Artifact => "artifacts",
         }
     }
 
@@ -106,6 +110,7 @@ impl Kind {
             Kind::Device => "Device",
             Kind::Rule => "Rule",
             Kind::Event => "Event",
+            Kind::Artifact => "Artifact",
         }
     }
 
@@ -121,6 +126,7 @@ impl Kind {
             Kind::Device => "device",
             Kind::Rule => "rule",
             Kind::Event => "event",
+            Kind::Artifact => "artifact",
         }
     }
 }
@@ -133,7 +139,7 @@ impl fmt::Display for Kind {
 
 /// Error for a kind name nobody serves.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown kind {0:?} (known: nodes, nodegroups, tokens, apps, instances, devicemodels, devices, rules)")]
+#[error("unknown kind {0:?} (known: nodes, nodegroups, tokens, apps, instances, devicemodels, devices, rules, events, artifacts)")]
 pub struct UnknownKind(pub String);
 
 impl FromStr for Kind {
@@ -152,6 +158,7 @@ impl FromStr for Kind {
             "device" | "devices" | "dev" => Kind::Device,
             "rule" | "rules" => Kind::Rule,
             "event" | "events" | "ev" => Kind::Event,
+            "artifact" | "artifacts" | "art" => Kind::Artifact,
             _ => return Err(UnknownKind(s.to_string())),
         };
         Ok(k)
