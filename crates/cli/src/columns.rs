@@ -30,6 +30,7 @@ pub fn headers(kind: Kind, wide: bool) -> Vec<&'static str> {
         Kind::Event => {
             (&["NAME", "SEVERITY", "STATE", "NODE", "RULE", "COUNT", "SINCE", "MESSAGE"], &["SERIES", "VALUE"])
         }
+        Kind::Artifact => (&["NAME", "ARTIFACT", "VERSION", "PLATFORMS", "SIZE", "SIGNED", "AGE"], &["TYPES"]),
     };
     let mut h = base.to_vec();
     if wide {
@@ -122,6 +123,25 @@ pub fn row(kind: Kind, obj: &Value, wide: bool, now: i64) -> Vec<String> {
                 text(obj, "/status/message"),
             ]
         }
+        Kind::Artifact => {
+            let blobs = obj.pointer("/spec/blobs").and_then(Value::as_object);
+            let platforms = blobs.map(|b| b.keys().cloned().collect::<Vec<_>>().join(",")).unwrap_or_default();
+            let size: u64 = blobs.map_or(0, |b| b.values().filter_map(|v| v.get("size").and_then(Value::as_u64)).sum());
+            let signed = blobs.map_or(0, |b| {
+                b.values()
+                    .filter(|v| v.get("signatures").and_then(Value::as_array).is_some_and(|s| !s.is_empty()))
+                    .count()
+            });
+            vec![
+                name,
+                text(obj, "/spec/name"),
+                text(obj, "/spec/version"),
+                platforms,
+                bytes(size),
+                format!("{signed}/{}", blobs.map_or(0, |b| b.len())),
+                age,
+            ]
+        }
     };
     if wide {
         match kind {
@@ -181,6 +201,19 @@ pub fn row(kind: Kind, obj: &Value, wide: bool, now: i64) -> Vec<String> {
                 text(obj, "/spec/series"),
                 obj.pointer("/status/value").filter(|v| !v.is_null()).map(|v| v.to_string()).unwrap_or_default(),
             ]),
+            Kind::Artifact => {
+                let types = obj
+                    .pointer("/spec/blobs")
+                    .and_then(Value::as_object)
+                    .map(|b| {
+                        b.iter()
+                            .map(|(p, v)| format!("{p}={}", v.get("type").and_then(Value::as_str).unwrap_or("?")))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .unwrap_or_default();
+                cells.push(types);
+            }
             Kind::Token | Kind::NodeGroup => {}
         }
     }

@@ -419,7 +419,7 @@ async fn describe_cmd(session: &Session, kind: Kind, name: &str) -> Result<()> {
             items.retain(|d| text(d, "/spec/model") == name);
             Some(Related { title: "Devices", kind: Kind::Device, items })
         }
-        Kind::Token | Kind::AppInstance | Kind::Device | Kind::Rule | Kind::Event => None,
+        Kind::Token | Kind::AppInstance | Kind::Device | Kind::Rule | Kind::Event | Kind::Artifact => None,
     };
     emit(describe(kind, &obj, related.as_ref(), unix_now()))?;
     Ok(())
