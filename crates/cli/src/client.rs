@@ -263,7 +263,7 @@ impl Client {
             None => None,
         };
         let exchange = async {
-            let (response, _conn) = self.send(method, path, body).await?;
+            let (response, _conn) = self.send(method, path, body.map(|b| (b, "application/json"))).await?;
             let status = response.status();
             let bytes = self.read_body(response.into_body()).await?;
             if !status.is_success() {
@@ -275,6 +275,28 @@ impl Client {
                 serde_json::from_slice(&bytes).map_err(|e| self.protocol(format!("body is not JSON: {e}")))?
             };
             Ok((status, value))
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .map_err(|_| self.unreachable(format!("no answer within {}s", REQUEST_TIMEOUT.as_secs())))?
+    }
+
+    /// Any method with raw bytes (`application/octet-stream`) both ways:
+    /// the status, whatever it is, and the body. Only a failure to talk to
+    /// the server is an error; the caller judges the status (artifact
+    /// chunks: `HEAD` answers 404 for "not there yet").
+    pub async fn request_bytes(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Vec<u8>), ClientError> {
+        let is_head = method == Method::HEAD;
+        let exchange = async {
+            let (response, _conn) = self.send(method, path, body.map(|b| (b, "application/octet-stream"))).await?;
+            let status = response.status();
+            let bytes = if is_head { Vec::new() } else { self.read_body(response.into_body()).await? };
+            Ok((status, bytes))
         };
         tokio::time::timeout(REQUEST_TIMEOUT, exchange)
             .await
@@ -454,7 +476,7 @@ impl Client {
         &self,
         method: Method,
         path: &str,
-        body: Option<Vec<u8>>,
+        body: Option<(Vec<u8>, &'static str)>,
     ) -> Result<(Response<Incoming>, ConnectionGuard), ClientError> {
         let (mut sender, conn) = tokio::time::timeout(CONNECT_TIMEOUT, self.connect())
             .await
@@ -466,11 +488,15 @@ impl Client {
             .header(header::AUTHORIZATION, self.authorization.clone())
             .header(header::USER_AGENT, concat!("yunbian-cli/", env!("CARGO_PKG_VERSION")))
             .header(header::ACCEPT, "application/json");
-        if body.is_some() {
-            builder = builder.header(header::CONTENT_TYPE, "application/json");
-        }
+        let body = match body {
+            Some((bytes, content_type)) => {
+                builder = builder.header(header::CONTENT_TYPE, content_type);
+                bytes
+            }
+            None => Vec::new(),
+        };
         let request = builder
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .body(Full::new(Bytes::from(body)))
             .map_err(|e| ClientError::Request(format!("bad request {path:?}: {e}")))?;
         let response = sender.send_request(request).await.map_err(|e| self.unreachable(error_chain(&e)))?;
         Ok((response, conn))

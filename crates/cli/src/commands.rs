@@ -54,6 +54,9 @@ pub enum ClientCommand {
     Query(QueryArgs),
     /// List the series the cloud holds data for.
     Series(SeriesArgs),
+    /// Push, list, describe, delete and sign artifacts (executables, bundles, wasm modules, OCI layouts).
+    #[command(subcommand)]
+    Artifact(crate::artifact::ArtifactCommand),
 }
 
 /// Arguments of `get`.
@@ -235,6 +238,7 @@ pub async fn run(config_path: Option<PathBuf>, cmd: ClientCommand) -> Result<()>
         ClientCommand::Device(d) => crate::device::run(&session, d).await,
         ClientCommand::Query(a) => crate::data::query(&session, a).await,
         ClientCommand::Series(a) => crate::data::series(&session, a).await,
+        ClientCommand::Artifact(a) => crate::artifact::run(&session, a).await,
     }
 }
 
@@ -252,7 +256,7 @@ impl Session {
 
 // ---------------------------------------------------------------- get
 
-async fn get(session: &Session, a: GetArgs) -> Result<()> {
+pub(crate) async fn get(session: &Session, a: GetArgs) -> Result<()> {
     if a.name.is_some() && a.selector.is_some() {
         bail!("a name and --selector cannot be used together");
     }

@@ -12,6 +12,8 @@
 //!   values, `--wait` for the node to apply them) and `device watch`.
 //! - [`data`]: `query` and `series`, reading the data edges shipped to the
 //!   cloud, as a table, CSV or JSON.
+//! - [`artifact`]: `artifact push` (chunked, resumable uploads),
+//!   `list`/`describe`/`delete`, `keygen` and `sign` (ed25519), `gc`.
 //! - [`commands`]: the clap command tree ([`ClientCommand`]) and [`run`],
 //!   which the `yunbian` binary calls and whose errors it prints as
 //!   `error: {e:#}`.
@@ -22,6 +24,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod artifact;
 pub mod client;
 pub mod columns;
 pub mod commands;

@@ -65,6 +65,8 @@ pub struct ApiState {
     /// Where `/v1/data/…` queries are answered: the cloud data store, or
     /// [`yunbian_dataapi::Unavailable`] (503) when it could not be opened.
     pub data: Arc<dyn yunbian_dataapi::DataQuery>,
+    /// The artifact chunk store (`/v1/chunks/…`, artifact checks and GC).
+    pub artifacts: Arc<crate::artifacts::ArtifactRegistry>,
 }
 
 type St = State<Arc<ApiState>>;
@@ -78,7 +80,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(code: StatusCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: StatusCode, message: impl Into<String>) -> Self {
         ApiError { code, message: message.into(), details: Vec::new() }
     }
 }
@@ -133,6 +135,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), admin_only));
     Router::new()
         .merge(data)
+        .merge(crate::artifacts::routes())
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .route("/v1/ca", get(ca))
@@ -421,6 +424,9 @@ async fn create(
     refuse_user_writes(kind, true)?;
     let (name, mut v) = admit(kind, None, parse_body(&body?)?)?;
     check_references(&s.store, kind, &v).await?;
+    if kind == Kind::Artifact {
+        crate::artifacts::check_chunks(&s.artifacts, &v).await?;
+    }
     if let Some(o) = v.as_object_mut() {
         o.remove("status");
     }
@@ -451,6 +457,9 @@ async fn put(
     refuse_user_writes(kind, !exists)?;
     let (name, v) = admit(kind, Some(&name), parse_body(&body?)?)?;
     check_references(&s.store, kind, &v).await?;
+    if kind == Kind::Artifact {
+        crate::artifacts::check_chunks(&s.artifacts, &v).await?;
+    }
     let (outcome, o) = apply(&s.store, kind, &name, v).await?;
     let code = match outcome {
         Applied::Created => StatusCode::CREATED,
@@ -480,6 +489,16 @@ async fn delete(State(s): St, _admin: Admin, Path((plural, name)): Path<(String,
     }
     let o = s.store.delete(kind, &name, None).await?;
     tracing::info!(kind = %kind, name = %name, "deleted");
+    if kind == Kind::Artifact {
+        // Collect the chunks only this artifact used (those past the grace
+        // period; the periodic sweep gets the rest later).
+        let (reg, store) = (s.artifacts.clone(), s.store.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::artifacts::sweep(&reg, &store, reg.gc_grace).await {
+                tracing::warn!(error = ?e, "artifact chunk collection failed");
+            }
+        });
+    }
     Ok(Json((*o.value).clone()))
 }
 

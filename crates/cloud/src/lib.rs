@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use yunbian_store::{Coordinator, RedbStore, Store};
 
 pub mod api;
+pub mod artifacts;
 pub mod bootstrap;
 pub mod controllers;
 pub mod data_store;
@@ -56,6 +57,9 @@ pub struct CloudOptions {
     pub store: StoreConfig,
     /// This replica's name in leader election and presence (default: its URL).
     pub replica_id: Option<String>,
+    /// Artifact chunks no artifact references are collected once unused
+    /// for this long (protects pushes in progress; default 1 h).
+    pub artifact_gc_grace: Duration,
 }
 
 /// The state store backend.
@@ -112,6 +116,7 @@ impl CloudOptions {
             controllers: controllers::ControllerConfig::default(),
             store: StoreConfig::Embedded,
             replica_id: None,
+            artifact_gc_grace: artifacts::DEFAULT_GC_GRACE,
         }
     }
 }
@@ -222,6 +227,9 @@ pub async fn start(opts: CloudOptions) -> Result<CloudHandle> {
     let tls =
         yunbian_pki::server_config(&creds.server_cert, &creds.server_key, creds.ca.cert_pem(), opts.node_cert_grace)
             .context("server TLS configuration")?;
+    let chunks =
+        yunbian_artifacts::FsChunkStore::open(opts.data_dir.join("blobs")).context("open the artifact chunk store")?;
+    let registry = Arc::new(artifacts::ArtifactRegistry { chunks: Arc::new(chunks), gc_grace: opts.artifact_gc_grace });
     let state = Arc::new(api::ApiState {
         store: store.clone(),
         hub: hub.clone(),
@@ -231,10 +239,12 @@ pub async fn start(opts: CloudOptions) -> Result<CloudHandle> {
         metrics: metrics.clone(),
         node_cert_ttl: opts.node_cert_ttl,
         data,
+        artifacts: registry.clone(),
     });
     let app = api::router(state);
     let tasks = vec![
         tokio::spawn(hub.clone().run_view_builder()),
+        tokio::spawn(artifacts::run_gc(registry, store.clone())),
         tokio::spawn(hub.clone().run_housekeeping(coord.clone(), replica.clone())),
         tokio::spawn(lead(coord.clone(), replica.clone(), hub.clone(), metrics.clone(), opts.controllers)),
         tokio::spawn(server::serve(listener, tls, app)),
