@@ -32,6 +32,8 @@ use crate::commands::{OutputFormat, Session};
 #[derive(Debug, Clone, Subcommand)]
 pub enum ArtifactCommand {
     /// Upload a file (executable, tar.gz bundle, .wasm module, OCI image layout tar) as one platform's blob.
+    // `--version` is the artifact's version here, not the program's.
+    #[command(disable_version_flag = true)]
     Push(PushArgs),
     /// List artifacts.
     #[command(alias = "ls")]
@@ -41,8 +43,12 @@ pub enum ArtifactCommand {
         output: Option<OutputFormat>,
     },
     /// Show an artifact's blobs, chunks and signatures.
+    // `--version` is the artifact's version here, not the program's.
+    #[command(disable_version_flag = true)]
     Describe(ArtifactRef),
     /// Delete an artifact; chunks no other artifact uses are collected.
+    // `--version` is the artifact's version here, not the program's.
+    #[command(disable_version_flag = true)]
     Delete(ArtifactRef),
     /// Make an ed25519 publisher key (PKCS#8 PEM) and print its key id.
     Keygen {
@@ -51,6 +57,8 @@ pub enum ArtifactCommand {
         out: PathBuf,
     },
     /// Sign an artifact's blobs with a publisher key.
+    // `--version` is the artifact's version here, not the program's.
+    #[command(disable_version_flag = true)]
     Sign(SignArgs),
     /// Collect unreferenced chunks now.
     Gc {
@@ -532,7 +540,9 @@ mod tests {
         }
     }
 
+    /// Like the `yunbian` binary: a version flag propagated to subcommands.
     #[derive(clap::Parser)]
+    #[command(version, propagate_version = true)]
     struct Cli {
         #[command(subcommand)]
         cmd: ArtifactCommand,
