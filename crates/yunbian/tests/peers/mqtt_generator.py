@@ -26,9 +26,19 @@ def value(i):
     return (i * 7919 % 1000) / 10.0
 
 
+# Connections made so far (paho's network loop reconnects by itself; each
+# reconnect means the agent may have lost what it acknowledged last).
+CONNECTS = [0]
+
+
+def on_connect(client, userdata, flags, reason_code, properties):
+    CONNECTS[0] += 1
+
+
 def connect(host, port):
     while True:
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        c.on_connect = on_connect
         try:
             c.connect(host, port, keepalive=10)
             c.loop_start()
@@ -44,7 +54,17 @@ def main():
     start = time.monotonic()
     i = 0
     reconnects = 0
+    seen = None
     while i < n:
+        if seen is None and CONNECTS[0] > 0:
+            seen = CONNECTS[0]
+        if seen is not None and CONNECTS[0] > seen:
+            # paho reconnected on its own: replay, as after a failed publish.
+            seen = CONNECTS[0]
+            reconnects += 1
+            i = max(0, i - int(REPLAY * rate))
+            start = time.monotonic() - i / rate
+            print("reconnected by the client; replaying from %d" % i, flush=True)
         due = start + i / rate
         now = time.monotonic()
         if due > now:
@@ -66,6 +86,7 @@ def main():
         except Exception:
             pass
         c = connect(host, port)
+        seen = None
         reconnects += 1
         back = int(REPLAY * rate)
         i = max(0, i - back)
