@@ -161,9 +161,14 @@ pub fn artifact_object_name(name: &str, version: &str) -> String {
     format!("{name}--{}", version.replace('.', "-"))
 }
 
-/// The canonical text a publisher signs for one blob.
-pub fn signing_statement(name: &str, version: &str, platform: &str, sha256: &str, size: u64) -> String {
-    format!("yunbian-artifact-signature-v1\nname: {name}\nversion: {version}\nplatform: {platform}\nsha256: {sha256}\nsize: {size}\n")
+/// The canonical text a publisher signs for one blob: everything an edge
+/// acts on (the type decides whether it is executed, unpacked or run as a
+/// module or image).
+pub fn signing_statement(name: &str, version: &str, platform: &str, kind: BlobType, sha256: &str, size: u64) -> String {
+    let kind = kind.as_str();
+    format!(
+        "yunbian-artifact-signature-v1\nname: {name}\nversion: {version}\nplatform: {platform}\ntype: {kind}\nsha256: {sha256}\nsize: {size}\n"
+    )
 }
 
 /// Checks an artifact name: a DNS label without `--`.
@@ -226,6 +231,14 @@ fn validate_spec(spec: &ArtifactSpec, path: &str, errs: &mut crate::validate::Er
     }
     if let Err(m) = check_version(&spec.version) {
         errs.add(format!("{path}.version"), m);
+    } else if check_artifact_name(&spec.name).is_ok() {
+        let object = artifact_object_name(&spec.name, &spec.version);
+        if object.len() > 63 {
+            errs.add(
+                format!("{path}.version"),
+                format!("with name {:?}, the object name {object:?} is over 63 characters", spec.name),
+            );
+        }
     }
     if spec.blobs.is_empty() {
         errs.add(format!("{path}.blobs"), "must have at least one platform");
@@ -348,8 +361,8 @@ spec:
 
     #[test]
     fn statement_names_everything_signed() {
-        let s = signing_statement("hello", "1.2.0", "linux/arm64", &hex64('a'), 7);
-        for part in ["hello", "1.2.0", "linux/arm64", &hex64('a'), "size: 7"] {
+        let s = signing_statement("hello", "1.2.0", "linux/arm64", BlobType::Bundle, &hex64('a'), 7);
+        for part in ["hello", "1.2.0", "linux/arm64", "type: bundle", &hex64('a'), "size: 7"] {
             assert!(s.contains(part), "{s}");
         }
     }

@@ -162,12 +162,25 @@ impl FsInner {
         if actual != *digest {
             return Err(ArtifactError::DigestMismatch { expected: *digest, actual });
         }
-        if self.touch(digest)? {
+        let path = self.chunk_path(digest);
+        // Present and intact: keep it (and mark it used). Present but damaged
+        // (truncated, bit rot): replaced below by these verified bytes, so
+        // pushing again repairs it.
+        let intact = match fs::read(&path) {
+            Ok(stored) => sha256(&stored) == *digest,
+            Err(e) if not_found(&e) => false,
+            Err(e) => return Err(ArtifactError::io("read chunk", &path)(e)),
+        };
+        if intact && self.touch(digest)? {
             return Ok(PutOutcome::AlreadyPresent);
         }
-        let path = self.chunk_path(digest);
         let dir = path.parent().expect("a chunk path has a fan-out directory");
-        fs::create_dir_all(dir).map_err(ArtifactError::io("create", dir))?;
+        if !dir.exists() {
+            fs::create_dir_all(dir).map_err(ArtifactError::io("create", dir))?;
+            // The new fan-out directory's entry must survive a power loss too.
+            let parent = dir.parent().expect("fan-out directories have a parent");
+            File::open(parent).and_then(|d| d.sync_all()).map_err(ArtifactError::io("sync", parent))?;
+        }
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let tmp = self.root.join("tmp").join(format!("{digest}.{}.{n}.tmp", std::process::id()));
         let written = (|| {
@@ -333,6 +346,20 @@ pub(crate) mod tests {
         assert!(matches!(store.get(&d).await, Err(ArtifactError::DigestMismatch { .. })));
         assert_eq!(store.has(&d).await.expect("has"), None, "dropped, so a push uploads it again");
         assert_eq!(store.put(&d, data).await.expect("put"), PutOutcome::Created);
+    }
+
+    #[tokio::test]
+    async fn pushing_again_repairs_a_damaged_chunk() {
+        let dir = TempDir::new("repair");
+        let store = FsChunkStore::open(dir.0.join("blobs")).expect("open");
+        let data = vec![9u8; 3000];
+        let d = sha256(&data);
+        store.put(&d, data.clone()).await.expect("put");
+        // Truncated on disk (a crash of the disk, not of ours).
+        fs::write(store.chunk_path(&d), &data[..100]).expect("truncate");
+        assert_eq!(store.put(&d, data.clone()).await.expect("put"), PutOutcome::Created, "replaced");
+        assert_eq!(store.get(&d).await.expect("get"), Some(data.clone()));
+        assert_eq!(store.put(&d, data).await.expect("put"), PutOutcome::AlreadyPresent);
     }
 
     #[tokio::test]

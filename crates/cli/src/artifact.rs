@@ -7,8 +7,8 @@
 //! lacks, so running the same push again after an interruption sends only
 //! what is missing. The Artifact object is written last, with the new
 //! platform's blob added to the blobs already there, under the object's
-//! `resourceVersion` (a concurrent push of another platform makes it retry,
-//! not lose a blob).
+//! `resourceVersion`, or created with POST when new (a concurrent push of
+//! another platform makes it retry, not lose a blob).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -294,13 +294,34 @@ pub struct PushReport {
 pub async fn push(client: &Client, a: &PushArgs) -> Result<PushReport> {
     check_artifact_name(&a.name).map_err(|m| anyhow!("--name: {m}"))?;
     check_version(&a.version).map_err(|m| anyhow!("--version: {m}"))?;
+    let object = artifact_object_name(&a.name, &a.version);
+    if object.len() > 63 {
+        bail!("--name and --version together make the object name {object:?}, over 63 characters: shorten one");
+    }
+    // The file's own header always speaks for its platform (an ELF's
+    // machine), whatever --type says.
+    let sniffed = detect(&a.path).ok();
+    let is_elf = sniffed.as_ref().is_some_and(|d| d.kind == BlobType::Executable);
     let detected = match a.kind {
-        Some(kind) => Detected { kind, platform: (kind == BlobType::Wasm).then_some(WASM_PLATFORM) },
-        None => detect(&a.path)?,
+        Some(kind) => Detected {
+            kind,
+            platform: if kind == BlobType::Wasm {
+                Some(WASM_PLATFORM)
+            } else {
+                sniffed.as_ref().filter(|_| is_elf).and_then(|d| d.platform)
+            },
+        },
+        None => sniffed.map_or_else(|| detect(&a.path), Ok)?,
     };
     let platform = match (&a.platform, detected.platform) {
+        (Some(p), Some(d)) if p != d => {
+            bail!("--platform {p} does not match the file: its header says {d}")
+        }
         (Some(p), _) => p.clone(),
         (None, Some(p)) => p.to_string(),
+        (None, None) if is_elf || detected.kind == BlobType::Executable => {
+            bail!("{}: an executable for an unknown machine: give --platform", a.path.display())
+        }
         (None, None) => host_platform().to_string(),
     };
     if !PLATFORMS.contains(&platform.as_str()) {
@@ -339,7 +360,7 @@ pub async fn push(client: &Client, a: &PushArgs) -> Result<PushReport> {
         // Signatures stay only if the blob is the same bytes.
         let mut blob = blob.clone();
         if let Some(old) = spec.blobs.get(&platform) {
-            if old.sha256 == blob.sha256 {
+            if old.sha256 == blob.sha256 && old.kind == blob.kind {
                 blob.signatures = old.signatures.clone();
             }
         }
@@ -378,11 +399,14 @@ async fn update_artifact(
 ) -> Result<Value> {
     let object = artifact_object_name(name, version);
     for _ in 0..5 {
-        let mut artifact = match client.get_object(Kind::Artifact, &object).await {
-            Ok(v) => Artifact::from_value(v).context("decode the stored artifact")?,
-            Err(e) if e.is_not_found() => Object::new(
-                &object,
-                ArtifactSpec { name: name.to_string(), version: version.to_string(), ..Default::default() },
+        let (mut artifact, exists) = match client.get_object(Kind::Artifact, &object).await {
+            Ok(v) => (Artifact::from_value(v).context("decode the stored artifact")?, true),
+            Err(e) if e.is_not_found() => (
+                Object::new(
+                    &object,
+                    ArtifactSpec { name: name.to_string(), version: version.to_string(), ..Default::default() },
+                ),
+                false,
             ),
             Err(e) => return Err(e.into()),
         };
@@ -391,7 +415,15 @@ async fn update_artifact(
         if let Some(o) = v.as_object_mut() {
             o.remove("status");
         }
-        match client.put_object(Kind::Artifact, &object, &v).await {
+        // A new artifact is created (409 if another push created it first:
+        // read it again and add to it); an existing one is replaced under
+        // the resourceVersion read (409 if it changed meanwhile).
+        let written = if exists {
+            client.put_object(Kind::Artifact, &object, &v).await
+        } else {
+            client.post(&format!("/v1/{}", Kind::Artifact.plural()), &v).await
+        };
+        match written {
             Err(e) if e.status() == Some(409) => continue,
             other => return Ok(other?),
         }
@@ -443,7 +475,7 @@ pub async fn sign(client: &Client, a: &SignArgs) -> Result<(String, Vec<String>)
             if a.platform.as_ref().is_some_and(|p| p != platform) {
                 continue;
             }
-            let statement = signing_statement(&spec.name, &spec.version, platform, &blob.sha256, blob.size);
+            let statement = signing_statement(&spec.name, &spec.version, platform, blob.kind, &blob.sha256, blob.size);
             blob.signatures.retain(|s| s.key_id != key_id);
             blob.signatures
                 .push(BlobSignature { key_id: key_id.clone(), signature: key.sign_hex(statement.as_bytes()) });

@@ -150,9 +150,16 @@ async fn referenced(store: &Arc<dyn Store>) -> Result<HashSet<Digest>, ApiError>
         let blobs = o.value.pointer("/spec/blobs").and_then(Value::as_object).cloned().unwrap_or_default();
         for blob in blobs.values() {
             for c in blob.get("chunks").and_then(Value::as_array).into_iter().flatten() {
-                if let Some(d) = c.get("digest").and_then(Value::as_str).and_then(|d| d.parse().ok()) {
-                    out.insert(d);
-                }
+                // Fail closed: a reference we cannot read must not let its
+                // chunk be collected.
+                let text = c.get("digest").and_then(Value::as_str).unwrap_or_default();
+                let d: Digest = text.parse().map_err(|e: yunbian_artifacts::DigestParseError| {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("artifact {}: chunk digest {text:?}: {e}; not sweeping", o.name),
+                    )
+                })?;
+                out.insert(d);
             }
         }
     }

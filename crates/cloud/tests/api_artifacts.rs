@@ -161,11 +161,13 @@ async fn push_resumes_signs_and_delete_collects() {
     let obj = client.get_object(Kind::Artifact, "bundle--1-0").await.expect("get");
     let blob = &obj["spec"]["blobs"]["linux/amd64"];
     assert_eq!(blob["signatures"][0]["keyId"], json!(k.key_id()));
-    let statement = signing_statement("bundle", "1.0", "linux/amd64", &r.sha256, r.size);
+    let statement = signing_statement("bundle", "1.0", "linux/amd64", BlobType::Bundle, &r.sha256, r.size);
     let sig = blob["signatures"][0]["signature"].as_str().expect("signature");
     yunbian_artifacts::signing::verify_hex(&k.public_key_hex(), statement.as_bytes(), sig).expect("verifies");
-    let moved = signing_statement("bundle", "1.0", "linux/arm64", &r.sha256, r.size);
+    let moved = signing_statement("bundle", "1.0", "linux/arm64", BlobType::Bundle, &r.sha256, r.size);
     assert!(yunbian_artifacts::signing::verify_hex(&k.public_key_hex(), moved.as_bytes(), sig).is_err());
+    let retyped = signing_statement("bundle", "1.0", "linux/amd64", BlobType::Executable, &r.sha256, r.size);
+    assert!(yunbian_artifacts::signing::verify_hex(&k.public_key_hex(), retyped.as_bytes(), sig).is_err());
     // Pushing the same bytes keeps the signature.
     push(&client, &args("1.0")).await.expect("push again");
     let obj = client.get_object(Kind::Artifact, "bundle--1-0").await.expect("get");

@@ -14,9 +14,19 @@ use std::time::{Duration, Instant};
 use harness::{Cluster, Guard};
 
 fn chunk_files(c: &Cluster) -> usize {
+    chunk_paths(c).len()
+}
+
+/// The stored chunk files, sorted.
+fn chunk_paths(c: &Cluster) -> Vec<std::path::PathBuf> {
     let root = c.cloud_dir.join("blobs/sha256");
-    let Ok(fans) = std::fs::read_dir(&root) else { return 0 };
-    fans.flatten().map(|f| std::fs::read_dir(f.path()).map_or(0, |d| d.count())).sum()
+    let Ok(fans) = std::fs::read_dir(&root) else { return Vec::new() };
+    let mut v: Vec<std::path::PathBuf> = fans
+        .flatten()
+        .flat_map(|f| std::fs::read_dir(f.path()).into_iter().flatten().flatten().map(|e| e.path()))
+        .collect();
+    v.sort();
+    v
 }
 
 /// `(chunks, uploaded)` from the push summary line.
@@ -81,23 +91,56 @@ fn push_describe_resume_sign_delete() {
     // A 40 MiB push killed half-way resumes: the second run sends only
     // what the first did not.
     let big = work.join("big.bin");
-    let bytes: Vec<u8> = (0..40usize << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    // Pseudo-random, so no two chunks are alike.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let bytes: Vec<u8> = (0..40usize << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
     std::fs::write(&big, &bytes).expect("write big");
-    let before = chunk_files(&c);
+    let before = chunk_paths(&c);
     let mut cmd =
         c.cli_command(&["artifact", "push", &p("big.bin"), "--name", "big", "--version", "1", "--type", "bundle"]);
     cmd.stdout(Stdio::null()).stderr(Stdio::null());
     let mut child = Guard(cmd.spawn().expect("spawn push"));
     let t0 = Instant::now();
-    while chunk_files(&c) == before && t0.elapsed() < Duration::from_secs(60) {
+    while chunk_paths(&c) == before && t0.elapsed() < Duration::from_secs(60) {
         std::thread::sleep(Duration::from_millis(5));
     }
     let _ = child.0.kill();
     let _ = child.0.wait();
+    // The killed push never got as far as the Artifact.
+    assert!(!c.cli(&["artifact", "describe", "big", "--version", "1"]).success(), "the push was not complete yet");
+    // Over loopback it may have sent every chunk before the kill landed:
+    // make the interruption deterministic by losing the later half of
+    // what it sent, if it sent more than one (as if the link had dropped).
+    // Requests the cloud had already received finish after the kill: wait
+    // until the stored set stops changing.
+    let mut last = chunk_paths(&c);
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = chunk_paths(&c);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let sent: Vec<_> = last.into_iter().filter(|p| !before.contains(p)).collect();
+    assert!(!sent.is_empty(), "the first push sent something before it was killed");
+    let lost = sent.len() / 2;
+    for p in &sent[..lost] {
+        std::fs::remove_file(p).expect("lose a chunk");
+    }
     let out = c.cli(&["artifact", "push", &p("big.bin"), "--name", "big", "--version", "1", "--type", "bundle"]);
     let (chunks, uploaded) = counts(out.ok());
     assert_eq!(chunks, 10, "{out:?}");
-    assert!(uploaded < chunks, "some chunks were already there: {out:?}");
+    // Exactly what was missing is sent again: the chunks never sent and the lost ones.
+    assert_eq!(uploaded, chunks - (sent.len() - lost), "{out:?}");
+    assert!(uploaded < chunks, "the chunks still there were not sent again: {out:?}");
     let describe = c.cli(&["artifact", "describe", "big", "--version", "1"]);
     assert!(describe.ok().contains("Chunks:     10"), "{describe:?}");
 
