@@ -23,7 +23,7 @@ use yunbian_api::{
     Kind, Object,
 };
 use yunbian_artifacts::signing::PublisherKey;
-use yunbian_artifacts::ChunkReader;
+use yunbian_artifacts::{sha256, ChunkReader, CHUNK_SIZE};
 
 use crate::client::{Client, ClientError};
 use crate::commands::{OutputFormat, Session};
@@ -60,6 +60,17 @@ pub enum ArtifactCommand {
     // `--version` is the artifact's version here, not the program's.
     #[command(disable_version_flag = true)]
     Sign(SignArgs),
+    /// Write an artifact (its blobs and every chunk) to one file, to carry
+    /// to a registry that cannot reach this one.
+    // `--version` is the artifact's version here, not the program's.
+    #[command(disable_version_flag = true)]
+    Export(ExportArgs),
+    /// Load a file made by `artifact export` into this registry (only the
+    /// chunks it lacks are uploaded; every chunk is checked).
+    Import {
+        /// The file.
+        file: PathBuf,
+    },
     /// Collect unreferenced chunks now.
     Gc {
         /// Keep unreferenced chunks used within this long (default: the cloud's, 1h); 0s collects all.
@@ -76,6 +87,22 @@ pub struct ArtifactRef {
     /// Its version.
     #[arg(long)]
     pub version: String,
+}
+
+/// Arguments of `artifact export`.
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    /// The artifact's name.
+    pub name: String,
+    /// Its version.
+    #[arg(long)]
+    pub version: String,
+    /// Only this platform's blob (default: all).
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// The file to write.
+    #[arg(short = 'o', long)]
+    pub output: PathBuf,
 }
 
 /// Arguments of `artifact push`.
@@ -168,6 +195,31 @@ pub(crate) async fn run(session: &Session, cmd: ArtifactCommand) -> Result<()> {
             let client = session.client()?;
             let (key_id, platforms) = sign(&client, &a).await?;
             println!("signed {} version {} ({}) with key {key_id}", a.name, a.version, platforms.join(", "));
+            Ok(())
+        }
+        ArtifactCommand::Export(a) => {
+            let client = session.client()?;
+            let (chunks, bytes) = export(&client, &a).await?;
+            println!(
+                "exported {} version {} to {}: {chunks} chunks, {bytes} bytes",
+                a.name,
+                a.version,
+                a.output.display()
+            );
+            Ok(())
+        }
+        ArtifactCommand::Import { file } => {
+            let client = session.client()?;
+            let r = import(&client, &file).await?;
+            println!(
+                "imported {} version {} ({}): {} chunks ({} uploaded, {} already there)",
+                r.name,
+                r.version,
+                r.platforms.join(", "),
+                r.chunks,
+                r.uploaded,
+                r.chunks - r.uploaded
+            );
             Ok(())
         }
         ArtifactCommand::Gc { grace } => {
@@ -626,4 +678,171 @@ mod tests {
         let _ = std::fs::remove_file(&p);
         let _ = std::fs::remove_file(pub_path(&p));
     }
+}
+
+// ---------------------------------------------------------------- export / import
+
+/// Magic line of an export file.
+const EXPORT_MAGIC: &[u8; 6] = b"YBAX1\n";
+
+/// What `import` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportReport {
+    /// Artifact name.
+    pub name: String,
+    /// Version.
+    pub version: String,
+    /// Platforms imported.
+    pub platforms: Vec<String>,
+    /// Distinct chunks in the file.
+    pub chunks: usize,
+    /// Chunks the registry did not have.
+    pub uploaded: usize,
+}
+
+/// Fetches one chunk and checks it against its digest.
+async fn fetch_chunk(client: &Client, digest: &str) -> Result<Vec<u8>> {
+    let (status, body) = client.request_bytes(Method::GET, &format!("/v1/chunks/{digest}"), None).await?;
+    if !status.is_success() {
+        return Err(anyhow::Error::from(ClientError::from_response(status.as_u16(), &body)))
+            .with_context(|| format!("fetch chunk {digest}"));
+    }
+    if sha256(&body).hex() != digest {
+        bail!("chunk {digest}: the bytes received do not match their digest");
+    }
+    Ok(body)
+}
+
+/// Writes an export file:
+///
+/// ```text
+/// "YBAX1\n"
+/// u32 LE length, JSON header: {"name", "version", "blobs": {platform: blob}}
+/// 32 bytes: sha256 of the header JSON
+/// per distinct chunk, in the order the blobs list them:
+///   64 bytes hex digest, u32 LE length, the bytes
+/// ```
+///
+/// Every chunk carries its own digest and the header its hash, so a
+/// damaged file is refused on import. The file is written under a
+/// temporary name and renamed when complete. Returns (chunks, bytes).
+pub async fn export(client: &Client, a: &ExportArgs) -> Result<(usize, u64)> {
+    use std::io::Write;
+    let object = object_name(&ArtifactRef { name: a.name.clone(), version: a.version.clone() })?;
+    let artifact = Artifact::from_value(client.get_object(Kind::Artifact, &object).await?)
+        .context("decode the stored artifact")?;
+    let mut blobs = artifact.spec.blobs.clone();
+    if let Some(p) = &a.platform {
+        blobs.retain(|k, _| k == p);
+        if blobs.is_empty() {
+            bail!("{} version {} has no {p} blob", a.name, a.version);
+        }
+    }
+    let header = serde_json::to_vec(&json!({"name": a.name, "version": a.version, "blobs": blobs}))?;
+    let mut digests: Vec<String> = Vec::new();
+    for blob in blobs.values() {
+        for c in &blob.chunks {
+            if !digests.contains(&c.digest) {
+                digests.push(c.digest.clone());
+            }
+        }
+    }
+    let tmp = a.output.with_extension("partial");
+    let write = async {
+        let mut f =
+            std::io::BufWriter::new(std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?);
+        f.write_all(EXPORT_MAGIC)?;
+        f.write_all(&(header.len() as u32).to_le_bytes())?;
+        f.write_all(&header)?;
+        f.write_all(&sha256(&header).0)?;
+        let mut bytes = 0u64;
+        for d in &digests {
+            let chunk = fetch_chunk(client, d).await?;
+            f.write_all(d.as_bytes())?;
+            f.write_all(&(chunk.len() as u32).to_le_bytes())?;
+            f.write_all(&chunk)?;
+            bytes += chunk.len() as u64;
+        }
+        let f = f.into_inner().map_err(|e| anyhow!("write {}: {}", tmp.display(), e.error()))?;
+        f.sync_all()?;
+        anyhow::Ok(bytes)
+    };
+    match write.await {
+        Ok(bytes) => {
+            std::fs::rename(&tmp, &a.output).with_context(|| format!("rename to {}", a.output.display()))?;
+            Ok((digests.len(), bytes))
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Loads an export file: checks the header's hash, uploads each chunk the
+/// registry lacks after checking it against its digest, checks that every
+/// chunk the blobs list was in the file, then adds the blobs (signatures
+/// included) to the artifact.
+pub async fn import(client: &Client, file: &Path) -> Result<ImportReport> {
+    let mut f = std::io::BufReader::new(std::fs::File::open(file).with_context(|| format!("open {}", file.display()))?);
+    let bad = |what: &str| anyhow!("{}: not a valid export file ({what})", file.display());
+    let mut magic = [0u8; 6];
+    f.read_exact(&mut magic).map_err(|_| bad("too short"))?;
+    if &magic != EXPORT_MAGIC {
+        return Err(bad("wrong magic"));
+    }
+    let mut word = [0u8; 4];
+    f.read_exact(&mut word).map_err(|_| bad("truncated header"))?;
+    let len = u32::from_le_bytes(word) as usize;
+    if len > 16 << 20 {
+        return Err(bad("header over 16 MiB"));
+    }
+    let mut header = vec![0u8; len];
+    f.read_exact(&mut header).map_err(|_| bad("truncated header"))?;
+    let mut hash = [0u8; 32];
+    f.read_exact(&mut hash).map_err(|_| bad("truncated header hash"))?;
+    if sha256(&header).0 != hash {
+        return Err(bad("header checksum mismatch"));
+    }
+    #[derive(serde::Deserialize)]
+    struct Header {
+        name: String,
+        version: String,
+        blobs: std::collections::BTreeMap<String, ArtifactBlob>,
+    }
+    let h: Header = serde_json::from_slice(&header).map_err(|e| anyhow!("{}: header: {e}", file.display()))?;
+    let mut wanted: std::collections::HashSet<String> =
+        h.blobs.values().flat_map(|b| b.chunks.iter().map(|c| c.digest.clone())).collect();
+    let chunks = wanted.len();
+    let mut uploaded = 0;
+    while !wanted.is_empty() {
+        let mut d = [0u8; 64];
+        f.read_exact(&mut d).map_err(|_| bad(&format!("truncated: {} chunks missing", wanted.len())))?;
+        let digest = String::from_utf8(d.to_vec()).map_err(|_| bad("chunk digest is not text"))?;
+        f.read_exact(&mut word).map_err(|_| bad("truncated chunk"))?;
+        let n = u32::from_le_bytes(word) as usize;
+        if n > CHUNK_SIZE {
+            return Err(bad("chunk over 4 MiB"));
+        }
+        let mut bytes = vec![0u8; n];
+        f.read_exact(&mut bytes).map_err(|_| bad("truncated chunk"))?;
+        if sha256(&bytes).hex() != digest {
+            return Err(bad(&format!("chunk {digest} does not match its digest")));
+        }
+        if !wanted.remove(&digest) {
+            return Err(bad(&format!("chunk {digest} is not listed by any blob")));
+        }
+        if upload_chunk(client, &digest, bytes).await? {
+            uploaded += 1;
+        }
+    }
+    let platforms: Vec<String> = h.blobs.keys().cloned().collect();
+    update_artifact(client, &h.name, &h.version, |spec| {
+        for (p, b) in &h.blobs {
+            spec.blobs.insert(p.clone(), b.clone());
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(ImportReport { name: h.name, version: h.version, platforms, chunks, uploaded })
 }

@@ -13,7 +13,7 @@ use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 use yunbian_api::{signing_statement, BlobType, Kind};
 use yunbian_artifacts::{sha256, ChunkReader, CHUNK_SIZE};
-use yunbian_cli::artifact::{push, sign, upload_chunk, PushArgs, SignArgs};
+use yunbian_cli::artifact::{export, import, push, sign, upload_chunk, ExportArgs, PushArgs, SignArgs};
 use yunbian_cli::{Client, ClientConfig};
 use yunbian_cloud::CloudOptions;
 
@@ -194,6 +194,71 @@ async fn push_resumes_signs_and_delete_collects() {
     // Explicit GC reports what it did.
     let r = client.post("/v1/chunks/gc", &json!({"graceSeconds": 0})).await.expect("gc");
     assert_eq!(r["removed"], json!(0));
+    drop(cloud);
+}
+
+/// An air-gapped hop: export to a file, lose the artifact and its chunks,
+/// import the file back; a damaged file is refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_and_import_move_an_artifact_as_a_file() {
+    let dir = TestDir::new("export");
+    let (cloud, client) = cloud(&dir, Duration::ZERO).await;
+    let file = dir.0.join("tool.tar.gz");
+    let bytes = pattern(CHUNK_SIZE + 4_000, 3);
+    std::fs::write(&file, &bytes).expect("write");
+    let args = PushArgs {
+        path: file.clone(),
+        name: "tool".into(),
+        version: "2.1".into(),
+        platform: Some("linux/arm64".into()),
+        kind: Some(BlobType::Bundle),
+    };
+    push(&client, &args).await.expect("push");
+    let before = client.get_object(Kind::Artifact, "tool--2-1").await.expect("get");
+    let out = dir.0.join("tool.ybax");
+    let ex = ExportArgs { name: "tool".into(), version: "2.1".into(), platform: None, output: out.clone() };
+    assert_eq!(export(&client, &ex).await.expect("export"), (2, bytes.len() as u64));
+
+    client.delete_object(Kind::Artifact, "tool--2-1").await.expect("delete");
+    let digests: Vec<String> = before["spec"]["blobs"]["linux/arm64"]["chunks"]
+        .as_array()
+        .expect("chunks")
+        .iter()
+        .map(|c| c["digest"].as_str().expect("digest").to_string())
+        .collect();
+    wait_for(
+        || async {
+            let _ = client.post("/v1/chunks/gc", &json!({"graceSeconds": 0})).await;
+            let mut gone = true;
+            for d in &digests {
+                gone &= raw(&client, Method::HEAD, &format!("/v1/chunks/{d}"), None).await.0 == StatusCode::NOT_FOUND;
+            }
+            gone
+        },
+        "the deleted artifact's chunks collected",
+    )
+    .await;
+
+    // Damaged copies are refused before anything is applied.
+    let good = std::fs::read(&out).expect("read export");
+    let damaged = dir.0.join("damaged.ybax");
+    let mut flipped = good.clone();
+    let last = flipped.len() - 10;
+    flipped[last] ^= 0x01;
+    std::fs::write(&damaged, &flipped).expect("write");
+    let e = import(&client, &damaged).await.expect_err("a flipped chunk byte");
+    assert!(format!("{e:#}").contains("does not match its digest"), "{e:#}");
+    std::fs::write(&damaged, &good[..good.len() - 100]).expect("write");
+    let e = import(&client, &damaged).await.expect_err("truncated");
+    assert!(format!("{e:#}").contains("truncated"), "{e:#}");
+    assert!(client.get_object(Kind::Artifact, "tool--2-1").await.is_err(), "nothing applied");
+
+    let r = import(&client, &out).await.expect("import");
+    assert_eq!((r.chunks, r.platforms.clone()), (2, vec!["linux/arm64".to_string()]));
+    let after = client.get_object(Kind::Artifact, "tool--2-1").await.expect("get");
+    assert_eq!(after["spec"], before["spec"]);
+    // Importing again uploads nothing.
+    assert_eq!(import(&client, &out).await.expect("import again").uploaded, 0);
     drop(cloud);
 }
 
