@@ -199,6 +199,40 @@ impl axum::extract::FromRequestParts<Arc<ApiState>> for Admin {
     }
 }
 
+/// Extractor for the read-only artifact routes (`GET /v1/artifacts/{name}`,
+/// `GET /v1/chunks/{sha256}`): the admin token, or a node's current client
+/// certificate (not expired, and the one pinned on its Node, the hub's
+/// check), so edges can pull what they run.
+pub enum ArtifactReader {
+    /// The admin token.
+    Admin,
+    /// A node, by name.
+    Node(String),
+}
+
+impl axum::extract::FromRequestParts<Arc<ApiState>> for ArtifactReader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, s: &Arc<ApiState>) -> ApiResult<Self> {
+        let peer = parts.extensions.get::<Peer>().cloned().unwrap_or_default();
+        let node = match (&peer.node, parts.headers.contains_key("authorization")) {
+            (Some(node), false) => node.clone(),
+            _ => return require_admin(s, &parts.headers, &peer).map(|()| ArtifactReader::Admin),
+        };
+        if peer.cert_expiry <= unix_now() {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                format!(
+                    "node certificate expired at {}; renew it (POST /v1/renew)",
+                    yunbian_api::time::format_rfc3339(peer.cert_expiry)
+                ),
+            ));
+        }
+        check_pinned(s, &node, &peer).await?;
+        Ok(ArtifactReader::Node(node))
+    }
+}
+
 fn kind_of(plural: &str) -> ApiResult<Kind> {
     Kind::ALL
         .into_iter()
@@ -329,8 +363,15 @@ async fn watch(s: Arc<ApiState>, kind: Kind, filter: Filter, from: Option<u64>) 
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
-async fn get_one(State(s): St, _admin: Admin, Path((plural, name)): Path<(String, String)>) -> ApiResult<Json<Value>> {
+async fn get_one(
+    State(s): St,
+    reader: ArtifactReader,
+    Path((plural, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
     let kind = kind_of(&plural)?;
+    if matches!(reader, ArtifactReader::Node(_)) && kind != Kind::Artifact {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "node certificates may not use the management API"));
+    }
     Ok(Json((*s.store.get(kind, &name).await?.value).clone()))
 }
 

@@ -15,7 +15,9 @@
 //! deleted, and every [`GC_INTERVAL`], [`sweep`] removes chunks that no
 //! artifact references and nobody used within the grace period.
 //!
-//! All routes take the admin token.
+//! All routes take the admin token; `GET /v1/chunks/{sha256}` (like `GET
+//! /v1/artifacts/{name}`) also takes a node's current client certificate
+//! ([`ArtifactReader`]), so edges can pull. Nodes can read, never write.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -35,7 +37,7 @@ use yunbian_artifacts::gc::SweepReport;
 use yunbian_artifacts::{ArtifactError, ChunkStore, Digest, PutOutcome};
 use yunbian_store::Store;
 
-use crate::api::{Admin, ApiError, ApiState};
+use crate::api::{Admin, ApiError, ApiState, ArtifactReader};
 
 /// How often the periodic sweep runs.
 pub const GC_INTERVAL: Duration = Duration::from_secs(600);
@@ -100,7 +102,7 @@ async fn put_chunk(
     Ok((code, Json(json!({ "digest": d.hex(), "size": body.len() }))).into_response())
 }
 
-async fn get_chunk(State(s): St, _admin: Admin, Path(d): Path<String>) -> Result<Response, ApiError> {
+async fn get_chunk(State(s): St, _reader: ArtifactReader, Path(d): Path<String>) -> Result<Response, ApiError> {
     let d = digest(&d)?;
     match s.artifacts.chunks.get(&d).await {
         Ok(Some(bytes)) => Ok(([("content-type", "application/octet-stream")], bytes).into_response()),

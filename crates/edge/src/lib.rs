@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use yunbian_runtime::{FakeRuntime, ProcessRuntime, Runtime};
 
 pub mod agent;
+pub mod artifacts;
 pub mod data_api;
 pub mod devices;
 pub mod http;

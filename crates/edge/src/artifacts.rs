@@ -1,0 +1,719 @@
+//! Pulling artifacts to the edge and keeping them in a size-capped cache
+//! (docs/design/012-artifacts.md, "Edge pulling"). Not wired into the agent
+//! yet: [`ArtifactCache::ensure`] is a tested component the runtime will call.
+//!
+//! # Pull
+//!
+//! `ensure(name, version)` reads the Artifact object from an
+//! [`ArtifactSource`] (the cloud over mTLS: [`CloudSource`]), picks the
+//! blob for this node's platform (`linux/amd64` or `linux/arm64` from the
+//! CPU, else the `wasi/wasm32` blob), then:
+//!
+//! 1. every chunk not already on disk and intact is fetched, checked
+//!    against its digest as it arrives (a bad chunk is dropped and fetched
+//!    again, up to [`CacheOptions::chunk_tries`] times), and written
+//!    atomically; chunks already on disk from an interrupted pull are
+//!    re-checked and kept, so a pull resumes across agent restarts;
+//! 2. the chunks are assembled into the blob file, checked against the
+//!    blob's sha256 and size, and renamed into place; the chunk files are
+//!    then removed;
+//! 3. a `bundle` (tar.gz) is unpacked into a staging directory and renamed
+//!    into place; an entry with an absolute path or `..`, or a link
+//!    pointing out, refuses the whole bundle. Executables get mode 0755.
+//!
+//! Progress (bytes present / bytes of the blob) is published in a
+//! [`PullProgress`] the caller can read while the pull runs.
+//!
+//! # On-disk layout
+//!
+//! ```text
+//! <data>/artifacts/chunks/<sha256>        verified chunks of blobs being pulled
+//! <data>/artifacts/blobs/<sha256>         assembled, verified blobs (mtime = last use)
+//! <data>/artifacts/unpacked/<sha256>/     unpacked bundles
+//! <data>/artifacts/tmp/                   partial files and staging; emptied on open
+//! ```
+//!
+//! A file under `chunks/`, `blobs/` or `unpacked/` is complete: everything
+//! is written under `tmp/` (or as `*.partial`) and renamed.
+//!
+//! # Cache
+//!
+//! The blobs and unpacked bundles together are kept under
+//! [`CacheOptions::limit`] bytes. After each pull, and on
+//! [`ArtifactCache::collect`], the least recently used blobs (by the blob
+//! file's modification time, renewed by every `ensure`) are removed first;
+//! blobs marked in use ([`ArtifactCache::mark_in_use`]) and the blob just
+//! pulled are never removed.
+//!
+//! One pull (or collection) runs at a time per cache; callers may start
+//! several, they queue. Pulls in parallel can come with P2P and bandwidth
+//! limits.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use yunbian_api::artifact::WASM_PLATFORM;
+use yunbian_api::{artifact_object_name, Artifact, ArtifactBlob, BlobType};
+use yunbian_artifacts::{sha256, BlobManifest, ChunkRef, Digest};
+
+use crate::http;
+
+/// Default cap of the cache: 2 GiB.
+pub const DEFAULT_CACHE_LIMIT: u64 = 2 << 30;
+
+/// Why a pull failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    /// The source has no such artifact.
+    #[error("artifact {name} version {version} not found")]
+    NotFound {
+        /// Artifact name.
+        name: String,
+        /// Version.
+        version: String,
+    },
+    /// The artifact has neither this node's platform nor a wasm blob.
+    #[error(
+        "artifact {name} version {version} has no blob for {platform} nor a {WASM_PLATFORM} one (it has: {available})"
+    )]
+    NoBlob {
+        /// Artifact name.
+        name: String,
+        /// Version.
+        version: String,
+        /// This node's platform.
+        platform: String,
+        /// The platforms it has, comma-separated.
+        available: String,
+    },
+    /// The Artifact object cannot be used (bad digest, inconsistent sizes).
+    #[error("artifact {name}: {message}")]
+    Manifest {
+        /// Artifact name.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The source could not be reached or answered with an error.
+    #[error("fetch {what}: {message}")]
+    Source {
+        /// What was fetched (`chunk <sha256>`, `artifact hello--1-0`).
+        what: String,
+        /// Why it failed.
+        message: String,
+    },
+    /// A chunk kept arriving with the wrong digest.
+    #[error("chunk {digest} arrived corrupt {tries} times (last: sha256 {actual}, {size} bytes); giving up")]
+    CorruptChunk {
+        /// The digest it should have.
+        digest: Digest,
+        /// How many times it was fetched.
+        tries: u32,
+        /// The digest of the last bytes received.
+        actual: Digest,
+        /// Their length.
+        size: usize,
+    },
+    /// The assembled blob is not the one the artifact names.
+    #[error("blob {expected} assembled from verified chunks has sha256 {actual} and {size} bytes (expected {expected_size}): the artifact's chunk list does not match its blob")]
+    BlobMismatch {
+        /// The blob's sha256 in the artifact.
+        expected: Digest,
+        /// What the chunks add up to.
+        actual: Digest,
+        /// The size of the assembled bytes.
+        size: u64,
+        /// The blob's size in the artifact.
+        expected_size: u64,
+    },
+    /// A bundle holds an entry that would land outside its directory.
+    #[error("bundle {blob}: entry {entry:?} {reason}; refusing the bundle")]
+    UnsafeEntry {
+        /// The bundle's sha256.
+        blob: Digest,
+        /// The entry's path.
+        entry: String,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+    /// A bundle is not a valid tar.gz.
+    #[error("bundle {blob}: {message}")]
+    Bundle {
+        /// The bundle's sha256.
+        blob: Digest,
+        /// What failed.
+        message: String,
+    },
+    /// A file-system operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PullError {
+    let path = path.display().to_string();
+    move |source| PullError::Io { op, path, source }
+}
+
+/// What a source can fail with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceError {
+    /// The thing does not exist there.
+    NotFound,
+    /// Anything else (network, TLS, HTTP error), with the message.
+    Failed(String),
+}
+
+/// Where artifacts and chunks come from: the cloud today, peers later, a
+/// fake in tests.
+#[async_trait::async_trait]
+pub trait ArtifactSource: Send + Sync {
+    /// The Artifact object named `object` (`hello--1-2-0`).
+    async fn artifact(&self, object: &str) -> Result<Artifact, SourceError>;
+    /// The bytes of a chunk (not trusted: the caller checks them).
+    async fn chunk(&self, digest: &Digest) -> Result<Vec<u8>, SourceError>;
+}
+
+/// The cloud, over mTLS with the node's certificate; each URL is tried in
+/// turn (replicas of one cloud).
+pub struct CloudSource {
+    urls: Vec<String>,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl CloudSource {
+    /// A source for the node's cloud URLs and mTLS configuration.
+    pub fn new(urls: Vec<String>, tls: Arc<rustls::ClientConfig>) -> CloudSource {
+        CloudSource { urls, tls }
+    }
+
+    /// From a node identity.
+    pub fn from_identity(identity: &crate::Identity) -> anyhow::Result<CloudSource> {
+        Ok(CloudSource::new(identity.config.urls(), identity.tls()?))
+    }
+
+    async fn get(&self, path: &str) -> Result<Vec<u8>, SourceError> {
+        let mut last = SourceError::Failed("no cloud URL configured".into());
+        for url in &self.urls {
+            match http::request(url, self.tls.clone(), "GET", path, None).await {
+                Ok((200, body)) => return Ok(body.to_vec()),
+                Ok((404, _)) => return Err(SourceError::NotFound),
+                Ok((status, body)) => last = SourceError::Failed(http::error_message(status, &body)),
+                Err(e) => last = SourceError::Failed(e),
+            }
+        }
+        Err(last)
+    }
+}
+
+#[async_trait::async_trait]
+impl ArtifactSource for CloudSource {
+    async fn artifact(&self, object: &str) -> Result<Artifact, SourceError> {
+        let body = self.get(&format!("/v1/artifacts/{object}")).await?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| SourceError::Failed(format!("artifact {object}: {e}")))?;
+        Artifact::from_value(v).map_err(|e| SourceError::Failed(format!("artifact {object}: {e}")))
+    }
+
+    async fn chunk(&self, digest: &Digest) -> Result<Vec<u8>, SourceError> {
+        self.get(&format!("/v1/chunks/{digest}")).await
+    }
+}
+
+/// Bytes of a pull: done (present and verified) and total (the blob's
+/// size). Shared with whoever shows `Pulling 37 %`.
+#[derive(Debug, Default)]
+pub struct PullProgress {
+    done: AtomicU64,
+    total: AtomicU64,
+}
+
+impl PullProgress {
+    /// Bytes present and verified.
+    pub fn done(&self) -> u64 {
+        self.done.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the blob (0 until the artifact is read).
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// Whole percent done (100 for an empty blob once known).
+    pub fn percent(&self) -> u8 {
+        let (d, t) = (self.done(), self.total());
+        if t == 0 {
+            return if d == 0 { 0 } else { 100 };
+        }
+        (d.min(t) * 100 / t) as u8
+    }
+}
+
+/// A blob present in the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalBlob {
+    /// The platform whose blob this is.
+    pub platform: String,
+    /// What it is.
+    pub kind: BlobType,
+    /// Its sha256.
+    pub sha256: Digest,
+    /// Its size.
+    pub size: u64,
+    /// The blob file (mode 0755 for executables).
+    pub path: PathBuf,
+    /// Where a bundle is unpacked.
+    pub unpacked: Option<PathBuf>,
+}
+
+/// Settings of the cache.
+#[derive(Debug, Clone)]
+pub struct CacheOptions {
+    /// Cap of blobs plus unpacked bundles, in bytes.
+    pub limit: u64,
+    /// Fetches of one chunk before giving up.
+    pub chunk_tries: u32,
+    /// Pause before fetching a chunk again (multiplied by the attempt).
+    pub retry_delay: Duration,
+    /// The platform to pull for; `None`: this machine's.
+    pub platform: Option<String>,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        CacheOptions {
+            limit: DEFAULT_CACHE_LIMIT,
+            chunk_tries: 3,
+            retry_delay: Duration::from_millis(500),
+            platform: None,
+        }
+    }
+}
+
+/// This machine's platform: `linux/amd64`, `linux/arm64`, or `None`.
+pub fn host_platform() -> Option<&'static str> {
+    match std::env::consts::ARCH {
+        "x86_64" => Some("linux/amd64"),
+        "aarch64" => Some("linux/arm64"),
+        _ => None,
+    }
+}
+
+/// The edge's artifact cache and puller.
+pub struct ArtifactCache {
+    root: PathBuf,
+    source: Arc<dyn ArtifactSource>,
+    opts: CacheOptions,
+    in_use: Mutex<HashMap<Digest, usize>>,
+    /// One pull or collection at a time: two pulls sharing a chunk, or a
+    /// collection during a pull, never see each other's half-done files.
+    busy: tokio::sync::Mutex<()>,
+}
+
+impl ArtifactCache {
+    /// Opens (creating) `<data_dir>/artifacts` and empties its `tmp/`.
+    pub fn open(
+        data_dir: &Path,
+        source: Arc<dyn ArtifactSource>,
+        opts: CacheOptions,
+    ) -> Result<ArtifactCache, PullError> {
+        let root = data_dir.join("artifacts");
+        let tmp = root.join("tmp");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io("empty", &tmp))?;
+        }
+        for d in ["chunks", "blobs", "unpacked", "tmp"] {
+            let p = root.join(d);
+            std::fs::create_dir_all(&p).map_err(io("create", &p))?;
+        }
+        Ok(ArtifactCache { root, source, opts, in_use: Mutex::new(HashMap::new()), busy: tokio::sync::Mutex::new(()) })
+    }
+
+    /// `<data>/artifacts`.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn chunk_path(&self, d: &Digest) -> PathBuf {
+        self.root.join("chunks").join(d.hex())
+    }
+
+    fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.root.join("blobs").join(d.hex())
+    }
+
+    fn unpacked_path(&self, d: &Digest) -> PathBuf {
+        self.root.join("unpacked").join(d.hex())
+    }
+
+    /// Protects a blob from collection (counted: as many
+    /// [`unmark_in_use`](Self::unmark_in_use) as marks).
+    pub fn mark_in_use(&self, d: &Digest) {
+        *self.in_use.lock().unwrap_or_else(|e| e.into_inner()).entry(*d).or_default() += 1;
+    }
+
+    /// Drops one mark of [`mark_in_use`](Self::mark_in_use).
+    pub fn unmark_in_use(&self, d: &Digest) {
+        let mut m = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(d) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(d);
+            }
+        }
+    }
+
+    fn is_in_use(&self, d: &Digest) -> bool {
+        self.in_use.lock().unwrap_or_else(|e| e.into_inner()).contains_key(d)
+    }
+
+    /// [`ensure_with`](Self::ensure_with) without watching progress.
+    pub async fn ensure(&self, name: &str, version: &str) -> Result<LocalBlob, PullError> {
+        self.ensure_with(name, version, &PullProgress::default()).await
+    }
+
+    /// Makes this node's blob of `name` `version` present (pulling what is
+    /// missing) and returns where it is; renews its last use.
+    pub async fn ensure_with(
+        &self,
+        name: &str,
+        version: &str,
+        progress: &PullProgress,
+    ) -> Result<LocalBlob, PullError> {
+        let object = artifact_object_name(name, version);
+        let artifact = match self.source.artifact(&object).await {
+            Ok(a) => a,
+            Err(SourceError::NotFound) => {
+                return Err(PullError::NotFound { name: name.into(), version: version.into() })
+            }
+            Err(SourceError::Failed(message)) => {
+                return Err(PullError::Source { what: format!("artifact {object}"), message })
+            }
+        };
+        let platform = self.opts.platform.as_deref().or(host_platform()).unwrap_or("unknown");
+        let (platform, blob) = pick_blob(&artifact.spec.blobs, platform).ok_or_else(|| PullError::NoBlob {
+            name: name.into(),
+            version: version.into(),
+            platform: platform.into(),
+            available: artifact.spec.blobs.keys().cloned().collect::<Vec<_>>().join(", "),
+        })?;
+        let manifest = manifest_of(name, blob)?;
+        progress.total.store(manifest.size, Ordering::Relaxed);
+        let _busy = self.busy.lock().await;
+        let local = self.pull_blob(&manifest, blob.kind, progress).await?;
+        // Protect what was just pulled while collecting for it.
+        self.mark_in_use(&manifest.sha256);
+        let collected = self.collect_locked();
+        self.unmark_in_use(&manifest.sha256);
+        if let Err(e) = collected {
+            tracing::warn!(error = %e, "artifact cache collection failed");
+        }
+        Ok(LocalBlob { platform: platform.to_string(), ..local })
+    }
+
+    async fn pull_blob(
+        &self,
+        m: &BlobManifest,
+        kind: BlobType,
+        progress: &PullProgress,
+    ) -> Result<LocalBlob, PullError> {
+        let path = self.blob_path(&m.sha256);
+        let unpacked = (kind == BlobType::Bundle).then(|| self.unpacked_path(&m.sha256));
+        let present = std::fs::metadata(&path).is_ok_and(|md| md.len() == m.size);
+        if !present {
+            for c in &m.chunks {
+                self.ensure_chunk(c).await?;
+                progress.done.fetch_add(c.size, Ordering::Relaxed);
+            }
+            let (chunks, tmp, out, m2) = (
+                m.chunks.iter().map(|c| self.chunk_path(&c.digest)).collect::<Vec<_>>(),
+                self.root.join("tmp"),
+                path.clone(),
+                m.clone(),
+            );
+            blocking(move || assemble(&chunks, &m2, &tmp, &out, kind)).await?;
+            for c in &m.chunks {
+                let _ = std::fs::remove_file(self.chunk_path(&c.digest));
+            }
+        }
+        progress.done.store(m.size, Ordering::Relaxed);
+        if let Some(dir) = &unpacked {
+            if !dir.is_dir() {
+                let (blob, tmp, dir, d) = (path.clone(), self.root.join("tmp"), dir.clone(), m.sha256);
+                blocking(move || unpack_bundle(&blob, d, &tmp, &dir)).await?;
+            }
+        }
+        // Last use, for the LRU order.
+        let _ = std::fs::File::options().append(true).open(&path).and_then(|f| f.set_modified(SystemTime::now()));
+        Ok(LocalBlob { platform: String::new(), kind, sha256: m.sha256, size: m.size, path, unpacked })
+    }
+
+    /// A chunk on disk and intact: kept if already there, else fetched and
+    /// checked (up to `chunk_tries` times).
+    async fn ensure_chunk(&self, c: &ChunkRef) -> Result<(), PullError> {
+        let path = self.chunk_path(&c.digest);
+        if let Ok(bytes) = std::fs::read(&path) {
+            if bytes.len() as u64 == c.size && sha256(&bytes) == c.digest {
+                return Ok(());
+            }
+            tracing::warn!(chunk = %c.digest, "a stored chunk failed its check; fetching it again");
+            let _ = std::fs::remove_file(&path);
+        }
+        let tries = self.opts.chunk_tries.max(1);
+        let mut last = None;
+        for attempt in 1..=tries {
+            if attempt > 1 {
+                tokio::time::sleep(self.opts.retry_delay * (attempt - 1)).await;
+            }
+            match self.source.chunk(&c.digest).await {
+                Ok(bytes) => {
+                    let actual = sha256(&bytes);
+                    if actual == c.digest && bytes.len() as u64 == c.size {
+                        let tmp = self.root.join("tmp").join(format!("{}.partial", c.digest));
+                        let out = path.clone();
+                        return blocking(move || write_atomic(&tmp, &out, &bytes, 0o644)).await;
+                    }
+                    tracing::warn!(chunk = %c.digest, %actual, attempt, "chunk arrived corrupt; discarded");
+                    last =
+                        Some(PullError::CorruptChunk { digest: c.digest, tries: attempt, actual, size: bytes.len() });
+                }
+                Err(SourceError::NotFound) => {
+                    last = Some(PullError::Source {
+                        what: format!("chunk {}", c.digest),
+                        message: "not found at the source".into(),
+                    })
+                }
+                Err(SourceError::Failed(message)) => {
+                    tracing::warn!(chunk = %c.digest, error = %message, attempt, "chunk fetch failed");
+                    last = Some(PullError::Source { what: format!("chunk {}", c.digest), message })
+                }
+            }
+        }
+        Err(last
+            .unwrap_or_else(|| PullError::Source { what: format!("chunk {}", c.digest), message: "no attempt".into() }))
+    }
+
+    /// Removes least recently used blobs (and their unpacked bundles) not
+    /// in use until the cache fits its limit. Returns the removed digests,
+    /// oldest first.
+    pub async fn collect(&self) -> Result<Vec<Digest>, PullError> {
+        let _busy = self.busy.lock().await;
+        self.collect_locked()
+    }
+
+    fn collect_locked(&self) -> Result<Vec<Digest>, PullError> {
+        let blobs = self.root.join("blobs");
+        let mut entries = Vec::new();
+        let mut total = 0u64;
+        for e in std::fs::read_dir(&blobs).map_err(io("list", &blobs))? {
+            let e = e.map_err(io("list", &blobs))?;
+            let Some(d) = e.file_name().to_str().and_then(|n| n.parse::<Digest>().ok()) else { continue };
+            let md = e.metadata().map_err(io("stat", &e.path()))?;
+            let size = md.len() + dir_size(&self.unpacked_path(&d));
+            let used = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            total += size;
+            entries.push((used, d, size));
+        }
+        entries.sort();
+        let mut removed = Vec::new();
+        for (_, d, size) in entries {
+            if total <= self.opts.limit {
+                break;
+            }
+            if self.is_in_use(&d) {
+                continue;
+            }
+            let unpacked = self.unpacked_path(&d);
+            if unpacked.exists() {
+                std::fs::remove_dir_all(&unpacked).map_err(io("remove", &unpacked))?;
+            }
+            let p = self.blob_path(&d);
+            std::fs::remove_file(&p).map_err(io("remove", &p))?;
+            tracing::info!(blob = %d, bytes = size, "artifact blob collected from the cache");
+            total -= size;
+            removed.push(d);
+        }
+        Ok(removed)
+    }
+}
+
+/// This platform's blob, else the wasm one.
+fn pick_blob<'a>(blobs: &'a BTreeMap<String, ArtifactBlob>, platform: &str) -> Option<(&'a str, &'a ArtifactBlob)> {
+    blobs.get_key_value(platform).or_else(|| blobs.get_key_value(WASM_PLATFORM)).map(|(k, v)| (k.as_str(), v))
+}
+
+fn manifest_of(name: &str, blob: &ArtifactBlob) -> Result<BlobManifest, PullError> {
+    let bad = |message: String| PullError::Manifest { name: name.into(), message };
+    let sha256 = blob.sha256.parse::<Digest>().map_err(|e| bad(format!("blob sha256: {e}")))?;
+    let chunks = blob
+        .chunks
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let digest = c.digest.parse().map_err(|e| bad(format!("chunks[{i}].digest: {e}")))?;
+            Ok(ChunkRef { digest, size: c.size })
+        })
+        .collect::<Result<Vec<_>, PullError>>()?;
+    let m = BlobManifest { size: blob.size, sha256, chunks };
+    m.check_layout().map_err(|e| bad(e.to_string()))?;
+    Ok(m)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, PullError> + Send + 'static,
+) -> Result<T, PullError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| PullError::Io {
+        op: "run",
+        path: "blocking task".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), PullError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io("chmod", path))
+}
+
+/// Writes `bytes` to `tmp`, fsyncs, sets `mode` and renames to `out`.
+fn write_atomic(tmp: &Path, out: &Path, bytes: &[u8], mode: u32) -> Result<(), PullError> {
+    let mut f = std::fs::File::create(tmp).map_err(io("create", tmp))?;
+    f.write_all(bytes).map_err(io("write", tmp))?;
+    f.sync_all().map_err(io("sync", tmp))?;
+    drop(f);
+    set_mode(tmp, mode)?;
+    std::fs::rename(tmp, out).map_err(io("rename", tmp))
+}
+
+/// Concatenates the chunk files into `out` through a temporary file in
+/// `tmp_dir`, checking the whole blob's sha256 and size before the rename;
+/// an executable gets mode 0755.
+fn assemble(chunks: &[PathBuf], m: &BlobManifest, tmp_dir: &Path, out: &Path, kind: BlobType) -> Result<(), PullError> {
+    let tmp = tmp_dir.join(format!("{}.partial", m.sha256));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+        let mut whole = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut size = 0u64;
+        let mut buf = vec![0u8; 64 << 10];
+        for c in chunks {
+            let mut r = std::fs::File::open(c).map_err(io("open", c))?;
+            loop {
+                let n = r.read(&mut buf).map_err(io("read", c))?;
+                if n == 0 {
+                    break;
+                }
+                whole.update(&buf[..n]);
+                f.write_all(&buf[..n]).map_err(io("write", &tmp))?;
+                size += n as u64;
+            }
+        }
+        let mut actual = [0u8; 32];
+        actual.copy_from_slice(whole.finish().as_ref());
+        let actual = Digest(actual);
+        if actual != m.sha256 || size != m.size {
+            return Err(PullError::BlobMismatch { expected: m.sha256, actual, size, expected_size: m.size });
+        }
+        f.sync_all().map_err(io("sync", &tmp))?;
+        drop(f);
+        set_mode(&tmp, if kind == BlobType::Executable { 0o755 } else { 0o644 })?;
+        std::fs::rename(&tmp, out).map_err(io("rename", &tmp))
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Why an entry path is refused, if it is.
+fn unsafe_path(p: &Path) -> Option<&'static str> {
+    for c in p.components() {
+        match c {
+            Component::RootDir | Component::Prefix(_) => return Some("has an absolute path"),
+            Component::ParentDir => return Some("contains `..`"),
+            Component::CurDir | Component::Normal(_) => {}
+        }
+    }
+    None
+}
+
+/// Unpacks the tar.gz `blob` into a staging directory under `tmp_dir`,
+/// then renames it to `out`. Any unsafe entry refuses the whole bundle.
+fn unpack_bundle(blob: &Path, d: Digest, tmp_dir: &Path, out: &Path) -> Result<(), PullError> {
+    let staging = tmp_dir.join(format!("{d}.unpack"));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(io("create", &staging))?;
+    let result = unpack_into(blob, d, &staging);
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    set_mode(&staging, 0o755)?;
+    std::fs::rename(&staging, out).map_err(io("rename", &staging))
+}
+
+fn unpack_into(blob: &Path, d: Digest, staging: &Path) -> Result<(), PullError> {
+    let bundle_err = |e: std::io::Error| PullError::Bundle { blob: d, message: e.to_string() };
+    let file = std::fs::File::open(blob).map_err(io("open", blob))?;
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
+    archive.set_preserve_permissions(false);
+    archive.set_overwrite(true);
+    for entry in archive.entries().map_err(bundle_err)? {
+        let mut entry = entry.map_err(bundle_err)?;
+        let path = entry.path().map_err(bundle_err)?.into_owned();
+        let shown = path.display().to_string();
+        if let Some(reason) = unsafe_path(&path) {
+            return Err(PullError::UnsafeEntry { blob: d, entry: shown, reason });
+        }
+        let kind = entry.header().entry_type();
+        if kind.is_symlink() || kind.is_hard_link() {
+            let target = entry.link_name().map_err(bundle_err)?.map(|t| t.into_owned()).unwrap_or_default();
+            if let Some(reason) = unsafe_path(&target) {
+                return Err(PullError::UnsafeEntry {
+                    blob: d,
+                    entry: format!("{shown} -> {}", target.display()),
+                    reason: if reason.starts_with("has") { "links to an absolute path" } else { "links through `..`" },
+                });
+            }
+        } else if !(kind.is_file()
+            || kind.is_dir()
+            || kind.is_pax_global_extensions()
+            || kind.is_pax_local_extensions()
+            || kind.is_gnu_longname()
+            || kind.is_gnu_longlink())
+        {
+            return Err(PullError::UnsafeEntry { blob: d, entry: shown, reason: "is not a file, directory or link" });
+        }
+        let mode = entry.header().mode().unwrap_or(0o644);
+        if !entry.unpack_in(staging).map_err(bundle_err)? {
+            return Err(PullError::UnsafeEntry { blob: d, entry: shown, reason: "would land outside the bundle" });
+        }
+        let target = staging.join(&path);
+        if kind.is_file() {
+            set_mode(&target, if mode & 0o111 != 0 { 0o755 } else { 0o644 })?;
+        } else if kind.is_dir() {
+            set_mode(&target, 0o755)?;
+        }
+    }
+    Ok(())
+}
+
+fn dir_size(p: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(p) else { return 0 };
+    rd.flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_size(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
+}

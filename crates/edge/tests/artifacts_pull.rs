@@ -1,0 +1,347 @@
+//! The edge puller and cache against a fake source: a pull cut half-way
+//! resumes (across a reopen, i.e. an agent restart) fetching only the
+//! missing chunks; a corrupt chunk is discarded and fetched again, and
+//! refused after the tries; a chunk list that does not add up to the blob
+//! is refused; bundles unpack with modes, and a `../` or absolute entry
+//! refuses the bundle; the wasm blob is the fallback; the cache collects
+//! least recently used blobs first and never one in use.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use yunbian_api::{Artifact, ArtifactBlob, ArtifactSpec, BlobType, ChunkEntry, Object};
+use yunbian_artifacts::{sha256, BlobManifest, Digest, CHUNK_SIZE};
+use yunbian_edge::artifacts::{ArtifactCache, ArtifactSource, CacheOptions, PullError, PullProgress, SourceError};
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("yunbian-edge-art-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("test setup");
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A source in memory that can serve corrupt copies and stop serving.
+#[derive(Default)]
+struct FakeSource {
+    artifacts: Mutex<HashMap<String, Artifact>>,
+    chunks: Mutex<HashMap<Digest, Vec<u8>>>,
+    /// Corrupt copies still to serve, per chunk.
+    corrupt: Mutex<HashMap<Digest, u32>>,
+    /// Chunk fetches still allowed before every fetch fails (None: no limit).
+    budget: Mutex<Option<usize>>,
+    /// Every chunk fetch, in order.
+    fetched: Mutex<Vec<Digest>>,
+}
+
+#[async_trait::async_trait]
+impl ArtifactSource for FakeSource {
+    async fn artifact(&self, object: &str) -> Result<Artifact, SourceError> {
+        self.artifacts.lock().expect("lock").get(object).cloned().ok_or(SourceError::NotFound)
+    }
+
+    async fn chunk(&self, d: &Digest) -> Result<Vec<u8>, SourceError> {
+        self.fetched.lock().expect("lock").push(*d);
+        if let Some(b) = self.budget.lock().expect("lock").as_mut() {
+            if *b == 0 {
+                return Err(SourceError::Failed("link cut".into()));
+            }
+            *b -= 1;
+        }
+        let mut bytes = self.chunks.lock().expect("lock").get(d).cloned().ok_or(SourceError::NotFound)?;
+        if let Some(n) = self.corrupt.lock().expect("lock").get_mut(d) {
+            if *n > 0 {
+                *n -= 1;
+                bytes[0] ^= 0xff;
+            }
+        }
+        Ok(bytes)
+    }
+}
+
+impl FakeSource {
+    /// Publishes `bytes` as `name` 1.0 for the platforms given.
+    fn publish(&self, name: &str, blobs: &[(&str, BlobType, &[u8])]) -> Vec<Digest> {
+        let mut map = BTreeMap::new();
+        let mut out = Vec::new();
+        for (platform, kind, bytes) in blobs {
+            let m = BlobManifest::of_bytes(bytes);
+            for (c, data) in m.chunks.iter().zip(bytes.chunks(CHUNK_SIZE)) {
+                self.chunks.lock().expect("lock").insert(c.digest, data.to_vec());
+            }
+            map.insert(
+                platform.to_string(),
+                ArtifactBlob {
+                    kind: *kind,
+                    size: m.size,
+                    sha256: m.sha256.hex(),
+                    chunks: m.chunks.iter().map(|c| ChunkEntry { digest: c.digest.hex(), size: c.size }).collect(),
+                    signatures: Vec::new(),
+                },
+            );
+            out.push(m.sha256);
+        }
+        let spec = ArtifactSpec { name: name.into(), version: "1.0".into(), blobs: map };
+        let object = format!("{name}--1-0");
+        self.artifacts.lock().expect("lock").insert(object.clone(), Object::new(&object, spec));
+        out
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetched.lock().expect("lock").len()
+    }
+}
+
+fn opts(limit: u64) -> CacheOptions {
+    CacheOptions { limit, chunk_tries: 3, retry_delay: Duration::ZERO, platform: Some("linux/amd64".into()) }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| ((i * 31 + seed as usize) % 251) as u8).collect()
+}
+
+fn files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).expect("stat").permissions().mode() & 0o777
+}
+
+#[tokio::test]
+async fn a_cut_pull_resumes_after_a_restart_with_only_the_missing_chunks() {
+    let dir = TempDir::new();
+    let src = Arc::new(FakeSource::default());
+    let bytes = pattern(2 * CHUNK_SIZE + 100, 3);
+    src.publish("tool", &[("linux/amd64", BlobType::Executable, &bytes)]);
+    *src.budget.lock().expect("lock") = Some(1);
+
+    let cache = ArtifactCache::open(&dir.0, src.clone(), opts(u64::MAX)).expect("open");
+    let progress = PullProgress::default();
+    let e = cache.ensure_with("tool", "1.0", &progress).await.expect_err("the link is cut after one chunk");
+    assert!(matches!(e, PullError::Source { .. }), "{e}");
+    assert!(e.to_string().contains("link cut"), "{e}");
+    assert_eq!(progress.total(), bytes.len() as u64);
+    assert_eq!(progress.percent(), (CHUNK_SIZE as u64 * 100 / bytes.len() as u64) as u8);
+    assert_eq!(files(&cache.root().join("chunks")).len(), 1, "the verified chunk is kept");
+    assert!(files(&cache.root().join("blobs")).is_empty());
+    drop(cache);
+
+    // The agent restarts; the link is back.
+    *src.budget.lock().expect("lock") = None;
+    let before = src.fetches();
+    let cache = ArtifactCache::open(&dir.0, src.clone(), opts(u64::MAX)).expect("reopen");
+    let progress = PullProgress::default();
+    let blob = cache.ensure_with("tool", "1.0", &progress).await.expect("resumed");
+    assert_eq!(src.fetches() - before, 2, "only the two missing chunks are fetched");
+    assert_eq!(progress.percent(), 100);
+    assert_eq!(std::fs::read(&blob.path).expect("read"), bytes);
+    assert_eq!(blob.sha256, sha256(&bytes));
+    assert_eq!((blob.platform.as_str(), blob.kind, blob.unpacked.clone()), ("linux/amd64", BlobType::Executable, None));
+    assert_eq!(mode(&blob.path), 0o755, "executables are executable");
+    assert!(files(&cache.root().join("chunks")).is_empty(), "chunk files go once the blob is assembled");
+    assert!(files(&cache.root().join("tmp")).is_empty());
+
+    // Present: nothing is fetched again.
+    let before = src.fetches();
+    cache.ensure("tool", "1.0").await.expect("present");
+    assert_eq!(src.fetches(), before);
+}
+
+#[tokio::test]
+async fn a_damaged_chunk_left_on_disk_is_fetched_again() {
+    let dir = TempDir::new();
+    let src = Arc::new(FakeSource::default());
+    let bytes = pattern(CHUNK_SIZE + 10, 4);
+    src.publish("tool", &[("linux/amd64", BlobType::Executable, &bytes)]);
+    *src.budget.lock().expect("lock") = Some(1);
+    let cache = ArtifactCache::open(&dir.0, src.clone(), opts(u64::MAX)).expect("open");
+    cache.ensure("tool", "1.0").await.expect_err("cut");
+    let kept = cache.root().join("chunks").join(&files(&cache.root().join("chunks"))[0]);
+    std::fs::write(&kept, b"damaged on disk").expect("damage");
+    *src.budget.lock().expect("lock") = None;
+    let before = src.fetches();
+    let blob = cache.ensure("tool", "1.0").await.expect("pulled");
+    assert_eq!(src.fetches() - before, 2, "the damaged chunk and the missing one");
+    assert_eq!(std::fs::read(&blob.path).expect("read"), bytes);
+}
+
+#[tokio::test]
+async fn a_corrupt_chunk_is_discarded_and_fetched_again_then_refused() {
+    let dir = TempDir::new();
+    let src = Arc::new(FakeSource::default());
+    let bytes = pattern(1000, 5);
+    src.publish("tool", &[("linux/amd64", BlobType::Executable, &bytes)]);
+    let d = sha256(&bytes);
+    let cache = ArtifactCache::open(&dir.0, src.clone(), opts(u64::MAX)).expect("open");
+
+    src.corrupt.lock().expect("lock").insert(d, 2);
+    let blob = cache.ensure("tool", "1.0").await.expect("third try is good");
+    assert_eq!(src.fetches(), 3);
+    assert_eq!(std::fs::read(&blob.path).expect("read"), bytes);
+
+    let dir2 = TempDir::new();
+    let cache = ArtifactCache::open(&dir2.0, src.clone(), opts(u64::MAX)).expect("open");
+    src.corrupt.lock().expect("lock").insert(d, 5);
+    let e = cache.ensure("tool", "1.0").await.expect_err("always corrupt");
+    assert!(matches!(e, PullError::CorruptChunk { tries: 3, .. }), "{e}");
+    assert!(e.to_string().contains(&format!("chunk {d} arrived corrupt 3 times")), "{e}");
+    assert!(files(&cache.root().join("chunks")).is_empty(), "nothing corrupt is kept");
+    assert!(files(&cache.root().join("blobs")).is_empty());
+}
+
+#[tokio::test]
+async fn a_chunk_list_that_is_not_the_blob_is_refused() {
+    let dir = TempDir::new();
+    let src = Arc::new(FakeSource::default());
+    let bytes = pattern(1000, 6);
+    src.publish("tool", &[("linux/amd64", BlobType::Executable, &bytes)]);
+    // The artifact claims another blob digest for the same chunks.
+    let other = sha256(b"something else");
+    src.artifacts
+        .lock()
+        .expect("lock")
+        .get_mut("tool--1-0")
+        .expect("published")
+        .spec
+        .blobs
+        .get_mut("linux/amd64")
+        .expect("blob")
+        .sha256 = other.hex();
+    let cache = ArtifactCache::open(&dir.0, src.clone(), opts(u64::MAX)).expect("open");
+    let e = cache.ensure("tool", "1.0").await.expect_err("mismatch");
+    assert!(matches!(e, PullError::BlobMismatch { expected, .. } if expected == other), "{e}");
+    assert!(files(&cache.root().join("blobs")).is_empty());
+    assert!(files(&cache.root().join("tmp")).is_empty());
+
+    let e = cache.ensure("missing", "1.0").await.expect_err("not published");
+    assert!(matches!(e, PullError::NotFound { .. }), "{e}");
+}
+
+/// A tar.gz with raw entry names (so `../` and `/` can be written).
+fn tar_gz(entries: &[(&str, u32, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    for (name, mode, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        let raw = &mut h.as_gnu_mut().expect("gnu header").name;
+        raw[..name.len()].copy_from_slice(name.as_bytes());
+        if name.ends_with('/') {
+            h.set_entry_type(tar::EntryType::Directory);
+        }
+        h.set_mode(*mode);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        b.append(&h, *data).expect("append");
+    }
+    b.into_inner().expect("tar").finish().expect("gzip")
+}
+
+#[tokio::test]
+async fn bundles_unpack_with_modes_and_escaping_entries_refuse_them() {
+    let dir = TempDir::new();
+    let src = Arc::new(FakeSource::default());
+    let good =
+        tar_gz(&[("app/", 0o755, b""), ("app/run", 0o750, b"#!/bin/sh\necho hi\n"), ("app/conf.txt", 0o600, b"x=1\n")]);
+    let evil = tar_gz(&[("ok.txt", 0o644, b"fine"), ("../evil.txt", 0o644, b"escaped")]);
+    let abs = tar_gz(&[("/tmp/yunbian-abs-entry", 0o644, b"escaped")]);
+    src.publish("good", &[("linux/amd64", BlobType::Bundle, &good)]);
+    src.publish("evil", &[("linux/amd64", BlobType::Bundle, &evil)]);
+    src.publish("abs", &[("linux/amd64", BlobType::Bundle, &abs)]);
+    let cache = ArtifactCache::open(&dir.0, src.clone(), opts(u64::MAX)).expect("open");
+
+    let blob = cache.ensure("good", "1.0").await.expect("unpacks");
+    let root = blob.unpacked.clone().expect("a bundle is unpacked");
+    assert_eq!(root, cache.root().join("unpacked").join(sha256(&good).hex()));
+    assert_eq!(std::fs::read(root.join("app/run")).expect("read"), b"#!/bin/sh\necho hi\n");
+    assert_eq!(mode(&root.join("app/run")), 0o755);
+    assert_eq!(mode(&root.join("app/conf.txt")), 0o644);
+    assert_eq!(mode(&blob.path), 0o644, "the bundle itself is not executable");
+
+    for (name, reason) in [("evil", "contains `..`"), ("abs", "has an absolute path")] {
+        let e = cache.ensure(name, "1.0").await.expect_err("refused");
+        assert!(matches!(e, PullError::UnsafeEntry { .. }), "{e}");
+        assert!(e.to_string().contains(reason), "{e}");
+    }
+    assert!(!cache.root().join("unpacked/evil.txt").exists());
+    assert!(!dir.0.join("artifacts/evil.txt").exists());
+    assert!(!Path::new("/tmp/yunbian-abs-entry").exists());
+    assert_eq!(files(&cache.root().join("unpacked")), vec![sha256(&good).hex()], "nothing of a refused bundle stays");
+    assert!(files(&cache.root().join("tmp")).is_empty());
+}
+
+#[tokio::test]
+async fn the_wasm_blob_is_the_fallback() {
+    let dir = TempDir::new();
+    let src = Arc::new(FakeSource::default());
+    let wasm = b"\0asm\x01\0\0\0".to_vec();
+    let arm = pattern(100, 9);
+    src.publish("mod", &[("linux/arm64", BlobType::Executable, &arm), ("wasi/wasm32", BlobType::Wasm, &wasm)]);
+    src.publish("armonly", &[("linux/arm64", BlobType::Executable, &arm)]);
+    let cache = ArtifactCache::open(&dir.0, src.clone(), opts(u64::MAX)).expect("open");
+    let blob = cache.ensure("mod", "1.0").await.expect("wasm");
+    assert_eq!((blob.platform.as_str(), blob.kind), ("wasi/wasm32", BlobType::Wasm));
+    let e = cache.ensure("armonly", "1.0").await.expect_err("no blob");
+    assert!(e.to_string().contains("no blob for linux/amd64 nor a wasi/wasm32 one (it has: linux/arm64)"), "{e}");
+}
+
+#[tokio::test]
+async fn the_cache_collects_least_recently_used_first_and_never_in_use() {
+    let dir = TempDir::new();
+    let src = Arc::new(FakeSource::default());
+    let mut digest = HashMap::new();
+    for (i, n) in ["a", "b", "c", "d"].into_iter().enumerate() {
+        let d = src.publish(n, &[("linux/amd64", BlobType::Executable, &pattern(1000, i as u8))]);
+        digest.insert(n, d[0]);
+    }
+    let cache = ArtifactCache::open(&dir.0, src.clone(), opts(2500)).expect("open");
+    let present = || {
+        let mut v: Vec<&str> = ["a", "b", "c", "d"]
+            .into_iter()
+            .filter(|n| cache.root().join("blobs").join(digest[n].hex()).exists())
+            .collect();
+        v.sort();
+        v
+    };
+    let step = || tokio::time::sleep(Duration::from_millis(20));
+    cache.ensure("a", "1.0").await.expect("a");
+    step().await;
+    cache.ensure("b", "1.0").await.expect("b");
+    step().await;
+    cache.ensure("a", "1.0").await.expect("a used again");
+    step().await;
+    cache.ensure("c", "1.0").await.expect("c");
+    assert_eq!(present(), ["a", "c"], "b was the least recently used");
+
+    step().await;
+    cache.mark_in_use(&digest["a"]);
+    cache.ensure("d", "1.0").await.expect("d");
+    assert_eq!(present(), ["a", "d"], "a is older than c but in use");
+
+    // Over the limit with everything in use: nothing is collected.
+    cache.mark_in_use(&digest["d"]);
+    let cache2 = ArtifactCache::open(&dir.0, src.clone(), opts(100)).expect("reopen smaller");
+    cache2.mark_in_use(&digest["a"]);
+    cache2.mark_in_use(&digest["d"]);
+    assert!(cache2.collect().await.expect("collect").is_empty());
+    cache2.unmark_in_use(&digest["a"]);
+    assert_eq!(cache2.collect().await.expect("collect"), vec![digest["a"]]);
+    assert_eq!(present(), ["d"]);
+}
