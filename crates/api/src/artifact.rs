@@ -145,7 +145,8 @@ pub struct BlobSignature {
     pub signature: String,
 }
 
-/// Observed state (none yet: edges do not pull artifacts in this version).
+/// Observed state (none yet: the edge's puller exists but the runtime does
+/// not use artifacts in this version).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ArtifactStatus {}
