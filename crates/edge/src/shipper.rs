@@ -515,10 +515,9 @@ impl Worker {
             self.tokens = (self.tokens + rate * now.duration_since(self.last_refill).as_secs_f64()).min(burst);
             self.last_refill = now;
             if self.tokens <= 0.0 {
-                // Still paying for an earlier batch; TTL still applies.
-                let actions =
-                    self.outbox.poll(unix_ms(), 0).into_iter().filter(|a| !matches!(a, DataAction::Send { .. }));
-                let actions: Vec<DataAction> = actions.collect();
+                // Still paying for an earlier batch: nothing is sent (a poll
+                // would mark a batch in flight), but the TTL still applies.
+                let actions = self.outbox.expire(unix_ms());
                 self.execute(actions);
                 return;
             }

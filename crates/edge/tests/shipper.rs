@@ -229,3 +229,47 @@ async fn a_planned_stop_writes_the_batch_being_filled() {
     eventually("restored", || s.status().queued_points == 25).await;
     s.stop();
 }
+
+#[tokio::test]
+async fn a_bandwidth_limit_paces_the_backlog_without_stalling_it() {
+    let dir = TempDir::new();
+    let rate = 64 * 1024;
+    let s = Shipper::start(dir.path(), ShipperOptions { bandwidth: rate, batch_points: 1_000, ..opts() })
+        .expect("test setup");
+    // 24 batches of 1,000 incompressible points (about 12 KiB each).
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for t in 0..24_000i64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.push(5, key((t / 1_000) as u32), t, f64::from_bits(x >> 2)).expect("push");
+    }
+    eventually("all sealed", || s.status().queued_batches == 24).await;
+    let total = s.status().queued_bytes;
+    let (tx, mut rx) = mpsc::channel(64);
+    s.connected(tx);
+    let start = tokio::time::Instant::now();
+    let mut got = 0u64;
+    let mut bytes_early = 0u64;
+    let mut ids = Vec::new();
+    while got < 24 {
+        let frame = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .expect("the backlog keeps moving (no stall)")
+            .expect("open");
+        if start.elapsed() < Duration::from_millis(500) {
+            bytes_early += frame.len() as u64;
+        }
+        let Up::Data { id, .. } = decode_up(&frame).expect("decodes") else { panic!("not data") };
+        ids.push(id);
+        got += 1;
+        s.acked(vec![id]);
+    }
+    // Within the first half second: at most the burst, half a second's
+    // rate and one batch of debt — far from the whole backlog.
+    assert!(bytes_early <= rate + rate / 2 + 20_000, "{bytes_early} bytes in 0.5 s at {rate} B/s");
+    assert!(bytes_early < total, "{bytes_early} of {total}");
+    ids.dedup();
+    assert_eq!(ids.len(), 24, "each batch sent once");
+    s.stop();
+}

@@ -359,6 +359,14 @@ impl DataOutbox {
         out
     }
 
+    /// Applies the TTL only (no sends): for a driver with no bandwidth to
+    /// spend now.
+    pub fn expire(&mut self, now_ms: u64) -> Vec<DataAction> {
+        let mut out = Vec::new();
+        self.enforce(now_ms, &mut out);
+        out
+    }
+
     /// Counters and backlog.
     pub fn stats(&self) -> DataStats {
         DataStats {
