@@ -81,9 +81,31 @@ impl EdgeTsdb {
                     }
                 }
                 let mut store = lock(&s);
+                // One WAL record for what was queued (a record per point
+                // would cost ~26 B of WAL each).
+                let mut refs = Vec::with_capacity(batch.len());
+                let mut owners = Vec::with_capacity(batch.len());
                 for (key, ts, v, errs) in batch {
-                    if let Err(e) = store.append(&key, ts, v) {
-                        errs.add(format!("tsdb sink: {e}"));
+                    match store.resolve(&key) {
+                        Ok(r) => {
+                            refs.push((r, ts, v));
+                            owners.push(errs);
+                        }
+                        Err(e) => errs.add(format!("tsdb sink: {e}")),
+                    }
+                }
+                match store.append_many(&refs) {
+                    Ok(res) => {
+                        for (i, e) in res.rejected {
+                            if let Some(errs) = owners.get(i) {
+                                errs.add(format!("tsdb sink: {e}"));
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        for errs in &owners {
+                            errs.add(format!("tsdb sink: {e}"));
+                        }
                     }
                 }
                 if last_retention.elapsed() >= RETENTION_EVERY {
