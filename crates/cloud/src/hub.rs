@@ -893,9 +893,17 @@ impl Hub {
             // Usage (instance count included) is refreshed every
             // `status_interval`: writing it on every change would double
             // the store writes of a fleet-wide rollout.
+            // Written at once (not at the next status interval): a drop, a
+            // new error, and the backlog emptying or starting.
             let drops = |u: &NodeUsage| {
                 u.data_outbox.as_ref().map(|d| {
-                    (d.dropped_expired_points, d.dropped_full_points, d.dropped_disk_points, d.last_error.clone())
+                    (
+                        d.dropped_expired_points,
+                        d.dropped_full_points,
+                        d.dropped_disk_points,
+                        d.last_error.clone(),
+                        d.queued_batches == 0,
+                    )
                 })
             };
             let changed = l.info != info

@@ -178,7 +178,7 @@ fn data_reaches_the_cloud_exactly_once_across_link_cuts_and_agent_kills() {
     }
     assert_eq!(sum, (0..N).map(tenths).sum::<i64>(), "checksum");
     // Nothing dropped by policy, the backlog drained, and the counters say so.
-    eventually(Duration::from_secs(60), "edge-1's outbox drained", || {
+    eventually(Duration::from_secs(90), "edge-1's outbox drained", || {
         let n = c.node("edge-1").ok_or("no node")?;
         let d = &n["status"]["usage"]["dataOutbox"];
         let zero = |k: &str| d[k].as_u64().unwrap_or(0) == 0;
