@@ -1086,6 +1086,10 @@ impl Store {
                 }
             }
             for (kind, entries) in [(BlockKind::Rollup1m, r1m), (BlockKind::Rollup1h, r1h)] {
+                if entries.is_empty() {
+                    // Nothing was in the range: no empty file every minute.
+                    continue;
+                }
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 let header = BlockHeader { kind, level: 0, seq, wal_seq: 0, lo: old, hi: target, sources: Vec::new() };
