@@ -176,6 +176,24 @@ fn prune_quarantine(dir: &Path, keep: usize) {
     }
 }
 
+/// The edge time-series store's gauges and counters.
+fn tsdb_metrics(out: &mut String, st: &yunbian_tsdb::Stats) {
+    use yunbian_telemetry::metric;
+    metric(out, "yunbian_edge_tsdb_series", "gauge", "Series in the edge store.", st.series);
+    metric(
+        out,
+        "yunbian_edge_tsdb_memory_bytes",
+        "gauge",
+        "Memory the edge store accounts against its cap (head, series, indexes).",
+        st.memory_bytes,
+    );
+    metric(out, "yunbian_edge_tsdb_disk_bytes", "gauge", "Bytes of the edge store's blocks.", st.disk_bytes);
+    metric(out, "yunbian_edge_tsdb_wal_bytes", "gauge", "Bytes of the edge store's write-ahead log.", st.wal_bytes);
+    metric(out, "yunbian_edge_tsdb_points_appended_total", "counter", "Points appended.", st.points_appended);
+    let refused = st.rejected_out_of_order + st.rejected_too_old + st.rejected_memory_cap + st.rejected_series_limit;
+    metric(out, "yunbian_edge_tsdb_points_rejected_total", "counter", "Points refused (order, age, caps).", refused);
+}
+
 async fn spawn(
     identity: Identity,
     store: Arc<local_store::LocalStore>,
@@ -187,12 +205,24 @@ async fn spawn(
 ) -> Result<EdgeHandle> {
     let name = identity.config.name.clone();
     let stats = Arc::new(AgentStats::default());
+    let tsdb = devices.as_ref().and_then(|d| d.rules.as_ref()).and_then(|r| r.tsdb());
     let (metrics_addr, metrics_task) = match metrics_listen {
         Some(addr) => match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => {
                 let bound = l.local_addr().ok();
+                if let Some(a) = bound {
+                    tracing::info!(node = %name, "agent metrics at http://{a}/metrics");
+                }
                 let s = stats.clone();
-                let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || s.render());
+                let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
+                    let mut out = s.render();
+                    // Never wait for the writer (a flush may hold the store):
+                    // a scrape that finds it busy goes without these.
+                    if let Some(Ok(db)) = tsdb.as_ref().map(|db| db.try_lock()) {
+                        tsdb_metrics(&mut out, &db.stats());
+                    }
+                    out
+                });
                 (bound, Some(tokio::spawn(yunbian_telemetry::serve_metrics(l, render))))
             }
             Err(e) => {

@@ -195,6 +195,17 @@ fn data_reaches_the_cloud_exactly_once_across_link_cuts_and_agent_kills() {
     assert!(o.success() && o.ok().contains("Data Outbox:"), "{o:?}");
 }
 
+/// The body of `GET path` on `addr` (plain HTTP).
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").expect("send");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read");
+    raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+}
+
 fn publish(port: u16, topic: &str, payload: &str) {
     let mut cmd = Command::new("mosquitto_pub");
     cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic, "-m", payload]);
@@ -319,7 +330,18 @@ fn a_full_disk_drops_low_priority_batches_first_and_counts_them() {
     });
     // The low-priority stream paid for the full disk.
     assert_eq!(high, 2 * N, "high-priority points all kept (low {low}, dropped {dropped})");
-    // And the node says so.
+    // And the node says so, and so do the agent's metrics.
     let o = c.cli(&["describe", "node", "edge-1"]);
     assert!(o.ok().contains(&format!("{dropped} disk full")), "{o:?}");
+    let log = c.edge_log_current("edge-1");
+    let url = log
+        .split("agent metrics at http://")
+        .nth(1)
+        .and_then(|rest| rest.split("/metrics").next())
+        .unwrap_or_else(|| panic!("no metrics address in the agent log"))
+        .to_string();
+    let metrics = http_get(&url, "/metrics");
+    assert!(metrics.contains(&format!("yunbian_edge_data_dropped_disk_points_total {dropped}")), "{metrics}");
+    assert!(metrics.contains("yunbian_edge_data_queued_batches 0"), "{metrics}");
+    assert!(metrics.contains("yunbian_edge_tsdb_memory_bytes "), "{metrics}");
 }
