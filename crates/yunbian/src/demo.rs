@@ -146,7 +146,7 @@ metadata: {name: env-hot}
 spec:
   source: {devices: {models: [env-sensor], properties: [temperature]}}
   sinks:
-    - alert: {when: "value > 23.0", severity: warning, message: "{tags.device} is at {value} °C (over 23)"}
+    - alert: {when: "value > 23.0", severity: warning, message: "{tags.device}: {value} °C (limit 23)"}
 "#;
 
 /// The sample app that reads device data from its node's edge bus.
