@@ -135,6 +135,71 @@ pub struct ChunkEntry {
     pub size: u64,
 }
 
+/// What an App runs: an artifact by name and version, optionally pinned to
+/// a blob digest, or a blob by digest alone.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ArtifactRef {
+    /// Artifact name.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// Artifact version.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub version: String,
+    /// sha256 of the blob (64 hex digits, `sha256:` prefix allowed). With
+    /// a name and version it pins the blob: a node whose blob has another
+    /// digest refuses it. Alone, it names the blob whatever artifact
+    /// carries it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub digest: String,
+}
+
+impl ArtifactRef {
+    /// The digest's 64 hex digits (without `sha256:`), if one is given.
+    pub fn digest_hex(&self) -> Option<&str> {
+        let d = self.digest.strip_prefix("sha256:").unwrap_or(&self.digest);
+        (!d.is_empty()).then_some(d)
+    }
+
+    /// Errors of the reference, as (field, message), fields relative to it.
+    pub fn errors(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        match (self.name.is_empty(), self.version.is_empty()) {
+            (true, true) if self.digest.is_empty() => {
+                out.push(("", "needs name and version, or digest".to_string()));
+            }
+            (true, true) => {}
+            (false, true) => out.push(("version", "is required with name".to_string())),
+            (true, false) => out.push(("name", "is required with version".to_string())),
+            (false, false) => {
+                if let Err(e) = check_artifact_name(&self.name) {
+                    out.push(("name", e));
+                }
+                if let Err(e) = check_version(&self.version) {
+                    out.push(("version", e));
+                }
+            }
+        }
+        if let Some(d) = self.digest_hex() {
+            if !is_sha256_hex(d) {
+                out.push(("digest", "must be a sha256 digest: 64 lower-case hex digits".to_string()));
+            }
+        }
+        out
+    }
+}
+
+impl fmt::Display for ArtifactRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.name.is_empty(), self.digest_hex()) {
+            (false, None) => write!(f, "{} {}", self.name, self.version),
+            (false, Some(d)) => write!(f, "{} {} (sha256:{})", self.name, self.version, &d[..d.len().min(12)]),
+            (true, Some(d)) => write!(f, "sha256:{d}"),
+            (true, None) => f.write_str("(no artifact)"),
+        }
+    }
+}
+
 /// A publisher's signature of a blob.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -263,9 +263,42 @@ impl KindOf for NodeSpec {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NodeGroupSpec {
-    /// Nodes whose labels contain all these pairs belong to the group.
+    /// Nodes whose labels contain all these pairs belong to the group (an
+    /// empty selector: every node, for cluster-wide settings).
     #[serde(default)]
     pub selector: BTreeMap<String, String>,
+    /// The site the group's nodes are at; peers on the same site are
+    /// preferred for artifact chunks.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub site: String,
+    /// Which artifact publishers the group's nodes accept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<TrustSpec>,
+}
+
+/// A trust policy for artifacts. A node in several groups accepts the keys
+/// of all of them, and requires a signature if any of them does.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrustSpec {
+    /// Refuse artifacts without a valid signature by one of `keys`.
+    #[serde(default)]
+    pub require_signature: bool,
+    /// Trusted publisher keys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<TrustedKey>,
+}
+
+/// A trusted publisher key.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrustedKey {
+    /// A name for messages (`release-team`).
+    #[serde(default)]
+    pub name: String,
+    /// The ed25519 public key, 64 hex digits (`yunbian artifact keygen`
+    /// prints it).
+    pub public_key: String,
 }
 
 /// Observed membership of a group.
@@ -328,6 +361,10 @@ pub enum RuntimeKind {
     /// A native process on the edge host.
     #[default]
     Process,
+    /// A WebAssembly (WASI) module, run by wasmtime in a shim process.
+    Wasm,
+    /// An OCI image, run by crun in a shim process.
+    Oci,
     /// A simulated workload (used by `yunbian sim`); never started for real.
     Fake,
 }
@@ -337,6 +374,8 @@ impl RuntimeKind {
     pub fn as_str(self) -> &'static str {
         match self {
             RuntimeKind::Process => "process",
+            RuntimeKind::Wasm => "wasm",
+            RuntimeKind::Oci => "oci",
             RuntimeKind::Fake => "fake",
         }
     }
@@ -505,6 +544,10 @@ pub struct WorkloadTemplate {
     /// Process runtime settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcessSpec>,
+    /// The artifact to run: an executable or bundle (process runtime), a
+    /// module (wasm) or an image (oci).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<crate::artifact::ArtifactRef>,
     /// Restart policy.
     #[serde(default)]
     pub restart_policy: RestartPolicy,
@@ -544,6 +587,10 @@ pub struct AppSpec {
     /// Process runtime settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcessSpec>,
+    /// The artifact to run: an executable or bundle (process runtime), a
+    /// module (wasm) or an image (oci).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<crate::artifact::ArtifactRef>,
     /// Restart policy.
     #[serde(default)]
     pub restart_policy: RestartPolicy,
@@ -564,6 +611,7 @@ impl AppSpec {
         WorkloadTemplate {
             runtime: self.runtime,
             process: self.process.clone(),
+            artifact: self.artifact.clone(),
             restart_policy: self.restart_policy,
             resources: self.resources.clone(),
             health: self.health.clone(),

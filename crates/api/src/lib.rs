@@ -21,8 +21,8 @@ pub mod time;
 pub mod validate;
 
 pub use artifact::{
-    artifact_object_name, signing_statement, Artifact, ArtifactBlob, ArtifactSpec, ArtifactStatus, BlobSignature,
-    BlobType, ChunkEntry,
+    artifact_object_name, signing_statement, Artifact, ArtifactBlob, ArtifactRef, ArtifactSpec, ArtifactStatus,
+    BlobSignature, BlobType, ChunkEntry,
 };
 pub use device::*;
 pub use event::*;

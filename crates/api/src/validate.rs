@@ -121,6 +121,19 @@ impl Validate for NodeSpec {
 impl Validate for NodeGroupSpec {
     fn validate(&self, path: &str, errs: &mut Errors) {
         check_labels(&join(path, "selector"), &self.selector, errs);
+        if let Some(t) = &self.trust {
+            if t.require_signature && t.keys.is_empty() {
+                errs.add(join(path, "trust.keys"), "must list at least one key when requireSignature is true");
+            }
+            for (i, k) in t.keys.iter().enumerate() {
+                if k.public_key.len() != 64 || !k.public_key.chars().all(|c| c.is_ascii_hexdigit()) {
+                    errs.add(
+                        join(path, &format!("trust.keys[{i}].publicKey")),
+                        "must be an ed25519 public key: 64 hex digits",
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -206,12 +219,30 @@ impl Validate for Probe {
 
 impl Validate for WorkloadTemplate {
     fn validate(&self, path: &str, errs: &mut Errors) {
+        if let Some(a) = &self.artifact {
+            for (field, message) in a.errors() {
+                let at =
+                    if field.is_empty() { join(path, "artifact") } else { join(path, &format!("artifact.{field}")) };
+                errs.add(at, message);
+            }
+        }
+        let has_artifact = self.artifact.is_some();
         match (self.runtime, &self.process) {
-            (RuntimeKind::Process, None) => errs.add(join(path, "process"), "is required when runtime is process"),
-            (RuntimeKind::Process, Some(p)) => {
-                if p.command.is_empty() {
+            (RuntimeKind::Process, None) if !has_artifact => {
+                errs.add(join(path, "process"), "is required when runtime is process (or give an artifact)")
+            }
+            (RuntimeKind::Wasm | RuntimeKind::Oci, _) if !has_artifact => errs.add(
+                join(path, "artifact"),
+                format!("is required when runtime is {} (the module or image to run)", self.runtime.as_str()),
+            ),
+            (RuntimeKind::Fake, _) | (_, None) => {}
+            (_, Some(p)) => {
+                // With an artifact, the command may be empty (an executable
+                // artifact runs itself; a wasm module or image has its own
+                // entry point) and may name a file inside a bundle.
+                if p.command.is_empty() && !has_artifact {
                     errs.add(join(path, "process.command"), "must not be empty");
-                } else if p.command[0].is_empty() {
+                } else if p.command.first().is_some_and(|c| c.is_empty()) {
                     errs.add(join(path, "process.command[0]"), "must not be empty");
                 }
                 for k in p.env.keys() {
@@ -223,7 +254,6 @@ impl Validate for WorkloadTemplate {
                     errs.add(join(path, "process.workingDir"), "must be an absolute path");
                 }
             }
-            (RuntimeKind::Fake, _) => {}
         }
         self.resources.validate(&join(path, "resources"), errs);
         if let Some(l) = &self.health.liveness {
@@ -676,8 +706,39 @@ mod tests {
         app.spec.resources.limits.memory = Some("lots".into());
         let errs: Vec<String> = app.errors().iter().map(|e| e.to_string()).collect();
         assert!(errs.contains(&"spec.replicas: must be >= 0".to_string()), "{errs:?}");
-        assert!(errs.contains(&"spec.process: is required when runtime is process".to_string()), "{errs:?}");
+        assert!(
+            errs.contains(&"spec.process: is required when runtime is process (or give an artifact)".to_string()),
+            "{errs:?}"
+        );
         assert!(errs.iter().any(|e| e.starts_with("spec.resources.limits.memory:")), "{errs:?}");
+    }
+
+    #[test]
+    fn artifact_references_and_runtimes_are_checked() {
+        use crate::artifact::ArtifactRef;
+        let errs =
+            |spec: AppSpec| -> Vec<String> { App::new("x", spec).errors().iter().map(|e| e.to_string()).collect() };
+        // wasm and oci need an artifact; process takes one instead of a command.
+        let e = errs(AppSpec { runtime: RuntimeKind::Wasm, ..Default::default() });
+        assert!(e.iter().any(|e| e.starts_with("spec.artifact: is required when runtime is wasm")), "{e:?}");
+        let art = |name: &str, version: &str, digest: &str| {
+            Some(ArtifactRef { name: name.into(), version: version.into(), digest: digest.into() })
+        };
+        assert_eq!(errs(AppSpec { artifact: art("tool", "1.0", ""), ..Default::default() }), Vec::<String>::new());
+        let e =
+            errs(AppSpec { runtime: RuntimeKind::Oci, artifact: art("", "", &"a".repeat(64)), ..Default::default() });
+        assert!(e.is_empty(), "{e:?}");
+        let e = errs(AppSpec { artifact: art("tool", "", "sha256:xyz"), ..Default::default() });
+        assert!(e.contains(&"spec.artifact.version: is required with name".to_string()), "{e:?}");
+        assert!(e.iter().any(|e| e.starts_with("spec.artifact.digest: must be a sha256 digest")), "{e:?}");
+        let e = errs(AppSpec { artifact: art("", "", ""), ..Default::default() });
+        assert!(e.contains(&"spec.artifact: needs name and version, or digest".to_string()), "{e:?}");
+        let e = errs(AppSpec { artifact: art("Bad--Name", "1-0", ""), ..Default::default() });
+        assert!(
+            e.iter().any(|e| e.starts_with("spec.artifact.name:"))
+                && e.iter().any(|e| e.starts_with("spec.artifact.version:")),
+            "{e:?}"
+        );
     }
 
     #[test]

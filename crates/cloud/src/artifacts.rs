@@ -60,6 +60,24 @@ pub fn routes() -> Router<Arc<ApiState>> {
     Router::new()
         .route("/v1/chunks/gc", post(gc))
         .route("/v1/chunks/{digest}", get(get_chunk).head(head_chunk).put(put_chunk))
+        .route("/v1/blobs/{digest}/artifact", get(artifact_of_blob))
+}
+
+/// The Artifact object carrying a blob, for App references by digest alone
+/// (`artifact: {digest: …}`): the first by object name, so every node
+/// resolves the same one.
+async fn artifact_of_blob(State(s): St, _reader: ArtifactReader, Path(d): Path<String>) -> Result<Response, ApiError> {
+    let d = digest(d.strip_prefix("sha256:").unwrap_or(&d))?;
+    let hex = d.to_string();
+    let (mut items, _) = s.store.list(Kind::Artifact).await?;
+    items.sort_by(|a, b| a.name.cmp(&b.name));
+    for o in items {
+        let blobs = o.value.pointer("/spec/blobs").and_then(Value::as_object).cloned().unwrap_or_default();
+        if blobs.values().any(|b| b.get("sha256").and_then(Value::as_str) == Some(hex.as_str())) {
+            return Ok(Json(o.value.as_ref().clone()).into_response());
+        }
+    }
+    Err(ApiError::new(StatusCode::NOT_FOUND, format!("no artifact has a blob with sha256 {hex}")))
 }
 
 fn digest(s: &str) -> Result<Digest, ApiError> {

@@ -260,7 +260,11 @@ impl Hub {
                 let (items, rev) = self.store.list(Kind::AppInstance).await?;
                 let devices = self.store.list(Kind::Device).await?;
                 let models = self.store.list(Kind::DeviceModel).await?;
-                let rules = self.store.list(Kind::Rule).await?;
+                let mut rules = self.store.list(Kind::Rule).await?;
+                let groups = self.store.list(Kind::NodeGroup).await?;
+                // Routed together: one listing, at the later revision.
+                rules.0.extend(groups.0);
+                rules.1 = rules.1.max(groups.1);
                 let nodes = self.store.list(Kind::Node).await?;
                 Ok::<_, StoreError>((items, devices, models, rules, nodes, rev))
             };
@@ -292,7 +296,9 @@ impl Hub {
                     Ok(ev) => match ev.object.kind {
                         Kind::AppInstance => self.on_instance_event(ev.revision, ev.event, &ev.object),
                         Kind::Device | Kind::DeviceModel => self.on_device_event(ev.revision, ev.event, &ev.object),
-                        Kind::Rule | Kind::Node => self.on_rule_event(ev.revision, ev.event, &ev.object),
+                        Kind::Rule | Kind::NodeGroup | Kind::Node => {
+                            self.on_rule_event(ev.revision, ev.event, &ev.object)
+                        }
                         _ => {}
                     },
                     Err(e) => {
@@ -339,20 +345,20 @@ impl Hub {
         let mut inner = self.lock();
         inner.rule_listed = (rule_rev.max(rev), node_rev.max(rev));
         inner.rules = routing;
-        merge_wanted(&mut inner, wanted, &[Kind::Rule], first, per_node);
+        merge_wanted(&mut inner, wanted, &[Kind::Rule, Kind::NodeGroup], first, per_node);
     }
 
     fn on_rule_event(&self, rev: u64, ev: EventType, o: &StoredObject) {
         let mut touched = Vec::new();
         {
             let mut inner = self.lock();
-            let listed = if o.kind == Kind::Rule { inner.rule_listed.0 } else { inner.rule_listed.1 };
+            let listed = if o.kind == Kind::Node { inner.rule_listed.1 } else { inner.rule_listed.0 };
             if rev <= listed {
                 return;
             }
             let object = (ev != EventType::Deleted).then_some(o);
             let changes = match o.kind {
-                Kind::Rule => inner.rules.on_rule(&o.name, object),
+                Kind::Rule | Kind::NodeGroup => inner.rules.on_object(o.kind, &o.name, object),
                 _ => inner.rules.on_node(&o.name, object),
             };
             for (node, c) in changes {

@@ -1,8 +1,10 @@
-//! Which Rules each node's desired view holds: a Rule that is not paused
-//! goes to every node whose labels contain its `nodeSelector` (an empty
-//! selector: every node), including nodes that join or are relabelled
-//! later. Rules travel without status (per-node throughput reports must
-//! not produce view deltas).
+//! Which Rules and NodeGroups each node's desired view holds: a Rule that
+//! is not paused goes to every node whose labels contain its `nodeSelector`,
+//! a NodeGroup to every node its `selector` matches (an empty selector:
+//! every node), including nodes that join or are relabelled later. A node
+//! learns its groups' settings (the artifact trust policy, its site) this
+//! way. Objects travel without status (per-node throughput reports and
+//! group counts must not produce view deltas).
 //!
 //! Pure bookkeeping, like [`crate::device_views`]: store objects in,
 //! per-node view changes out.
@@ -27,7 +29,7 @@ struct RoutedRule {
 /// Routing of rules to node views.
 #[derive(Debug, Default)]
 pub struct RuleRouting {
-    rules: HashMap<String, RoutedRule>,
+    rules: HashMap<(Kind, String), RoutedRule>,
     /// Labels of every node.
     nodes: HashMap<String, BTreeMap<String, String>>,
 }
@@ -41,9 +43,10 @@ fn labels_of(o: &StoredObject) -> BTreeMap<String, String> {
 }
 
 fn rule_of(o: &StoredObject) -> RoutedRule {
+    let path = if o.kind == Kind::NodeGroup { "/spec/selector" } else { "/spec/nodeSelector" };
     let selector = o
         .value
-        .pointer("/spec/nodeSelector")
+        .pointer(path)
         .and_then(|l| l.as_object())
         .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
         .unwrap_or_default();
@@ -64,7 +67,7 @@ impl RuleRouting {
         self.nodes.iter().filter(|(_, l)| selector_matches(&r.selector, l)).map(|(n, _)| n.clone()).collect()
     }
 
-    /// Builds the routing from listings.
+    /// Builds the routing from listings (rules and node groups together).
     pub fn build(rules: &[StoredObject], nodes: &[StoredObject]) -> Self {
         let mut r = RuleRouting {
             rules: HashMap::new(),
@@ -73,14 +76,14 @@ impl RuleRouting {
         for o in rules {
             let mut rr = rule_of(o);
             rr.nodes = r.members(&rr);
-            r.rules.insert(o.name.clone(), rr);
+            r.rules.insert((o.kind, o.name.clone()), rr);
         }
         r
     }
 
     /// The nodes rule `name` is placed on.
     pub fn placed_on(&self, name: &str) -> Option<&BTreeSet<String>> {
-        self.rules.get(name).map(|r| &r.nodes)
+        self.rules.get(&(Kind::Rule, name.to_string())).map(|r| &r.nodes)
     }
 
     /// Every node's rule objects.
@@ -96,12 +99,18 @@ impl RuleRouting {
 
     /// A rule was added or modified (`Some`) or deleted (`None`).
     pub fn on_rule(&mut self, name: &str, object: Option<&StoredObject>) -> NodeChanges {
+        self.on_object(Kind::Rule, name, object)
+    }
+
+    /// A rule or node group was added or modified (`Some`) or deleted (`None`).
+    pub fn on_object(&mut self, kind: Kind, name: &str, object: Option<&StoredObject>) -> NodeChanges {
         let mut out = NodeChanges::new();
-        let prev = self.rules.remove(name);
+        let key = (kind, name.to_string());
+        let prev = self.rules.remove(&key);
         let old_nodes = prev.as_ref().map(|p| p.nodes.clone()).unwrap_or_default();
         let Some(o) = object else {
             for n in old_nodes {
-                out.entry(n).or_default().push(Change::Remove { kind: Kind::Rule, name: name.to_string() });
+                out.entry(n).or_default().push(Change::Remove { kind, name: name.to_string() });
             }
             return out;
         };
@@ -109,7 +118,7 @@ impl RuleRouting {
         next.nodes = self.members(&next);
         let changed = prev.as_ref().is_none_or(|p| p.generation != next.generation);
         for n in old_nodes.difference(&next.nodes) {
-            out.entry(n.clone()).or_default().push(Change::Remove { kind: Kind::Rule, name: name.to_string() });
+            out.entry(n.clone()).or_default().push(Change::Remove { kind, name: name.to_string() });
         }
         for n in &next.nodes {
             if changed || !old_nodes.contains(n) {
@@ -122,7 +131,7 @@ impl RuleRouting {
                 next.object = p.object;
             }
         }
-        self.rules.insert(name.to_string(), next);
+        self.rules.insert(key, next);
         out
     }
 
@@ -143,7 +152,7 @@ impl RuleRouting {
             }
         }
         let node_labels = self.nodes.get(name).cloned();
-        for (rule, r) in self.rules.iter_mut() {
+        for ((kind, rule), r) in self.rules.iter_mut() {
             let member = !r.paused && node_labels.as_ref().is_some_and(|l| selector_matches(&r.selector, l));
             let was = r.nodes.contains(name);
             if member && !was {
@@ -153,7 +162,7 @@ impl RuleRouting {
                 r.nodes.remove(name);
                 // Also for a deleted node: its view lives on, and a node
                 // joining again under the name must not inherit the rule.
-                out.entry(name.to_string()).or_default().push(Change::Remove { kind: Kind::Rule, name: rule.clone() });
+                out.entry(name.to_string()).or_default().push(Change::Remove { kind: *kind, name: rule.clone() });
             }
         }
         out
@@ -191,6 +200,45 @@ mod tests {
                 "status": {"nodes": {}}
             })),
         }
+    }
+
+    fn group(name: &str, site: Option<&str>, generation: u64) -> StoredObject {
+        let selector = site.map(|s| json!({"site": s})).unwrap_or(json!({}));
+        StoredObject {
+            kind: Kind::NodeGroup,
+            name: name.into(),
+            revision: generation,
+            value: Arc::new(json!({
+                "metadata": {"name": name, "generation": generation},
+                "spec": {"selector": selector, "trust": {"requireSignature": false}},
+                "status": {"nodes": 1}
+            })),
+        }
+    }
+
+    #[test]
+    fn node_groups_go_to_their_members_beside_rules_of_the_same_name() {
+        let mut r = RuleRouting::build(&[group("site-a", Some("a"), 1)], &[node("a1", "a"), node("b1", "b")]);
+        let wanted = r.wanted();
+        assert_eq!(wanted.get("a1").map(|v| v.len()), Some(1));
+        assert!(!wanted.contains_key("b1"));
+        // A rule named like the group is routed independently.
+        let c = r.on_rule("site-a", Some(&rule("site-a", Some("b"), 1, false)));
+        assert_eq!(ops(&c, "b1"), vec!["+site-a"]);
+        assert!(!c.contains_key("a1"));
+        // Cluster-wide (empty selector) groups reach every node, and a
+        // relabelled node leaves its old group.
+        let c = r.on_object(Kind::NodeGroup, "all", Some(&group("all", None, 1)));
+        assert_eq!((ops(&c, "a1"), ops(&c, "b1")), (vec!["+all".to_string()], vec!["+all".to_string()]));
+        let c = r.on_node("a1", Some(&node("a1", "b")));
+        assert!(c.get("a1").is_some_and(|v| v
+            .iter()
+            .any(|ch| matches!(ch, Change::Remove { kind: Kind::NodeGroup, name } if name == "site-a"))));
+        let c = r.on_object(Kind::NodeGroup, "all", None);
+        assert!(c
+            .get("b1")
+            .is_some_and(|v| v.iter().any(|ch| matches!(ch, Change::Remove { kind: Kind::NodeGroup, .. }))));
+        assert_eq!(r.placed_on("site-a").map(|n| n.len()), Some(2));
     }
 
     fn ops(c: &NodeChanges, node: &str) -> Vec<String> {

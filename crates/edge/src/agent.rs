@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
-use yunbian_api::{AppInstance, Device, DeviceModel, Kind};
+use yunbian_api::{AppInstance, Device, DeviceModel, Kind, NodeGroupSpec};
 use yunbian_devices::host::HostEvent;
 use yunbian_devices::{DeviceConfig, MapperHost};
 use yunbian_runtime::{LogOptions, Runtime, StatusUpdate};
@@ -32,6 +32,7 @@ use yunbian_sync::wire::{decode_down, encode, MAX_FRAME};
 use yunbian_sync::{DesiredObject, Down, EdgeAction, EdgeSession, Report, SessionConfig, Up};
 
 use crate::identity::{unix_now, Identity};
+use crate::launcher::{Launcher, TrustPolicy};
 use crate::local_store::LocalStore;
 use crate::node_info;
 
@@ -184,7 +185,7 @@ type DeviceObjects = BTreeMap<(Kind, String), DesiredObject>;
 fn device_objects_of(objects: &[DesiredObject]) -> DeviceObjects {
     objects
         .iter()
-        .filter(|o| matches!(o.kind, Kind::Device | Kind::DeviceModel | Kind::Rule))
+        .filter(|o| matches!(o.kind, Kind::Device | Kind::DeviceModel | Kind::Rule | Kind::NodeGroup))
         .map(|o| ((o.kind, o.name.clone()), o.clone()))
         .collect()
 }
@@ -233,6 +234,22 @@ pub struct DeviceSide {
 /// How often rules' per-node status goes to the cloud.
 const RULE_STATUS_EVERY: Duration = Duration::from_secs(10);
 
+/// The artifact trust policy of the node's groups in the view.
+fn trust_of(objects: &DeviceObjects) -> TrustPolicy {
+    let groups: Vec<NodeGroupSpec> = objects
+        .iter()
+        .filter(|((kind, _), _)| *kind == Kind::NodeGroup)
+        .filter_map(|((_, name), o)| match o.value.get("spec").cloned().map(serde_json::from_value::<NodeGroupSpec>) {
+            Some(Ok(g)) => Some(g),
+            other => {
+                tracing::warn!(group = %name, error = ?other.map(|r| r.err()), "desired node group does not decode; ignored");
+                None
+            }
+        })
+        .collect();
+    TrustPolicy::of_groups(&groups)
+}
+
 /// The rules and device configurations of a desired view (what the rule
 /// host runs before the agent's loop starts).
 pub(crate) fn rules_and_devices(objects: &[DesiredObject]) -> (Vec<yunbian_api::Rule>, Vec<DeviceConfig>) {
@@ -254,16 +271,26 @@ fn rules_of(objects: &DeviceObjects) -> Vec<yunbian_api::Rule> {
         .collect()
 }
 
+/// What runs the node's instances: the runtime, and the launcher that
+/// prepares instances for it (artifact pulls, shims).
+pub struct Workloads {
+    /// The runtime.
+    pub runtime: Arc<dyn Runtime>,
+    /// The launcher.
+    pub launcher: Arc<Launcher>,
+}
+
 /// Runs an agent until the process ends.
 pub async fn run_agent(
     cfg: AgentConfig,
     identity: Identity,
     store: Arc<LocalStore>,
-    runtime: Arc<dyn Runtime>,
+    workloads: Workloads,
     mut status_rx: mpsc::UnboundedReceiver<StatusUpdate>,
     stats: Arc<AgentStats>,
     devices: Option<DeviceSide>,
 ) -> Result<()> {
+    let Workloads { runtime, launcher } = workloads;
     let node = identity.config.name.clone();
     let restored = store.restore().context("read the local store")?;
     let mut session = EdgeSession::new(cfg.session, restored.applied, restored.outbox, restored.next_seq);
@@ -274,6 +301,7 @@ pub async fn run_agent(
         None => (None, None, None),
     };
     let apply_devices = |objects: &DeviceObjects| {
+        launcher.set_trust(trust_of(objects));
         let configs = device_configs(objects);
         if let Some(r) = &rules {
             r.apply(rules_of(objects), &configs);
@@ -292,7 +320,7 @@ pub async fn run_agent(
         tracing::info!(node = %node, count = adopted.len(), "runtime re-adopted instances");
     }
     let (desired_tx, desired_rx) = watch::channel((desired.clone(), session.applied() > 0));
-    let reconciler = tokio::spawn(reconcile_runtime(runtime.clone(), desired_rx));
+    let reconciler = tokio::spawn(reconcile_runtime(runtime.clone(), launcher.clone(), desired_rx));
 
     let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(1024);
     let identity = Arc::new(RwLock::new(identity));
@@ -347,7 +375,7 @@ pub async fn run_agent(
     let mut logs: HashMap<u64, JoinHandle<()>> = HashMap::new();
     let mut last_heartbeat: Option<Instant> = None;
     let mut cpu = node_info::CpuSampler::default();
-    let runtimes = [runtime.name()];
+    let runtimes = if runtime.name() == "process" { launcher.options().runtimes() } else { vec![runtime.name()] };
     let info =
         if cfg.real_node_info { node_info::node_info(&cfg.data_dir, &runtimes) } else { simulated_info(&runtimes) };
     let mut renewing: Option<JoinHandle<Result<Identity>>> = None;
@@ -648,13 +676,16 @@ fn execute(
                             desired.remove(name);
                         }
                         yunbian_sync::Change::Upsert { object }
-                            if matches!(object.kind, Kind::Device | Kind::DeviceModel | Kind::Rule) =>
+                            if matches!(
+                                object.kind,
+                                Kind::Device | Kind::DeviceModel | Kind::Rule | Kind::NodeGroup
+                            ) =>
                         {
                             devices.insert((object.kind, object.name.clone()), object.clone());
                             *devices_changed = true;
                         }
                         yunbian_sync::Change::Remove {
-                            kind: kind @ (Kind::Device | Kind::DeviceModel | Kind::Rule),
+                            kind: kind @ (Kind::Device | Kind::DeviceModel | Kind::Rule | Kind::NodeGroup),
                             name,
                         } => {
                             devices.remove(&(*kind, name.clone()));
@@ -753,9 +784,11 @@ type DesiredState = (BTreeMap<String, AppInstance>, bool);
 
 /// Converges the runtime towards the desired instances, level-triggered:
 /// on every change of the view and every 10 s.
-async fn reconcile_runtime(runtime: Arc<dyn Runtime>, mut rx: watch::Receiver<DesiredState>) {
+async fn reconcile_runtime(runtime: Arc<dyn Runtime>, launcher: Arc<Launcher>, mut rx: watch::Receiver<DesiredState>) {
+    let woken = launcher.woken();
     loop {
         let (want, known) = rx.borrow_and_update().clone();
+        launcher.retain(&want.keys().map(String::as_str).collect());
         if known {
             let have: Vec<String> = runtime.statuses().await.into_iter().map(|s| s.instance).collect();
             for name in have.iter().filter(|n| !want.contains_key(*n)) {
@@ -765,11 +798,18 @@ async fn reconcile_runtime(runtime: Arc<dyn Runtime>, mut rx: watch::Receiver<De
             }
         }
         for inst in want.values() {
-            if let Err(e) = runtime.ensure(inst).await {
+            // Held back while its artifact is pulled (the launcher reports
+            // the progress), then run as a process.
+            let Some(inst) = launcher.prepare(inst) else { continue };
+            if let Err(e) = runtime.ensure(&inst).await {
                 tracing::warn!(instance = %inst.metadata.name, error = %e, "start instance");
             }
         }
-        let _ = tokio::time::timeout(Duration::from_secs(10), rx.changed()).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            _ = rx.changed() => {}
+            _ = woken.notified() => {}
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! Pulling artifacts to the edge and keeping them in a size-capped cache
-//! (docs/design/012-artifacts.md, "Edge pulling"). Not wired into the agent
-//! yet: [`ArtifactCache::ensure`] is a tested component the runtime will call.
+//! (docs/design/012-artifacts.md, "Edge pulling"). The agent's launcher
+//! (`crate::launcher`) resolves and pulls what its instances run.
 //!
 //! # Pull
 //!
@@ -57,7 +57,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use yunbian_api::artifact::WASM_PLATFORM;
-use yunbian_api::{artifact_object_name, Artifact, ArtifactBlob, BlobType};
+use yunbian_api::{artifact_object_name, Artifact, ArtifactBlob, ArtifactRef, BlobType};
 use yunbian_artifacts::{sha256, BlobManifest, ChunkRef, Digest};
 
 use crate::http;
@@ -130,6 +130,23 @@ pub enum PullError {
         /// The blob's size in the artifact.
         expected_size: u64,
     },
+    /// No artifact carries a blob with this digest.
+    #[error("no artifact has a blob with sha256 {0}")]
+    NoSuchBlob(String),
+    /// The reference pins a digest and this node's blob has another one.
+    #[error("artifact {name} version {version}: the {platform} blob has sha256 {actual}, the App pins {pinned}")]
+    Pinned {
+        /// Artifact name.
+        name: String,
+        /// Version.
+        version: String,
+        /// The blob's platform.
+        platform: String,
+        /// The blob's digest.
+        actual: String,
+        /// The App's digest.
+        pinned: String,
+    },
     /// A bundle holds an entry that would land outside its directory.
     #[error("bundle {blob}: entry {entry:?} {reason}; refusing the bundle")]
     UnsafeEntry {
@@ -180,6 +197,8 @@ pub enum SourceError {
 pub trait ArtifactSource: Send + Sync {
     /// The Artifact object named `object` (`hello--1-2-0`).
     async fn artifact(&self, object: &str) -> Result<Artifact, SourceError>;
+    /// The Artifact object that carries a blob with this sha256.
+    async fn artifact_of_blob(&self, blob: &Digest) -> Result<Artifact, SourceError>;
     /// The bytes of a chunk (not trusted: the caller checks them).
     async fn chunk(&self, digest: &Digest) -> Result<Vec<u8>, SourceError>;
 }
@@ -189,12 +208,19 @@ pub trait ArtifactSource: Send + Sync {
 pub struct CloudSource {
     urls: Vec<String>,
     tls: Arc<rustls::ClientConfig>,
+    /// With a data directory: the identity is read again when its
+    /// certificate file changes (a renewal), keyed by its modification time.
+    reload: Option<(PathBuf, Mutex<Option<LoadedIdentity>>)>,
 }
+
+/// The certificate's modification time, the cloud URLs and the TLS
+/// configuration read from a data directory.
+type LoadedIdentity = (SystemTime, Vec<String>, Arc<rustls::ClientConfig>);
 
 impl CloudSource {
     /// A source for the node's cloud URLs and mTLS configuration.
     pub fn new(urls: Vec<String>, tls: Arc<rustls::ClientConfig>) -> CloudSource {
-        CloudSource { urls, tls }
+        CloudSource { urls, tls, reload: None }
     }
 
     /// From a node identity.
@@ -202,10 +228,44 @@ impl CloudSource {
         Ok(CloudSource::new(identity.config.urls(), identity.tls()?))
     }
 
+    /// From the node identity in `data_dir`, following certificate
+    /// renewals and cloud URL changes.
+    pub fn from_data_dir(data_dir: &Path) -> anyhow::Result<CloudSource> {
+        let id = crate::Identity::load(data_dir)?;
+        let mut s = CloudSource::from_identity(&id)?;
+        s.reload = Some((data_dir.to_path_buf(), Mutex::new(None)));
+        Ok(s)
+    }
+
+    /// The URLs and TLS configuration to use now.
+    fn current(&self) -> (Vec<String>, Arc<rustls::ClientConfig>) {
+        let Some((dir, cached)) = &self.reload else { return (self.urls.clone(), self.tls.clone()) };
+        let stamp = std::fs::metadata(dir.join("node.crt")).and_then(|m| m.modified()).ok();
+        let mut c = cached.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(t), Some((at, urls, tls))) = (stamp, c.as_ref()) {
+            if *at == t {
+                return (urls.clone(), tls.clone());
+            }
+        }
+        match crate::Identity::load(dir).and_then(|id| Ok((id.config.urls(), id.tls()?))) {
+            Ok((urls, tls)) => {
+                if let Some(t) = stamp {
+                    *c = Some((t, urls.clone(), tls.clone()));
+                }
+                (urls, tls)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "re-read the node identity for artifact pulls; using the previous one");
+                c.as_ref().map(|(_, u, t)| (u.clone(), t.clone())).unwrap_or((self.urls.clone(), self.tls.clone()))
+            }
+        }
+    }
+
     async fn get(&self, path: &str) -> Result<Vec<u8>, SourceError> {
         let mut last = SourceError::Failed("no cloud URL configured".into());
-        for url in &self.urls {
-            match http::request(url, self.tls.clone(), "GET", path, None).await {
+        let (urls, tls) = self.current();
+        for url in &urls {
+            match http::request(url, tls.clone(), "GET", path, None).await {
                 Ok((200, body)) => return Ok(body.to_vec()),
                 Ok((404, _)) => return Err(SourceError::NotFound),
                 Ok((status, body)) => last = SourceError::Failed(http::error_message(status, &body)),
@@ -225,8 +285,36 @@ impl ArtifactSource for CloudSource {
         Artifact::from_value(v).map_err(|e| SourceError::Failed(format!("artifact {object}: {e}")))
     }
 
+    async fn artifact_of_blob(&self, blob: &Digest) -> Result<Artifact, SourceError> {
+        let body = self.get(&format!("/v1/blobs/{blob}/artifact")).await?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| SourceError::Failed(format!("artifact of blob {blob}: {e}")))?;
+        Artifact::from_value(v).map_err(|e| SourceError::Failed(format!("artifact of blob {blob}: {e}")))
+    }
+
     async fn chunk(&self, digest: &Digest) -> Result<Vec<u8>, SourceError> {
         self.get(&format!("/v1/chunks/{digest}")).await
+    }
+}
+
+/// An artifact reference resolved to this node's blob.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    /// The Artifact object (with the blob's signatures).
+    pub artifact: Artifact,
+    /// The platform of the chosen blob.
+    pub platform: String,
+    /// The chosen blob.
+    pub blob: ArtifactBlob,
+    /// Whether the object came from the local copy because the source
+    /// could not be reached.
+    pub offline: bool,
+}
+
+impl Resolved {
+    /// `name version`, for messages.
+    pub fn label(&self) -> String {
+        format!("{} {}", self.artifact.spec.name, self.artifact.spec.version)
     }
 }
 
@@ -332,7 +420,7 @@ impl ArtifactCache {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(io("empty", &tmp))?;
         }
-        for d in ["chunks", "blobs", "unpacked", "tmp"] {
+        for d in ["chunks", "blobs", "unpacked", "refs", "tmp"] {
             let p = root.join(d);
             std::fs::create_dir_all(&p).map_err(io("create", &p))?;
         }
@@ -390,27 +478,114 @@ impl ArtifactCache {
         version: &str,
         progress: &PullProgress,
     ) -> Result<LocalBlob, PullError> {
-        let object = artifact_object_name(name, version);
-        let artifact = match self.source.artifact(&object).await {
-            Ok(a) => a,
-            Err(SourceError::NotFound) => {
-                return Err(PullError::NotFound { name: name.into(), version: version.into() })
-            }
-            Err(SourceError::Failed(message)) => {
-                return Err(PullError::Source { what: format!("artifact {object}"), message })
+        let r = ArtifactRef { name: name.into(), version: version.into(), digest: String::new() };
+        let resolved = self.resolve(&r).await?;
+        self.pull(&resolved, progress).await
+    }
+
+    fn ref_path(&self, r: &ArtifactRef) -> PathBuf {
+        let key = match (r.name.is_empty(), r.digest_hex()) {
+            (false, _) => artifact_object_name(&r.name, &r.version),
+            (true, Some(d)) => format!("sha256-{d}"),
+            (true, None) => "none".into(),
+        };
+        self.root.join("refs").join(format!("{key}.json"))
+    }
+
+    /// Reads the artifact a reference names from the source and picks this
+    /// node's blob (the pinned one for a digest). The object is kept under
+    /// `refs/`, so a node that cannot reach the source (an offline site, an
+    /// agent restarted during an outage) resolves from its last copy.
+    pub async fn resolve(&self, r: &ArtifactRef) -> Result<Resolved, PullError> {
+        let shown = r.to_string();
+        let pinned = match r.digest_hex() {
+            Some(d) => Some(
+                d.parse::<Digest>().map_err(|e| PullError::Manifest { name: shown.clone(), message: e.to_string() })?,
+            ),
+            None => None,
+        };
+        let fetched = match (r.name.is_empty(), pinned) {
+            (false, _) => self.source.artifact(&artifact_object_name(&r.name, &r.version)).await,
+            (true, Some(d)) => self.source.artifact_of_blob(&d).await,
+            (true, None) => {
+                return Err(PullError::Manifest { name: shown, message: "the reference names nothing".into() })
             }
         };
-        let platform = self.opts.platform.as_deref().or(host_platform()).unwrap_or("unknown");
-        let (platform, blob) = pick_blob(&artifact.spec.blobs, platform).ok_or_else(|| PullError::NoBlob {
-            name: name.into(),
-            version: version.into(),
-            platform: platform.into(),
-            available: artifact.spec.blobs.keys().cloned().collect::<Vec<_>>().join(", "),
-        })?;
-        let manifest = manifest_of(name, blob)?;
+        let local = self.ref_path(r);
+        let (artifact, offline) = match fetched {
+            Ok(a) => {
+                let bytes = serde_json::to_vec(&a).map_err(|e| PullError::Io {
+                    op: "encode",
+                    path: local.display().to_string(),
+                    source: std::io::Error::other(e),
+                })?;
+                let (tmp, out) = (self.root.join("tmp").join(format!("ref-{}.partial", sha256(&bytes))), local.clone());
+                blocking(move || write_atomic(&tmp, &out, &bytes, 0o644)).await?;
+                (a, false)
+            }
+            Err(SourceError::NotFound) => {
+                // The cloud says it is gone: forget the local copy too.
+                let _ = std::fs::remove_file(&local);
+                return Err(match pinned {
+                    Some(d) if r.name.is_empty() => PullError::NoSuchBlob(d.to_string()),
+                    _ => PullError::NotFound { name: r.name.clone(), version: r.version.clone() },
+                });
+            }
+            Err(SourceError::Failed(message)) => {
+                let copy = std::fs::read(&local)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .and_then(|v| Artifact::from_value(v).ok());
+                match copy {
+                    Some(a) => {
+                        tracing::info!(artifact = %shown, error = %message, "source unreachable; using the local copy of the artifact");
+                        (a, true)
+                    }
+                    None => return Err(PullError::Source { what: format!("artifact {shown}"), message }),
+                }
+            }
+        };
+        let (name, version) = (artifact.spec.name.clone(), artifact.spec.version.clone());
+        let (platform, blob) = match pinned {
+            Some(d) if r.name.is_empty() => artifact
+                .spec
+                .blobs
+                .iter()
+                .find(|(_, b)| b.sha256 == d.hex())
+                .map(|(p, b)| (p.clone(), b.clone()))
+                .ok_or_else(|| PullError::NoSuchBlob(d.to_string()))?,
+            _ => {
+                let platform = self.opts.platform.as_deref().or(host_platform()).unwrap_or("unknown");
+                let (p, b) = pick_blob(&artifact.spec.blobs, platform).ok_or_else(|| PullError::NoBlob {
+                    name: name.clone(),
+                    version: version.clone(),
+                    platform: platform.into(),
+                    available: artifact.spec.blobs.keys().cloned().collect::<Vec<_>>().join(", "),
+                })?;
+                if let Some(d) = pinned {
+                    if b.sha256 != d.hex() {
+                        return Err(PullError::Pinned {
+                            name,
+                            version,
+                            platform: p.into(),
+                            actual: b.sha256.clone(),
+                            pinned: d.hex(),
+                        });
+                    }
+                }
+                (p.to_string(), b.clone())
+            }
+        };
+        Ok(Resolved { artifact, platform, blob, offline })
+    }
+
+    /// Makes a resolved blob present (pulling what is missing) and returns
+    /// where it is; renews its last use.
+    pub async fn pull(&self, r: &Resolved, progress: &PullProgress) -> Result<LocalBlob, PullError> {
+        let manifest = manifest_of(&r.artifact.spec.name, &r.blob)?;
         progress.total.store(manifest.size, Ordering::Relaxed);
         let _busy = self.busy.lock().await;
-        let local = self.pull_blob(&manifest, blob.kind, progress).await?;
+        let local = self.pull_blob(&manifest, r.blob.kind, progress).await?;
         // Protect what was just pulled while collecting for it.
         self.mark_in_use(&manifest.sha256);
         let collected = self.collect_locked();
@@ -418,7 +593,7 @@ impl ArtifactCache {
         if let Err(e) = collected {
             tracing::warn!(error = %e, "artifact cache collection failed");
         }
-        Ok(LocalBlob { platform: platform.to_string(), ..local })
+        Ok(LocalBlob { platform: r.platform.clone(), ..local })
     }
 
     async fn pull_blob(
@@ -428,7 +603,7 @@ impl ArtifactCache {
         progress: &PullProgress,
     ) -> Result<LocalBlob, PullError> {
         let path = self.blob_path(&m.sha256);
-        let unpacked = (kind == BlobType::Bundle).then(|| self.unpacked_path(&m.sha256));
+        let unpacked = matches!(kind, BlobType::Bundle | BlobType::Oci).then(|| self.unpacked_path(&m.sha256));
         let present = std::fs::metadata(&path).is_ok_and(|md| md.len() == m.size);
         if !present {
             for c in &m.chunks {
@@ -646,7 +821,7 @@ fn unsafe_path(p: &Path) -> Option<&'static str> {
     None
 }
 
-/// Unpacks the tar.gz `blob` into a staging directory under `tmp_dir`,
+/// Unpacks the tar or tar.gz `blob` (a bundle, an OCI image layout) into a staging directory under `tmp_dir`,
 /// then renames it to `out`. Any unsafe entry refuses the whole bundle.
 fn unpack_bundle(blob: &Path, d: Digest, tmp_dir: &Path, out: &Path) -> Result<(), PullError> {
     let staging = tmp_dir.join(format!("{d}.unpack"));
@@ -663,8 +838,12 @@ fn unpack_bundle(blob: &Path, d: Digest, tmp_dir: &Path, out: &Path) -> Result<(
 
 fn unpack_into(blob: &Path, d: Digest, staging: &Path) -> Result<(), PullError> {
     let bundle_err = |e: std::io::Error| PullError::Bundle { blob: d, message: e.to_string() };
+    let mut file = std::fs::File::open(blob).map_err(io("open", blob))?;
+    let mut magic = [0u8; 2];
+    let gzip = file.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b];
     let file = std::fs::File::open(blob).map_err(io("open", blob))?;
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
+    let reader: Box<dyn Read> = if gzip { Box::new(flate2::read::GzDecoder::new(file)) } else { Box::new(file) };
+    let mut archive = tar::Archive::new(reader);
     archive.set_preserve_permissions(false);
     archive.set_overwrite(true);
     for entry in archive.entries().map_err(bundle_err)? {

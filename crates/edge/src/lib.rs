@@ -23,6 +23,7 @@ pub mod data_api;
 pub mod devices;
 pub mod http;
 pub mod identity;
+pub mod launcher;
 pub mod local_store;
 pub mod node_info;
 pub mod rules;
@@ -42,6 +43,11 @@ pub struct EdgeOptions {
     pub agent: AgentConfig,
     /// Edge broker, device mappers and the local device API.
     pub devices: devices::DeviceOptions,
+    /// The artifact cache (size cap, platform).
+    pub artifacts: artifacts::CacheOptions,
+    /// Which runtimes beside `process` this agent offers (shim executable,
+    /// wasm, crun); the node name, environment and cache paths are filled in.
+    pub launcher: launcher::LauncherOptions,
 }
 
 impl EdgeOptions {
@@ -53,6 +59,8 @@ impl EdgeOptions {
             data_dir,
             metrics_listen: None,
             devices: devices::DeviceOptions::default(),
+            artifacts: artifacts::CacheOptions::default(),
+            launcher: launcher::LauncherOptions::default(),
         }
     }
 }
@@ -114,12 +122,37 @@ pub async fn start(opts: EdgeOptions) -> Result<EdgeHandle> {
     let (tx, rx) = mpsc::unbounded_channel();
     let runtime_opts =
         yunbian_runtime::ProcessRuntimeOptions { node_env: services.workload_env(), ..Default::default() };
-    let runtime: Arc<dyn Runtime> =
-        ProcessRuntime::with_options(opts.data_dir.join("instances"), identity.config.name.clone(), tx, runtime_opts)
-            .context("start the process runtime")?;
+    let runtime: Arc<dyn Runtime> = ProcessRuntime::with_options(
+        opts.data_dir.join("instances"),
+        identity.config.name.clone(),
+        tx.clone(),
+        runtime_opts,
+    )
+    .context("start the process runtime")?;
     let limits = runtime.limits_support();
     tracing::info!(node = %identity.config.name, enforced = limits.enforced, note = %limits.note, "resource limits");
-    let mut h = spawn(identity, store, runtime, rx, opts.agent, opts.metrics_listen.as_deref(), Some(side)).await?;
+    let source = Arc::new(artifacts::CloudSource::from_data_dir(&opts.data_dir)?);
+    let cache = artifacts::ArtifactCache::open(&opts.data_dir, source, opts.artifacts.clone())
+        .context("open the artifact cache")?;
+    let launch = launcher::LauncherOptions {
+        node: identity.config.name.clone(),
+        node_env: services.workload_env(),
+        wasm_cache: opts.data_dir.join("wasm-cache"),
+        oci_dir: opts.data_dir.join("oci"),
+        ..opts.launcher.clone()
+    };
+    tracing::info!(node = %identity.config.name, runtimes = ?launch.runtimes(), oci = ?launch.oci, "workload runtimes");
+    let launcher = launcher::Launcher::new(Some(Arc::new(cache)), launch, tx);
+    let mut h = spawn(
+        identity,
+        store,
+        agent::Workloads { runtime, launcher },
+        rx,
+        opts.agent,
+        opts.metrics_listen.as_deref(),
+        Some(side),
+    )
+    .await?;
     h.devices = Some(services);
     Ok(h)
 }
@@ -128,9 +161,10 @@ pub async fn start(opts: EdgeOptions) -> Result<EdgeHandle> {
 /// runtime; in-memory local store.
 pub async fn start_simulated(identity: Identity, agent: AgentConfig) -> Result<EdgeHandle> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let runtime: Arc<dyn Runtime> = FakeRuntime::new(tx);
+    let runtime: Arc<dyn Runtime> = FakeRuntime::new(tx.clone());
     let store = Arc::new(local_store::LocalStore::in_memory());
-    spawn(identity, store, runtime, rx, agent, None, None).await
+    let launcher = launcher::Launcher::new(None, launcher::LauncherOptions::default(), tx);
+    spawn(identity, store, agent::Workloads { runtime, launcher }, rx, agent, None, None).await
 }
 
 /// Opens the local store. A store file that cannot be opened or read back
@@ -197,7 +231,7 @@ fn tsdb_metrics(out: &mut String, st: &yunbian_tsdb::Stats) {
 async fn spawn(
     identity: Identity,
     store: Arc<local_store::LocalStore>,
-    runtime: Arc<dyn Runtime>,
+    workloads: agent::Workloads,
     rx: mpsc::UnboundedReceiver<yunbian_runtime::StatusUpdate>,
     agent: AgentConfig,
     metrics_listen: Option<&str>,
@@ -233,6 +267,6 @@ async fn spawn(
         },
         None => (None, None),
     };
-    let task = tokio::spawn(agent::run_agent(agent, identity, store, runtime, rx, stats.clone(), devices));
+    let task = tokio::spawn(agent::run_agent(agent, identity, store, workloads, rx, stats.clone(), devices));
     Ok(EdgeHandle { name, metrics_addr, stats, devices: None, task, metrics_task })
 }

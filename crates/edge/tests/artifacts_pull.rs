@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use yunbian_api::{Artifact, ArtifactBlob, ArtifactSpec, BlobType, ChunkEntry, Object};
+use yunbian_api::{Artifact, ArtifactBlob, ArtifactRef, ArtifactSpec, BlobType, ChunkEntry, Object};
 use yunbian_artifacts::{sha256, BlobManifest, Digest, CHUNK_SIZE};
 use yunbian_edge::artifacts::{ArtifactCache, ArtifactSource, CacheOptions, PullError, PullProgress, SourceError};
 
@@ -46,12 +46,28 @@ struct FakeSource {
     budget: Mutex<Option<usize>>,
     /// Every chunk fetch, in order.
     fetched: Mutex<Vec<Digest>>,
+    /// Artifact reads fail as if the link were down.
+    unreachable: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait::async_trait]
 impl ArtifactSource for FakeSource {
     async fn artifact(&self, object: &str) -> Result<Artifact, SourceError> {
+        if self.unreachable.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(SourceError::Failed("link down".into()));
+        }
         self.artifacts.lock().expect("lock").get(object).cloned().ok_or(SourceError::NotFound)
+    }
+
+    async fn artifact_of_blob(&self, blob: &Digest) -> Result<Artifact, SourceError> {
+        if self.unreachable.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(SourceError::Failed("link down".into()));
+        }
+        let all = self.artifacts.lock().expect("lock");
+        let mut found: Vec<&Artifact> =
+            all.values().filter(|a| a.spec.blobs.values().any(|b| b.sha256 == blob.hex())).collect();
+        found.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        found.first().map(|a| (*a).clone()).ok_or(SourceError::NotFound)
     }
 
     async fn chunk(&self, d: &Digest) -> Result<Vec<u8>, SourceError> {
@@ -344,4 +360,63 @@ async fn the_cache_collects_least_recently_used_first_and_never_in_use() {
     cache2.unmark_in_use(&digest["a"]);
     assert_eq!(cache2.collect().await.expect("collect"), vec![digest["a"]]);
     assert_eq!(present(), ["d"]);
+}
+
+fn reference(name: &str, digest: Option<&Digest>) -> ArtifactRef {
+    ArtifactRef {
+        name: name.into(),
+        version: if name.is_empty() { String::new() } else { "1.0".into() },
+        digest: digest.map(|d| format!("sha256:{d}")).unwrap_or_default(),
+    }
+}
+
+#[tokio::test]
+async fn references_by_digest_pin_and_resolve_offline_from_the_last_copy() {
+    let dir = TempDir::new();
+    let src = Arc::new(FakeSource::default());
+    let amd = b"amd64 build".to_vec();
+    let arm = b"arm64 build".to_vec();
+    let d = src
+        .publish("tool", &[("linux/amd64", BlobType::Executable, &amd), ("linux/arm64", BlobType::Executable, &arm)]);
+    let cache = ArtifactCache::open(&dir.0, src.clone(), opts(1 << 30)).expect("open");
+
+    // A digest alone picks that blob, whatever its platform.
+    let r = cache.resolve(&reference("", Some(&d[1]))).await.expect("by digest");
+    assert_eq!((r.platform.as_str(), r.artifact.spec.name.as_str(), r.offline), ("linux/arm64", "tool", false));
+    let b = cache.pull(&r, &PullProgress::default()).await.expect("pull");
+    assert_eq!(std::fs::read(&b.path).expect("blob"), arm);
+
+    // A name with a pin: the node's blob must be the pinned one.
+    let r = cache.resolve(&reference("tool", Some(&d[0]))).await.expect("pinned");
+    assert_eq!(r.blob.sha256, d[0].hex());
+    match cache.resolve(&reference("tool", Some(&d[1]))).await {
+        Err(PullError::Pinned { platform, pinned, .. }) => {
+            assert_eq!((platform.as_str(), pinned), ("linux/amd64", d[1].hex()));
+        }
+        other => panic!("expected a pin mismatch, got {other:?}"),
+    }
+    let unknown = sha256(b"nothing");
+    assert!(matches!(cache.resolve(&reference("", Some(&unknown))).await, Err(PullError::NoSuchBlob(_))));
+
+    // The link goes down: references resolved before come from the local
+    // copy (across a reopen, i.e. an agent restart); others fail clearly.
+    src.unreachable.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(cache);
+    let cache = ArtifactCache::open(&dir.0, src.clone(), opts(1 << 30)).expect("reopen");
+    let r = cache.resolve(&reference("tool", None)).await.expect("offline copy");
+    assert!(r.offline);
+    assert_eq!(r.blob.sha256, d[0].hex());
+    let r = cache.resolve(&reference("", Some(&d[1]))).await.expect("offline copy by digest");
+    assert!(r.offline);
+    match cache.resolve(&reference("other", None)).await {
+        Err(PullError::Source { message, .. }) => assert!(message.contains("link down"), "{message}"),
+        other => panic!("expected a source error, got {other:?}"),
+    }
+
+    // Deleted in the cloud: the local copy is forgotten too.
+    src.unreachable.store(false, std::sync::atomic::Ordering::Relaxed);
+    src.artifacts.lock().expect("lock").clear();
+    assert!(matches!(cache.resolve(&reference("tool", None)).await, Err(PullError::NotFound { .. })));
+    src.unreachable.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(matches!(cache.resolve(&reference("tool", None)).await, Err(PullError::Source { .. })));
 }

@@ -1,0 +1,724 @@
+//! From desired instances to what the process runtime runs
+//! (docs/design/012-artifacts.md, "Running artifacts").
+//!
+//! Every workload runs as a native process under the process runtime, which
+//! owns logs, restarts, limits and re-adoption after an agent restart. The
+//! launcher turns an instance into such a process:
+//!
+//! - `runtime: process` without an artifact: unchanged;
+//! - `runtime: process` with an `executable` artifact: the pulled blob is
+//!   the program (`process.args` are its arguments);
+//! - `runtime: process` with a `bundle`: `process.command[0]` is a path in
+//!   the unpacked bundle (or an absolute host path); the working directory
+//!   defaults to the bundle's root, and `YUNBIAN_BUNDLE_DIR` names it;
+//! - `runtime: wasm`: `yunbian shim wasm --module <blob> …` (wasmtime in a
+//!   shim process, so a faulty module cannot take the agent down and the
+//!   instance survives agent restarts like any process);
+//! - `runtime: oci`: `yunbian shim oci --layout <unpacked layout> …`, which
+//!   prepares the bundle and runs crun in the foreground.
+//!
+//! # Pulls
+//!
+//! An instance that needs an artifact is held back until the artifact is
+//! resolved, allowed by the node's trust policy, and pulled. Pulls start as
+//! soon as an instance is desired (pre-pull) and run in the background, one
+//! per reference whatever the number of instances using it; while one runs,
+//! its instances report `Pending` / `Pulling` with `Pulling 37 % of …`. A
+//! failed pull is retried with back-off (5 s doubling to 5 min) and its
+//! instances say why; a refusal by the trust policy is a `Failed` instance
+//! with the reason (`SignatureRequired`, `UntrustedSigner`,
+//! `BadSignature`), looked at again when the policy changes.
+//!
+//! The blob an instance runs is marked in use in the cache for as long as
+//! the instance is desired, so the cache's collection never removes it.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, Notify};
+use yunbian_api::{
+    signing_statement, AppInstance, AppInstanceStatus, ArtifactRef, BlobType, InstancePhase, NodeGroupSpec,
+    ProcessSpec, RuntimeKind, TrustedKey,
+};
+use yunbian_artifacts::Digest;
+use yunbian_runtime::StatusUpdate;
+
+use crate::artifacts::{ArtifactCache, LocalBlob, PullError, PullProgress, Resolved};
+
+/// Memory the wasm shim itself needs beside the guest's linear memory
+/// (wasmtime, the compiled code, WASI): added to the cgroup limit of the
+/// shim's process, while the guest is held to the App's limit by wasmtime.
+pub const WASM_SHIM_OVERHEAD: u64 = 128 << 20;
+
+/// What the node can run, and where the shims keep their caches.
+#[derive(Debug, Clone, Default)]
+pub struct LauncherOptions {
+    /// The `yunbian` executable that provides `yunbian shim …`.
+    pub shim_exe: Option<PathBuf>,
+    /// Whether that executable was built with the wasm runtime.
+    pub wasm: bool,
+    /// crun, as detected (`Ok(version text)`), or why the oci runtime is
+    /// unavailable.
+    pub oci: Option<Result<String, String>>,
+    /// Compiled-module cache of the wasm shim.
+    pub wasm_cache: PathBuf,
+    /// Layer cache, bundles and crun state of the oci shim.
+    pub oci_dir: PathBuf,
+    /// Environment every workload gets from its node (broker, device API).
+    pub node_env: Vec<(String, String)>,
+    /// The node's name.
+    pub node: String,
+}
+
+impl LauncherOptions {
+    /// The runtimes this node offers, for scheduling.
+    pub fn runtimes(&self) -> Vec<&'static str> {
+        let mut out = vec!["process"];
+        if self.wasm && self.shim_exe.is_some() {
+            out.push("wasm");
+        }
+        if self.shim_exe.is_some() && matches!(self.oci, Some(Ok(_))) {
+            out.push("oci");
+        }
+        out
+    }
+}
+
+/// The artifact publishers a node accepts: the union of its groups' keys;
+/// a signature is required if any of its groups requires one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustPolicy {
+    /// Refuse unsigned artifacts and artifacts signed by unknown keys.
+    pub require_signature: bool,
+    /// Trusted keys.
+    pub keys: Vec<TrustedKey>,
+}
+
+impl TrustPolicy {
+    /// The policy of a node in these groups.
+    pub fn of_groups<'a>(groups: impl IntoIterator<Item = &'a NodeGroupSpec>) -> TrustPolicy {
+        let mut p = TrustPolicy::default();
+        for g in groups {
+            if let Some(t) = &g.trust {
+                p.require_signature |= t.require_signature;
+                for k in &t.keys {
+                    if !p.keys.iter().any(|have| have.public_key.eq_ignore_ascii_case(&k.public_key)) {
+                        p.keys.push(k.clone());
+                    }
+                }
+            }
+        }
+        p
+    }
+
+    /// Whether the node may run this blob: `Ok(signer)` (the trusted key
+    /// whose signature verified, if any), or the refusal as (reason,
+    /// message).
+    pub fn check(&self, r: &Resolved) -> Result<Option<String>, (&'static str, String)> {
+        let b = &r.blob;
+        let statement =
+            signing_statement(&r.artifact.spec.name, &r.artifact.spec.version, &r.platform, b.kind, &b.sha256, b.size);
+        let mut bad = None;
+        for sig in &b.signatures {
+            for k in &self.keys {
+                if yunbian_artifacts::signing::key_id(&unhex(&k.public_key)) != sig.key_id {
+                    continue;
+                }
+                match yunbian_artifacts::signing::verify_hex(&k.public_key, statement.as_bytes(), &sig.signature) {
+                    Ok(()) => return Ok(Some(key_label(k))),
+                    Err(_) => bad = Some(key_label(k)),
+                }
+            }
+        }
+        if !self.require_signature {
+            return Ok(None);
+        }
+        let what = format!("{} ({})", r.label(), r.platform);
+        let trusted = self.keys.iter().map(key_label).collect::<Vec<_>>().join(", ");
+        if let Some(k) = bad {
+            return Err((
+                "BadSignature",
+                format!(
+                    "{what}: the signature by trusted key {k} does not verify (the blob or its statement was altered)"
+                ),
+            ));
+        }
+        if b.signatures.is_empty() {
+            return Err((
+                "SignatureRequired",
+                format!("{what} is unsigned; this node requires a signature by one of: {trusted}"),
+            ));
+        }
+        let ids = b.signatures.iter().map(|s| s.key_id.as_str()).collect::<Vec<_>>().join(", ");
+        Err((
+            "UntrustedSigner",
+            format!("{what} is signed by key {ids}, which this node does not trust (trusted: {trusted})"),
+        ))
+    }
+}
+
+fn key_label(k: &TrustedKey) -> String {
+    let id = yunbian_artifacts::signing::key_id(&unhex(&k.public_key));
+    if k.name.is_empty() {
+        id
+    } else {
+        format!("{} ({id})", k.name)
+    }
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2).filter_map(|i| s.get(2 * i..2 * i + 2).and_then(|p| u8::from_str_radix(p, 16).ok())).collect()
+}
+
+/// The state of one reference's pull.
+enum Pull {
+    Running {
+        progress: Arc<PullProgress>,
+    },
+    Ready {
+        resolved: Box<Resolved>,
+        blob: LocalBlob,
+    },
+    Failed {
+        phase: InstancePhase,
+        reason: &'static str,
+        message: String,
+        retry_at: Instant,
+        attempts: u32,
+        trust: bool,
+    },
+}
+
+#[derive(Default)]
+struct State {
+    pulls: HashMap<ArtifactRef, Pull>,
+    /// Instances waiting for a reference.
+    waiting: HashMap<String, ArtifactRef>,
+    /// The blob each launched instance holds in use.
+    holding: HashMap<String, Digest>,
+    /// The last status sent per waiting instance, not to repeat it.
+    sent: HashMap<String, AppInstanceStatus>,
+    trust: TrustPolicy,
+}
+
+/// Prepares instances for the process runtime (see the module docs).
+pub struct Launcher {
+    cache: Option<Arc<ArtifactCache>>,
+    opts: LauncherOptions,
+    state: Mutex<State>,
+    status_tx: mpsc::UnboundedSender<StatusUpdate>,
+    wake: Arc<Notify>,
+}
+
+/// First retry delay of a failed pull; doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest retry delay of a failed pull.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+impl Launcher {
+    /// A launcher pulling through `cache` (none: artifacts are refused),
+    /// reporting pull states on `status_tx`.
+    pub fn new(
+        cache: Option<Arc<ArtifactCache>>,
+        opts: LauncherOptions,
+        status_tx: mpsc::UnboundedSender<StatusUpdate>,
+    ) -> Arc<Launcher> {
+        Arc::new(Launcher {
+            cache,
+            opts,
+            state: Mutex::new(State::default()),
+            status_tx,
+            wake: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Notified when a pull ends: the reconciler should call
+    /// [`prepare`](Self::prepare) again.
+    pub fn woken(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// The options.
+    pub fn options(&self) -> &LauncherOptions {
+        &self.opts
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces the trust policy. Refusals and launched artifacts are looked
+    /// at again under the new one.
+    pub fn set_trust(&self, policy: TrustPolicy) {
+        let mut st = self.lock();
+        if st.trust == policy {
+            return;
+        }
+        tracing::info!(require = policy.require_signature, keys = policy.keys.len(), "artifact trust policy changed");
+        st.trust = policy;
+        st.pulls.retain(|_, p| !matches!(p, Pull::Failed { trust: true, .. }));
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// Forgets instances no longer desired: their pulls' waiting entries
+    /// and their blobs' in-use marks.
+    pub fn retain(&self, desired: &HashSet<&str>) {
+        let mut st = self.lock();
+        st.waiting.retain(|i, _| desired.contains(i.as_str()));
+        st.sent.retain(|i, _| desired.contains(i.as_str()));
+        let gone: Vec<String> = st.holding.keys().filter(|i| !desired.contains(i.as_str())).cloned().collect();
+        for i in gone {
+            if let (Some(d), Some(c)) = (st.holding.remove(&i), &self.cache) {
+                c.unmark_in_use(&d);
+            }
+        }
+        let used: HashSet<ArtifactRef> = st.waiting.values().cloned().collect();
+        // Finished pulls nobody waits for are dropped; running ones finish.
+        st.pulls.retain(|r, p| used.contains(r) || matches!(p, Pull::Running { .. }));
+    }
+
+    /// The instance to hand to the process runtime, or `None` while it is
+    /// being prepared or cannot run (its status says why).
+    pub fn prepare(self: &Arc<Self>, inst: &AppInstance) -> Option<AppInstance> {
+        let name = inst.metadata.name.clone();
+        let t = &inst.spec.template;
+        if t.runtime == RuntimeKind::Process && t.artifact.is_none() {
+            return Some(inst.clone());
+        }
+        if let Some(why) = self.unavailable(t.runtime) {
+            self.report(&name, InstancePhase::Failed, "RuntimeUnavailable", why);
+            return None;
+        }
+        let Some(r) = t.artifact.clone() else {
+            self.report(
+                &name,
+                InstancePhase::Failed,
+                "NoArtifact",
+                format!("runtime {} needs an artifact", t.runtime.as_str()),
+            );
+            return None;
+        };
+        let Some(cache) = self.cache.clone() else {
+            self.report(&name, InstancePhase::Failed, "NoArtifactCache", "this agent cannot pull artifacts".into());
+            return None;
+        };
+        let mut st = self.lock();
+        st.waiting.insert(name.clone(), r.clone());
+        let now = Instant::now();
+        let start = match st.pulls.get(&r) {
+            None => true,
+            Some(Pull::Failed { retry_at, .. }) => now >= *retry_at,
+            _ => false,
+        };
+        if start {
+            let attempts = match st.pulls.get(&r) {
+                Some(Pull::Failed { attempts, .. }) => *attempts,
+                _ => 0,
+            };
+            let progress = Arc::new(PullProgress::default());
+            st.pulls.insert(r.clone(), Pull::Running { progress: progress.clone() });
+            let trust = st.trust.clone();
+            drop(st);
+            self.report(&name, InstancePhase::Pending, "Pulling", format!("Pulling {r}: resolving"));
+            let me = self.clone();
+            tokio::spawn(async move { me.run_pull(cache, r, trust, progress, attempts).await });
+            return None;
+        }
+        match st.pulls.get(&r) {
+            Some(Pull::Ready { resolved, blob }) => {
+                // The policy may have changed since the pull.
+                if let Err((reason, message)) = st.trust.check(resolved) {
+                    st.pulls.insert(
+                        r.clone(),
+                        Pull::Failed {
+                            phase: InstancePhase::Failed,
+                            reason,
+                            message: message.clone(),
+                            retry_at: now + MAX_BACKOFF,
+                            attempts: 0,
+                            trust: true,
+                        },
+                    );
+                    drop(st);
+                    self.report(&name, InstancePhase::Failed, reason, message);
+                    return None;
+                }
+                let blob = blob.clone();
+                match self.process_instance(inst, &blob) {
+                    Ok(p) => {
+                        if st.holding.get(&name) != Some(&blob.sha256) {
+                            cache.mark_in_use(&blob.sha256);
+                            if let Some(old) = st.holding.insert(name.clone(), blob.sha256) {
+                                cache.unmark_in_use(&old);
+                            }
+                        }
+                        st.sent.remove(&name);
+                        Some(p)
+                    }
+                    Err((reason, message)) => {
+                        drop(st);
+                        self.report(&name, InstancePhase::Failed, reason, message);
+                        None
+                    }
+                }
+            }
+            Some(Pull::Failed { phase, reason, message, retry_at, .. }) => {
+                let (phase, reason) = (*phase, *reason);
+                let left = retry_at.saturating_duration_since(now).as_secs();
+                let message = if reason == "Pulling" || phase == InstancePhase::Failed {
+                    message.clone()
+                } else {
+                    format!("{message}; retrying in {left} s")
+                };
+                drop(st);
+                self.report(&name, phase, reason, message);
+                None
+            }
+            Some(Pull::Running { progress }) => {
+                // The pull task reports progress to every waiting instance;
+                // one that joins a running pull hears at once.
+                let (known, pct) = (st.sent.get(&name).is_some_and(|s| s.reason == "Pulling"), progress.percent());
+                drop(st);
+                if !known {
+                    self.report(&name, InstancePhase::Pending, "Pulling", format!("Pulling {pct} % of {r}"));
+                }
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn unavailable(&self, runtime: RuntimeKind) -> Option<String> {
+        match runtime {
+            RuntimeKind::Process | RuntimeKind::Fake => None,
+            RuntimeKind::Wasm if !self.opts.wasm => {
+                Some("the wasm runtime is not built into this agent (build with --features wasm)".into())
+            }
+            RuntimeKind::Oci => match &self.opts.oci {
+                Some(Ok(_)) => None,
+                Some(Err(why)) => Some(format!("the oci runtime is unavailable: {why}")),
+                None => Some("the oci runtime is not enabled on this agent".into()),
+            },
+            _ if self.opts.shim_exe.is_none() => Some("no shim executable is configured".into()),
+            _ => None,
+        }
+    }
+
+    /// Sends a status for a waiting instance unless it is the last one sent.
+    fn report(&self, instance: &str, phase: InstancePhase, reason: &str, message: String) {
+        let status = AppInstanceStatus { phase, reason: reason.into(), message, ..Default::default() };
+        let mut st = self.lock();
+        if st.sent.get(instance) == Some(&status) {
+            return;
+        }
+        st.sent.insert(instance.to_string(), status.clone());
+        drop(st);
+        let _ = self.status_tx.send(StatusUpdate { instance: instance.to_string(), status });
+    }
+
+    fn report_waiting(&self, r: &ArtifactRef, phase: InstancePhase, reason: &str, message: &str) {
+        let names: Vec<String> = self.lock().waiting.iter().filter(|(_, w)| *w == r).map(|(i, _)| i.clone()).collect();
+        for n in names {
+            self.report(&n, phase, reason, message.to_string());
+        }
+    }
+
+    async fn run_pull(
+        self: Arc<Self>,
+        cache: Arc<ArtifactCache>,
+        r: ArtifactRef,
+        trust: TrustPolicy,
+        progress: Arc<PullProgress>,
+        attempts: u32,
+    ) {
+        let outcome = async {
+            let resolved = cache.resolve(&r).await.map_err(|e| pull_failure(&e))?;
+            trust.check(&resolved).map_err(|(reason, message)| (InstancePhase::Failed, reason, message, true))?;
+            let label = resolved.label();
+            let pull = cache.pull(&resolved, &progress);
+            tokio::pin!(pull);
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            let mut last = None;
+            loop {
+                tokio::select! {
+                    res = &mut pull => {
+                        let blob = res.map_err(|e| pull_failure(&e))?;
+                        return Ok::<_, (InstancePhase, &'static str, String, bool)>((resolved.clone(), blob));
+                    }
+                    _ = tick.tick() => {
+                        let pct = progress.percent();
+                        if last != Some(pct) && progress.total() > 0 {
+                            last = Some(pct);
+                            let msg = format!(
+                                "Pulling {pct} % of {label} ({} of {})",
+                                mib(progress.done()),
+                                mib(progress.total())
+                            );
+                            self.report_waiting(&r, InstancePhase::Pending, "Pulling", &msg);
+                        }
+                    }
+                }
+            }
+        }
+        .await;
+        let mut st = self.lock();
+        match outcome {
+            Ok((resolved, blob)) => {
+                tracing::info!(artifact = %r, blob = %blob.sha256, platform = %blob.platform, offline = resolved.offline, "artifact ready");
+                st.pulls.insert(r.clone(), Pull::Ready { resolved: Box::new(resolved), blob });
+            }
+            Err((phase, reason, message, trust)) => {
+                let attempts = attempts + 1;
+                let delay = if trust {
+                    MAX_BACKOFF
+                } else {
+                    (FIRST_BACKOFF * 2u32.saturating_pow(attempts - 1)).min(MAX_BACKOFF)
+                };
+                tracing::warn!(artifact = %r, reason, error = %message, retry_in_s = delay.as_secs(), "artifact not ready");
+                st.pulls.insert(
+                    r.clone(),
+                    Pull::Failed { phase, reason, message, retry_at: Instant::now() + delay, attempts, trust },
+                );
+            }
+        }
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// The process-runtime instance for `inst` running `blob`.
+    fn process_instance(&self, inst: &AppInstance, blob: &LocalBlob) -> Result<AppInstance, (&'static str, String)> {
+        let t = &inst.spec.template;
+        let mismatch =
+            |need: &str| ("ArtifactMismatch", format!("the artifact is a {} blob; {need}", blob.kind.as_str()));
+        let mut out = inst.clone();
+        let mut spec = t.process.clone().unwrap_or_default();
+        match (t.runtime, blob.kind) {
+            (RuntimeKind::Process, BlobType::Executable) => {
+                if !spec.command.is_empty() {
+                    return Err((
+                        "InvalidSpec",
+                        "an executable artifact is the program: give its arguments in process.args, not process.command".into(),
+                    ));
+                }
+                spec.command = vec![blob.path.display().to_string()];
+            }
+            (RuntimeKind::Process, BlobType::Bundle) => {
+                let root = blob.unpacked.clone().ok_or(("InvalidSpec", "the bundle was not unpacked".to_string()))?;
+                let Some(first) = spec.command.first().cloned() else {
+                    return Err(("InvalidSpec", "process.command[0] must name the program inside the bundle".into()));
+                };
+                spec.command[0] = in_bundle(&root, &first)?.display().to_string();
+                if spec.working_dir.is_empty() {
+                    spec.working_dir = root.display().to_string();
+                }
+                spec.env.insert("YUNBIAN_BUNDLE_DIR".into(), root.display().to_string());
+            }
+            (RuntimeKind::Process, _) => {
+                return Err(mismatch(&format!(
+                    "set runtime: {}",
+                    if blob.kind == BlobType::Wasm { "wasm" } else { "oci" }
+                )))
+            }
+            (RuntimeKind::Wasm, BlobType::Wasm) => {
+                spec = self.wasm_command(inst, &spec, blob);
+                if let Some(limit) = t.resources.limits.memory.as_ref().map(|_| t.resources.limits.memory_bytes()) {
+                    out.spec.template.resources.limits.memory = Some((limit + WASM_SHIM_OVERHEAD).to_string());
+                }
+            }
+            (RuntimeKind::Wasm, _) => return Err(mismatch("runtime wasm runs wasm modules")),
+            (RuntimeKind::Oci, BlobType::Oci) => spec = self.oci_command(inst, &spec, blob)?,
+            (RuntimeKind::Oci, _) => return Err(mismatch("runtime oci runs OCI image layouts")),
+            (RuntimeKind::Fake, _) => return Ok(out),
+        }
+        out.spec.template.runtime = RuntimeKind::Process;
+        out.spec.template.process = Some(spec);
+        Ok(out)
+    }
+
+    /// Environment of a guest (wasm module, container): the instance's own
+    /// variables, then what a process would get from its node.
+    fn guest_env(&self, inst: &AppInstance, spec: &ProcessSpec) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        env.push(("NODE_NAME".into(), self.opts.node.clone()));
+        env.push(("APP_NAME".into(), inst.spec.app.clone()));
+        env.push(("INSTANCE_NAME".into(), inst.metadata.name.clone()));
+        env.extend(self.opts.node_env.iter().cloned());
+        env
+    }
+
+    fn shim(&self) -> String {
+        self.opts.shim_exe.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+    }
+
+    fn wasm_command(&self, inst: &AppInstance, spec: &ProcessSpec, blob: &LocalBlob) -> ProcessSpec {
+        let limits = &inst.spec.template.resources.limits;
+        let mut cmd =
+            vec![self.shim(), "shim".into(), "wasm".into(), "--module".into(), blob.path.display().to_string()];
+        // The process runtime starts the shim in the instance's own
+        // directory: that is the guest's /data.
+        cmd.extend(["--dir".into(), ".".into(), "--cache-dir".into(), self.opts.wasm_cache.display().to_string()]);
+        cmd.push("--inherit-network".into());
+        if limits.memory.is_some() {
+            cmd.extend(["--memory-bytes".into(), limits.memory_bytes().to_string()]);
+        }
+        if limits.cpu.is_some() {
+            cmd.extend(["--cpu-millis".into(), limits.cpu_millis().to_string()]);
+        }
+        for (k, v) in self.guest_env(inst, spec) {
+            cmd.extend(["--env".into(), format!("{k}={v}")]);
+        }
+        cmd.push("--".into());
+        cmd.extend(spec.command.iter().cloned());
+        cmd.extend(spec.args.iter().cloned());
+        ProcessSpec { command: cmd, args: Vec::new(), env: Default::default(), working_dir: String::new() }
+    }
+
+    fn oci_command(
+        &self,
+        inst: &AppInstance,
+        spec: &ProcessSpec,
+        blob: &LocalBlob,
+    ) -> Result<ProcessSpec, (&'static str, String)> {
+        let layout = blob.unpacked.clone().ok_or(("InvalidSpec", "the image layout was not unpacked".to_string()))?;
+        let limits = &inst.spec.template.resources.limits;
+        let name = &inst.metadata.name;
+        let mut cmd = vec![self.shim(), "shim".into(), "oci".into(), "--layout".into(), layout.display().to_string()];
+        cmd.extend(["--oci-dir".into(), self.opts.oci_dir.display().to_string()]);
+        cmd.extend(["--id".into(), format!("yunbian-{name}"), "--volume".into(), ".".into()]);
+        if limits.memory.is_some() {
+            cmd.extend(["--memory-bytes".into(), limits.memory_bytes().to_string()]);
+        }
+        if limits.cpu.is_some() {
+            cmd.extend(["--cpu-millis".into(), limits.cpu_millis().to_string()]);
+        }
+        if !spec.working_dir.is_empty() {
+            cmd.extend(["--workdir".into(), spec.working_dir.clone()]);
+        }
+        for c in &spec.command {
+            cmd.extend(["--entrypoint".into(), c.clone()]);
+        }
+        for (k, v) in self.guest_env(inst, spec) {
+            cmd.extend(["--env".into(), format!("{k}={v}")]);
+        }
+        cmd.push("--".into());
+        cmd.extend(spec.args.iter().cloned());
+        Ok(ProcessSpec { command: cmd, args: Vec::new(), env: Default::default(), working_dir: String::new() })
+    }
+}
+
+/// A command path in a bundle: relative paths resolve against its root and
+/// may not leave it; absolute paths are host paths.
+fn in_bundle(root: &Path, p: &str) -> Result<PathBuf, (&'static str, String)> {
+    let path = Path::new(p);
+    if path.is_absolute() {
+        return Ok(path.to_path_buf());
+    }
+    if path.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(("InvalidSpec", format!("process.command[0] {p:?} leaves the bundle")));
+    }
+    let full = root.join(path);
+    if !full.is_file() {
+        return Err(("InvalidSpec", format!("process.command[0] {p:?} is not a file in the bundle")));
+    }
+    Ok(full)
+}
+
+/// How a pull error shows in the instance's status: (phase, reason,
+/// message, is a trust refusal).
+fn pull_failure(e: &PullError) -> (InstancePhase, &'static str, String, bool) {
+    let reason = match e {
+        PullError::NotFound { .. } | PullError::NoSuchBlob(_) => "ArtifactNotFound",
+        PullError::NoBlob { .. } => "NoBlobForPlatform",
+        PullError::Pinned { .. } => "DigestMismatch",
+        PullError::Source { .. } => "PullFailed",
+        PullError::CorruptChunk { .. } | PullError::BlobMismatch { .. } => "CorruptArtifact",
+        PullError::UnsafeEntry { .. } | PullError::Bundle { .. } | PullError::Manifest { .. } => "InvalidArtifact",
+        PullError::Io { .. } => "PullFailed",
+    };
+    (InstancePhase::Pending, reason, e.to_string(), false)
+}
+
+fn mib(b: u64) -> String {
+    if b < 1 << 20 {
+        format!("{:.0} KiB", b as f64 / 1024.0)
+    } else {
+        format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use yunbian_api::{Artifact, ArtifactBlob, ArtifactSpec, BlobSignature, Object, TrustSpec};
+    use yunbian_artifacts::signing::PublisherKey;
+
+    use super::*;
+
+    fn resolved(sign: Option<&PublisherKey>, tamper: bool) -> Resolved {
+        let mut blob =
+            ArtifactBlob { kind: BlobType::Executable, size: 3, sha256: "ab".repeat(32), ..Default::default() };
+        if let Some(k) = sign {
+            let st = signing_statement("tool", "1.0", "linux/amd64", blob.kind, &blob.sha256, blob.size);
+            blob.signatures.push(BlobSignature { key_id: k.key_id(), signature: k.sign_hex(st.as_bytes()) });
+        }
+        if tamper {
+            blob.size = 4;
+        }
+        let spec = ArtifactSpec {
+            name: "tool".into(),
+            version: "1.0".into(),
+            blobs: [("linux/amd64".to_string(), blob.clone())].into(),
+        };
+        let artifact: Artifact = Object::new("tool--1-0", spec);
+        Resolved { artifact, platform: "linux/amd64".into(), blob, offline: false }
+    }
+
+    fn group(require: bool, keys: &[&PublisherKey]) -> NodeGroupSpec {
+        NodeGroupSpec {
+            trust: Some(TrustSpec {
+                require_signature: require,
+                keys: keys
+                    .iter()
+                    .map(|k| TrustedKey { name: "release".into(), public_key: k.public_key_hex() })
+                    .collect(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_trust_policy_accepts_trusted_signatures_and_says_why_it_refuses() {
+        let (good, other) = (PublisherKey::generate().expect("key"), PublisherKey::generate().expect("key"));
+        // No policy: anything runs.
+        assert_eq!(TrustPolicy::default().check(&resolved(None, false)), Ok(None));
+        // Groups combine: one requiring, another adding a key.
+        let p = TrustPolicy::of_groups([&group(true, &[]), &group(false, &[&good])]);
+        assert!(p.require_signature && p.keys.len() == 1);
+        assert!(p.check(&resolved(Some(&good), false)).expect("trusted").is_some_and(|s| s.starts_with("release (")));
+        let (reason, msg) = p.check(&resolved(None, false)).expect_err("unsigned");
+        assert_eq!(reason, "SignatureRequired");
+        assert!(msg.contains("tool 1.0 (linux/amd64) is unsigned") && msg.contains(&good.key_id()), "{msg}");
+        let (reason, msg) = p.check(&resolved(Some(&other), false)).expect_err("untrusted");
+        assert_eq!(reason, "UntrustedSigner");
+        assert!(msg.contains(&other.key_id()), "{msg}");
+        let (reason, _) = p.check(&resolved(Some(&good), true)).expect_err("tampered");
+        assert_eq!(reason, "BadSignature");
+        // Not required: an unsigned or untrusted blob still runs.
+        let lax = TrustPolicy::of_groups([&group(false, &[&good])]);
+        assert_eq!(lax.check(&resolved(Some(&other), false)), Ok(None));
+    }
+
+    #[test]
+    fn bundle_commands_stay_inside_the_bundle() {
+        let dir = std::env::temp_dir().join(format!("yunbian-launch-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("bin")).expect("dir");
+        std::fs::write(dir.join("bin/run"), b"#!/bin/sh\n").expect("file");
+        assert_eq!(in_bundle(&dir, "bin/run").expect("inside"), dir.join("bin/run"));
+        assert_eq!(in_bundle(&dir, "/bin/sh").expect("host"), PathBuf::from("/bin/sh"));
+        assert!(in_bundle(&dir, "../etc/passwd").is_err());
+        assert!(in_bundle(&dir, "bin/missing").is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
