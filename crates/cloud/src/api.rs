@@ -67,6 +67,8 @@ pub struct ApiState {
     pub data: Arc<dyn yunbian_dataapi::DataQuery>,
     /// The artifact chunk store (`/v1/chunks/…`, artifact checks and GC).
     pub artifacts: Arc<crate::artifacts::ArtifactRegistry>,
+    /// The P2P tracker and cloud pull limits (`/v1/p2p/…`, per replica).
+    pub tracker: Arc<crate::tracker::Tracker>,
 }
 
 type St = State<Arc<ApiState>>;
@@ -136,6 +138,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .merge(data)
         .merge(crate::artifacts::routes())
+        .merge(crate::tracker::routes())
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .route("/v1/ca", get(ca))

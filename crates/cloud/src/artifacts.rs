@@ -6,7 +6,8 @@
 //! - `PUT /v1/chunks/{sha256}`: stores a chunk (≤ 4 MiB); the body must hash
 //!   to the digest. 201 when stored, 200 when it was already there:
 //!   idempotent, so an interrupted push simply resumes.
-//! - `GET /v1/chunks/{sha256}`: the chunk's bytes, checked on read.
+//! - `GET /v1/chunks/{sha256}`: the chunk's bytes, checked on read; a
+//!   node's read is limited per site and paced by `crate::tracker`.
 //! - `POST /v1/chunks/gc` (`{"graceSeconds": N}` optional): a sweep now.
 //!
 //! Artifact objects go through the generic CRUD routes; before one is
@@ -120,10 +121,15 @@ async fn put_chunk(
     Ok((code, Json(json!({ "digest": d.hex(), "size": body.len() }))).into_response())
 }
 
-async fn get_chunk(State(s): St, _reader: ArtifactReader, Path(d): Path<String>) -> Result<Response, ApiError> {
+async fn get_chunk(State(s): St, reader: ArtifactReader, Path(d): Path<String>) -> Result<Response, ApiError> {
     let d = digest(&d)?;
+    // Node pulls: per-site concurrency (429 beyond) and egress pacing.
+    let permit = match s.tracker.admit_cloud_pull(&reader) {
+        Ok(p) => p,
+        Err(busy) => return Ok(busy.into_response()),
+    };
     match s.artifacts.chunks.get(&d).await {
-        Ok(Some(bytes)) => Ok(([("content-type", "application/octet-stream")], bytes).into_response()),
+        Ok(Some(bytes)) => Ok(crate::tracker::chunk_response(permit, bytes)),
         Ok(None) => Err(ApiError::new(StatusCode::NOT_FOUND, format!("chunk {d} not found"))),
         Err(ArtifactError::DigestMismatch { .. }) => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,

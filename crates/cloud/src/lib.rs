@@ -32,6 +32,7 @@ pub mod objects;
 pub mod rule_views;
 pub mod scheduler;
 pub mod server;
+pub mod tracker;
 
 pub use hub::HubConfig;
 
@@ -60,6 +61,9 @@ pub struct CloudOptions {
     /// Artifact chunks no artifact references are collected once unused
     /// for this long (protects pushes in progress; default 1 h).
     pub artifact_gc_grace: Duration,
+    /// The P2P tracker and the cloud's chunk egress limits
+    /// (docs/design/015-p2p-distribution.md; default: unlimited).
+    pub p2p: tracker::TrackerConfig,
 }
 
 /// The state store backend.
@@ -117,6 +121,7 @@ impl CloudOptions {
             store: StoreConfig::Embedded,
             replica_id: None,
             artifact_gc_grace: artifacts::DEFAULT_GC_GRACE,
+            p2p: tracker::TrackerConfig::default(),
         }
     }
 }
@@ -240,6 +245,7 @@ pub async fn start(opts: CloudOptions) -> Result<CloudHandle> {
         node_cert_ttl: opts.node_cert_ttl,
         data,
         artifacts: registry.clone(),
+        tracker: Arc::new(tracker::Tracker::new(opts.p2p.clone())),
     });
     let app = api::router(state);
     let tasks = vec![
