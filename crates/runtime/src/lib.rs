@@ -21,6 +21,7 @@ use yunbian_api::{AppInstance, AppInstanceStatus};
 
 mod clock;
 pub mod fake;
+pub mod oci;
 pub mod process;
 
 pub use fake::FakeRuntime;
