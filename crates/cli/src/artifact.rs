@@ -189,6 +189,8 @@ pub(crate) async fn run(session: &Session, cmd: ArtifactCommand) -> Result<()> {
                 out.display(),
                 pub_path(&out).display()
             );
+            // What a NodeGroup's `trust.keys[].publicKey` takes.
+            println!("public key: {}", key.public_key_hex());
             Ok(())
         }
         ArtifactCommand::Sign(a) => {

@@ -789,8 +789,9 @@ async fn reconcile_runtime(runtime: Arc<dyn Runtime>, launcher: Arc<Launcher>, m
     loop {
         let (want, known) = rx.borrow_and_update().clone();
         launcher.retain(&want.keys().map(String::as_str).collect());
+        let mut have: Vec<String> = Vec::new();
         if known {
-            let have: Vec<String> = runtime.statuses().await.into_iter().map(|s| s.instance).collect();
+            have = runtime.statuses().await.into_iter().map(|s| s.instance).collect();
             for name in have.iter().filter(|n| !want.contains_key(*n)) {
                 if let Err(e) = runtime.remove(name).await {
                     tracing::warn!(instance = %name, error = %e, "remove instance");
@@ -799,8 +800,20 @@ async fn reconcile_runtime(runtime: Arc<dyn Runtime>, launcher: Arc<Launcher>, m
         }
         for inst in want.values() {
             // Held back while its artifact is pulled (the launcher reports
-            // the progress), then run as a process.
-            let Some(inst) = launcher.prepare(inst) else { continue };
+            // the progress; a previous version keeps running meanwhile),
+            // then run as a process.
+            let Some(inst) = launcher.prepare(inst) else {
+                let name = &inst.metadata.name;
+                if launcher.refused(name) && have.contains(name) {
+                    // The trust policy tightened, or the runtime went away.
+                    tracing::warn!(instance = %name, "stopping an instance this node no longer accepts");
+                    if let Err(e) = runtime.remove(name).await {
+                        tracing::warn!(instance = %name, error = %e, "remove instance");
+                    }
+                    launcher.resend(name);
+                }
+                continue;
+            };
             if let Err(e) = runtime.ensure(&inst).await {
                 tracing::warn!(instance = %inst.metadata.name, error = %e, "start instance");
             }

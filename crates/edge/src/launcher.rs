@@ -216,6 +216,8 @@ pub struct Launcher {
 const FIRST_BACKOFF: Duration = Duration::from_secs(5);
 /// Longest retry delay of a failed pull.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// When an artifact the trust policy refused is read again.
+const TRUST_RETRY: Duration = Duration::from_secs(15);
 
 impl Launcher {
     /// A launcher pulling through `cache` (none: artifacts are refused),
@@ -337,7 +339,7 @@ impl Launcher {
                             phase: InstancePhase::Failed,
                             reason,
                             message: message.clone(),
-                            retry_at: now + MAX_BACKOFF,
+                            retry_at: now + TRUST_RETRY,
                             attempts: 0,
                             trust: true,
                         },
@@ -407,6 +409,21 @@ impl Launcher {
         }
     }
 
+    /// Whether the instance cannot run here as it stands (a trust refusal,
+    /// an unavailable runtime, an artifact that does not fit the spec), as
+    /// opposed to waiting for a pull. A refused instance that still runs
+    /// (the policy tightened after it started) is stopped by the reconciler.
+    pub fn refused(&self, instance: &str) -> bool {
+        self.lock().sent.get(instance).is_some_and(|s| s.phase == InstancePhase::Failed)
+    }
+
+    /// Sends the instance's last status again (after the runtime reported
+    /// the instance stopped over it).
+    pub fn resend(&self, instance: &str) {
+        let Some(status) = self.lock().sent.get(instance).cloned() else { return };
+        let _ = self.status_tx.send(StatusUpdate { instance: instance.to_string(), status });
+    }
+
     /// Sends a status for a waiting instance unless it is the last one sent.
     fn report(&self, instance: &str, phase: InstancePhase, reason: &str, message: String) {
         let status = AppInstanceStatus { phase, reason: reason.into(), message, ..Default::default() };
@@ -472,8 +489,10 @@ impl Launcher {
             }
             Err((phase, reason, message, trust)) => {
                 let attempts = attempts + 1;
+                // A refusal is looked at again soon: the publisher may sign
+                // the artifact, which changes nothing on this node.
                 let delay = if trust {
-                    MAX_BACKOFF
+                    TRUST_RETRY
                 } else {
                     (FIRST_BACKOFF * 2u32.saturating_pow(attempts - 1)).min(MAX_BACKOFF)
                 };

@@ -1,0 +1,152 @@
+//! Apps that run artifacts, end to end through the `yunbian` binary with a
+//! real cloud and agent: an executable artifact runs with its arguments; a
+//! bundle pulled over a slow link reports `Pulling N %` before it runs
+//! from its unpacked directory; a trust policy on a NodeGroup
+//! refuses unsigned artifacts (and stops one already running), and the
+//! instance runs once the publisher signs it.
+
+mod harness;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use harness::{eventually, s, Cluster, EdgeSetup};
+use yunbian_faults::LinkConditions;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn sh(script: &str, dir: &Path) {
+    let st = Command::new("sh").arg("-c").arg(script).current_dir(dir).status().expect("sh");
+    assert!(st.success(), "{script}");
+}
+
+fn artifact_app(name: &str, artifact: &str, version: &str, process: &str) -> String {
+    format!(
+        "apiVersion: yunbian.io/v1\nkind: App\nmetadata: {{name: {name}}}\nspec:\n  replicas: 1\n  artifact: {{name: {artifact}, version: \"{version}\"}}\n  process: {process}\n"
+    )
+}
+
+/// Waits until the app's instance's status satisfies `f`; returns it.
+#[track_caller]
+fn wait_instance(c: &Cluster, app: &str, what: &str, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    eventually(WAIT, what, || {
+        let items = c.instances_of(app)?;
+        match items.first() {
+            Some(i) if f(i) => Ok(i.clone()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+}
+
+fn logs_contain(c: &Cluster, app: &str, want: &str) {
+    eventually(WAIT, &format!("{app} logs {want:?}"), || {
+        let o = c.cli(&["logs", &format!("app/{app}"), "--tail", "20"]);
+        if o.stdout.contains(want) {
+            Ok(())
+        } else {
+            Err(format!("{o:?}"))
+        }
+    });
+}
+
+#[test]
+fn apps_run_pulled_artifacts_under_the_trust_policy() {
+    let mut c = Cluster::start("artifact-apps");
+    c.join_with("e1", EdgeSetup::new().via_link());
+    let work = c.dir.join("work");
+    std::fs::create_dir_all(work.join("bundle/bin")).expect("mkdir");
+    let p = |f: &str| work.join(f).display().to_string();
+
+    // An "executable" artifact (a script is enough for exec).
+    std::fs::write(work.join("tool"), "#!/bin/sh\necho \"tool says $1 on $NODE_NAME\"\nexec sleep 3600\n")
+        .expect("write");
+    let arch = if cfg!(target_arch = "aarch64") { "linux/arm64" } else { "linux/amd64" };
+    c.cli(&[
+        "artifact",
+        "push",
+        &p("tool"),
+        "--name",
+        "tool",
+        "--version",
+        "1.0",
+        "--type",
+        "executable",
+        "--platform",
+        arch,
+    ])
+    .ok();
+    c.apply(&artifact_app("exe", "tool", "1.0", "{args: [hello]}"));
+    let i = wait_instance(&c, "exe", "exe Running", |i| s(i, "/status/phase") == "Running");
+    assert_eq!(s(&i, "/spec/node"), "e1");
+    let exe_pid = harness::u(&i, "/status/pid").expect("pid") as u32;
+    logs_contain(&c, "exe", "tool says hello on e1");
+
+    // A 12 MiB bundle over a 16 Mbit/s link: the instance says how far the
+    // pull is, then runs the bundle's program from the bundle's directory.
+    std::fs::write(
+        work.join("bundle/bin/run.sh"),
+        "#!/bin/sh\necho \"bundle says $GREETING from $(pwd) bundle=$YUNBIAN_BUNDLE_DIR\"\nexec sleep 3600\n",
+    )
+    .expect("write");
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let noise: Vec<u8> = (0..12usize << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    std::fs::write(work.join("bundle/data.bin"), noise).expect("write");
+    sh("chmod +x bundle/bin/run.sh && tar czf app.tar.gz -C bundle bin data.bin", &work);
+    c.cli(&["artifact", "push", &p("app.tar.gz"), "--name", "site-app", "--version", "2.0"]).ok();
+    c.link("e1").set_conditions(LinkConditions {
+        delay: Duration::ZERO,
+        jitter: Duration::ZERO,
+        bandwidth_bps: Some(16_000_000),
+        loss: 0.0,
+    });
+    c.apply(&artifact_app("bundled", "site-app", "2.0", "{command: [bin/run.sh], env: {GREETING: hi}}"));
+    let pulling = wait_instance(&c, "bundled", "a Pulling status with a percentage", |i| {
+        let m = s(i, "/status/message");
+        s(i, "/status/reason") == "Pulling" && m.contains(" % of site-app 2.0") && !m.starts_with("Pulling 0 %")
+    });
+    assert_eq!(s(&pulling, "/status/phase"), "Pending", "{pulling}");
+    c.link("e1").set_conditions(LinkConditions::PERFECT);
+    wait_instance(&c, "bundled", "bundled Running", |i| s(i, "/status/phase") == "Running");
+    logs_contain(&c, "bundled", "bundle says hi from ");
+    let o = c.cli(&["logs", "app/bundled", "--tail", "5"]);
+    let line = o.stdout.lines().find(|l| l.contains("bundle says")).expect("line").to_string();
+    let (cwd, bundle) = line.split_once(" bundle=").expect("two paths");
+    assert!(cwd.ends_with(bundle) && bundle.contains("/artifacts/unpacked/"), "{line}");
+
+    // A trust policy: every node requires a signature by the release key.
+    let key = work.join("release.key");
+    let out = c.cli(&["artifact", "keygen", "--out", &key.display().to_string()]);
+    let public = out.ok().lines().find_map(|l| l.strip_prefix("public key: ")).map(str::trim).map(String::from);
+    let public = public.unwrap_or_else(|| panic!("public key line in {out:?}"));
+    c.apply(&format!(
+        "apiVersion: yunbian.io/v1\nkind: NodeGroup\nmetadata: {{name: everyone}}\nspec:\n  selector: {{}}\n  trust:\n    requireSignature: true\n    keys: [{{name: release, publicKey: \"{public}\"}}]\n"
+    ));
+    // The running unsigned instances are stopped, and say why.
+    let refused = wait_instance(&c, "exe", "exe refused", |i| s(i, "/status/reason") == "SignatureRequired");
+    assert_eq!(s(&refused, "/status/phase"), "Failed", "{refused}");
+    assert!(s(&refused, "/status/message").contains("tool 1.0"), "{refused}");
+    eventually(WAIT, "the unsigned tool stopped", || {
+        if harness::pid_alive(exe_pid) {
+            Err(format!("pid {exe_pid} still alive"))
+        } else {
+            Ok(())
+        }
+    });
+    // Signed by an untrusted key: refused with that reason.
+    let rogue = work.join("rogue.key");
+    c.cli(&["artifact", "keygen", "--out", &rogue.display().to_string()]).ok();
+    c.cli(&["artifact", "sign", "tool", "--version", "1.0", "--key", &rogue.display().to_string()]).ok();
+    wait_instance(&c, "exe", "exe untrusted", |i| s(i, "/status/reason") == "UntrustedSigner");
+    // Signed by the release key: runs again.
+    c.cli(&["artifact", "sign", "tool", "--version", "1.0", "--key", &key.display().to_string()]).ok();
+    wait_instance(&c, "exe", "exe Running when signed", |i| s(i, "/status/phase") == "Running");
+    logs_contain(&c, "exe", "tool says hello on e1");
+}
