@@ -23,6 +23,7 @@
 
 pub mod chunking;
 pub mod digest;
+pub mod export;
 pub mod gc;
 pub mod signing;
 pub mod store;

@@ -23,7 +23,7 @@ use yunbian_api::{
     Kind, Object,
 };
 use yunbian_artifacts::signing::PublisherKey;
-use yunbian_artifacts::{sha256, ChunkReader, CHUNK_SIZE};
+use yunbian_artifacts::{sha256, ChunkReader};
 
 use crate::client::{Client, ClientError};
 use crate::commands::{OutputFormat, Session};
@@ -685,7 +685,16 @@ mod tests {
 // ---------------------------------------------------------------- export / import
 
 /// Magic line of an export file.
-const EXPORT_MAGIC: &[u8; 6] = b"YBAX1\n";
+/// The header of an export file.
+#[derive(serde::Deserialize)]
+pub struct ExportHeader {
+    /// Artifact name.
+    pub name: String,
+    /// Version.
+    pub version: String,
+    /// Blobs by platform, with chunk lists and signatures.
+    pub blobs: std::collections::BTreeMap<String, ArtifactBlob>,
+}
 
 /// What `import` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -715,21 +724,9 @@ async fn fetch_chunk(client: &Client, digest: &str) -> Result<Vec<u8>> {
     Ok(body)
 }
 
-/// Writes an export file:
-///
-/// ```text
-/// "YBAX1\n"
-/// u32 LE length, JSON header: {"name", "version", "blobs": {platform: blob}}
-/// 32 bytes: sha256 of the header JSON
-/// per distinct chunk, in the order the blobs list them:
-///   64 bytes hex digest, u32 LE length, the bytes
-/// ```
-///
-/// Every chunk carries its own digest and the header its hash, so a
-/// damaged file is refused on import. The file is written under a
-/// temporary name and renamed when complete. Returns (chunks, bytes).
+/// Writes an export file (format: `yunbian_artifacts::export`) under a
+/// temporary name, renamed when complete. Returns (chunks, bytes).
 pub async fn export(client: &Client, a: &ExportArgs) -> Result<(usize, u64)> {
-    use std::io::Write;
     let object = object_name(&ArtifactRef { name: a.name.clone(), version: a.version.clone() })?;
     let artifact = Artifact::from_value(client.get_object(Kind::Artifact, &object).await?)
         .context("decode the stored artifact")?;
@@ -753,16 +750,11 @@ pub async fn export(client: &Client, a: &ExportArgs) -> Result<(usize, u64)> {
     let write = async {
         let mut f =
             std::io::BufWriter::new(std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?);
-        f.write_all(EXPORT_MAGIC)?;
-        f.write_all(&(header.len() as u32).to_le_bytes())?;
-        f.write_all(&header)?;
-        f.write_all(&sha256(&header).0)?;
+        yunbian_artifacts::export::write_header(&mut f, &header)?;
         let mut bytes = 0u64;
         for d in &digests {
             let chunk = fetch_chunk(client, d).await?;
-            f.write_all(d.as_bytes())?;
-            f.write_all(&(chunk.len() as u32).to_le_bytes())?;
-            f.write_all(&chunk)?;
+            yunbian_artifacts::export::write_chunk(&mut f, d, &chunk)?;
             bytes += chunk.len() as u64;
         }
         let f = f.into_inner().map_err(|e| anyhow!("write {}: {}", tmp.display(), e.error()))?;
@@ -786,54 +778,14 @@ pub async fn export(client: &Client, a: &ExportArgs) -> Result<(usize, u64)> {
 /// chunk the blobs list was in the file, then adds the blobs (signatures
 /// included) to the artifact.
 pub async fn import(client: &Client, file: &Path) -> Result<ImportReport> {
-    let mut f = std::io::BufReader::new(std::fs::File::open(file).with_context(|| format!("open {}", file.display()))?);
-    let bad = |what: &str| anyhow!("{}: not a valid export file ({what})", file.display());
-    let mut magic = [0u8; 6];
-    f.read_exact(&mut magic).map_err(|_| bad("too short"))?;
-    if &magic != EXPORT_MAGIC {
-        return Err(bad("wrong magic"));
-    }
-    let mut word = [0u8; 4];
-    f.read_exact(&mut word).map_err(|_| bad("truncated header"))?;
-    let len = u32::from_le_bytes(word) as usize;
-    if len > 16 << 20 {
-        return Err(bad("header over 16 MiB"));
-    }
-    let mut header = vec![0u8; len];
-    f.read_exact(&mut header).map_err(|_| bad("truncated header"))?;
-    let mut hash = [0u8; 32];
-    f.read_exact(&mut hash).map_err(|_| bad("truncated header hash"))?;
-    if sha256(&header).0 != hash {
-        return Err(bad("header checksum mismatch"));
-    }
-    #[derive(serde::Deserialize)]
-    struct Header {
-        name: String,
-        version: String,
-        blobs: std::collections::BTreeMap<String, ArtifactBlob>,
-    }
-    let h: Header = serde_json::from_slice(&header).map_err(|e| anyhow!("{}: header: {e}", file.display()))?;
-    let mut wanted: std::collections::HashSet<String> =
-        h.blobs.values().flat_map(|b| b.chunks.iter().map(|c| c.digest.clone())).collect();
-    let chunks = wanted.len();
+    let f = std::io::BufReader::new(std::fs::File::open(file).with_context(|| format!("open {}", file.display()))?);
+    let bad = |what: String| anyhow!("{}: not a valid export file ({what})", file.display());
+    let (mut reader, header) = yunbian_artifacts::export::ExportReader::open(f).map_err(bad)?;
+    let h: ExportHeader = serde_json::from_slice(&header).map_err(|e| anyhow!("{}: header: {e}", file.display()))?;
+    reader.expect_chunks(h.blobs.values().flat_map(|b| b.chunks.iter().map(|c| c.digest.clone())));
+    let chunks = reader.remaining();
     let mut uploaded = 0;
-    while !wanted.is_empty() {
-        let mut d = [0u8; 64];
-        f.read_exact(&mut d).map_err(|_| bad(&format!("truncated: {} chunks missing", wanted.len())))?;
-        let digest = String::from_utf8(d.to_vec()).map_err(|_| bad("chunk digest is not text"))?;
-        f.read_exact(&mut word).map_err(|_| bad("truncated chunk"))?;
-        let n = u32::from_le_bytes(word) as usize;
-        if n > CHUNK_SIZE {
-            return Err(bad("chunk over 4 MiB"));
-        }
-        let mut bytes = vec![0u8; n];
-        f.read_exact(&mut bytes).map_err(|_| bad("truncated chunk"))?;
-        if sha256(&bytes).hex() != digest {
-            return Err(bad(&format!("chunk {digest} does not match its digest")));
-        }
-        if !wanted.remove(&digest) {
-            return Err(bad(&format!("chunk {digest} is not listed by any blob")));
-        }
+    while let Some((digest, bytes)) = reader.next_chunk().map_err(bad)? {
         if upload_chunk(client, &digest, bytes).await? {
             uploaded += 1;
         }

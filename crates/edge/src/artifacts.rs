@@ -48,6 +48,9 @@
 //! One pull (or collection) runs at a time per cache; callers may start
 //! several, they queue. Pulls in parallel can come with P2P and bandwidth
 //! limits.
+//!
+//! Chunks from peers inside a node group: `crate::p2p::PeerSource`, an
+//! [`ArtifactSource`] that asks the cloud's tracker first.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
@@ -261,6 +264,22 @@ impl CloudSource {
         }
     }
 
+    /// Sends one request to the cloud with the node's certificate, each
+    /// URL in turn until one answers; returns the first HTTP answer
+    /// (whatever its status), or why none came. For callers that need the
+    /// status itself (the P2P tracker routes, a 429 from a busy cloud).
+    pub async fn call(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<(u16, bytes::Bytes), String> {
+        let mut last = "no cloud URL configured".to_string();
+        let (urls, tls) = self.current();
+        for url in &urls {
+            match http::request(url, tls.clone(), method, path, body.clone()).await {
+                Ok(answer) => return Ok(answer),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
     async fn get(&self, path: &str) -> Result<Vec<u8>, SourceError> {
         let mut last = SourceError::Failed("no cloud URL configured".into());
         let (urls, tls) = self.current();
@@ -362,6 +381,21 @@ pub struct LocalBlob {
     pub path: PathBuf,
     /// Where a bundle is unpacked.
     pub unpacked: Option<PathBuf>,
+}
+
+/// What [`ArtifactCache::import_file`] loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportSummary {
+    /// Artifact name.
+    pub name: String,
+    /// Version.
+    pub version: String,
+    /// Platforms of its blobs.
+    pub platforms: Vec<String>,
+    /// Chunks in the file.
+    pub chunks: usize,
+    /// Chunks the cache did not have yet.
+    pub stored: usize,
 }
 
 /// Settings of the cache.
@@ -577,6 +611,48 @@ impl ArtifactCache {
             }
         };
         Ok(Resolved { artifact, platform, blob, offline })
+    }
+
+    /// Loads an export file (`yunbian artifact export`) into the cache, for
+    /// a site the registry cannot reach or reaches only slowly: every chunk
+    /// is checked against its digest and stored, and the artifact object
+    /// becomes the local copy [`resolve`](Self::resolve) falls back to. A
+    /// later pull of the artifact then fetches no chunk. A damaged file
+    /// stores nothing after the damage and refuses with the reason.
+    pub async fn import_file(&self, path: &Path) -> Result<ImportSummary, PullError> {
+        let _busy = self.busy.lock().await;
+        let bad = |message: String| PullError::Manifest { name: path.display().to_string(), message };
+        let f = std::io::BufReader::new(std::fs::File::open(path).map_err(io("open", path))?);
+        let (mut reader, header) = yunbian_artifacts::export::ExportReader::open(f).map_err(bad)?;
+        let spec: yunbian_api::ArtifactSpec =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+        yunbian_api::artifact::check_artifact_name(&spec.name).map_err(|e| bad(format!("name: {e}")))?;
+        yunbian_api::artifact::check_version(&spec.version).map_err(|e| bad(format!("version: {e}")))?;
+        for (platform, blob) in &spec.blobs {
+            manifest_of(&format!("{} ({platform})", spec.name), blob)?;
+        }
+        reader.expect_chunks(spec.blobs.values().flat_map(|b| b.chunks.iter().map(|c| c.digest.clone())));
+        let chunks = reader.remaining();
+        let mut stored = 0;
+        while let Some((digest, bytes)) = reader.next_chunk().map_err(bad)? {
+            let d: Digest = digest.parse().map_err(|e: yunbian_artifacts::DigestParseError| bad(e.to_string()))?;
+            let out = self.chunk_path(&d);
+            if out.exists() {
+                continue;
+            }
+            let tmp = self.root.join("tmp").join(format!("{d}.partial"));
+            blocking(move || write_atomic(&tmp, &out, &bytes, 0o644)).await?;
+            stored += 1;
+        }
+        let object = artifact_object_name(&spec.name, &spec.version);
+        let (name, version) = (spec.name.clone(), spec.version.clone());
+        let platforms = spec.blobs.keys().cloned().collect();
+        let artifact: Artifact = yunbian_api::Object::new(&object, spec);
+        let bytes = serde_json::to_vec(&artifact).map_err(|e| bad(e.to_string()))?;
+        let r = ArtifactRef { name: name.clone(), version: version.clone(), digest: String::new() };
+        let (tmp, out) = (self.root.join("tmp").join(format!("ref-{object}.partial")), self.ref_path(&r));
+        blocking(move || write_atomic(&tmp, &out, &bytes, 0o644)).await?;
+        Ok(ImportSummary { name, version, platforms, chunks, stored })
     }
 
     /// Makes a resolved blob present (pulling what is missing) and returns

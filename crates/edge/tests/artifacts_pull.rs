@@ -420,3 +420,43 @@ async fn references_by_digest_pin_and_resolve_offline_from_the_last_copy() {
     src.unreachable.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(matches!(cache.resolve(&reference("tool", None)).await, Err(PullError::Source { .. })));
 }
+
+#[tokio::test]
+async fn an_imported_export_file_runs_without_the_source() {
+    let (dir, other) = (TempDir::new(), TempDir::new());
+    let src = Arc::new(FakeSource::default());
+    let bytes: Vec<u8> = (0..(CHUNK_SIZE * 2 + 100)).map(|i| (i % 251) as u8).collect();
+    src.publish("offline", &[("linux/amd64", BlobType::Executable, &bytes)]);
+    let artifact = src.artifacts.lock().expect("lock").get("offline--1-0").cloned().expect("published");
+    // The export file, as `yunbian artifact export` writes it.
+    let mut file = Vec::new();
+    let header = serde_json::to_vec(&artifact.spec).expect("header");
+    yunbian_artifacts::export::write_header(&mut file, &header).expect("write");
+    for (c, data) in artifact.spec.blobs["linux/amd64"].chunks.iter().zip(bytes.chunks(CHUNK_SIZE)) {
+        yunbian_artifacts::export::write_chunk(&mut file, &c.digest, data).expect("write");
+    }
+    let path = other.0.join("offline.ybax");
+    std::fs::write(&path, &file).expect("write");
+
+    // A site that cannot reach the source imports the file, then runs it.
+    src.unreachable.store(true, std::sync::atomic::Ordering::Relaxed);
+    *src.budget.lock().expect("lock") = Some(0);
+    let cache = ArtifactCache::open(&dir.0, src.clone(), opts(1 << 30)).expect("open");
+    let summary = cache.import_file(&path).await.expect("import");
+    assert_eq!((summary.name.as_str(), summary.chunks, summary.stored), ("offline", 3, 3));
+    let r = cache.resolve(&reference("offline", None)).await.expect("resolved from the imported copy");
+    assert!(r.offline);
+    let b = cache.pull(&r, &PullProgress::default()).await.expect("pull from the imported chunks");
+    assert_eq!(std::fs::read(&b.path).expect("blob"), bytes);
+    assert_eq!(src.fetches(), 0, "no chunk came from the source");
+
+    // A damaged file is refused with the reason.
+    let mut damaged = file.clone();
+    let at = damaged.len() - 10;
+    damaged[at] ^= 0xff;
+    std::fs::write(&path, &damaged).expect("write");
+    match ArtifactCache::open(&other.0.join("c2"), src.clone(), opts(1 << 30)).expect("open").import_file(&path).await {
+        Err(PullError::Manifest { message, .. }) => assert!(message.contains("does not match"), "{message}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
