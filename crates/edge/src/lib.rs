@@ -26,6 +26,7 @@ pub mod identity;
 pub mod launcher;
 pub mod local_store;
 pub mod node_info;
+pub mod p2p;
 pub mod rules;
 pub mod shipper;
 
