@@ -23,6 +23,7 @@
 //!   a `corrupt` peer is left out for that chunk for
 //!   [`TrackerConfig::corrupt_ttl`]; an `unreachable` one for every chunk
 //!   for [`TrackerConfig::unreachable_ttl`]. Both are counted per peer.
+//!   A peer that never announced to this replica answers 404.
 //! - `GET /v1/p2p/status` (admin token): nodes, chunk holders, report
 //!   counters and the cloud pull limiter, as JSON.
 //!
@@ -307,8 +308,20 @@ impl PeerTable {
     }
 
     /// Records a report by `reporter` about `peer`; returns for how long the
-    /// peer is left out (for the chunk, or altogether).
-    pub fn report(&mut self, reporter: &str, peer: &str, chunk: Digest, problem: Problem, now: Instant) -> Duration {
+    /// peer is left out (for the chunk, or altogether), or `None` for a peer
+    /// that never announced here (not recorded: names nobody announced
+    /// cannot grow the table).
+    pub fn report(
+        &mut self,
+        reporter: &str,
+        peer: &str,
+        chunk: Digest,
+        problem: Problem,
+        now: Instant,
+    ) -> Option<Duration> {
+        if !self.nodes.contains_key(peer) {
+            return None;
+        }
         let c = self.counts.entry(peer.to_string()).or_default();
         let ttl = match problem {
             Problem::Corrupt => {
@@ -326,7 +339,7 @@ impl PeerTable {
             self.recent.pop_front();
         }
         self.recent.push_back(Report { at: now, reporter: reporter.into(), peer: peer.into(), chunk, problem });
-        ttl
+        Some(ttl)
     }
 
     /// Corrupt and unreachable reports received about `peer`.
@@ -743,7 +756,9 @@ async fn report(
     if b.peer.is_empty() || b.peer.len() > 253 {
         return Err(bad("peer: not a node name"));
     }
-    let ttl = s.tracker.table().report(&node, &b.peer, chunk, b.problem, Instant::now());
+    let ttl = s.tracker.table().report(&node, &b.peer, chunk, b.problem, Instant::now()).ok_or_else(|| {
+        ApiError::new(StatusCode::NOT_FOUND, format!("peer {} has not announced to this cloud replica", b.peer))
+    })?;
     tracing::warn!(reporter = %node, peer = %b.peer, %chunk, problem = ?b.problem, "p2p peer reported");
     Ok(Json(json!({"peer": b.peer, "excludedForSeconds": ttl.as_secs()})))
 }
@@ -832,7 +847,8 @@ mod tests {
         for n in ["a", "b"] {
             t.announce(n, "h:1", "s", true, &[d(1), d(2)], &[], now).expect("announce");
         }
-        assert_eq!(t.report("c", "a", d(1), Problem::Corrupt, now), Duration::from_secs(100));
+        assert_eq!(t.report("c", "a", d(1), Problem::Corrupt, now), Some(Duration::from_secs(100)));
+        assert_eq!(t.report("c", "nobody", d(1), Problem::Corrupt, now), None, "unknown peers are not recorded");
         assert_eq!(names(&t.peers("c", &d(1), now)), ["b"], "a is out for the corrupt chunk");
         assert_eq!(t.peers("c", &d(2), now).len(), 2, "but not for the others");
         t.report("c", "b", d(2), Problem::Unreachable, now);

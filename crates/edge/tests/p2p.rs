@@ -3,14 +3,17 @@
 //! nodes' own certificates:
 //!
 //! - a node pulls a blob another node holds: every chunk from that peer,
-//!   none from the cloud (counted by the cloud);
+//!   none from the cloud (counted by the cloud); announces follow the
+//!   cache (a collected blob is withdrawn);
 //! - a peer that flips a byte: detected, reported (the tracker shows it),
 //!   the chunk fetched from another peer, the blob intact; with that peer
 //!   gone too, from the cloud, and the unreachable peer reported;
 //! - the cloud's per-site limit on concurrent pulls answers 429 with
 //!   `Retry-After` beyond it, and a `PeerSource` waits and gets the chunk;
-//! - the peer server's upload slots answer 503 beyond their number, and a
-//!   peer server never serves a chunk whose bytes are damaged on its disk.
+//! - the peer server's upload slots answer 503 beyond their number; it
+//!   refuses clients of another CA, a client refuses a server whose
+//!   certificate names another node, and a peer server never serves a
+//!   chunk whose bytes are damaged on its disk.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -205,7 +208,7 @@ fn peers_of(origins: &[(Digest, ChunkOrigin)]) -> Vec<String> {
 async fn a_node_pulls_every_chunk_from_a_peer_and_none_from_the_cloud() {
     let c = Cluster::start("peer", Default::default()).await;
     let mut a = c.node("edge-a").await;
-    let b = c.node("edge-b").await;
+    let mut b = c.node("edge-b").await;
 
     // A has no peer: everything comes from the cloud.
     let blob_a = a.pull().await;
@@ -226,6 +229,20 @@ async fn a_node_pulls_every_chunk_from_a_peer_and_none_from_the_cloud() {
     assert_eq!(cloud_chunks_served_to(&s, "edge-a"), 3);
     assert_eq!(s["cloud"]["chunksServed"], 3);
     assert_eq!(s["reports"]["corrupt"], 0);
+    // The node routes take a node certificate, not the admin token.
+    let e = c.admin.get(&format!("/v1/p2p/peers/{}", c.chunks[0])).await.expect_err("admin refused");
+    assert_eq!(e.status(), Some(403), "{e}");
+
+    // B announces what it now holds; once its blob is gone (collected), the
+    // next announce (a delta) withdraws it.
+    b.announce("plant");
+    c.until_announced("edge-b", 3).await;
+    std::fs::remove_file(&blob_b.path).expect("collect");
+    let announcer = b.announcer.as_ref().expect("announcer");
+    let before = announcer.announced();
+    announcer.poke();
+    c.until_announced("edge-b", 0).await;
+    assert!(announcer.announced() > before);
 }
 
 /// Flips the first byte of every chunk the peer sends.
@@ -386,6 +403,18 @@ async fn the_peer_server_limits_uploads_and_never_serves_damaged_bytes() {
         .await
         .expect_err("name mismatch");
     assert!(matches!(e, PeerFetchError::Failed(ref m) if m.contains("TLS")), "{e:?}");
+
+    // A client certificate of another CA is refused by A's server.
+    let other = yunbian_pki::CertAuthority::generate("other-cluster").expect("ca");
+    let key = yunbian_pki::NodeKey::generate().expect("key");
+    let cert =
+        other.sign_node_csr(&key.csr("edge-b").expect("csr"), "edge-b", Duration::from_secs(3600)).expect("sign");
+    let stranger = p2p::peer_client_tls(&std::fs::read_to_string(b.dir.join("ca.crt")).expect("ca"), &cert, &key.pem())
+        .expect("tls");
+    let e = p2p::fetch_from_peer(stranger, &peer, &c.chunks[0], &RateLimit::default(), Duration::from_secs(5))
+        .await
+        .expect_err("foreign client certificate");
+    assert!(matches!(e, PeerFetchError::Failed(_)), "{e:?}");
 
     // Damage A's blob on disk: A does not serve the damaged chunk (404), and
     // still serves the intact ones.
