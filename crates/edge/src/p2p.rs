@@ -33,9 +33,9 @@
 //!   come from the cloud.
 //! - The announcer ([`spawn_announcer`]): every period, and when poked,
 //!   tells the tracker what this node holds (`POST /v1/p2p/announce`): the
-//!   full set first, then deltas; the full set again after an error or
-//!   when the tracker does not know the node (409: another cloud replica,
-//!   or a restarted one).
+//!   full set first, then deltas; the full set again every tenth round,
+//!   after an error, and when the tracker does not know the node (409:
+//!   another cloud replica, or a restarted one).
 //!
 //! Peers authenticate each other with their node certificates: the client
 //! checks that the server's certificate chains to the cluster CA and names
@@ -96,6 +96,9 @@ pub const DEFAULT_PEER_PORT: u16 = 7444;
 /// How often the announcer re-announces by default (the tracker forgets a
 /// node after 5 minutes without one).
 pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(60);
+
+/// Every this many announce rounds the full set is sent, not a delta.
+const FULL_EVERY: u64 = 10;
 
 /// Time allowed for a peer's TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -650,6 +653,9 @@ pub enum PeerFetchError {
     /// The peer sent more bytes than a chunk can have.
     #[error("the peer sent more than {CHUNK_SIZE} bytes")]
     TooLarge,
+    /// All its upload slots are taken (503): no fault of the peer.
+    #[error("the peer is busy: {0}")]
+    Busy(String),
     /// Connection, TLS, HTTP or timeout.
     #[error("{0}")]
     Failed(String),
@@ -692,6 +698,10 @@ pub async fn fetch_from_peer(
         match resp.status().as_u16() {
             200 => {}
             404 => return Err(PeerFetchError::NotFound),
+            503 => {
+                let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                return Err(PeerFetchError::Busy(http::error_message(503, &body)));
+            }
             s => {
                 let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                 return Err(failed(http::error_message(s, &body)));
@@ -909,8 +919,9 @@ impl PeerSource {
                     tracing::warn!(chunk = %d, peer = %p.node, "a peer sent more than a chunk; reporting it");
                     self.report(&p.node, d, "corrupt").await;
                 }
-                Err(PeerFetchError::NotFound) => {
-                    // Collected since its last announce: not a fault.
+                Err(PeerFetchError::NotFound | PeerFetchError::Busy(_)) => {
+                    // Collected since its last announce, or serving others:
+                    // not a fault, so not reported.
                     self.counters.peer_failures.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(PeerFetchError::Failed(m)) => {
@@ -924,8 +935,7 @@ impl PeerSource {
     }
 }
 
-/// `retryAfter=N` in an API error's details, or its `Retry-After`-like
-/// message, in seconds.
+/// `retryAfter=N` (seconds) in an API error's details.
 fn retry_after(body: &[u8]) -> Option<Duration> {
     let e: yunbian_api::ApiErrorBody = serde_json::from_slice(body).ok()?;
     e.details.iter().find_map(|d| d.strip_prefix("retryAfter=")?.parse().ok()).map(Duration::from_secs)
@@ -1056,7 +1066,9 @@ pub fn spawn_announcer(
     let task = tokio::spawn(async move {
         // What the tracker holds for us, if it holds our full set.
         let mut sent: Option<(String, HashSet<Digest>)> = None;
+        let mut round = 0u64;
         loop {
+            round += 1;
             let c = chunks.clone();
             let now: HashSet<Digest> = match tokio::task::spawn_blocking(move || {
                 c.rescan();
@@ -1071,7 +1083,9 @@ pub fn spawn_announcer(
                 }
             };
             let site_now = s.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let mut full = !matches!(&sent, Some((st, _)) if *st == site_now);
+            // The full set every FULL_EVERY rounds as well: a replica this
+            // node left and came back to may hold an old set within its TTL.
+            let mut full = round.is_multiple_of(FULL_EVERY) || !matches!(&sent, Some((st, _)) if *st == site_now);
             for _attempt in 0..2 {
                 let hex = |it: &mut dyn Iterator<Item = &Digest>| it.map(Digest::hex).collect::<Vec<_>>();
                 let body = match (&sent, full) {

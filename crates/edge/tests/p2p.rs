@@ -392,7 +392,7 @@ async fn the_peer_server_limits_uploads_and_never_serves_damaged_bytes() {
     assert!(!slow.is_finished());
     let refused =
         p2p::fetch_from_peer(tls.clone(), &peer, &c.chunks[1], &RateLimit::default(), Duration::from_secs(60)).await;
-    let Err(PeerFetchError::Failed(refused)) = refused else { panic!("expected a refusal: {refused:?}") };
+    let Err(PeerFetchError::Busy(refused)) = refused else { panic!("expected a refusal: {refused:?}") };
     assert!(refused.contains("being sent"), "{refused}");
     let first = slow.await.expect("task").expect("first chunk");
     assert_eq!(sha256(&first), c.chunks[0]);
