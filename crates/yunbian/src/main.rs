@@ -12,6 +12,7 @@ mod bench;
 mod demo;
 mod device_reader;
 mod modbus_sim;
+mod shim;
 mod sim;
 
 #[derive(Debug, Parser)]
@@ -40,6 +41,10 @@ enum Command {
     /// Measure the system (see docs/benchmarks.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Run a workload that is not a native executable (started by the edge
+    /// agent's process runtime, e.g. `shim wasm` for `runtime: wasm`).
+    #[command(subcommand)]
+    Shim(shim::ShimCommand),
     #[command(flatten)]
     Client(yunbian_cli::ClientCommand),
 }
@@ -256,6 +261,12 @@ fn init_tracing() {
 
 fn main() {
     let cli = Cli::parse();
+    // A shim is a workload process with its own runtime: it starts none of
+    // the async runtime below.
+    let cli = match cli.command {
+        Command::Shim(cmd) => std::process::exit(shim::run(cmd)),
+        command => Cli { command, ..cli },
+    };
     // The edge agent is mostly idle I/O: one worker thread keeps it small.
     // The cloud, demo and simulator use one worker per core.
     let mut builder = match &cli.command {
@@ -367,6 +378,7 @@ async fn run(cli: Cli) -> Result<()> {
             demo::run(a).await
         }
         Command::DeviceReader(a) => device_reader::run(a).await,
+        Command::Shim(_) => Err(anyhow!("the shim runs before the async runtime starts")),
         Command::Sim(a) => {
             init_tracing();
             sim::run(a).await
