@@ -128,6 +128,12 @@ fn exit_code_and_trap_message_reach_the_process() {
     assert_eq!(exit7.status.code(), Some(7));
     assert!(exit7.stderr.is_empty(), "{}", String::from_utf8_lossy(&exit7.stderr));
 
+    // What the guest wrote is not lost when it exits mid-line.
+    let partial =
+        run_shim(&ShimOptions::new(guests::write(&tmp.0, "partial.wasm", guests::PARTIAL_LINE_EXIT_3), &data));
+    assert_eq!(partial.status.code(), Some(3));
+    assert!(partial.stdout.ends_with(b"no newline"), "{}", String::from_utf8_lossy(&partial.stdout));
+
     let trap = run_shim(&ShimOptions::new(guests::write(&tmp.0, "trap.wasm", guests::TRAP), &data));
     let stderr = String::from_utf8_lossy(&trap.stderr);
     assert_eq!(trap.status.code(), Some(134), "{stderr}");

@@ -84,6 +84,20 @@ pub const EXIT_7: &str = r#"
   (func (export "_start") (call $proc_exit (i32.const 7))))
 "#;
 
+/// Preview 1: writes `no newline` (no line end) to stdout, then exits 3.
+pub const PARTIAL_LINE_EXIT_3: &str = r#"
+(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0x10) "no newline")
+  (func (export "_start")
+    (i32.store (i32.const 0x80) (i32.const 0x10))
+    (i32.store (i32.const 0x84) (i32.const 10))
+    (drop (call $fd_write (i32.const 1) (i32.const 0x80) (i32.const 1) (i32.const 0x88)))
+    (call $proc_exit (i32.const 3))))
+"#;
+
 /// Preview 1: traps on `unreachable` inside a named function.
 pub const TRAP: &str = r#"
 (module
