@@ -32,7 +32,7 @@ use yunbian_sync::wire::{decode_down, encode, MAX_FRAME};
 use yunbian_sync::{DesiredObject, Down, EdgeAction, EdgeSession, Report, SessionConfig, Up};
 
 use crate::identity::{unix_now, Identity};
-use crate::launcher::{Launcher, TrustPolicy};
+use crate::launcher::Launcher;
 use crate::local_store::LocalStore;
 use crate::node_info;
 
@@ -234,9 +234,14 @@ pub struct DeviceSide {
 /// How often rules' per-node status goes to the cloud.
 const RULE_STATUS_EVERY: Duration = Duration::from_secs(10);
 
-/// The artifact trust policy of the node's groups in the view.
-fn trust_of(objects: &DeviceObjects) -> TrustPolicy {
-    let groups: Vec<NodeGroupSpec> = objects
+/// The node's groups in a desired view.
+pub(crate) fn groups_of_view(objects: &[DesiredObject]) -> Vec<NodeGroupSpec> {
+    groups_of(&device_objects_of(objects))
+}
+
+/// The node's groups in the view (their trust policy and site).
+fn groups_of(objects: &DeviceObjects) -> Vec<NodeGroupSpec> {
+    objects
         .iter()
         .filter(|((kind, _), _)| *kind == Kind::NodeGroup)
         .filter_map(|((_, name), o)| match o.value.get("spec").cloned().map(serde_json::from_value::<NodeGroupSpec>) {
@@ -246,8 +251,7 @@ fn trust_of(objects: &DeviceObjects) -> TrustPolicy {
                 None
             }
         })
-        .collect();
-    TrustPolicy::of_groups(&groups)
+        .collect()
 }
 
 /// The rules and device configurations of a desired view (what the rule
@@ -301,7 +305,7 @@ pub async fn run_agent(
         None => (None, None, None),
     };
     let apply_devices = |objects: &DeviceObjects| {
-        launcher.set_trust(trust_of(objects));
+        launcher.set_groups(&groups_of(objects));
         let configs = device_configs(objects);
         if let Some(r) = &rules {
             r.apply(rules_of(objects), &configs);

@@ -210,6 +210,8 @@ pub struct Launcher {
     state: Mutex<State>,
     status_tx: mpsc::UnboundedSender<StatusUpdate>,
     wake: Arc<Notify>,
+    /// Tells the P2P tracker what this node holds, when it serves peers.
+    announcer: Mutex<Option<Arc<crate::p2p::Announcer>>>,
 }
 
 /// First retry delay of a failed pull; doubles up to [`MAX_BACKOFF`].
@@ -233,6 +235,7 @@ impl Launcher {
             state: Mutex::new(State::default()),
             status_tx,
             wake: Arc::new(Notify::new()),
+            announcer: Mutex::new(None),
         })
     }
 
@@ -249,6 +252,20 @@ impl Launcher {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The announcer to poke after each pull (the node serves peers).
+    pub fn set_announcer(&self, a: Arc<crate::p2p::Announcer>) {
+        *self.announcer.lock().unwrap_or_else(|e| e.into_inner()) = Some(a);
+    }
+
+    /// The node's groups changed: their trust policy and the site the node
+    /// announces to the P2P tracker.
+    pub fn set_groups(&self, groups: &[NodeGroupSpec]) {
+        self.set_trust(TrustPolicy::of_groups(groups));
+        if let Some(a) = self.announcer.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            a.set_site(crate::p2p::site_of_groups(groups));
+        }
     }
 
     /// Replaces the trust policy. Refusals and launched artifacts are looked
@@ -486,6 +503,9 @@ impl Launcher {
             Ok((resolved, blob)) => {
                 tracing::info!(artifact = %r, blob = %blob.sha256, platform = %blob.platform, offline = resolved.offline, "artifact ready");
                 st.pulls.insert(r.clone(), Pull::Ready { resolved: Box::new(resolved), blob });
+                if let Some(a) = self.announcer.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                    a.poke();
+                }
             }
             Err((phase, reason, message, trust)) => {
                 let attempts = attempts + 1;

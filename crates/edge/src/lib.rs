@@ -49,6 +49,20 @@ pub struct EdgeOptions {
     /// Which runtimes beside `process` this agent offers (shim executable,
     /// wasm, crun); the node name, environment and cache paths are filled in.
     pub launcher: launcher::LauncherOptions,
+    /// Serving chunks to peers and pulling from them.
+    pub p2p: P2pOptions,
+}
+
+/// P2P artifact distribution settings of an agent.
+#[derive(Debug, Clone, Default)]
+pub struct P2pOptions {
+    /// Where to serve chunks to peers (mTLS); `None`: do not serve (pulls
+    /// still use peers).
+    pub listen: Option<String>,
+    /// Upload limits of the peer server.
+    pub upload: p2p::PeerServerLimits,
+    /// Download limit and peer timeouts.
+    pub download: p2p::PeerSourceOptions,
 }
 
 impl EdgeOptions {
@@ -62,6 +76,7 @@ impl EdgeOptions {
             devices: devices::DeviceOptions::default(),
             artifacts: artifacts::CacheOptions::default(),
             launcher: launcher::LauncherOptions::default(),
+            p2p: P2pOptions::default(),
         }
     }
 }
@@ -132,7 +147,10 @@ pub async fn start(opts: EdgeOptions) -> Result<EdgeHandle> {
     .context("start the process runtime")?;
     let limits = runtime.limits_support();
     tracing::info!(node = %identity.config.name, enforced = limits.enforced, note = %limits.note, "resource limits");
-    let source = Arc::new(artifacts::CloudSource::from_data_dir(&opts.data_dir)?);
+    // Chunks come from peers the cloud's tracker names, the cloud only when
+    // no peer has them (docs/design/015-p2p-distribution.md).
+    let cloud = Arc::new(artifacts::CloudSource::from_data_dir(&opts.data_dir)?);
+    let source = Arc::new(p2p::PeerSource::from_data_dir(cloud.clone(), &opts.data_dir, opts.p2p.download.clone())?);
     let cache = artifacts::ArtifactCache::open(&opts.data_dir, source, opts.artifacts.clone())
         .context("open the artifact cache")?;
     let launch = launcher::LauncherOptions {
@@ -144,6 +162,22 @@ pub async fn start(opts: EdgeOptions) -> Result<EdgeHandle> {
     };
     tracing::info!(node = %identity.config.name, runtimes = ?launch.runtimes(), oci = ?launch.oci, "workload runtimes");
     let launcher = launcher::Launcher::new(Some(Arc::new(cache)), launch, tx);
+    if let Some(listen) = &opts.p2p.listen {
+        // Serving peers is worth no refusal to run workloads.
+        match p2p::start_peer_server(&opts.data_dir, listen, opts.p2p.upload.clone()).await {
+            Ok((addr, _server)) => {
+                tracing::info!(node = %identity.config.name, %addr, "serving artifact chunks to peers");
+                let groups = agent::groups_of_view(&desired);
+                let site = p2p::site_of_groups(&groups);
+                let announcer =
+                    p2p::spawn_announcer(cloud, &opts.data_dir, format!(":{}", addr.port()), site, p2p::ANNOUNCE_EVERY);
+                launcher.set_announcer(Arc::new(announcer));
+            }
+            Err(e) => {
+                tracing::warn!(%listen, error = %e, "cannot serve artifact chunks to peers; pulling without serving")
+            }
+        }
+    }
     let mut h = spawn(
         identity,
         store,
