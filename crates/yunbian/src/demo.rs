@@ -208,6 +208,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         let url = if site == "b" { &link_url } else { &cloud.url };
         yunbian_edge::identity::set_cloud_urls(&ddir, url)?;
         let mut opts = yunbian_edge::EdgeOptions::new(&ddir);
+        opts.launcher = crate::launcher_options();
+        // Agents on one machine share artifact chunks over loopback.
+        opts.p2p.listen = Some("127.0.0.1:0".into());
         opts.agent.heartbeat = Duration::from_secs(1);
         opts.metrics_listen = Some("127.0.0.1:0".into());
         let i = agents.len() as u16;

@@ -13,6 +13,7 @@ mod demo;
 mod device_reader;
 mod modbus_sim;
 mod shim;
+mod shim_oci;
 mod sim;
 
 #[derive(Debug, Parser)]
@@ -88,6 +89,14 @@ struct CloudArgs {
     /// Name of this replica in leader election (default: its URL).
     #[arg(long)]
     replica_id: Option<String>,
+    /// Bytes per second this replica sends to nodes for artifact chunks,
+    /// all together (e.g. 10Mi); 0 for no limit.
+    #[arg(long, default_value = "0", value_parser = yunbian_api::quantity::parse_memory_bytes)]
+    chunk_egress: u64,
+    /// Chunk downloads from the cloud at once per site (the rest wait, or
+    /// get the chunk from a peer); 0 for no limit.
+    #[arg(long, default_value = "0")]
+    cloud_pulls_per_site: usize,
 }
 
 #[derive(Debug, Args)]
@@ -150,6 +159,21 @@ struct EdgeRunArgs {
     /// Data batches older than this are dropped (and counted); 0s: never.
     #[arg(long, default_value = "7d", value_parser = parse_duration)]
     data_outbox_ttl: Duration,
+    /// Serve cached artifact chunks to peers of the cluster (mTLS) on this
+    /// address; "off" to not serve (pulls still use peers).
+    #[arg(long, default_value = "0.0.0.0:7444")]
+    p2p_listen: String,
+    /// Upload limit to peers, bytes per second (e.g. 4Mi); 0 for none.
+    #[arg(long, default_value = "0", value_parser = yunbian_api::quantity::parse_memory_bytes)]
+    p2p_upload: u64,
+    /// Download limit of artifact chunks (peers and cloud together), bytes
+    /// per second; 0 for none.
+    #[arg(long, default_value = "0", value_parser = yunbian_api::quantity::parse_memory_bytes)]
+    artifact_download: u64,
+    /// Most disk the artifact cache may use (least recently used blobs not
+    /// in use go first).
+    #[arg(long, default_value = "2Gi", value_parser = yunbian_api::quantity::parse_memory_bytes)]
+    artifact_cache_max: u64,
 }
 
 /// The broker configuration the edge flags describe.
@@ -209,6 +233,19 @@ fn broker_config(run: &EdgeRunArgs) -> Result<Option<yunbian_bus::BrokerConfig>>
 enum EdgeCommand {
     /// Join a cluster with a token, then run the agent.
     Join(JoinArgs),
+    /// Load an artifact export file (`yunbian artifact export`) into this
+    /// node's artifact cache, for sites the registry cannot reach: apps
+    /// using it then start without fetching a chunk.
+    Import(EdgeImportArgs),
+}
+
+#[derive(Debug, Args)]
+struct EdgeImportArgs {
+    /// The export file.
+    file: PathBuf,
+    /// The node's data directory.
+    #[arg(long, default_value = "yunbian-edge")]
+    data_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -259,6 +296,17 @@ fn init_tracing() {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }
 
+/// The runtimes this binary offers beside `process`: `wasm` when built with
+/// it, `oci` when crun is installed; both run through `yunbian shim`.
+pub(crate) fn launcher_options() -> yunbian_edge::launcher::LauncherOptions {
+    yunbian_edge::launcher::LauncherOptions {
+        shim_exe: std::env::current_exe().ok(),
+        wasm: cfg!(feature = "wasm"),
+        oci: Some(yunbian_runtime::oci::detect_crun(None)),
+        ..Default::default()
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     // A shim is a workload process with its own runtime: it starts none of
@@ -278,6 +326,7 @@ fn main() {
             if std::env::var_os("YUNBIAN_OPCUA_PKI_DIR").is_none() {
                 let dir = match &e.join {
                     Some(EdgeCommand::Join(j)) => &j.run.data_dir,
+                    Some(EdgeCommand::Import(i)) => &i.data_dir,
                     None => &e.run.data_dir,
                 };
                 let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
@@ -317,6 +366,8 @@ async fn run(cli: Cli) -> Result<()> {
             opts.controllers.evict_after = Some(a.evict_after).filter(|d| !d.is_zero());
             opts.store = yunbian_cloud::StoreConfig::parse(&a.store, &a.etcd_prefix).map_err(|e| anyhow!(e))?;
             opts.replica_id = a.replica_id;
+            opts.p2p.egress_bytes_per_sec = Some(a.chunk_egress).filter(|b| *b > 0);
+            opts.p2p.cloud_pulls_per_site = Some(a.cloud_pulls_per_site).filter(|n| *n > 0);
             let cloud = yunbian_cloud::start(opts).await?;
             eprintln!("cloud listening at {}; client config: {}", cloud.url, cloud.admin_config.display());
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -345,6 +396,21 @@ async fn run(cli: Cli) -> Result<()> {
                     }
                     j.run
                 }
+                Some(EdgeCommand::Import(i)) => {
+                    let source = std::sync::Arc::new(yunbian_edge::artifacts::CloudSource::from_data_dir(&i.data_dir)?);
+                    let cache = yunbian_edge::artifacts::ArtifactCache::open(&i.data_dir, source, Default::default())?;
+                    let r = cache.import_file(&i.file).await?;
+                    println!(
+                        "imported {} version {} ({}): {} chunks, {} new in {}",
+                        r.name,
+                        r.version,
+                        r.platforms.join(", "),
+                        r.chunks,
+                        r.stored,
+                        cache.root().display()
+                    );
+                    return Ok(());
+                }
                 None => e.run,
             };
             let mut opts = yunbian_edge::EdgeOptions::new(&run.data_dir);
@@ -358,6 +424,11 @@ async fn run(cli: Cli) -> Result<()> {
             opts.devices.shipping.bandwidth = run.data_bandwidth;
             opts.devices.shipping.max_bytes = run.data_outbox_max;
             opts.devices.shipping.ttl = run.data_outbox_ttl;
+            opts.launcher = launcher_options();
+            opts.p2p.listen = Some(run.p2p_listen.clone()).filter(|l| l != "off");
+            opts.p2p.upload.upload_bytes_per_sec = Some(run.p2p_upload).filter(|b| *b > 0);
+            opts.p2p.download.download_bytes_per_sec = Some(run.artifact_download).filter(|b| *b > 0);
+            opts.artifacts.limit = run.artifact_cache_max;
             if let Some(urls) = &run.cloud_urls {
                 yunbian_edge::identity::set_cloud_urls(&run.data_dir, urls)?;
             }

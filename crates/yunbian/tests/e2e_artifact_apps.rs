@@ -150,3 +150,56 @@ fn apps_run_pulled_artifacts_under_the_trust_policy() {
     wait_instance(&c, "exe", "exe Running when signed", |i| s(i, "/status/phase") == "Running");
     logs_contain(&c, "exe", "tool says hello on e1");
 }
+
+fn http_get(port: u16) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+#[test]
+fn oci_images_and_wasm_modules_run_through_their_shims() {
+    let mut c = Cluster::start("artifact-shims");
+    let node = c.join("e1");
+    let runtimes = node.pointer("/status/info/runtimes").map(|r| r.to_string()).unwrap_or_default();
+    assert!(runtimes.contains("oci") && runtimes.contains("wasm"), "the node offers both: {runtimes}");
+    let work = c.dir.join("work");
+    std::fs::create_dir_all(&work).expect("mkdir");
+
+    // An OCI image built from Debian's busybox-static, pushed as a layout.
+    let layout = work.join("layout");
+    yunbian_runtime::oci::testing::build_busybox_layout(
+        &layout,
+        &["sh", "-c", "echo \"container says $GREETING from $NODE_NAME in $(cat /etc/hostname)\"; echo kept > /data/out; exec sleep 3600"],
+    )
+    .expect("build the image");
+    let tarball = work.join("bb.tar.gz");
+    yunbian_runtime::oci::testing::write_layout_tarball(&layout, &tarball).expect("tarball");
+    let out =
+        c.cli(&["artifact", "push", &tarball.display().to_string(), "--name", "bb", "--version", "1", "--type", "oci"]);
+    assert!(out.ok().contains(": oci "), "{out:?}");
+    c.apply(
+        "apiVersion: yunbian.io/v1\nkind: App\nmetadata: {name: box}\nspec:\n  runtime: oci\n  artifact: {name: bb, version: \"1\"}\n  process: {env: {GREETING: hi}}\n  resources: {limits: {memory: 64Mi}}\n",
+    );
+    wait_instance(&c, "box", "box Running", |i| s(i, "/status/phase") == "Running");
+    logs_contain(&c, "box", "container says hi from e1");
+
+    // The sample wasm app: an HTTP service counting requests.
+    let module = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/apps/wasm-hello/wasm-hello.wasm");
+    let out = c.cli(&["artifact", "push", &module.display().to_string(), "--name", "hello-wasm", "--version", "1"]);
+    assert!(out.ok().contains("wasm"), "{out:?}");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    c.apply(&format!(
+        "apiVersion: yunbian.io/v1\nkind: App\nmetadata: {{name: hello}}\nspec:\n  runtime: wasm\n  artifact: {{name: hello-wasm, version: \"1\"}}\n  process: {{env: {{PORT: \"{port}\", HOST: 127.0.0.1}}}}\n  resources: {{limits: {{memory: 64Mi, cpu: 500m}}}}\n"
+    ));
+    wait_instance(&c, "hello", "hello Running", |i| s(i, "/status/phase") == "Running");
+    let first = eventually(WAIT, "the wasm service answers", || http_get(port));
+    assert!(first.contains("\"node\":\"e1\"") && first.contains("\"requests\":1"), "{first}");
+    let second = http_get(port).expect("second request");
+    assert!(second.contains("\"requests\":2"), "{second}");
+    logs_contain(&c, "hello", "wasm-hello: node e1");
+}

@@ -52,7 +52,7 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_yunbian");
 pub const WAIT: Duration = Duration::from_secs(60);
 /// Options of every agent started here: a fast heartbeat, and agent
 /// metrics on a port of their own (never a shared default port).
-pub const EDGE_RUN_ARGS: [&str; 8] = [
+pub const EDGE_RUN_ARGS: [&str; 10] = [
     "--heartbeat",
     "1s",
     "--metrics-listen",
@@ -61,6 +61,8 @@ pub const EDGE_RUN_ARGS: [&str; 8] = [
     "127.0.0.1:0",
     "--device-api-listen",
     "off",
+    "--p2p-listen",
+    "127.0.0.1:0",
 ];
 
 /// Longest a single CLI invocation may take.
