@@ -208,7 +208,7 @@ fn sample_http_component_reports_its_node_and_counts_requests() {
     let port = free_port();
     let mut opts = ShimOptions::new(guests::wasm_hello(), &data);
     opts.env = vec![
-        ("YUNBIAN_NODE".into(), "edge-7".into()),
+        ("NODE_NAME".into(), "edge-7".into()),
         ("HOST".into(), "127.0.0.1".into()),
         ("PORT".into(), port.to_string()),
     ];

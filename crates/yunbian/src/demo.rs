@@ -47,6 +47,13 @@ spec:
     limits: {cpu: 200m, memory: 64Mi}
 "#;
 
+/// The wasm sample app (examples/apps/wasm-hello), built into the binary
+/// so the demo needs no wasm toolchain.
+const WASM_HELLO: &[u8] = include_bytes!("../../../examples/apps/wasm-hello/wasm-hello.wasm");
+
+/// Where the wasm sample listens (on its node, loopback).
+const WASM_PORT: u16 = 18080;
+
 const NODES: [(&str, &str); 3] = [("edge-a1", "a"), ("edge-a2", "a"), ("edge-b1", "b")];
 
 /// Each agent's edge bus port (the first node's, plus its index).
@@ -265,6 +272,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         println!("    {:<18} on {:<8} {:<8} pid {pid}", g("/metadata/name"), g("/spec/node"), g("/status/phase"));
     }
     let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "yunbian".into());
+    wasm_app(&client, &dir).await?;
     let _boiler = devices(&client, &exe).await?;
     for doc in yunbian_api::parse_manifests(DATA_RULES).context("demo data rules")? {
         client.apply(&doc.to_value()).await?;
@@ -276,7 +284,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
     cloud_data(&client, rules_at).await?;
     println!(
-        "\nThe cluster is up. In another terminal:\n\n    export YUNBIAN_CONFIG={}\n    {exe} get nodes -o wide\n    {exe} get instances\n    {exe} get devices\n    {exe} describe device boiler-1\n    {exe} device set boiler-1 setpoint=80 --wait\n    {exe} device watch boiler-1\n    {exe} logs app/device-reader --follow\n    mosquitto_sub -p {MQTT_BASE} -t 'yunbian/devices/#' -v   (edge-a1's bus)\n    {exe} get rules -o wide\n    {exe} query 'temperature_avg_10s' --since 30m --step 1m --agg avg\n    {exe} series --match '{{node=~\"edge-.*\"}}'\n    {exe} get events\n    {exe} describe node edge-b1   (its data outbox)\n    curl -G http://127.0.0.1:17790/v1/query --data-urlencode 'q=temperature_avg_10s{{device=\"boiler-1\"}}' -d since=10m   (edge-a1's store)\n    {exe} logs app/hello --follow\n    {exe} apply -f <your-app.yaml>\n\nPress Ctrl-C to stop (the demo's apps are deleted first, so no workload outlives it).",
+        "\nThe cluster is up. In another terminal:\n\n    export YUNBIAN_CONFIG={}\n    {exe} get nodes -o wide\n    {exe} get instances\n    {exe} get devices\n    {exe} describe device boiler-1\n    {exe} device set boiler-1 setpoint=80 --wait\n    {exe} device watch boiler-1\n    {exe} logs app/device-reader --follow\n    mosquitto_sub -p {MQTT_BASE} -t 'yunbian/devices/#' -v   (edge-a1's bus)\n    {exe} get rules -o wide\n    {exe} query 'temperature_avg_10s' --since 30m --step 1m --agg avg\n    {exe} series --match '{{node=~\"edge-.*\"}}'\n    {exe} get events\n    {exe} describe node edge-b1   (its data outbox)\n    curl -G http://127.0.0.1:17790/v1/query --data-urlencode 'q=temperature_avg_10s{{device=\"boiler-1\"}}' -d since=10m   (edge-a1's store)\n    {exe} logs app/hello --follow\n    curl http://127.0.0.1:{WASM_PORT}/   (the wasm sample; {exe} describe instance … shows how it ran)\n    {exe} artifact list\n    {exe} apply -f <your-app.yaml>\n\nPress Ctrl-C to stop (the demo's apps are deleted first, so no workload outlives it).",
         cloud.admin_config.display()
     );
     if args.exit_when_ready {
@@ -284,6 +292,56 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
     tokio::signal::ctrl_c().await.context("wait for Ctrl-C")?;
     cleanup(&client).await
+}
+
+/// Publishes the wasm sample app as an artifact and runs it (`runtime:
+/// wasm`) on a site-a node, then asks it over HTTP.
+async fn wasm_app(client: &yunbian_cli::Client, dir: &std::path::Path) -> Result<()> {
+    let module = dir.join("wasm-hello.wasm");
+    std::fs::write(&module, WASM_HELLO).with_context(|| format!("write {}", module.display()))?;
+    let push = yunbian_cli::artifact::PushArgs {
+        path: module,
+        name: "wasm-hello".into(),
+        version: "1.0".into(),
+        platform: None,
+        kind: None,
+    };
+    let report = yunbian_cli::artifact::push(client, &push).await.context("push the wasm sample")?;
+    say(&format!(
+        "pushed the artifact wasm-hello 1.0 ({} bytes, {}, sha256 {}…)",
+        report.size,
+        report.platform,
+        &report.sha256[..12]
+    ));
+    let app = format!(
+        "apiVersion: yunbian.io/v1\nkind: App\nmetadata: {{name: wasm-hello}}\nspec:\n  runtime: wasm\n  artifact: {{name: wasm-hello, version: \"1.0\"}}\n  process: {{env: {{HOST: 127.0.0.1, PORT: \"{WASM_PORT}\"}}}}\n  resources: {{limits: {{memory: 32Mi, cpu: 250m}}}}\n  placement: {{nodeSelector: {{site: a}}}}\n"
+    );
+    client.apply(&serde_yaml::from_str::<Value>(&app)?).await?;
+    say("applied the wasm sample app `wasm-hello` (runtime wasm: pulled by its node, run by wasmtime in a shim process)");
+    let t0 = Instant::now();
+    loop {
+        if let Ok(body) = http_get_local(WASM_PORT).await {
+            say(&format!("wasm-hello answers after {:.1}s: {}", t0.elapsed().as_secs_f64(), body.trim()));
+            return Ok(());
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!("the wasm sample did not answer on 127.0.0.1:{WASM_PORT} within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The body of `GET /` on a loopback port.
+async fn http_get_local(port: u16) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n").await?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await??;
+    match out.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
+        _ => bail!("unexpected answer: {out:?}"),
+    }
 }
 
 /// Attaches the demo's devices (a Modbus boiler simulated in-process,

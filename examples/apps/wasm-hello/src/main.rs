@@ -1,7 +1,7 @@
 //! `wasm-hello`: the sample app of Yunbian's wasm runtime.
 //!
 //! An HTTP/1.1 service on `$HOST:$PORT` (default `0.0.0.0:8080`) that
-//! answers every request with the node it runs on (`$YUNBIAN_NODE`) and how
+//! answers every request with the node it runs on (`$NODE_NAME`, set by the agent as for every workload) and how
 //! many requests it has served, as JSON. The count is kept in
 //! `/data/requests` when the instance has a data directory, so it survives
 //! restarts of the instance.
@@ -26,7 +26,7 @@ const MAX_HEAD: usize = 8 * 1024;
 
 fn main() {
     run_constructors();
-    let node = std::env::var("YUNBIAN_NODE").unwrap_or_else(|_| "unknown".to_owned());
+    let node = std::env::var("NODE_NAME").unwrap_or_else(|_| "unknown".to_owned());
     let host = std::env::var("HOST").unwrap_or_else(|_| "0.0.0.0".to_owned());
     let port = std::env::var("PORT").unwrap_or_else(|_| "8080".to_owned());
     let (Ok(host), Ok(port)) = (host.parse::<Ipv4Addr>(), port.parse::<u16>()) else {
