@@ -476,6 +476,7 @@ impl Launcher {
             tokio::pin!(pull);
             let mut tick = tokio::time::interval(Duration::from_millis(500));
             let mut last = None;
+            let mut ticks = 0u32;
             loop {
                 tokio::select! {
                     res = &mut pull => {
@@ -492,6 +493,15 @@ impl Launcher {
                                 mib(progress.total())
                             );
                             self.report_waiting(&r, InstancePhase::Pending, "Pulling", &msg);
+                        }
+                        // Peers learn of the chunks already here while the
+                        // pull goes on, so a group pulls in a pipeline
+                        // rather than each node from the cloud.
+                        ticks += 1;
+                        if ticks.is_multiple_of(4) {
+                            if let Some(a) = self.announcer.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                                a.poke();
+                            }
                         }
                     }
                 }
