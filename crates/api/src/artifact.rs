@@ -193,7 +193,7 @@ impl fmt::Display for ArtifactRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.name.is_empty(), self.digest_hex()) {
             (false, None) => write!(f, "{} {}", self.name, self.version),
-            (false, Some(d)) => write!(f, "{} {} (sha256:{})", self.name, self.version, &d[..d.len().min(12)]),
+            (false, Some(d)) => write!(f, "{} {} (sha256:{})", self.name, self.version, d.get(..12).unwrap_or(d)),
             (true, Some(d)) => write!(f, "sha256:{d}"),
             (true, None) => f.write_str("(no artifact)"),
         }

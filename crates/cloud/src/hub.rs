@@ -262,9 +262,12 @@ impl Hub {
                 let models = self.store.list(Kind::DeviceModel).await?;
                 let mut rules = self.store.list(Kind::Rule).await?;
                 let groups = self.store.list(Kind::NodeGroup).await?;
-                // Routed together: one listing, at the later revision.
+                // Routed together, as one listing at the earlier revision:
+                // events between the two listings are replayed, which is
+                // harmless (an unchanged object routes to no change); the
+                // later revision would skip them.
                 rules.0.extend(groups.0);
-                rules.1 = rules.1.max(groups.1);
+                rules.1 = rules.1.min(groups.1);
                 let nodes = self.store.list(Kind::Node).await?;
                 Ok::<_, StoreError>((items, devices, models, rules, nodes, rev))
             };

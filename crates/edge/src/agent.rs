@@ -239,16 +239,21 @@ pub(crate) fn groups_of_view(objects: &[DesiredObject]) -> Vec<NodeGroupSpec> {
     groups_of(&device_objects_of(objects))
 }
 
-/// The node's groups in the view (their trust policy and site).
+/// The node's groups in the view (their trust policy and site). A group
+/// that does not decode (a newer cloud's fields) becomes one that requires
+/// a signature by no key: the trust policy fails closed, never open.
 fn groups_of(objects: &DeviceObjects) -> Vec<NodeGroupSpec> {
     objects
         .iter()
         .filter(|((kind, _), _)| *kind == Kind::NodeGroup)
-        .filter_map(|((_, name), o)| match o.value.get("spec").cloned().map(serde_json::from_value::<NodeGroupSpec>) {
-            Some(Ok(g)) => Some(g),
+        .map(|((_, name), o)| match o.value.get("spec").cloned().map(serde_json::from_value::<NodeGroupSpec>) {
+            Some(Ok(g)) => g,
             other => {
-                tracing::warn!(group = %name, error = ?other.map(|r| r.err()), "desired node group does not decode; ignored");
-                None
+                tracing::error!(group = %name, error = ?other.map(|r| r.err()), "desired node group does not decode; refusing every artifact until it does");
+                NodeGroupSpec {
+                    trust: Some(yunbian_api::TrustSpec { require_signature: true, keys: Vec::new() }),
+                    ..Default::default()
+                }
             }
         })
         .collect()
@@ -793,9 +798,10 @@ async fn reconcile_runtime(runtime: Arc<dyn Runtime>, launcher: Arc<Launcher>, m
     loop {
         let (want, known) = rx.borrow_and_update().clone();
         launcher.retain(&want.keys().map(String::as_str).collect());
-        let mut have: Vec<String> = Vec::new();
+        // What the runtime runs now (even before the first sync, so an
+        // adopted instance is never reported as waiting for its pull).
+        let have: Vec<String> = runtime.statuses().await.into_iter().map(|s| s.instance).collect();
         if known {
-            have = runtime.statuses().await.into_iter().map(|s| s.instance).collect();
             for name in have.iter().filter(|n| !want.contains_key(*n)) {
                 if let Err(e) = runtime.remove(name).await {
                     tracing::warn!(instance = %name, error = %e, "remove instance");
@@ -804,9 +810,9 @@ async fn reconcile_runtime(runtime: Arc<dyn Runtime>, launcher: Arc<Launcher>, m
         }
         for inst in want.values() {
             // Held back while its artifact is pulled (the launcher reports
-            // the progress; a previous version keeps running meanwhile),
+            // the progress unless the runtime already runs the instance),
             // then run as a process.
-            let Some(inst) = launcher.prepare(inst) else {
+            let Some(inst) = launcher.prepare(inst, have.contains(&inst.metadata.name)) else {
                 let name = &inst.metadata.name;
                 if launcher.refused(name) && have.contains(name) {
                     // The trust policy tightened, or the runtime went away.
@@ -818,8 +824,20 @@ async fn reconcile_runtime(runtime: Arc<dyn Runtime>, launcher: Arc<Launcher>, m
                 }
                 continue;
             };
-            if let Err(e) = runtime.ensure(&inst).await {
-                tracing::warn!(instance = %inst.metadata.name, error = %e, "start instance");
+            let name = &inst.metadata.name;
+            match runtime.ensure(&inst).await {
+                Ok(()) if launcher.take_handed(name) => {
+                    // The launcher's last word was a pull status; the
+                    // runtime's current one replaces it.
+                    if let Some(s) = runtime.statuses().await.into_iter().find(|s| &s.instance == name) {
+                        launcher.forward(s);
+                    }
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::warn!(instance = %name, error = %e, "start instance");
+                    launcher.start_failed(name, e.to_string());
+                }
             }
         }
         tokio::select! {

@@ -449,11 +449,22 @@ impl ArtifactCache {
         source: Arc<dyn ArtifactSource>,
         opts: CacheOptions,
     ) -> Result<ArtifactCache, PullError> {
-        let root = data_dir.join("artifacts");
-        let tmp = root.join("tmp");
+        let tmp = data_dir.join("artifacts").join("tmp");
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(io("empty", &tmp))?;
         }
+        Self::attach(data_dir, source, opts)
+    }
+
+    /// Opens the cache beside a running agent (`yunbian edge import`):
+    /// like [`open`](Self::open) but leaves `tmp/` alone, where the agent
+    /// may be assembling a blob.
+    pub fn attach(
+        data_dir: &Path,
+        source: Arc<dyn ArtifactSource>,
+        opts: CacheOptions,
+    ) -> Result<ArtifactCache, PullError> {
+        let root = data_dir.join("artifacts");
         for d in ["chunks", "blobs", "unpacked", "refs", "tmp"] {
             let p = root.join(d);
             std::fs::create_dir_all(&p).map_err(io("create", &p))?;
@@ -531,6 +542,14 @@ impl ArtifactCache {
     /// `refs/`, so a node that cannot reach the source (an offline site, an
     /// agent restarted during an outage) resolves from its last copy.
     pub async fn resolve(&self, r: &ArtifactRef) -> Result<Resolved, PullError> {
+        self.resolve_for(r, None).await
+    }
+
+    /// [`resolve`](Self::resolve), taking the blob of `platform` when given
+    /// (`wasi/wasm32` for the wasm runtime) instead of this node's platform
+    /// with the wasm blob as fallback. A digest alone must name a blob this
+    /// node can run.
+    pub async fn resolve_for(&self, r: &ArtifactRef, platform: Option<&str>) -> Result<Resolved, PullError> {
         let shown = r.to_string();
         let pinned = match r.digest_hex() {
             Some(d) => Some(
@@ -580,20 +599,39 @@ impl ArtifactCache {
             }
         };
         let (name, version) = (artifact.spec.name.clone(), artifact.spec.version.clone());
+        let host = self.opts.platform.as_deref().or(host_platform()).unwrap_or("unknown");
+        let runnable: Vec<&str> = match platform {
+            Some(p) => vec![p],
+            None => vec![host, WASM_PLATFORM],
+        };
         let (platform, blob) = match pinned {
-            Some(d) if r.name.is_empty() => artifact
-                .spec
-                .blobs
-                .iter()
-                .find(|(_, b)| b.sha256 == d.hex())
-                .map(|(p, b)| (p.clone(), b.clone()))
-                .ok_or_else(|| PullError::NoSuchBlob(d.to_string()))?,
+            Some(d) if r.name.is_empty() => {
+                let with_digest: Vec<(&String, &ArtifactBlob)> =
+                    artifact.spec.blobs.iter().filter(|(_, b)| b.sha256 == d.hex()).collect();
+                if with_digest.is_empty() {
+                    return Err(PullError::NoSuchBlob(d.to_string()));
+                }
+                // The first platform this node runs, in its order of preference.
+                runnable
+                    .iter()
+                    .find_map(|p| with_digest.iter().find(|(k, _)| k.as_str() == *p))
+                    .map(|(p, b)| ((*p).clone(), (*b).clone()))
+                    .ok_or_else(|| PullError::NoBlob {
+                        name: name.clone(),
+                        version: version.clone(),
+                        platform: runnable.join(" or "),
+                        available: with_digest.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>().join(", "),
+                    })?
+            }
             _ => {
-                let platform = self.opts.platform.as_deref().or(host_platform()).unwrap_or("unknown");
-                let (p, b) = pick_blob(&artifact.spec.blobs, platform).ok_or_else(|| PullError::NoBlob {
+                let found = match platform {
+                    Some(p) => artifact.spec.blobs.get_key_value(p).map(|(k, v)| (k.as_str(), v)),
+                    None => pick_blob(&artifact.spec.blobs, host),
+                };
+                let (p, b) = found.ok_or_else(|| PullError::NoBlob {
                     name: name.clone(),
                     version: version.clone(),
-                    platform: platform.into(),
+                    platform: platform.unwrap_or(host).into(),
                     available: artifact.spec.blobs.keys().cloned().collect::<Vec<_>>().join(", "),
                 })?;
                 if let Some(d) = pinned {
@@ -705,7 +743,9 @@ impl ArtifactCache {
             }
         }
         // Last use, for the LRU order.
-        let _ = std::fs::File::options().append(true).open(&path).and_then(|f| f.set_modified(SystemTime::now()));
+        // Read-only: a write handle on a running executable would make a
+        // concurrent exec of it fail with ETXTBSY.
+        let _ = std::fs::File::open(&path).and_then(|f| f.set_modified(SystemTime::now()));
         Ok(LocalBlob { platform: String::new(), kind, sha256: m.sha256, size: m.size, path, unpacked })
     }
 

@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify};
+use yunbian_api::artifact::WASM_PLATFORM;
 use yunbian_api::{
     signing_statement, AppInstance, AppInstanceStatus, ArtifactRef, BlobType, InstancePhase, NodeGroupSpec,
     ProcessSpec, RuntimeKind, TrustedKey,
@@ -191,11 +192,21 @@ enum Pull {
     },
 }
 
+/// What a pull is for: the reference, and whether the wasm blob is wanted
+/// (`runtime: wasm`) rather than this node's platform's.
+type PullKey = (ArtifactRef, bool);
+
 #[derive(Default)]
 struct State {
-    pulls: HashMap<ArtifactRef, Pull>,
+    pulls: HashMap<PullKey, Pull>,
     /// Instances waiting for a reference.
-    waiting: HashMap<String, ArtifactRef>,
+    waiting: HashMap<String, PullKey>,
+    /// Instances the runtime already runs (adopted after an agent restart,
+    /// or an earlier version): no `Pending` status is sent over theirs.
+    quiet: HashSet<String>,
+    /// Instances the launcher sent a status for and then handed to the
+    /// runtime: the runtime's own status is sent again after `ensure`.
+    handed: HashSet<String>,
     /// The blob each launched instance holds in use.
     holding: HashMap<String, Digest>,
     /// The last status sent per waiting instance, not to repeat it.
@@ -294,18 +305,42 @@ impl Launcher {
                 c.unmark_in_use(&d);
             }
         }
-        let used: HashSet<ArtifactRef> = st.waiting.values().cloned().collect();
+        st.quiet.retain(|i| desired.contains(i.as_str()));
+        st.handed.retain(|i| desired.contains(i.as_str()));
+        let used: HashSet<PullKey> = st.waiting.values().cloned().collect();
         // Finished pulls nobody waits for are dropped; running ones finish.
-        st.pulls.retain(|r, p| used.contains(r) || matches!(p, Pull::Running { .. }));
+        let unused: Vec<PullKey> = st
+            .pulls
+            .iter()
+            .filter(|(r, p)| !used.contains(*r) && !matches!(p, Pull::Running { .. }))
+            .map(|(r, _)| r.clone())
+            .collect();
+        for r in unused {
+            if let (Some(p), Some(c)) = (st.pulls.remove(&r), &self.cache) {
+                release(c, &p);
+            }
+        }
     }
 
     /// The instance to hand to the process runtime, or `None` while it is
     /// being prepared or cannot run (its status says why).
-    pub fn prepare(self: &Arc<Self>, inst: &AppInstance) -> Option<AppInstance> {
+    ///
+    /// `running`: the runtime already runs an instance of this name (after
+    /// an agent restart, or a previous template), so waiting for a pull is
+    /// not reported over its status.
+    pub fn prepare(self: &Arc<Self>, inst: &AppInstance, running: bool) -> Option<AppInstance> {
         let name = inst.metadata.name.clone();
         let t = &inst.spec.template;
-        if t.runtime == RuntimeKind::Process && t.artifact.is_none() {
+        if matches!(t.runtime, RuntimeKind::Process | RuntimeKind::Fake) && t.artifact.is_none() {
             return Some(inst.clone());
+        }
+        {
+            let mut st = self.lock();
+            if running {
+                st.quiet.insert(name.clone());
+            } else {
+                st.quiet.remove(&name);
+            }
         }
         if let Some(why) = self.unavailable(t.runtime) {
             self.report(&name, InstancePhase::Failed, "RuntimeUnavailable", why);
@@ -324,6 +359,7 @@ impl Launcher {
             self.report(&name, InstancePhase::Failed, "NoArtifactCache", "this agent cannot pull artifacts".into());
             return None;
         };
+        let r: PullKey = (r, t.runtime == RuntimeKind::Wasm);
         let mut st = self.lock();
         st.waiting.insert(name.clone(), r.clone());
         let now = Instant::now();
@@ -341,16 +377,28 @@ impl Launcher {
             st.pulls.insert(r.clone(), Pull::Running { progress: progress.clone() });
             let trust = st.trust.clone();
             drop(st);
-            self.report(&name, InstancePhase::Pending, "Pulling", format!("Pulling {r}: resolving"));
+            self.report(&name, InstancePhase::Pending, "Pulling", format!("Pulling {}: resolving", r.0));
             let me = self.clone();
             tokio::spawn(async move { me.run_pull(cache, r, trust, progress, attempts).await });
             return None;
         }
         match st.pulls.get(&r) {
+            Some(Pull::Ready { blob, .. })
+                if !blob.path.exists() || blob.unpacked.as_ref().is_some_and(|u| !u.is_dir()) =>
+            {
+                // Removed behind our back (by hand, or a full disk): pull again.
+                tracing::warn!(artifact = %r.0, path = %blob.path.display(), "a pulled artifact is gone from the cache; pulling it again");
+                if let Some(p) = st.pulls.remove(&r) {
+                    release(&cache, &p);
+                }
+                drop(st);
+                self.wake.notify_one();
+                None
+            }
             Some(Pull::Ready { resolved, blob }) => {
                 // The policy may have changed since the pull.
                 if let Err((reason, message)) = st.trust.check(resolved) {
-                    st.pulls.insert(
+                    let old = st.pulls.insert(
                         r.clone(),
                         Pull::Failed {
                             phase: InstancePhase::Failed,
@@ -361,6 +409,9 @@ impl Launcher {
                             trust: true,
                         },
                     );
+                    if let Some(p) = old {
+                        release(&cache, &p);
+                    }
                     drop(st);
                     self.report(&name, InstancePhase::Failed, reason, message);
                     return None;
@@ -374,7 +425,9 @@ impl Launcher {
                                 cache.unmark_in_use(&old);
                             }
                         }
-                        st.sent.remove(&name);
+                        if st.sent.remove(&name).is_some() {
+                            st.handed.insert(name.clone());
+                        }
                         Some(p)
                     }
                     Err((reason, message)) => {
@@ -384,13 +437,14 @@ impl Launcher {
                     }
                 }
             }
-            Some(Pull::Failed { phase, reason, message, retry_at, .. }) => {
+            Some(Pull::Failed { phase, reason, message, attempts, .. }) => {
+                // No countdown in the text: a status that changes every
+                // pass would be written and sent every pass.
                 let (phase, reason) = (*phase, *reason);
-                let left = retry_at.saturating_duration_since(now).as_secs();
-                let message = if reason == "Pulling" || phase == InstancePhase::Failed {
+                let message = if phase == InstancePhase::Failed {
                     message.clone()
                 } else {
-                    format!("{message}; retrying in {left} s")
+                    format!("{message} (attempt {attempts}; retrying with back-off)")
                 };
                 drop(st);
                 self.report(&name, phase, reason, message);
@@ -402,7 +456,7 @@ impl Launcher {
                 let (known, pct) = (st.sent.get(&name).is_some_and(|s| s.reason == "Pulling"), progress.percent());
                 drop(st);
                 if !known {
-                    self.report(&name, InstancePhase::Pending, "Pulling", format!("Pulling {pct} % of {r}"));
+                    self.report(&name, InstancePhase::Pending, "Pulling", format!("Pulling {pct} % of {}", r.0));
                 }
                 None
             }
@@ -413,6 +467,7 @@ impl Launcher {
     fn unavailable(&self, runtime: RuntimeKind) -> Option<String> {
         match runtime {
             RuntimeKind::Process | RuntimeKind::Fake => None,
+            _ if self.opts.shim_exe.is_none() => Some("no shim executable is configured".into()),
             RuntimeKind::Wasm if !self.opts.wasm => {
                 Some("the wasm runtime is not built into this agent (build with --features wasm)".into())
             }
@@ -421,7 +476,6 @@ impl Launcher {
                 Some(Err(why)) => Some(format!("the oci runtime is unavailable: {why}")),
                 None => Some("the oci runtime is not enabled on this agent".into()),
             },
-            _ if self.opts.shim_exe.is_none() => Some("no shim executable is configured".into()),
             _ => None,
         }
     }
@@ -431,7 +485,25 @@ impl Launcher {
     /// opposed to waiting for a pull. A refused instance that still runs
     /// (the policy tightened after it started) is stopped by the reconciler.
     pub fn refused(&self, instance: &str) -> bool {
-        self.lock().sent.get(instance).is_some_and(|s| s.phase == InstancePhase::Failed)
+        self.lock().sent.get(instance).is_some_and(|s| TRUST_REASONS.contains(&s.reason.as_str()))
+    }
+
+    /// After a successful `ensure`: whether the launcher had reported a
+    /// status of its own for the instance, which the runtime's must now
+    /// replace (see [`forward`](Self::forward)).
+    pub fn take_handed(&self, instance: &str) -> bool {
+        self.lock().handed.remove(instance)
+    }
+
+    /// Sends a status on the runtime's behalf.
+    pub fn forward(&self, update: StatusUpdate) {
+        let _ = self.status_tx.send(update);
+    }
+
+    /// `ensure` failed: the instance says so.
+    pub fn start_failed(&self, instance: &str, message: String) {
+        self.lock().quiet.remove(instance);
+        self.report(instance, InstancePhase::Failed, "StartFailed", message);
     }
 
     /// Sends the instance's last status again (after the runtime reported
@@ -441,19 +513,21 @@ impl Launcher {
         let _ = self.status_tx.send(StatusUpdate { instance: instance.to_string(), status });
     }
 
-    /// Sends a status for a waiting instance unless it is the last one sent.
+    /// Sends a status for a waiting instance unless it is the last one sent
+    /// (or the runtime runs the instance and this is only a wait).
     fn report(&self, instance: &str, phase: InstancePhase, reason: &str, message: String) {
         let status = AppInstanceStatus { phase, reason: reason.into(), message, ..Default::default() };
         let mut st = self.lock();
-        if st.sent.get(instance) == Some(&status) {
+        if st.sent.get(instance) == Some(&status) || (phase == InstancePhase::Pending && st.quiet.contains(instance)) {
             return;
         }
         st.sent.insert(instance.to_string(), status.clone());
-        drop(st);
+        // Sent under the lock: two reporters (the pull task, the
+        // reconciler) cannot reorder their statuses.
         let _ = self.status_tx.send(StatusUpdate { instance: instance.to_string(), status });
     }
 
-    fn report_waiting(&self, r: &ArtifactRef, phase: InstancePhase, reason: &str, message: &str) {
+    fn report_waiting(&self, r: &PullKey, phase: InstancePhase, reason: &str, message: &str) {
         let names: Vec<String> = self.lock().waiting.iter().filter(|(_, w)| *w == r).map(|(i, _)| i.clone()).collect();
         for n in names {
             self.report(&n, phase, reason, message.to_string());
@@ -463,14 +537,22 @@ impl Launcher {
     async fn run_pull(
         self: Arc<Self>,
         cache: Arc<ArtifactCache>,
-        r: ArtifactRef,
+        r: PullKey,
         trust: TrustPolicy,
         progress: Arc<PullProgress>,
         attempts: u32,
     ) {
+        let mut held: Option<Digest> = None;
         let outcome = async {
-            let resolved = cache.resolve(&r).await.map_err(|e| pull_failure(&e))?;
+            let platform = r.1.then_some(WASM_PLATFORM);
+            let resolved = cache.resolve_for(&r.0, platform).await.map_err(|e| pull_failure(&e))?;
             trust.check(&resolved).map_err(|(reason, message)| (InstancePhase::Failed, reason, message, true))?;
+            // Held from before the pull until the entry is dropped, so the
+            // cache never collects it in between (other pulls collect).
+            if let Ok(d) = resolved.blob.sha256.parse::<Digest>() {
+                cache.mark_in_use(&d);
+                held = Some(d);
+            }
             let label = resolved.label();
             let pull = cache.pull(&resolved, &progress);
             tokio::pin!(pull);
@@ -511,13 +593,18 @@ impl Launcher {
         let mut st = self.lock();
         match outcome {
             Ok((resolved, blob)) => {
-                tracing::info!(artifact = %r, blob = %blob.sha256, platform = %blob.platform, offline = resolved.offline, "artifact ready");
-                st.pulls.insert(r.clone(), Pull::Ready { resolved: Box::new(resolved), blob });
+                tracing::info!(artifact = %r.0, blob = %blob.sha256, platform = %blob.platform, offline = resolved.offline, "artifact ready");
+                if let Some(p) = st.pulls.insert(r.clone(), Pull::Ready { resolved: Box::new(resolved), blob }) {
+                    release(&cache, &p);
+                }
                 if let Some(a) = self.announcer.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
                     a.poke();
                 }
             }
             Err((phase, reason, message, trust)) => {
+                if let Some(d) = held {
+                    cache.unmark_in_use(&d);
+                }
                 let attempts = attempts + 1;
                 // A refusal is looked at again soon: the publisher may sign
                 // the artifact, which changes nothing on this node.
@@ -526,7 +613,7 @@ impl Launcher {
                 } else {
                     (FIRST_BACKOFF * 2u32.saturating_pow(attempts - 1)).min(MAX_BACKOFF)
                 };
-                tracing::warn!(artifact = %r, reason, error = %message, retry_in_s = delay.as_secs(), "artifact not ready");
+                tracing::warn!(artifact = %r.0, reason, error = %message, retry_in_s = delay.as_secs(), "artifact not ready");
                 st.pulls.insert(
                     r.clone(),
                     Pull::Failed { phase, reason, message, retry_at: Instant::now() + delay, attempts, trust },
@@ -636,7 +723,10 @@ impl Launcher {
         let name = &inst.metadata.name;
         let mut cmd = vec![self.shim(), "shim".into(), "oci".into(), "--layout".into(), layout.display().to_string()];
         cmd.extend(["--oci-dir".into(), self.opts.oci_dir.display().to_string()]);
+        // The bundle (a copy of the image's rootfs) lives in the instance's
+        // directory, beside its work directory: removed with the instance.
         cmd.extend(["--id".into(), format!("yunbian-{name}"), "--volume".into(), ".".into()]);
+        cmd.extend(["--bundle".into(), "../bundle".into()]);
         if limits.memory.is_some() {
             cmd.extend(["--memory-bytes".into(), limits.memory_bytes().to_string()]);
         }
@@ -655,6 +745,17 @@ impl Launcher {
         cmd.push("--".into());
         cmd.extend(spec.args.iter().cloned());
         Ok(ProcessSpec { command: cmd, args: Vec::new(), env: Default::default(), working_dir: String::new() })
+    }
+}
+
+/// Reasons of a trust refusal: an instance refused for one of them is
+/// stopped if it runs (other failures leave a running instance alone).
+const TRUST_REASONS: [&str; 3] = ["SignatureRequired", "UntrustedSigner", "BadSignature"];
+
+/// Drops the in-use mark a finished pull holds on its blob.
+fn release(cache: &ArtifactCache, p: &Pull) {
+    if let Pull::Ready { blob, .. } = p {
+        cache.unmark_in_use(&blob.sha256);
     }
 }
 
@@ -757,6 +858,30 @@ mod tests {
         // Not required: an unsigned or untrusted blob still runs.
         let lax = TrustPolicy::of_groups([&group(false, &[&good])]);
         assert_eq!(lax.check(&resolved(Some(&other), false)), Ok(None));
+    }
+
+    #[tokio::test]
+    async fn plain_and_fake_instances_pass_through_and_shims_need_their_runtime() {
+        use yunbian_api::{AppInstanceSpec, WorkloadTemplate};
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let l = Launcher::new(None, LauncherOptions::default(), tx);
+        let inst = |runtime: RuntimeKind| {
+            let template = WorkloadTemplate { runtime, ..Default::default() };
+            AppInstance::new(
+                "a-1",
+                AppInstanceSpec { app: "a".into(), node: "n".into(), template, template_hash: "h".into() },
+            )
+        };
+        assert_eq!(l.prepare(&inst(RuntimeKind::Fake), false), Some(inst(RuntimeKind::Fake)));
+        assert_eq!(l.prepare(&inst(RuntimeKind::Process), true), Some(inst(RuntimeKind::Process)));
+        assert!(rx.try_recv().is_err(), "no status for instances that pass through");
+        // No shim executable: wasm is unavailable, and says so once.
+        assert_eq!(l.prepare(&inst(RuntimeKind::Wasm), false), None);
+        assert_eq!(l.prepare(&inst(RuntimeKind::Wasm), false), None);
+        let u = rx.try_recv().expect("a status");
+        assert_eq!((u.status.phase, u.status.reason.as_str()), (InstancePhase::Failed, "RuntimeUnavailable"));
+        assert!(rx.try_recv().is_err(), "the same status is not sent twice");
+        assert!(!l.refused("a-1"), "an unavailable runtime does not stop a running instance");
     }
 
     #[test]

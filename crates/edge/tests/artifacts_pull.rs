@@ -376,15 +376,31 @@ async fn references_by_digest_pin_and_resolve_offline_from_the_last_copy() {
     let src = Arc::new(FakeSource::default());
     let amd = b"amd64 build".to_vec();
     let arm = b"arm64 build".to_vec();
-    let d = src
-        .publish("tool", &[("linux/amd64", BlobType::Executable, &amd), ("linux/arm64", BlobType::Executable, &arm)]);
+    let wasm = b"\0asm module".to_vec();
+    let d = src.publish(
+        "tool",
+        &[
+            ("linux/amd64", BlobType::Executable, &amd),
+            ("linux/arm64", BlobType::Executable, &arm),
+            ("wasi/wasm32", BlobType::Wasm, &wasm),
+        ],
+    );
     let cache = ArtifactCache::open(&dir.0, src.clone(), opts(1 << 30)).expect("open");
 
-    // A digest alone picks that blob, whatever its platform.
-    let r = cache.resolve(&reference("", Some(&d[1]))).await.expect("by digest");
-    assert_eq!((r.platform.as_str(), r.artifact.spec.name.as_str(), r.offline), ("linux/arm64", "tool", false));
+    // A digest alone picks that blob, if this node can run it.
+    let r = cache.resolve(&reference("", Some(&d[0]))).await.expect("by digest");
+    assert_eq!((r.platform.as_str(), r.artifact.spec.name.as_str(), r.offline), ("linux/amd64", "tool", false));
     let b = cache.pull(&r, &PullProgress::default()).await.expect("pull");
-    assert_eq!(std::fs::read(&b.path).expect("blob"), arm);
+    assert_eq!(std::fs::read(&b.path).expect("blob"), amd);
+    let r = cache.resolve(&reference("", Some(&d[2]))).await.expect("the wasm blob by digest");
+    assert_eq!(r.platform, "wasi/wasm32");
+    match cache.resolve(&reference("", Some(&d[1]))).await {
+        Err(PullError::NoBlob { available, .. }) => assert_eq!(available, "linux/arm64"),
+        other => panic!("an arm64 blob is not for this amd64 node: {other:?}"),
+    }
+    // The wasm runtime takes the wasm blob, not the node's platform's.
+    let r = cache.resolve_for(&reference("tool", None), Some("wasi/wasm32")).await.expect("wasm");
+    assert_eq!(r.blob.sha256, d[2].hex());
 
     // A name with a pin: the node's blob must be the pinned one.
     let r = cache.resolve(&reference("tool", Some(&d[0]))).await.expect("pinned");
@@ -406,7 +422,7 @@ async fn references_by_digest_pin_and_resolve_offline_from_the_last_copy() {
     let r = cache.resolve(&reference("tool", None)).await.expect("offline copy");
     assert!(r.offline);
     assert_eq!(r.blob.sha256, d[0].hex());
-    let r = cache.resolve(&reference("", Some(&d[1]))).await.expect("offline copy by digest");
+    let r = cache.resolve(&reference("", Some(&d[0]))).await.expect("offline copy by digest");
     assert!(r.offline);
     match cache.resolve(&reference("other", None)).await {
         Err(PullError::Source { message, .. }) => assert!(message.contains("link down"), "{message}"),

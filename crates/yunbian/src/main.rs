@@ -232,7 +232,7 @@ fn broker_config(run: &EdgeRunArgs) -> Result<Option<yunbian_bus::BrokerConfig>>
 #[derive(Debug, Subcommand)]
 enum EdgeCommand {
     /// Join a cluster with a token, then run the agent.
-    Join(JoinArgs),
+    Join(Box<JoinArgs>),
     /// Load an artifact export file (`yunbian artifact export`) into this
     /// node's artifact cache, for sites the registry cannot reach: apps
     /// using it then start without fetching a chunk.
@@ -398,7 +398,8 @@ async fn run(cli: Cli) -> Result<()> {
                 }
                 Some(EdgeCommand::Import(i)) => {
                     let source = std::sync::Arc::new(yunbian_edge::artifacts::CloudSource::from_data_dir(&i.data_dir)?);
-                    let cache = yunbian_edge::artifacts::ArtifactCache::open(&i.data_dir, source, Default::default())?;
+                    let cache =
+                        yunbian_edge::artifacts::ArtifactCache::attach(&i.data_dir, source, Default::default())?;
                     let r = cache.import_file(&i.file).await?;
                     println!(
                         "imported {} version {} ({}): {} chunks, {} new in {}",

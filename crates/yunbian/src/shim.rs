@@ -136,7 +136,7 @@ mod tests {
             "8080",
         ])
         .expect("parses");
-        let ShimCommand::Wasm(a) = cli.shim;
+        let ShimCommand::Wasm(a) = cli.shim else { panic!("a wasm command") };
         assert_eq!(a.module, PathBuf::from("/apps/hello.wasm"));
         assert_eq!(a.dir, PathBuf::from("/var/lib/yunbian/data/hello"));
         assert_eq!(a.env, [("YUNBIAN_NODE".to_owned(), "edge-1".to_owned()), ("EQ".to_owned(), "a=b".to_owned())]);
@@ -150,7 +150,7 @@ mod tests {
     #[test]
     fn the_minimal_command_line_has_no_limits_and_no_network() {
         let cli = Cli::try_parse_from(["shim", "wasm", "--module", "m.wasm", "--dir", "d"]).expect("parses");
-        let ShimCommand::Wasm(a) = cli.shim;
+        let ShimCommand::Wasm(a) = cli.shim else { panic!("a wasm command") };
         assert!(a.env.is_empty() && a.args.is_empty() && !a.inherit_network);
         assert_eq!((a.memory_bytes, a.cpu_millis, a.cache_dir), (None, None, None));
     }

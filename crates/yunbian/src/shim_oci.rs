@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! yunbian shim oci --layout <DIR> --oci-dir <DIR> --id <ID> --volume <DIR>
-//!     [--memory-bytes N] [--cpu-millis N] [--workdir PATH]
+//!     [--bundle DIR] [--memory-bytes N] [--cpu-millis N] [--workdir PATH]
 //!     [--entrypoint ARG]... [--env KEY=VALUE]... [--loopback-only] -- [ARGS...]
 //! ```
 //!
@@ -36,6 +36,11 @@ pub struct OciArgs {
     /// current directory, the instance's own).
     #[arg(long, value_name = "DIR")]
     volume: PathBuf,
+    /// Where the container's bundle (rootfs copy, config.json) is made;
+    /// default `<oci-dir>/bundles/<id>`. The agent puts it in the
+    /// instance's directory, so it goes with the instance.
+    #[arg(long, value_name = "DIR")]
+    bundle: Option<PathBuf>,
     /// Memory limit in bytes.
     #[arg(long, value_name = "N", default_value_t = 0)]
     memory_bytes: u64,
@@ -85,7 +90,10 @@ fn run_inner(a: OciArgs) -> anyhow::Result<i32> {
     req.memory_bytes = a.memory_bytes;
     req.cpu_millis = a.cpu_millis;
     req.host_network = !a.loopback_only;
-    let bundle = a.oci_dir.join("bundles").join(&a.id);
+    let bundle = match &a.bundle {
+        Some(b) => std::path::absolute(b).context("resolve --bundle")?,
+        None => a.oci_dir.join("bundles").join(&a.id),
+    };
     let prepared = oci::prepare_bundle(&image, &cache, &req, &bundle).context("prepare the bundle")?;
     eprintln!(
         "yunbian shim oci: image {} ({} layers, {} unpacked now){}",

@@ -121,6 +121,20 @@ fn apps_run_pulled_artifacts_under_the_trust_policy() {
     let (cwd, bundle) = line.split_once(" bundle=").expect("two paths");
     assert!(cwd.ends_with(bundle) && bundle.contains("/artifacts/unpacked/"), "{line}");
 
+    // An agent restart: the adopted instances stay Running in the cloud
+    // (their blobs are resolved again, and that is no reason to report them
+    // as waiting for a pull).
+    c.kill_edge("e1");
+    c.start_edge("e1");
+    c.wait_node_ready("e1");
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(500));
+        for app in ["exe", "bundled"] {
+            let i = c.instances_of(app).expect("instances").into_iter().next().expect("one");
+            assert_eq!(s(&i, "/status/phase"), "Running", "{app} after the agent restart: {i}");
+        }
+    }
+
     // A trust policy: every node requires a signature by the release key.
     let key = work.join("release.key");
     let out = c.cli(&["artifact", "keygen", "--out", &key.display().to_string()]);
