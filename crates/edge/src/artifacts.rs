@@ -234,7 +234,7 @@ impl CloudSource {
     /// From the node identity in `data_dir`, following certificate
     /// renewals and cloud URL changes.
     pub fn from_data_dir(data_dir: &Path) -> anyhow::Result<CloudSource> {
-        let id = crate::Identity::load(data_dir)?;
+        let id = crate::Identity::read(data_dir)?;
         let mut s = CloudSource::from_identity(&id)?;
         s.reload = Some((data_dir.to_path_buf(), Mutex::new(None)));
         Ok(s)
@@ -250,7 +250,7 @@ impl CloudSource {
                 return (urls.clone(), tls.clone());
             }
         }
-        match crate::Identity::load(dir).and_then(|id| Ok((id.config.urls(), id.tls()?))) {
+        match crate::Identity::read(dir).and_then(|id| Ok((id.config.urls(), id.tls()?))) {
             Ok((urls, tls)) => {
                 if let Some(t) = stamp {
                     *c = Some((t, urls.clone(), tls.clone()));

@@ -108,9 +108,19 @@ fn finish_rotation(dir: &Path) -> Result<()> {
 }
 
 impl Identity {
-    /// Loads the identity written by [`join`].
+    /// Loads the identity written by [`join`], first completing or
+    /// discarding a rotation a crash interrupted. Only the agent's owner of
+    /// the identity may call it (at start): a rotation in progress looks
+    /// interrupted.
     pub fn load(dir: &Path) -> Result<Identity> {
         finish_rotation(dir)?;
+        Self::read(dir)
+    }
+
+    /// Reads the identity as it is on disk, touching nothing: for readers
+    /// beside the agent (artifact pulls, the peer server) that follow
+    /// renewals.
+    pub fn read(dir: &Path) -> Result<Identity> {
         let read = |f: &str| {
             std::fs::read_to_string(dir.join(f)).with_context(|| {
                 format!("read {} (has this node joined? run `yunbian edge join` first)", dir.join(f).display())

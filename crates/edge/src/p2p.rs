@@ -360,7 +360,7 @@ fn scan(root: &Path) -> HashMap<Digest, ChunkLocation> {
 // ------------------------------------------------------------- TLS
 
 fn node_files(data_dir: &Path) -> Result<(String, String, String)> {
-    let id = crate::Identity::load(data_dir)?;
+    let id = crate::Identity::read(data_dir)?;
     Ok((id.ca, id.cert, id.key))
 }
 
