@@ -93,6 +93,8 @@ pub struct EdgeHandle {
     pub devices: Option<devices::DeviceServices>,
     task: tokio::task::JoinHandle<Result<()>>,
     metrics_task: Option<tokio::task::JoinHandle<()>>,
+    /// The peer chunk server, stopped with the agent.
+    peer_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl EdgeHandle {
@@ -121,6 +123,9 @@ impl EdgeHandle {
         self.task.abort();
         if let Some(m) = &self.metrics_task {
             m.abort();
+        }
+        if let Some(p) = &self.peer_task {
+            p.abort();
         }
         if let Some(d) = &self.devices {
             d.stop();
@@ -162,10 +167,12 @@ pub async fn start(opts: EdgeOptions) -> Result<EdgeHandle> {
     };
     tracing::info!(node = %identity.config.name, runtimes = ?launch.runtimes(), oci = ?launch.oci, "workload runtimes");
     let launcher = launcher::Launcher::new(Some(Arc::new(cache)), launch, tx);
+    let mut peer_task = None;
     if let Some(listen) = &opts.p2p.listen {
         // Serving peers is worth no refusal to run workloads.
         match p2p::start_peer_server(&opts.data_dir, listen, opts.p2p.upload.clone()).await {
-            Ok((addr, _server)) => {
+            Ok((addr, server)) => {
+                peer_task = Some(server);
                 tracing::info!(node = %identity.config.name, %addr, "serving artifact chunks to peers");
                 let groups = agent::groups_of_view(&desired);
                 let site = p2p::site_of_groups(&groups);
@@ -189,6 +196,7 @@ pub async fn start(opts: EdgeOptions) -> Result<EdgeHandle> {
     )
     .await?;
     h.devices = Some(services);
+    h.peer_task = peer_task;
     Ok(h)
 }
 
@@ -303,5 +311,5 @@ async fn spawn(
         None => (None, None),
     };
     let task = tokio::spawn(agent::run_agent(agent, identity, store, workloads, rx, stats.clone(), devices));
-    Ok(EdgeHandle { name, metrics_addr, stats, devices: None, task, metrics_task })
+    Ok(EdgeHandle { name, metrics_addr, stats, devices: None, task, metrics_task, peer_task: None })
 }
