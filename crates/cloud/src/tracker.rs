@@ -106,7 +106,9 @@ impl Default for TrackerConfig {
             corrupt_ttl: Duration::from_secs(900),
             unreachable_ttl: Duration::from_secs(60),
             egress_bytes_per_sec: None,
-            cloud_pulls_per_site: None,
+            // Measured: without a limit, nodes pulling together all take
+            // the same chunks from the cloud (docs/design/015).
+            cloud_pulls_per_site: Some(2),
             busy_retry_after: Duration::from_secs(2),
         }
     }
@@ -898,7 +900,8 @@ mod tests {
         let r = busy.into_response();
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(r.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("2"));
-        let unlimited = Arc::new(CloudPulls::new(&TrackerConfig::default()));
+        let unlimited =
+            Arc::new(CloudPulls::new(&TrackerConfig { cloud_pulls_per_site: None, ..TrackerConfig::default() }));
         let held: Vec<_> = (0..100).map(|i| unlimited.admit(&format!("n{i}"), "s").expect("unlimited")).collect();
         assert_eq!(unlimited.in_flight("s"), 100);
         drop(held);

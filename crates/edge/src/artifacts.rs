@@ -437,6 +437,8 @@ pub struct ArtifactCache {
     source: Arc<dyn ArtifactSource>,
     opts: CacheOptions,
     in_use: Mutex<HashMap<Digest, usize>>,
+    /// Where this agent starts in a blob's chunk list (random per start).
+    chunk_offset: usize,
     /// One pull or collection at a time: two pulls sharing a chunk, or a
     /// collection during a pull, never see each other's half-done files.
     busy: tokio::sync::Mutex<()>,
@@ -469,7 +471,18 @@ impl ArtifactCache {
             let p = root.join(d);
             std::fs::create_dir_all(&p).map_err(io("create", &p))?;
         }
-        Ok(ArtifactCache { root, source, opts, in_use: Mutex::new(HashMap::new()), busy: tokio::sync::Mutex::new(()) })
+        // Not a security property: any varying number spreads the start.
+        let chunk_offset = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() as usize ^ std::process::id() as usize);
+        Ok(ArtifactCache {
+            root,
+            source,
+            opts,
+            in_use: Mutex::new(HashMap::new()),
+            chunk_offset,
+            busy: tokio::sync::Mutex::new(()),
+        })
     }
 
     /// `<data>/artifacts`.
@@ -720,7 +733,12 @@ impl ArtifactCache {
         let unpacked = matches!(kind, BlobType::Bundle | BlobType::Oci).then(|| self.unpacked_path(&m.sha256));
         let present = std::fs::metadata(&path).is_ok_and(|md| md.len() == m.size);
         if !present {
-            for c in &m.chunks {
+            // Each agent starts at its own offset, so nodes pulling the
+            // same blob together fetch different chunks first and can
+            // trade them (docs/design/015).
+            let n = m.chunks.len().max(1);
+            for i in 0..m.chunks.len() {
+                let c = &m.chunks[(i + self.chunk_offset) % n];
                 self.ensure_chunk(c).await?;
                 progress.done.fetch_add(c.size, Ordering::Relaxed);
             }

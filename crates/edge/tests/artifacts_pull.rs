@@ -156,7 +156,9 @@ async fn a_cut_pull_resumes_after_a_restart_with_only_the_missing_chunks() {
     assert!(matches!(e, PullError::Source { .. }), "{e}");
     assert!(e.to_string().contains("link cut"), "{e}");
     assert_eq!(progress.total(), bytes.len() as u64);
-    assert_eq!(progress.percent(), (CHUNK_SIZE as u64 * 100 / bytes.len() as u64) as u8);
+    // One chunk is done: a full one or the short last one (each agent
+    // starts at its own offset in the chunk list).
+    assert!([CHUNK_SIZE as u64, 100].contains(&progress.done()), "{}", progress.done());
     assert_eq!(files(&cache.root().join("chunks")).len(), 1, "the verified chunk is kept");
     assert!(files(&cache.root().join("blobs")).is_empty());
     drop(cache);

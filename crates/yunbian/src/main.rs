@@ -95,7 +95,7 @@ struct CloudArgs {
     chunk_egress: u64,
     /// Chunk downloads from the cloud at once per site (the rest wait, or
     /// get the chunk from a peer); 0 for no limit.
-    #[arg(long, default_value = "0")]
+    #[arg(long, default_value = "2")]
     cloud_pulls_per_site: usize,
 }
 
