@@ -22,7 +22,7 @@
 #   nop2p   every agent --p2p-listen off: nobody announces, every chunk
 #           comes from the cloud (the baseline)
 #   p2p     agents serve peers (--p2p-listen 127.0.0.1:0), cloud unlimited
-#   p2p-kK  as p2p, cloud --cloud-pulls-per-site K
+#   p2p-kK  as p2p, cloud --cloud-pulls-per-site K (0: no limit; the default is 2 since 11ceed5)
 #   Append @RATE to any mode for the cloud's --chunk-egress, e.g. p2p@50Mi.
 #
 #   bench/p2p.sh

@@ -1,7 +1,8 @@
 //! Apps that run artifacts, end to end through the `yunbian` binary with a
 //! real cloud and agent: an executable artifact runs with its arguments; a
-//! bundle pulled over a slow link reports `Pulling N %` before it runs
-//! from its unpacked directory; a trust policy on a NodeGroup
+//! bundle pulled over a slow link reports `Pulling N %`, survives a cut of
+//! the link mid-pull, and runs from its unpacked directory; an agent
+//! restart leaves the adopted instances Running; a trust policy on a NodeGroup
 //! refuses unsigned artifacts (and stops one already running), and the
 //! instance runs once the publisher signs it.
 
@@ -113,6 +114,13 @@ fn apps_run_pulled_artifacts_under_the_trust_policy() {
         s(i, "/status/reason") == "Pulling" && m.contains(" % of site-app 2.0") && !m.starts_with("Pulling 0 %")
     });
     assert_eq!(s(&pulling, "/status/phase"), "Pending", "{pulling}");
+    // The link is cut mid-pull (a blackhole, then every connection reset):
+    // the pull fails over to retries and finishes from the chunks it has
+    // once the link is back.
+    c.link("e1").cut();
+    std::thread::sleep(Duration::from_secs(3));
+    c.link("e1").reset();
+    c.link("e1").heal().expect("heal the link");
     c.link("e1").set_conditions(LinkConditions::PERFECT);
     wait_instance(&c, "bundled", "bundled Running", |i| s(i, "/status/phase") == "Running");
     logs_contain(&c, "bundled", "bundle says hi from ");
