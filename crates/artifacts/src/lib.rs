@@ -25,6 +25,7 @@ pub mod chunking;
 pub mod digest;
 pub mod export;
 pub mod gc;
+pub mod rate;
 pub mod signing;
 pub mod store;
 

@@ -120,38 +120,7 @@ const ORIGINS_KEPT: usize = 4096;
 
 // ------------------------------------------------------------ rate limits
 
-/// A token bucket of bytes per second, with the time passed in: a caller
-/// reserves bytes and waits the returned time before moving them. It holds
-/// at most one second of tokens and may go into debt, so a reservation
-/// larger than a second's worth is still granted, later.
-#[derive(Debug, Clone)]
-pub struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    /// A full bucket of `bytes_per_sec` (at least 1).
-    pub fn new(bytes_per_sec: u64, now: Instant) -> TokenBucket {
-        let rate = bytes_per_sec.max(1) as f64;
-        TokenBucket { rate, burst: rate, tokens: rate, last: now }
-    }
-
-    /// Takes `n` bytes; returns how long to wait before moving them.
-    pub fn reserve(&mut self, n: u64, now: Instant) -> Duration {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = self.last.max(now);
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        self.tokens -= n as f64;
-        if self.tokens >= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(-self.tokens / self.rate)
-        }
-    }
-}
+pub use yunbian_artifacts::rate::TokenBucket;
 
 /// A shared pacing limit, or none.
 #[derive(Debug, Clone, Default)]
