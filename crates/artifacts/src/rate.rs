@@ -54,4 +54,30 @@ mod tests {
         // A clock that steps back is not credited.
         assert_eq!(b.reserve(0, t0), Duration::from_millis(1));
     }
+
+    #[test]
+    fn the_token_bucket_paces_with_an_injected_clock() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(1000, t0);
+        assert_eq!(b.reserve(1000, t0), Duration::ZERO, "a second's worth at once");
+        assert_eq!(b.reserve(500, t0), Duration::from_millis(500));
+        // Half a second later the debt is paid: the next 1000 wait one second.
+        let t1 = t0 + Duration::from_millis(500);
+        assert_eq!(b.reserve(1000, t1), Duration::from_secs(1));
+        // Idle time refills at most one second's worth.
+        let t2 = t1 + Duration::from_secs(100);
+        assert_eq!(b.reserve(1000, t2), Duration::ZERO);
+        assert_eq!(b.reserve(1, t2), Duration::from_millis(1));
+        // A chunk larger than the bucket is admitted, with its wait.
+        let mut big = TokenBucket::new(1 << 20, t0);
+        assert_eq!(big.reserve(4 << 20, t0), Duration::from_secs(3));
+        // Sending 10 s worth in slices: the waits add up to 9 s (the first
+        // second is the burst), whatever the slice size.
+        let mut b = TokenBucket::new(64 << 10, t0);
+        let mut now = t0;
+        for _ in 0..10 * 4 {
+            now += b.reserve(16 << 10, now);
+        }
+        assert_eq!(now - t0, Duration::from_secs(9));
+    }
 }

@@ -836,24 +836,6 @@ mod tests {
     }
 
     #[test]
-    fn the_token_bucket_paces_with_an_injected_clock() {
-        let t0 = Instant::now();
-        let mut b = TokenBucket::new(1000, t0);
-        assert_eq!(b.reserve(1000, t0), Duration::ZERO, "a second's worth at once");
-        assert_eq!(b.reserve(500, t0), Duration::from_millis(500));
-        // Half a second later the debt is paid: the next 1000 wait one second.
-        let t1 = t0 + Duration::from_millis(500);
-        assert_eq!(b.reserve(1000, t1), Duration::from_secs(1));
-        // Idle time refills at most one second's worth.
-        let t2 = t1 + Duration::from_secs(100);
-        assert_eq!(b.reserve(1000, t2), Duration::ZERO);
-        assert_eq!(b.reserve(1, t2), Duration::from_millis(1));
-        // A chunk larger than the bucket is admitted, with its wait.
-        let mut big = TokenBucket::new(1 << 20, t0);
-        assert_eq!(big.reserve(4 << 20, t0), Duration::from_secs(3));
-    }
-
-    #[test]
     fn cloud_pulls_are_limited_per_site() {
         let cfg = TrackerConfig { cloud_pulls_per_site: Some(2), ..Default::default() };
         let pulls = Arc::new(CloudPulls::new(&cfg));

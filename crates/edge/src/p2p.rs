@@ -1108,27 +1108,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_token_bucket_paces_with_an_injected_clock() {
-        let t0 = Instant::now();
-        let mut b = TokenBucket::new(1000, t0);
-        assert_eq!(b.reserve(1000, t0), Duration::ZERO, "a second's worth at once");
-        assert_eq!(b.reserve(500, t0), Duration::from_millis(500));
-        let t1 = t0 + Duration::from_millis(500);
-        assert_eq!(b.reserve(1000, t1), Duration::from_secs(1));
-        let t2 = t1 + Duration::from_secs(100);
-        assert_eq!(b.reserve(1000, t2), Duration::ZERO, "idle time refills one second's worth");
-        assert_eq!(b.reserve(1, t2), Duration::from_millis(1));
-        // Sending 10 s worth in slices: the waits add up to 9 s (the first
-        // second is the burst), whatever the slice size.
-        let mut b = TokenBucket::new(64 << 10, t0);
-        let mut now = t0;
-        for _ in 0..10 * 4 {
-            now += b.reserve(16 << 10, now);
-        }
-        assert_eq!(now - t0, Duration::from_secs(9));
-    }
-
-    #[test]
     fn the_site_is_the_smallest_non_empty_one() {
         let g = |site: &str| NodeGroupSpec { site: site.into(), ..Default::default() };
         assert_eq!(site_of_groups(&[g(""), g("plant-b"), g("plant-a")]), "plant-a");
