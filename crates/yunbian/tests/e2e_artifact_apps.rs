@@ -90,15 +90,7 @@ fn apps_run_pulled_artifacts_under_the_trust_policy() {
         "#!/bin/sh\necho \"bundle says $GREETING from $(pwd) bundle=$YUNBIAN_BUNDLE_DIR\"\nexec sleep 3600\n",
     )
     .expect("write");
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let noise: Vec<u8> = (0..12usize << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect();
+    let noise = harness::noise(12 << 20, 0x2545_f491_4f6c_dd1d);
     std::fs::write(work.join("bundle/data.bin"), noise).expect("write");
     sh("chmod +x bundle/bin/run.sh && tar czf app.tar.gz -C bundle bin data.bin", &work);
     c.cli(&["artifact", "push", &p("app.tar.gz"), "--name", "site-app", "--version", "2.0"]).ok();

@@ -92,15 +92,7 @@ fn push_describe_resume_sign_delete() {
     // what the first did not.
     let big = work.join("big.bin");
     // Pseudo-random, so no two chunks are alike.
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let bytes: Vec<u8> = (0..40usize << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect();
+    let bytes = harness::noise(40 << 20, 0x9e37_79b9_7f4a_7c15);
     std::fs::write(&big, &bytes).expect("write big");
     let before = chunk_paths(&c);
     let mut cmd =

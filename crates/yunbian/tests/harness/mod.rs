@@ -88,6 +88,20 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Resul
     }
 }
 
+/// `len` pseudo-random bytes (xorshift from `seed`, non-zero), so no two
+/// artifact chunks are alike.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
 /// Seconds since the Unix epoch (the test's real clock).
 pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
