@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::meta::{Kind, ObjectMeta, API_VERSION};
+use crate::placement::Placement;
 
 /// A typed object of one kind.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -96,6 +97,21 @@ pub enum NodePhase {
     Ready,
     /// Missed heartbeats beyond the grace period.
     NotReady,
+    /// Missed heartbeats, but a majority of its group peers still reach
+    /// it: only the cloud link is down. Its instances stay where they are.
+    CloudUnreachable,
+}
+
+impl NodePhase {
+    /// The phase's name as shown by the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodePhase::Unknown => "Unknown",
+            NodePhase::Ready => "Ready",
+            NodePhase::NotReady => "NotReady",
+            NodePhase::CloudUnreachable => "CloudUnreachable",
+        }
+    }
 }
 
 /// Static facts about the node's machine.
@@ -129,6 +145,19 @@ pub struct NodeInfo {
     /// Runtimes the agent offers (`process`, `fake`).
     #[serde(default)]
     pub runtimes: Vec<String>,
+    /// CPU model name (`Intel(R) Xeon(R) …`), when known.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cpu_model: String,
+    /// Accelerators and other devices registered by device plugins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<crate::placement::HardwareDevice>,
+    /// Unix seconds the machine booted (0 when unknown).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub boot_time: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// Live usage figures.
@@ -199,6 +228,9 @@ pub struct Allocatable {
     /// Bytes.
     #[serde(default)]
     pub memory_bytes: u64,
+    /// Extended resources from device plugins (`yunbian.io/gpu: 2`): healthy devices.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extended: BTreeMap<String, u64>,
 }
 
 /// Observed state of a node.
@@ -250,6 +282,16 @@ pub struct NodeStatus {
     /// Desired-view revision the node last acknowledged.
     #[serde(default)]
     pub synced_revision: u64,
+    /// Round trips and loss to the cloud and to probed peers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::placement::NetworkStatus>,
+    /// Unix seconds of the node's recent losses (NotReady transitions),
+    /// newest last, at most 16: the reliability policy's failure count.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_failures: Vec<u64>,
+    /// RFC 3339 time the node last became Ready (its uptime as a member).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ready_since: String,
 }
 
 impl KindOf for NodeSpec {
@@ -271,6 +313,18 @@ pub struct NodeGroupSpec {
     /// preferred for artifact chunks.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub site: String,
+    /// Region (`cn-east`), for spreading and reporting.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub region: String,
+    /// Zone within the region.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub zone: String,
+    /// `edge` (default) or `cloud`: cloud groups take `fallback: cloud` instances.
+    #[serde(default)]
+    pub tier: crate::placement::Tier,
+    /// What a CPU-hour costs on the group's nodes (any currency, used to compare).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_per_cpu_hour: Option<f64>,
     /// Which artifact publishers the group's nodes accept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust: Option<TrustSpec>,
@@ -311,6 +365,15 @@ pub struct NodeGroupStatus {
     /// Members that are Ready.
     #[serde(default)]
     pub ready_nodes: u32,
+    /// Member names (sorted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<String>,
+    /// Allocatable capacity of the Ready members.
+    #[serde(default)]
+    pub allocatable: Allocatable,
+    /// Requests of the instances placed on the members.
+    #[serde(default)]
+    pub requested: Allocatable,
 }
 
 impl KindOf for NodeGroupSpec {
@@ -524,15 +587,6 @@ pub struct Health {
     pub liveness: Option<Probe>,
 }
 
-/// Where instances may go.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Placement {
-    /// Only nodes whose labels contain all these pairs.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub node_selector: BTreeMap<String, String>,
-}
-
 /// What every instance of an App runs: the part of the App spec copied into
 /// each AppInstance, so an edge node needs nothing but its instances.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -557,6 +611,10 @@ pub struct WorkloadTemplate {
     /// Health probes.
     #[serde(default)]
     pub health: Health,
+    /// Extended resources each instance is allocated by its node's device
+    /// plugins (`yunbian.io/gpu: 1`), from `placement.requirements.resources`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub devices: BTreeMap<String, u64>,
 }
 
 impl WorkloadTemplate {
@@ -603,6 +661,15 @@ pub struct AppSpec {
     /// Where to run it.
     #[serde(default)]
     pub placement: Placement,
+    /// What happens when a node running instances is lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_node_lost: Option<crate::placement::OnNodeLost>,
+    /// Replicas following load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<crate::placement::Autoscale>,
+    /// How a new template replaces the running one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<crate::placement::RolloutSpec>,
 }
 
 impl AppSpec {
@@ -615,7 +682,31 @@ impl AppSpec {
             restart_policy: self.restart_policy,
             resources: self.resources.clone(),
             health: self.health.clone(),
+            devices: self.placement.requirements.resources.clone(),
         }
+    }
+
+    /// The template an instance in `group` runs: the App's template with the
+    /// group's override (env, args, artifact version) applied.
+    pub fn template_for(&self, group: &str) -> WorkloadTemplate {
+        let mut t = self.template();
+        let Some(o) = self.placement.override_for(group) else { return t };
+        if !o.env.is_empty() || o.args.is_some() {
+            let p = t.process.get_or_insert_with(ProcessSpec::default);
+            for (k, v) in &o.env {
+                p.env.insert(k.clone(), v.clone());
+            }
+            if let Some(a) = &o.args {
+                p.args = a.clone();
+            }
+        }
+        if let (Some(v), Some(a)) = (&o.artifact_version, t.artifact.as_mut()) {
+            if &a.version != v {
+                a.version = v.clone();
+                a.digest.clear();
+            }
+        }
+        t
     }
 }
 
@@ -642,6 +733,21 @@ pub struct AppStatus {
     /// Why replicas are missing, if they are.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// Why each instance is where it is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placements: Vec<crate::placement::PlacementDecision>,
+    /// Why other nodes were not chosen (at most 50, the rest counted in `message`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rejections: Vec<crate::placement::NodeRejection>,
+    /// The rollout in progress or the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<crate::placement::RolloutStatus>,
+    /// Template revisions, oldest first (at most 10).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<crate::placement::AppRevision>,
+    /// What the autoscaler decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<crate::placement::AutoscaleStatus>,
 }
 
 impl KindOf for AppSpec {
@@ -665,6 +771,12 @@ pub struct AppInstanceSpec {
     /// `template.hash()` at creation.
     #[serde(default)]
     pub template_hash: String,
+    /// The NodeGroup the instance was placed for (empty without `placement.groups`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub group: String,
+    /// The App revision the template belongs to (0 before revisions existed).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revision: u64,
 }
 
 /// Lifecycle of an instance as reported by its node.
@@ -725,6 +837,27 @@ pub struct AppInstanceStatus {
     /// with a lower sequence are stale and ignored.
     #[serde(default)]
     pub observed_seq: u64,
+    /// Resource use and app-reported metrics (for autoscaling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<InstanceUsage>,
+    /// Device ids the node allocated to it, per extended resource.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub devices: BTreeMap<String, Vec<String>>,
+}
+
+/// What one instance uses, as its node measured it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InstanceUsage {
+    /// CPU over the last interval, millicores.
+    #[serde(default)]
+    pub cpu_millis: u64,
+    /// Resident memory, bytes.
+    #[serde(default)]
+    pub memory_bytes: u64,
+    /// Metrics the app reported (`queue_depth: 17`), latest value each.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
 }
 
 impl KindOf for AppInstanceSpec {

@@ -15,6 +15,7 @@ pub mod fuzzing;
 pub mod kinds;
 pub mod manifest;
 pub mod meta;
+pub mod placement;
 pub mod quantity;
 pub mod rule;
 pub mod time;
@@ -29,6 +30,7 @@ pub use event::*;
 pub use kinds::*;
 pub use manifest::{parse_manifests, parse_one, ManifestError, Resource};
 pub use meta::{Kind, ObjectMeta, API_VERSION};
+pub use placement::*;
 pub use rule::*;
 pub use validate::{FieldError, Validate};
 

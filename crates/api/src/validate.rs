@@ -47,7 +47,7 @@ pub trait Validate {
     }
 }
 
-fn join(path: &str, field: &str) -> String {
+pub(crate) fn join(path: &str, field: &str) -> String {
     if path.is_empty() {
         field.to_string()
     } else {
@@ -81,7 +81,7 @@ fn check_label_value(v: &str) -> bool {
     v.len() <= 63 && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
-fn check_labels(path: &str, labels: &std::collections::BTreeMap<String, String>, errs: &mut Errors) {
+pub(crate) fn check_labels(path: &str, labels: &std::collections::BTreeMap<String, String>, errs: &mut Errors) {
     for (k, v) in labels {
         if !check_label_key(k) {
             errs.add(format!("{path}[{k}]"), "invalid label key");
@@ -121,6 +121,11 @@ impl Validate for NodeSpec {
 impl Validate for NodeGroupSpec {
     fn validate(&self, path: &str, errs: &mut Errors) {
         check_labels(&join(path, "selector"), &self.selector, errs);
+        if let Some(c) = self.cost_per_cpu_hour {
+            if !(c.is_finite() && c >= 0.0) {
+                errs.add(join(path, "costPerCpuHour"), "must be a number >= 0");
+            }
+        }
         if let Some(t) = &self.trust {
             if t.require_signature && t.keys.is_empty() {
                 errs.add(join(path, "trust.keys"), "must list at least one key when requireSignature is true");
@@ -270,7 +275,19 @@ impl Validate for AppSpec {
             errs.add(join(path, "replicas"), "must be <= 100000");
         }
         self.template().validate(path, errs);
-        check_labels(&join(path, "placement.nodeSelector"), &self.placement.node_selector, errs);
+        self.placement.validate(&join(path, "placement"), errs);
+        if let Some(n) = &self.on_node_lost {
+            n.validate(&join(path, "onNodeLost"), errs);
+        }
+        if let Some(a) = &self.autoscale {
+            a.validate(&join(path, "autoscale"), errs);
+            if self.placement.mode == crate::placement::PlacementMode::EveryNode {
+                errs.add(join(path, "autoscale"), "does not apply to placement.mode: everyNode");
+            }
+        }
+        if let Some(r) = &self.rollout {
+            r.validate(&join(path, "rollout"), errs);
+        }
     }
 }
 

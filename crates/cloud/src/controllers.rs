@@ -298,6 +298,7 @@ pub async fn reconcile_apps(
                     node: candidates[idx].name.clone(),
                     template: template.clone(),
                     template_hash: hash.clone(),
+                    ..Default::default()
                 };
                 let mut inst = Object::new(instance_name(name), spec);
                 inst.metadata.labels.insert("app".into(), name.to_string());
@@ -316,6 +317,7 @@ pub async fn reconcile_apps(
             ready_replicas: ready_count as u32,
             observed_generation: app.metadata.generation,
             message,
+            ..Default::default()
         };
         if status != app.status {
             statuses.push((name.to_string(), status));

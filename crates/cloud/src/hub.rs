@@ -1020,6 +1020,22 @@ impl Hub {
         if groups.is_empty() {
             return;
         }
+        let Ok((insts, _)) = store.list(Kind::AppInstance).await else { return };
+        let mut per_node: HashMap<String, yunbian_api::Allocatable> = HashMap::new();
+        for i in &insts {
+            let node = i.value.pointer("/spec/node").and_then(|v| v.as_str()).unwrap_or_default();
+            let req = |f: &str| {
+                i.value
+                    .pointer(&format!("/spec/template/resources/requests/{f}"))
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string)
+            };
+            let list = yunbian_api::ResourceList { cpu: req("cpu"), memory: req("memory") };
+            let a = per_node.entry(node.to_string()).or_default();
+            a.cpu_millis += list.cpu_millis();
+            a.memory_bytes += list.memory_bytes();
+        }
+        let instances = &per_node;
         let nodes: Vec<_> = nodes.iter().filter_map(|n| objects::decode::<NodeSpec>(n).ok()).collect();
         for g in groups {
             let Ok(group) = objects::decode::<NodeGroupSpec>(&g) else { continue };
@@ -1027,9 +1043,24 @@ impl Hub {
                 .iter()
                 .filter(|n| yunbian_api::selector_matches(&group.spec.selector, &n.metadata.labels))
                 .collect();
+            let ready: Vec<_> = members.iter().filter(|n| n.status.phase == NodePhase::Ready).collect();
+            let mut allocatable = yunbian_api::Allocatable::default();
+            for n in &ready {
+                allocatable.cpu_millis += n.status.allocatable.cpu_millis;
+                allocatable.memory_bytes += n.status.allocatable.memory_bytes;
+                for (k, v) in &n.status.allocatable.extended {
+                    *allocatable.extended.entry(k.clone()).or_default() += v;
+                }
+            }
+            let mut names: Vec<String> = members.iter().map(|n| n.metadata.name.clone()).collect();
+            names.sort();
+            let requested = requested_on(&names, instances);
             let want = NodeGroupStatus {
                 nodes: members.len() as u32,
-                ready_nodes: members.iter().filter(|n| n.status.phase == NodePhase::Ready).count() as u32,
+                ready_nodes: ready.len() as u32,
+                members: names,
+                allocatable,
+                requested,
             };
             if group.status != want {
                 let _ = update_status::<NodeGroupSpec>(store, &g.name, |o| {
@@ -1190,6 +1221,16 @@ impl Hub {
             self.metrics.reconcile("node", t0.elapsed());
         }
     }
+}
+
+/// The requests of the instances placed on `nodes`, summed.
+fn requested_on(nodes: &[String], per_node: &HashMap<String, yunbian_api::Allocatable>) -> yunbian_api::Allocatable {
+    let mut sum = yunbian_api::Allocatable::default();
+    for a in nodes.iter().filter_map(|n| per_node.get(n)) {
+        sum.cpu_millis += a.cpu_millis;
+        sum.memory_bytes += a.memory_bytes;
+    }
+    sum
 }
 
 /// `30d`, `12h`, `90m`, `5s`: the largest unit that divides it exactly.

@@ -869,7 +869,13 @@ mod tests {
             let template = WorkloadTemplate { runtime, ..Default::default() };
             AppInstance::new(
                 "a-1",
-                AppInstanceSpec { app: "a".into(), node: "n".into(), template, template_hash: "h".into() },
+                AppInstanceSpec {
+                    app: "a".into(),
+                    node: "n".into(),
+                    template,
+                    template_hash: "h".into(),
+                    ..Default::default()
+                },
             )
         };
         assert_eq!(l.prepare(&inst(RuntimeKind::Fake), false), Some(inst(RuntimeKind::Fake)));

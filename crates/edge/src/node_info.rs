@@ -55,7 +55,30 @@ pub fn node_info(data_dir: &Path, runtimes: &[&str]) -> NodeInfo {
         disk_bytes: disk(data_dir).0,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         runtimes: runtimes.iter().map(|s| s.to_string()).collect(),
+        cpu_model: cpu_model(&read("/proc/cpuinfo")),
+        devices: Vec::new(),
+        boot_time: boot_time(&read("/proc/stat")),
     }
+}
+
+/// The first `model name` of `/proc/cpuinfo` (x86), else its `Hardware` or
+/// `CPU part` line (ARM), else empty.
+fn cpu_model(cpuinfo: &str) -> String {
+    for key in ["model name", "Hardware", "Model", "CPU part"] {
+        let found = cpuinfo.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == key).then(|| v.trim().to_string())
+        });
+        if let Some(v) = found.filter(|v| !v.is_empty()) {
+            return v;
+        }
+    }
+    String::new()
+}
+
+/// `btime` of `/proc/stat`: unix seconds the machine booted.
+fn boot_time(stat: &str) -> u64 {
+    stat.lines().find_map(|l| l.strip_prefix("btime ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
 }
 
 /// Samples machine-wide CPU use between calls.

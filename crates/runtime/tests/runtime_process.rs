@@ -42,7 +42,16 @@ fn template(command: &[&str], policy: RestartPolicy) -> WorkloadTemplate {
 
 fn instance(name: &str, t: WorkloadTemplate) -> AppInstance {
     let hash = t.hash();
-    AppInstance::new(name, AppInstanceSpec { app: "myapp".into(), node: NODE.into(), template: t, template_hash: hash })
+    AppInstance::new(
+        name,
+        AppInstanceSpec {
+            app: "myapp".into(),
+            node: NODE.into(),
+            template: t,
+            template_hash: hash,
+            ..Default::default()
+        },
+    )
 }
 
 fn sh(name: &str, script: &str, policy: RestartPolicy) -> AppInstance {

@@ -490,7 +490,7 @@ impl Supervisor {
             restart_count: self.restart_count,
             pid: None,
             started_at,
-            observed_seq: 0,
+            ..Default::default()
         });
     }
 
