@@ -11,6 +11,9 @@ use crate::rule::*;
 use crate::validate::{FieldError, Validate};
 
 /// Any object of any kind.
+// Resources are short-lived (parsed, validated, written): boxing the large
+// App variant would cost every match site for no measurable gain.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resource {
     /// A Node.
