@@ -605,6 +605,19 @@ pub struct AutoscaleStatus {
     /// Why the count is what it is.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// RFC 3339 time a recommendation different from `desiredReplicas`
+    /// first appeared (the stabilisation window runs from here).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pending_since: String,
+    /// The count to scale to when the window has passed: the lowest
+    /// recommendation seen since `pendingSince` when scaling up, the highest
+    /// when scaling down (so a short dip or spike does not move it).
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub pending_replicas: u32,
+}
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
 }
 
 // ---------------------------------------------------------------- Node facts
