@@ -70,6 +70,20 @@ pub fn describe(kind: Kind, obj: &Value, related: Option<&Related>, now: i64) ->
             field("Description", text(obj, "/spec/description"));
             out.push_str(&model_properties(obj));
         }
+        Kind::App => {
+            if let Some(v) = obj.get("spec") {
+                out.push_str(&yaml_section("Spec", v));
+            }
+            // Placement, rejections and history read better as tables.
+            let mut status = obj.get("status").cloned().unwrap_or(Value::Null);
+            let mut take = |k: &str| status.as_object_mut().and_then(|m| m.remove(k));
+            let placements = take("placements");
+            let rejections = take("rejections");
+            let _history = take("history");
+            let rollout = take("rollout");
+            out.push_str(&yaml_section("Status", &status));
+            out.push_str(&app_placement(placements.as_ref(), rejections.as_ref(), rollout.as_ref()));
+        }
         _ => {
             for section in ["spec", "status"] {
                 if let Some(v) = obj.get(section) {
@@ -85,6 +99,58 @@ pub fn describe(kind: Kind, obj: &Value, related: Option<&Related>, now: i64) ->
         } else {
             out.push_str(&indent(&related_table(rel, now).render(), "  "));
         }
+    }
+    out
+}
+
+/// Why each instance of an App is where it is, why other nodes were not
+/// chosen, and the rollout's progress.
+fn app_placement(placements: Option<&Value>, rejections: Option<&Value>, rollout: Option<&Value>) -> String {
+    let mut out = String::new();
+    let rows = |v: Option<&Value>| v.and_then(Value::as_array).cloned().unwrap_or_default();
+    let placements = rows(placements);
+    out.push_str("Placement:\n");
+    if placements.is_empty() {
+        out.push_str("  <none>\n");
+    } else {
+        let mut t = Table::new(&["INSTANCE", "NODE", "GROUP", "WHY"]);
+        for p in &placements {
+            let group = text(p, "/group");
+            t.push(vec![
+                text(p, "/instance"),
+                text(p, "/node"),
+                if group.is_empty() { "-".into() } else { group },
+                text(p, "/reason"),
+            ]);
+        }
+        out.push_str(&indent(&t.render(), "  "));
+    }
+    let rejections = rows(rejections);
+    if !rejections.is_empty() {
+        out.push_str("Not Chosen:\n");
+        for r in &rejections {
+            out.push_str(&format!("  node {}: {}\n", text(r, "/node"), text(r, "/reason")));
+        }
+    }
+    if let Some(r) = rollout {
+        let n = |k: &str| r.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let mut line = format!(
+            "{}, revision {} (stable {}), step {}, {} updated, {} available",
+            text(r, "/phase"),
+            n("revision"),
+            n("stableRevision"),
+            n("step"),
+            n("updatedReplicas"),
+            n("availableReplicas"),
+        );
+        if n("failures") > 0 {
+            line.push_str(&format!(", {} failed", n("failures")));
+        }
+        let msg = text(r, "/message");
+        if !msg.is_empty() {
+            line.push_str(&format!(": {msg}"));
+        }
+        out.push_str(&format!("{:<18}{line}\n", "Rollout:"));
     }
     out
 }
@@ -399,8 +465,32 @@ mod tests {
         assert!(d.contains("Generation:       2\n"), "{d}");
         assert!(d.contains("Spec:\n  replicas: 2\n  runtime: process\n"), "{d}");
         assert!(d.contains("Status:\n  readyReplicas: 1\n"), "{d}");
+        assert!(d.contains("Placement:\n  <none>\n"), "{d}");
         assert!(d.contains("Instances:\n  NAME        APP     NODE     STATUS    RESTARTS   AGE\n"), "{d}");
         assert!(d.contains("  hello-abc   hello   edge-1   Running   1          <unknown>\n"), "{d}");
+    }
+
+    #[test]
+    fn app_placement_and_rejections() {
+        let app = json!({
+            "metadata": {"name": "svc"},
+            "spec": {"replicas": 1},
+            "status": {
+                "readyReplicas": 1,
+                "placements": [{"instance": "svc-1", "node": "e1", "group": "ga", "reason": "cheapest group ga (0.01/cpu-h)"}],
+                "rejections": [{"node": "e7", "reason": "insufficient memory (requests 256Mi, free 120Mi)"}],
+                "rollout": {"phase": "Progressing", "revision": 3, "stableRevision": 2, "step": 1, "updatedReplicas": 1, "message": "step 1: groups [ga]"}
+            }
+        });
+        let d = describe(Kind::App, &app, None, 0);
+        assert!(d.contains("Status:\n  readyReplicas: 1\n"), "{d}");
+        assert!(!d.contains("placements:"), "{d}");
+        assert!(
+            d.contains("  INSTANCE   NODE   GROUP   WHY\n  svc-1      e1     ga      cheapest group ga (0.01/cpu-h)\n"),
+            "{d}"
+        );
+        assert!(d.contains("Not Chosen:\n  node e7: insufficient memory (requests 256Mi, free 120Mi)\n"), "{d}");
+        assert!(d.contains("Rollout:          Progressing, revision 3 (stable 2), step 1, 1 updated, 0 available: step 1: groups [ga]\n"), "{d}");
     }
 
     #[test]
