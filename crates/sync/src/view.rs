@@ -112,6 +112,12 @@ impl NodeView {
 
     /// Deltas that bring an edge at `from` up to date; `Some(empty)` when it
     /// is current; `None` when only a snapshot can.
+    ///
+    /// Several logged deltas are merged into one, keeping only the last
+    /// change of each object: an edge that was away while an object went
+    /// through several states (a rollout's intermediate revisions, an
+    /// instance created and removed again) applies the final state in one
+    /// step and never runs what was already superseded.
     pub fn deltas_since(&self, from: u64) -> Option<Vec<LoggedDelta>> {
         if from == self.revision {
             return Some(Vec::new());
@@ -121,6 +127,76 @@ impl NodeView {
         }
         // The edge's revision must be a delta boundary we logged.
         let idx = self.log.iter().position(|d| d.base == from)?;
-        Some(self.log.iter().skip(idx).cloned().collect())
+        let pending: Vec<&LoggedDelta> = self.log.iter().skip(idx).collect();
+        if pending.len() == 1 {
+            return Some(vec![pending[0].clone()]);
+        }
+        let mut last: BTreeMap<(Kind, String), (usize, Change)> = BTreeMap::new();
+        let mut seq = 0usize;
+        for d in &pending {
+            for c in &d.changes {
+                let key = match c {
+                    Change::Upsert { object } => (object.kind, object.name.clone()),
+                    Change::Remove { kind, name } => (*kind, name.clone()),
+                };
+                last.insert(key, (seq, c.clone()));
+                seq += 1;
+            }
+        }
+        let mut changes: Vec<(usize, Change)> = last.into_values().collect();
+        changes.sort_by_key(|(i, _)| *i);
+        Some(vec![LoggedDelta {
+            base: from,
+            revision: self.revision,
+            changes: changes.into_iter().map(|(_, c)| c).collect(),
+        }])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(name: &str, revision: u64) -> DesiredObject {
+        DesiredObject {
+            kind: Kind::AppInstance,
+            name: name.into(),
+            revision,
+            value: serde_json::json!({"metadata": {"name": name}, "rev": revision}),
+        }
+    }
+
+    #[test]
+    fn a_returning_edge_gets_only_the_final_state_of_each_object() {
+        let mut v = NodeView::new(1, 64);
+        v.apply(2, vec![Change::Upsert { object: obj("old", 2) }]);
+        // A rollout while the edge is away: rev-2 instance replaced twice.
+        v.apply(3, vec![Change::Remove { kind: Kind::AppInstance, name: "old".into() }]);
+        v.apply(3 + 1, vec![Change::Upsert { object: obj("mid", 4) }]);
+        v.apply(5, vec![Change::Remove { kind: Kind::AppInstance, name: "mid".into() }]);
+        v.apply(6, vec![Change::Upsert { object: obj("new", 6) }]);
+        let ds = v.deltas_since(2).expect("in the log");
+        assert_eq!(ds.len(), 1);
+        let d = &ds[0];
+        assert_eq!((d.base, d.revision), (2, 6));
+        let names: Vec<String> = d
+            .changes
+            .iter()
+            .map(|c| match c {
+                Change::Upsert { object } => format!("+{}", object.name),
+                Change::Remove { name, .. } => format!("-{name}"),
+            })
+            .collect();
+        // `mid` never existed for this edge: its removal is harmless, its
+        // creation is gone.
+        assert_eq!(names, ["-old", "-mid", "+new"]);
+        // Applying the merged delta to the edge's view at 2 gives the view at 6.
+        let mut edge = NodeView::new(1, 64);
+        edge.apply(2, vec![Change::Upsert { object: obj("old", 2) }]);
+        edge.apply(6, d.changes.clone());
+        assert_eq!(edge.objects(), v.objects());
+        // One delta behind: sent as logged.
+        assert_eq!(v.deltas_since(5).expect("in the log").len(), 1);
+        assert_eq!(v.deltas_since(6), Some(Vec::new()));
     }
 }
