@@ -10,7 +10,9 @@
 //! - `ensure` is idempotent: calling it again with the same template hash for
 //!   a running instance changes nothing (no restart, same pid).
 //! - Every change of an instance's observed state is sent on the status
-//!   channel given at construction, as a full [`AppInstanceStatus`].
+//!   channel given at construction, as a full [`AppInstanceStatus`]. That
+//!   includes `usage` (CPU, memory, app-reported metrics), re-sent only
+//!   when it changed noticeably and at most once per sampling interval.
 //! - Workloads never depend on the agent being alive: their output goes to
 //!   files, not pipes, and they live in their own session and process group.
 
@@ -19,12 +21,15 @@ use std::path::PathBuf;
 use tokio::sync::mpsc;
 use yunbian_api::{AppInstance, AppInstanceStatus};
 
+pub mod app_metrics;
 mod clock;
 pub mod fake;
 pub mod oci;
 pub mod process;
+mod usage;
 
-pub use fake::FakeRuntime;
+pub use app_metrics::{AppMetrics, MetricsError, MetricsReport};
+pub use fake::{AppLoad, FakeRuntime, SyntheticLoad};
 pub use process::{ProcessRuntime, ProcessRuntimeOptions};
 
 /// A status change of one instance.

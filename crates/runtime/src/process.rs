@@ -16,6 +16,8 @@
 //!   the agent: dropping the [`ProcessRuntime`] stops its background tasks but
 //!   leaves every workload running.
 //! - A background task rotates logs (copytruncate) above a size cap.
+//! - Another samples what each running instance uses (CPU, memory, the
+//!   metrics the app reports) into its status `usage` (see `usage`).
 
 mod cgroup;
 mod logs;
@@ -24,6 +26,7 @@ mod procfs;
 mod state;
 mod supervisor;
 mod sys;
+mod usage;
 
 use std::collections::HashMap;
 use std::fs;
@@ -37,7 +40,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use yunbian_api::{AppInstance, AppInstanceStatus, InstancePhase, RestartPolicy, RuntimeKind};
 
-use crate::{LimitsSupport, LogOptions, Runtime, RuntimeError, StatusUpdate};
+use crate::{AppMetrics, LimitsSupport, LogOptions, Runtime, RuntimeError, StatusUpdate};
 use cgroup::Cgroups;
 use state::InstancePaths;
 use supervisor::{Begin, Command};
@@ -70,6 +73,14 @@ pub struct ProcessRuntimeOptions {
     /// Environment every workload gets from its node (where the edge bus
     /// and the device API listen), after the instance's own variables.
     pub node_env: Vec<(String, String)>,
+    /// How often each running instance's usage is sampled (and at most
+    /// how often it is re-reported). Default 10 s; zero: never.
+    pub usage_interval: Duration,
+    /// Where the metrics apps report about themselves are kept; the
+    /// agent's local API records into the same handle. The runtime tracks
+    /// its instances there, so reports for unknown instances are refused.
+    /// Default: a registry of its own.
+    pub app_metrics: AppMetrics,
 }
 
 impl Default for ProcessRuntimeOptions {
@@ -86,6 +97,8 @@ impl Default for ProcessRuntimeOptions {
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             cgroup_parent: "yunbian".to_string(),
             node_env: Vec::new(),
+            usage_interval: usage::DEFAULT_INTERVAL,
+            app_metrics: AppMetrics::new(),
         }
     }
 }
@@ -113,7 +126,10 @@ impl Shared {
     fn slot_or_insert(&self, name: &str) -> Arc<Slot> {
         self.slots()
             .entry(name.to_string())
-            .or_insert_with(|| Arc::new(Slot::new(InstancePaths::new(&self.dir, name))))
+            .or_insert_with(|| {
+                self.opts.app_metrics.track(name);
+                Arc::new(Slot::new(InstancePaths::new(&self.dir, name)))
+            })
             .clone()
     }
 
@@ -126,6 +142,7 @@ impl Shared {
         let mut map = self.slots();
         if map.get(name).is_some_and(|s| Arc::ptr_eq(s, slot)) {
             map.remove(name);
+            self.opts.app_metrics.untrack(name);
         }
     }
 }
@@ -224,7 +241,14 @@ impl ProcessRuntime {
         });
         let (shutdown, _) = watch::channel(());
         handle.spawn(rotate_logs(shared.clone(), shutdown.subscribe()));
+        handle.spawn(usage::sample_usage(shared.clone(), shutdown.subscribe()));
         Ok(Arc::new(ProcessRuntime { shared, shutdown }))
+    }
+
+    /// The registry of app-reported metrics this runtime reads (the one
+    /// given in its options).
+    pub fn app_metrics(&self) -> AppMetrics {
+        self.shared.opts.app_metrics.clone()
     }
 
     async fn launch(

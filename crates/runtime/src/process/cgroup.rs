@@ -239,6 +239,31 @@ impl InstanceCgroup {
         })
     }
 
+    /// Where this cgroup accounts CPU time and memory (paths only).
+    pub fn counters(&self) -> CgroupCounters {
+        let cpu = if self.v2 {
+            // `cpu.stat` with `usage_usec` is a core file of every v2 cgroup.
+            Some(CpuCounter::StatUsec(self.memory.join("cpu.stat")))
+        } else {
+            // v1 accounts CPU time in the cpuacct controller, which is often
+            // co-mounted with cpu (`cpu,cpuacct`); when it is not, there is
+            // no counter and the processes' own times are summed instead.
+            self.cpu.as_ref().map(|c| c.join("cpuacct.usage")).filter(|p| p.is_file()).map(CpuCounter::AcctNanos)
+        };
+        let (usage, inactive_file_key) = if self.v2 {
+            ("memory.current", "inactive_file")
+        } else {
+            ("memory.usage_in_bytes", "total_inactive_file")
+        };
+        CgroupCounters {
+            cpu,
+            memory_usage: self.memory.join(usage),
+            memory_stat: self.memory.join("memory.stat"),
+            inactive_file_key,
+            procs: self.memory.join("cgroup.procs"),
+        }
+    }
+
     /// Removes the directories. Fails (`EBUSY`) while processes remain.
     pub fn remove(&self) -> io::Result<()> {
         let mut result = Ok(());
@@ -256,6 +281,54 @@ impl InstanceCgroup {
     pub fn exists(&self) -> bool {
         self.dirs().iter().any(|d| d.exists())
     }
+}
+
+/// A cgroup's cumulative CPU time counter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CpuCounter {
+    /// v2 `cpu.stat`, key `usage_usec` (microseconds).
+    StatUsec(PathBuf),
+    /// v1 `cpuacct.usage` (nanoseconds).
+    AcctNanos(PathBuf),
+}
+
+impl CpuCounter {
+    /// The file to read.
+    pub fn path(&self) -> &Path {
+        match self {
+            CpuCounter::StatUsec(p) | CpuCounter::AcctNanos(p) => p,
+        }
+    }
+
+    /// Microseconds of CPU time in the content of [`path`](Self::path).
+    pub fn parse_usec(&self, content: &str) -> Option<u64> {
+        match self {
+            CpuCounter::StatUsec(_) => keyed_value(content, "usage_usec"),
+            CpuCounter::AcctNanos(_) => content.trim().parse::<u64>().ok().map(|ns| ns / 1000),
+        }
+    }
+}
+
+/// The files where a cgroup accounts an instance's CPU time and memory.
+#[derive(Debug, Clone)]
+pub(crate) struct CgroupCounters {
+    /// Cumulative CPU time, when the hierarchy has a counter.
+    pub cpu: Option<CpuCounter>,
+    /// `memory.current` (v2) or `memory.usage_in_bytes` (v1).
+    pub memory_usage: PathBuf,
+    /// `memory.stat`, for the inactive file cache left out of usage.
+    pub memory_stat: PathBuf,
+    /// The key of the inactive file cache in `memory.stat`.
+    pub inactive_file_key: &'static str,
+    /// `cgroup.procs` of the memory cgroup.
+    pub procs: PathBuf,
+}
+
+/// Memory in use: `usage` minus the inactive file cache (what the kernel
+/// reclaims first; the kubelet's "working set").
+pub(crate) fn working_set(usage: &str, stat: &str, inactive_file_key: &str) -> Option<u64> {
+    let usage: u64 = usage.trim().parse().ok()?;
+    Some(usage.saturating_sub(keyed_value(stat, inactive_file_key).unwrap_or(0)))
 }
 
 /// Quota in µs per [`CPU_PERIOD_US`] for `millis` millicores (kernel minimum 1000).
@@ -285,6 +358,22 @@ mod tests {
         assert_eq!(keyed_value("low 0\nhigh 0\nmax 2\noom 1\noom_kill 1\n", "oom_kill"), Some(1));
         assert_eq!(keyed_value("oom_kill_disable 0\n", "oom_kill"), None);
         assert_eq!(keyed_value("oom_kill x\n", "oom_kill"), None);
+    }
+
+    #[test]
+    fn parses_usage_counters() {
+        let v2 = CpuCounter::StatUsec(PathBuf::from("cpu.stat"));
+        assert_eq!(v2.parse_usec("usage_usec 123456\nuser_usec 100000\nsystem_usec 23456\n"), Some(123_456));
+        assert_eq!(v2.parse_usec("nr_periods 0\n"), None);
+        let v1 = CpuCounter::AcctNanos(PathBuf::from("cpuacct.usage"));
+        assert_eq!(v1.parse_usec("5000123456\n"), Some(5_000_123));
+        assert_eq!(v1.parse_usec("garbage"), None);
+        let stat = "cache 8192\ninactive_file 4096\ntotal_inactive_file 8192\n";
+        assert_eq!(working_set("1048576\n", stat, "inactive_file"), Some(1_044_480));
+        assert_eq!(working_set("1048576", stat, "total_inactive_file"), Some(1_040_384));
+        assert_eq!(working_set("1000", "inactive_file 4096", "inactive_file"), Some(0));
+        assert_eq!(working_set("1000", "", "inactive_file"), Some(1000));
+        assert_eq!(working_set("max", stat, "inactive_file"), None);
     }
 
     #[test]

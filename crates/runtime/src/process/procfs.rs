@@ -16,6 +16,10 @@ pub(crate) struct ProcStat {
     pub start_time: u64,
     /// Field 6: session id (a workload leads its own session).
     pub session: u32,
+    /// Fields 14–17: user and system time of the process and of its
+    /// waited-for children, in clock ticks. Summed over a process tree this
+    /// only grows, as a reaped child's time moves to its parent.
+    pub cpu_ticks: u64,
 }
 
 impl ProcStat {
@@ -30,13 +34,27 @@ impl ProcStat {
 /// are counted from the last `)`.
 pub(crate) fn parse_stat(content: &str) -> Option<ProcStat> {
     let close = content.rfind(')')?;
-    let mut fields = content.get(close + 1..)?.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    // `fields` now starts at field 4 (ppid); field 6 is 2 further, and
-    // field 22 is 15 after that.
-    let session = fields.nth(2)?.parse().ok()?;
-    let start_time = fields.nth(15)?.parse().ok()?;
-    Some(ProcStat { state, start_time, session })
+    let mut state = None;
+    let (mut session, mut cpu_ticks, mut start_time) = (None, 0u64, None);
+    // Field 3 (the state) is the first after the name.
+    for (i, field) in content.get(close + 1..)?.split_whitespace().enumerate() {
+        match i + 3 {
+            3 => state = field.chars().next(),
+            6 => session = Some(field.parse().ok()?),
+            14..=17 => cpu_ticks = cpu_ticks.saturating_add(field.parse::<i64>().ok()?.max(0).unsigned_abs()),
+            22 => {
+                start_time = Some(field.parse().ok()?);
+                break;
+            }
+            _ => {}
+        }
+    }
+    Some(ProcStat { state: state?, start_time: start_time?, session: session?, cpu_ticks })
+}
+
+/// Resident pages of a process: the second field of `/proc/<pid>/statm`.
+pub(crate) fn parse_statm_resident(content: &str) -> Option<u64> {
+    content.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Reads `/proc/<pid>/stat`, `None` when the process does not exist.
@@ -76,7 +94,10 @@ mod tests {
     #[test]
     fn parses_stat_with_odd_names() {
         let line = "1234 (my (odd) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 100 18446744073709551615";
-        assert_eq!(parse_stat(line), Some(ProcStat { state: 'S', start_time: 987_654, session: 1234 }));
+        assert_eq!(parse_stat(line), Some(ProcStat { state: 'S', start_time: 987_654, session: 1234, cpu_ticks: 3 }));
+        let children = "9 (w) R 1 9 9 0 -1 0 0 0 0 0 7 5 11 13 20 0 1 0 42";
+        assert_eq!(parse_stat(children).map(|s| s.cpu_ticks), Some(36));
+        assert_eq!(parse_stat("9 (w) R 1 9 9 0 -1 0 0 0 0 0 x 5 11 13 20 0 1 0 42"), None);
         assert_eq!(parse_stat("garbage"), None);
         assert_eq!(parse_stat("1 (x) S 1 2"), None);
         assert_eq!(parse_stat(""), None);
@@ -90,5 +111,14 @@ mod tests {
         assert!(is_same_live(std::process::id(), me.start_time));
         assert!(!is_same_live(std::process::id(), me.start_time + 1));
         assert!(!boot_id().is_empty());
+    }
+
+    #[test]
+    fn parses_statm() {
+        assert_eq!(parse_statm_resident("2000 517 300 10 0 400 0\n"), Some(517));
+        assert_eq!(parse_statm_resident("2000"), None);
+        assert_eq!(parse_statm_resident("a b"), None);
+        let own = fs::read_to_string("/proc/self/statm").expect("own statm");
+        assert!(parse_statm_resident(&own).is_some_and(|p| p > 0));
     }
 }

@@ -571,8 +571,11 @@ impl Supervisor {
     /// Records, persists and reports a status.
     fn set_status(&mut self, status: AppInstanceStatus) {
         self.status = status.clone();
-        *self.slot.status() = status.clone();
         self.persist();
+        let mut current = self.slot.status();
+        *current = status.clone();
+        // Sent under the status lock, as usage reports are, so a usage
+        // report of the previous state cannot overtake this change.
         let _ = self.shared.updates.send(StatusUpdate { instance: self.name().to_string(), status });
     }
 
