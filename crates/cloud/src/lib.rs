@@ -29,6 +29,7 @@ pub mod events;
 pub mod hub;
 pub mod metrics;
 pub mod objects;
+pub mod rollout;
 pub mod rule_views;
 pub mod scheduler;
 pub mod server;
