@@ -620,12 +620,15 @@ impl<'r, 'a> Run<'r, 'a> {
                 let phrase = format!("{outside} {}", self.groups_phrase(&s.target.group));
                 why = if why.is_empty() { phrase } else { format!("{why}, {phrase}") };
             }
+            if why.is_empty() {
+                why = "no nodes".to_string();
+            }
             let prefix = if s.target.group.is_empty() { String::new() } else { format!("group {}: ", s.target.group) };
             messages.push(format!("{prefix}0/{total} nodes available: {why}"));
         }
         messages.append(&mut self.notes);
         self.decision.message = messages.join("; ");
-        self.decision.unplaced = self.targets.iter().map(|t| t.unplaced).sum();
+        self.decision.unplaced = self.targets.iter().fold(0u32, |a, t| a.saturating_add(t.unplaced));
 
         // Kept instances and why they are where they are.
         let mut kept: Vec<(String, usize, usize)> = Vec::new();
@@ -654,17 +657,22 @@ impl<'r, 'a> Run<'r, 'a> {
 
         // Rejections: nodes not hosting the App, first by name.
         let mut out: Vec<(usize, String)> = Vec::new();
-        let outside_reason =
-            if self.req.placement.groups.is_empty() && self.targets.iter().all(|t| t.target.group.is_empty()) {
-                None
-            } else {
+        // Per-group targets restrict nodes to their groups, else
+        // `placement.groups` does.
+        let target_groups: Vec<&str> =
+            self.targets.iter().map(|t| t.target.group.as_str()).filter(|g| !g.is_empty()).collect();
+        let mut scope: Vec<u32> = target_groups.iter().filter_map(|g| cluster.group_id(g)).collect();
+        let outside_reason = match target_groups.as_slice() {
+            [one] => Some(format!("not in group {one}")),
+            [] if self.req.placement.groups.is_empty() => None,
+            [] => {
+                scope = self.app_groups.clone();
                 Some(self.groups_phrase(""))
-            };
-        let inside = |n: usize| {
-            let g = &cluster.node_groups[n];
-            self.app_groups.iter().any(|a| g.contains(a))
-                || self.targets.iter().any(|t| cluster.group_id(&t.target.group).is_some_and(|id| g.contains(&id)))
+            }
+            many => Some(format!("not in groups [{}]", many.join(" "))),
         };
+        scope.sort_unstable();
+        let inside = |n: usize| cluster.node_groups[n].iter().any(|g| scope.binary_search(g).is_ok());
         let mut rej = self.rejections.iter().filter(|(n, _)| self.placed.on_node(**n) == 0).peekable();
         let mut next_outside = 0usize;
         while out.len() < MAX_REJECTIONS {

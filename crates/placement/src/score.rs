@@ -141,6 +141,7 @@ impl Score for LowestLatency {
             (Some(rtt), Some((lo, _))) => {
                 format!("low RTT from {loc} ({rtt:.1} ms; the nearest, {lo:.1} ms, are full or spread)")
             }
+            (Some(rtt), None) => format!("RTT from {loc} {rtt:.1} ms"),
             _ => format!("no RTT measured from {loc} (ranked last)"),
         }
     }
@@ -159,6 +160,7 @@ impl Score for LowestCost {
             (Some((c, g)), Some((lo, _))) => {
                 format!("group {g} ({c}/cpu-h; the cheapest, {lo}/cpu-h, are full or spread)")
             }
+            (Some((c, g)), None) => format!("group {g} ({c}/cpu-h)"),
             _ => "no group cost known (ranked last)".to_string(),
         }
     }
@@ -188,12 +190,16 @@ impl Score for AffinityPreference {
         "AffinityPreference"
     }
     fn score(&self, ctx: &Context, node: NodeRef) -> i64 {
-        let terms: Vec<_> = ctx.affinity.iter().filter(|t| !t.is_self).collect();
-        if terms.is_empty() {
-            return 0;
+        let (mut sum, mut terms) = (0, 0);
+        for t in ctx.affinity.iter().filter(|t| !t.is_self) {
+            sum += MAX_SCORE * i64::from(t.count_near(ctx, node.index).min(4)) / 4;
+            terms += 1;
         }
-        let sum: i64 = terms.iter().map(|t| MAX_SCORE * i64::from(t.count_near(ctx, node.index).min(4)) / 4).sum();
-        sum / terms.len() as i64
+        if terms == 0 {
+            0
+        } else {
+            sum / terms
+        }
     }
     fn explain(&self, ctx: &Context, node: NodeRef) -> String {
         let near: Vec<String> = ctx
