@@ -87,6 +87,9 @@ pub struct DeviceServices {
     pub broker_addrs: Vec<SocketAddr>,
     /// The local API address, when served.
     pub local_api: Option<SocketAddr>,
+    /// The metrics apps report on the local API
+    /// (`POST /v1/instances/{instance}/metrics`), for the process runtime.
+    pub app_metrics: yunbian_runtime::AppMetrics,
     rules: Arc<crate::rules::RuleHost>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -172,6 +175,7 @@ pub async fn start_devices(
     }
     let host = MapperHost::new(node, Some(data_dir.join("devices")), bus, factory, tx);
     let mut tasks = vec![tokio::spawn(host.clone().serve_bus_sets())];
+    let app_metrics = yunbian_runtime::AppMetrics::new();
     let local_api = match opts.local_api {
         Some(addr) => match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => {
@@ -179,7 +183,8 @@ pub async fn start_devices(
                 let extra = match rules.tsdb() {
                     Some(db) => crate::data_api::router(db),
                     None => axum::Router::new(),
-                };
+                }
+                .merge(crate::instance_metrics::router(app_metrics.clone()));
                 tasks.push(tokio::spawn(yunbian_devices::local_api::serve_tcp_listener_with(host.clone(), l, extra)));
                 bound
             }
@@ -199,7 +204,7 @@ pub async fn start_devices(
         }
     }
     Ok((
-        DeviceServices { broker, broker_addrs, local_api, rules: rules.clone(), tasks },
+        DeviceServices { broker, broker_addrs, local_api, app_metrics, rules: rules.clone(), tasks },
         DeviceSide { host, events: rx, rules: Some(rules) },
     ))
 }

@@ -23,6 +23,7 @@ pub mod data_api;
 pub mod devices;
 pub mod http;
 pub mod identity;
+pub mod instance_metrics;
 pub mod launcher;
 pub mod local_store;
 pub mod node_info;
@@ -141,8 +142,11 @@ pub async fn start(opts: EdgeOptions) -> Result<EdgeHandle> {
     let (services, side) =
         devices::start_devices(&identity.config.name, &opts.data_dir, &opts.devices, &desired).await?;
     let (tx, rx) = mpsc::unbounded_channel();
-    let runtime_opts =
-        yunbian_runtime::ProcessRuntimeOptions { node_env: services.workload_env(), ..Default::default() };
+    let runtime_opts = yunbian_runtime::ProcessRuntimeOptions {
+        node_env: services.workload_env(),
+        app_metrics: services.app_metrics.clone(),
+        ..Default::default()
+    };
     let runtime: Arc<dyn Runtime> = ProcessRuntime::with_options(
         opts.data_dir.join("instances"),
         identity.config.name.clone(),
@@ -203,8 +207,27 @@ pub async fn start(opts: EdgeOptions) -> Result<EdgeHandle> {
 /// Starts a simulated agent: real identity, channel and protocol; fake
 /// runtime; in-memory local store.
 pub async fn start_simulated(identity: Identity, agent: AgentConfig) -> Result<EdgeHandle> {
+    start_simulated_with_load(identity, agent, None).await
+}
+
+/// Like [`start_simulated`]; with a load, its instances report their share
+/// of it as `usage` every `interval` (when it changed noticeably), so
+/// autoscaling can be exercised in simulation.
+pub async fn start_simulated_with_load(
+    identity: Identity,
+    agent: AgentConfig,
+    load: Option<(yunbian_runtime::SyntheticLoad, std::time::Duration)>,
+) -> Result<EdgeHandle> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let runtime: Arc<dyn Runtime> = FakeRuntime::new(tx.clone());
+    let runtime: Arc<dyn Runtime> = match load {
+        Some((load, interval)) => {
+            let fake = FakeRuntime::with_load(tx.clone(), load, interval);
+            // Ends by itself once the agent (and so the runtime) is gone.
+            fake.spawn_usage_reporter();
+            fake
+        }
+        None => FakeRuntime::new(tx.clone()),
+    };
     let store = Arc::new(local_store::LocalStore::in_memory());
     let launcher = launcher::Launcher::new(None, launcher::LauncherOptions::default(), tx);
     spawn(identity, store, agent::Workloads { runtime, launcher }, rx, agent, None, None).await
