@@ -57,6 +57,9 @@ pub enum ClientCommand {
     /// Push, list, describe, delete and sign artifacts (executables, bundles, wasm modules, OCI layouts).
     #[command(subcommand)]
     Artifact(crate::artifact::ArtifactCommand),
+    /// An App's revisions and rollout: history, status, pause, resume, undo.
+    #[command(subcommand)]
+    Rollout(crate::rollout::RolloutCommand),
 }
 
 /// Arguments of `get`.
@@ -239,6 +242,7 @@ pub async fn run(config_path: Option<PathBuf>, cmd: ClientCommand) -> Result<()>
         ClientCommand::Query(a) => crate::data::query(&session, a).await,
         ClientCommand::Series(a) => crate::data::series(&session, a).await,
         ClientCommand::Artifact(a) => crate::artifact::run(&session, a).await,
+        ClientCommand::Rollout(r) => crate::rollout::run(&session, r).await,
     }
 }
 

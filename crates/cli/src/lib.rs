@@ -14,6 +14,7 @@
 //!   cloud, as a table, CSV or JSON.
 //! - [`artifact`]: `artifact push` (chunked, resumable uploads),
 //!   `list`/`describe`/`delete`, `keygen` and `sign` (ed25519), `gc`.
+//! - [`rollout`]: `rollout history|status|pause|resume|undo app/NAME`.
 //! - [`commands`]: the clap command tree ([`ClientCommand`]) and [`run`],
 //!   which the `yunbian` binary calls and whose errors it prints as
 //!   `error: {e:#}`.
@@ -32,6 +33,7 @@ pub mod config;
 pub mod data;
 pub mod describe;
 pub mod device;
+pub mod rollout;
 pub mod table;
 pub mod time;
 
