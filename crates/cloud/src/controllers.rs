@@ -6,19 +6,19 @@
 //! A pass runs on any change of Apps, AppInstances or Nodes (debounced) and
 //! at least every few seconds.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use serde_json::Value;
 use yunbian_api::KindOf;
-use yunbian_api::{AppInstance, AppInstanceSpec, AppSpec, InstancePhase, Kind, NodePhase, NodeSpec, Object};
+use yunbian_api::{AppInstanceSpec, AppSpec, Kind, NodeGroupSpec, NodeSpec, Object};
 use yunbian_store::{Store, StoreError, StoredObject};
 
+use crate::app_pass::{NodeSignals, PassOutput};
 use crate::metrics::Metrics;
 use crate::objects::{decode, stamp_new, update_status};
-use crate::scheduler::{self, Candidate, Request};
 
 /// Writes issued concurrently by one pass. Each store commit costs an
 /// fsync (hundreds of ms on slow disks), so the whole set should fit in a
@@ -42,13 +42,18 @@ impl Default for ControllerConfig {
 }
 
 /// Runs the App controller forever.
-pub async fn run_app_controller(store: Arc<dyn Store>, metrics: Arc<Metrics>, cfg: ControllerConfig) {
+pub async fn run_app_controller(
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    cfg: ControllerConfig,
+    signals: Arc<dyn NodeSignals>,
+) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     // The watchers live exactly as long as this controller: aborting it (a
     // lost leadership) drops the set, which aborts them and releases their
     // watches and their hold on the fenced store.
     let mut watchers = tokio::task::JoinSet::new();
-    for kind in [Kind::App, Kind::AppInstance, Kind::Node, Kind::Device] {
+    for kind in [Kind::App, Kind::AppInstance, Kind::Node, Kind::NodeGroup, Kind::Device] {
         let store = store.clone();
         let tx = tx.clone();
         watchers.spawn(async move {
@@ -97,7 +102,7 @@ pub async fn run_app_controller(store: Arc<dyn Store>, metrics: Arc<Metrics>, cf
     let mut cache = DecodeCache::default();
     loop {
         let t0 = Instant::now();
-        if let Err(e) = reconcile_apps(&store, &mut cache, &cfg).await {
+        if let Err(e) = reconcile_apps(&store, &mut cache, &cfg, signals.as_ref()).await {
             tracing::warn!(error = %e, "app reconcile pass failed");
         }
         if let Err(e) = crate::device_placement::reconcile_devices(&store, &cfg).await {
@@ -108,13 +113,14 @@ pub async fn run_app_controller(store: Arc<dyn Store>, metrics: Arc<Metrics>, cf
         // Wait for a change or the periodic resync, then let a burst settle
         // for at least as long as a pass takes, so that passes never use
         // more than half a core however fast changes arrive.
-        let _ = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        // A silent node may cross its Apps' `onNodeLost.after` at any
+        // moment: look every second while one is.
+        let resync = if signals.any_silent() { Duration::from_secs(1) } else { Duration::from_secs(5) };
+        let _ = tokio::time::timeout(resync, rx.recv()).await;
         tokio::time::sleep(Duration::from_millis(20).max(took)).await;
         while rx.try_recv().is_ok() {}
     }
 }
-
-type Instance = AppInstance;
 
 /// The parts of a Node the scheduler and the App controller read.
 /// What device placement reads of a Device (twin reports must not trigger passes).
@@ -128,8 +134,16 @@ fn device_key(device: &Value) -> String {
 
 fn scheduling_key(node: &Value) -> String {
     let p = |ptr: &str| node.pointer(ptr).map(|v| v.to_string()).unwrap_or_default();
-    [p("/metadata/labels"), p("/spec"), p("/status/phase"), p("/status/allocatable"), p("/status/info/runtimes")]
-        .join("|")
+    [
+        p("/metadata/labels"),
+        p("/spec"),
+        p("/status/phase"),
+        p("/status/allocatable"),
+        p("/status/info/runtimes"),
+        p("/status/info/arch"),
+        p("/status/info/os"),
+    ]
+    .join("|")
 }
 
 /// Typed objects of one kind from the previous pass, reused while their
@@ -176,156 +190,36 @@ pub struct DecodeCache {
     apps: Decoded<AppSpec>,
     insts: Decoded<AppInstanceSpec>,
     nodes: Decoded<NodeSpec>,
+    groups: Decoded<NodeGroupSpec>,
 }
 
-/// One full reconcile pass over every App.
+/// One full reconcile pass over every App (see [`crate::app_pass`]).
 pub async fn reconcile_apps(
     store: &Arc<dyn Store>,
     cache: &mut DecodeCache,
     cfg: &ControllerConfig,
+    signals: &dyn NodeSignals,
 ) -> Result<(), StoreError> {
     let (apps, _) = store.list(Kind::App).await?;
     let (insts, _) = store.list(Kind::AppInstance).await?;
     let (nodes, _) = store.list(Kind::Node).await?;
+    let (groups, _) = store.list(Kind::NodeGroup).await?;
 
     let apps = cache.apps.refresh(&apps);
     let insts = cache.insts.refresh(&insts);
     let nodes = cache.nodes.refresh(&nodes);
+    let groups = cache.groups.refresh(&groups);
 
-    let node_names: BTreeSet<String> = nodes.iter().map(|n| n.metadata.name.clone()).collect();
-    let ready: BTreeSet<String> =
-        nodes.iter().filter(|n| n.status.phase == NodePhase::Ready).map(|n| n.metadata.name.clone()).collect();
-    let app_names: BTreeSet<&str> = apps.iter().map(|a| a.metadata.name.as_str()).collect();
-
-    let now = crate::objects::unix_now();
-    let gone_too_long: BTreeSet<&str> = match cfg.evict_after {
-        Some(after) => nodes
-            .iter()
-            .filter(|n| n.status.phase == NodePhase::NotReady)
-            .filter(|n| {
-                yunbian_api::time::parse_rfc3339(&n.status.last_transition)
-                    .is_some_and(|t| now >= t.saturating_add(after.as_secs()))
-            })
-            .map(|n| n.metadata.name.as_str())
-            .collect(),
-        None => BTreeSet::new(),
-    };
-
-    let mut deletes: Vec<String> = Vec::new();
-    let mut by_app: HashMap<&str, Vec<&Instance>> = HashMap::new();
-    for i in &insts {
-        if gone_too_long.contains(i.spec.node.as_str()) {
-            tracing::info!(instance = %i.metadata.name, node = %i.spec.node, "evicting: node NotReady too long");
-            deletes.push(i.metadata.name.clone());
-        } else if !app_names.contains(i.spec.app.as_str()) || !node_names.contains(&i.spec.node) {
-            deletes.push(i.metadata.name.clone()); // owner or node is gone
-        } else {
-            by_app.entry(i.spec.app.as_str()).or_default().push(i);
-        }
-    }
-
-    // Capacity already booked per node (by instances that stay).
-    let mut booked: HashMap<&str, (u64, u64)> = HashMap::new();
-    let orphaned: std::collections::HashSet<&str> = deletes.iter().map(String::as_str).collect();
-    for i in insts.iter().filter(|i| !orphaned.contains(i.metadata.name.as_str())) {
-        let b = booked.entry(i.spec.node.as_str()).or_default();
-        b.0 += i.spec.template.resources.requests.cpu_millis();
-        b.1 += i.spec.template.resources.requests.memory_bytes();
-    }
-    let mut candidates: Vec<Candidate> = nodes
-        .iter()
-        .map(|n| {
-            let (cpu_used, memory_used) = booked.get(n.metadata.name.as_str()).copied().unwrap_or_default();
-            Candidate {
-                name: n.metadata.name.clone(),
-                labels: n.metadata.labels.clone(),
-                schedulable: n.status.phase == NodePhase::Ready && !n.spec.unschedulable,
-                cpu_allocatable: n.status.allocatable.cpu_millis,
-                memory_allocatable: n.status.allocatable.memory_bytes,
-                cpu_used,
-                memory_used,
-                same_app: 0,
-                runtimes: n.status.info.runtimes.clone(),
-            }
-        })
-        .collect();
-
-    let mut creates: Vec<Value> = Vec::new();
-    let mut statuses: Vec<(String, yunbian_api::AppStatus)> = Vec::new();
-    for app in &apps {
-        let name = app.metadata.name.as_str();
-        let template = app.spec.template();
-        let hash = template.hash();
-        let want = usize::try_from(app.spec.replicas.max(0)).unwrap_or(0);
-        let mut live: Vec<&Instance> = Vec::new();
-        for i in by_app.get(name).map(Vec::as_slice).unwrap_or_default() {
-            if i.spec.template_hash == hash {
-                live.push(i);
-            } else {
-                deletes.push(i.metadata.name.clone()); // replaced by the new template
-            }
-        }
-        if live.len() > want {
-            let view: Vec<(String, String, bool)> = live
-                .iter()
-                .map(|i| (i.metadata.name.clone(), i.spec.node.clone(), i.status.phase == InstancePhase::Running))
-                .collect();
-            let victims = scheduler::pick_victims(&view, live.len() - want, &ready);
-            let gone: std::collections::HashSet<&str> = victims.iter().map(String::as_str).collect();
-            live.retain(|i| !gone.contains(i.metadata.name.as_str()));
-            deletes.extend(victims);
-        }
-        let mut message = String::new();
-        let mut placed = live.len();
-        if live.len() < want {
-            let mut per_node: HashMap<&str, u32> = HashMap::new();
-            for i in &live {
-                *per_node.entry(i.spec.node.as_str()).or_default() += 1;
-            }
-            for c in candidates.iter_mut() {
-                c.same_app = per_node.get(c.name.as_str()).copied().unwrap_or(0);
-            }
-            let req = Request {
-                cpu: template.resources.requests.cpu_millis(),
-                memory: template.resources.requests.memory_bytes(),
-                selector: app.spec.placement.node_selector.clone(),
-                runtime: template.runtime.as_str().to_string(),
-            };
-            let (chosen, unplaced) = scheduler::place_many(&req, &mut candidates, want - live.len());
-            for idx in chosen {
-                let spec = AppInstanceSpec {
-                    app: name.to_string(),
-                    node: candidates[idx].name.clone(),
-                    template: template.clone(),
-                    template_hash: hash.clone(),
-                    ..Default::default()
-                };
-                let mut inst = Object::new(instance_name(name), spec);
-                inst.metadata.labels.insert("app".into(), name.to_string());
-                creates.push(inst.to_value());
-                placed += 1;
-            }
-            if let Some(why) = unplaced {
-                message = why.to_string();
-            }
-        }
-        let ready_count =
-            live.iter().filter(|i| i.status.phase == InstancePhase::Running && ready.contains(&i.spec.node)).count();
-        let status = yunbian_api::AppStatus {
-            replicas: want as u32,
-            scheduled_replicas: placed as u32,
-            ready_replicas: ready_count as u32,
-            observed_generation: app.metadata.generation,
-            message,
-            ..Default::default()
-        };
-        if status != app.status {
-            statuses.push((name.to_string(), status));
-        }
-    }
-
-    deletes.sort();
-    deletes.dedup();
+    let out = crate::app_pass::plan(&crate::app_pass::PassInput {
+        apps: &apps,
+        instances: &insts,
+        nodes: &nodes,
+        groups: &groups,
+        signals,
+        cfg,
+        now: crate::objects::unix_now(),
+    });
+    let PassOutput { deletes, creates, statuses } = out;
     for chunk in deletes.chunks(PARALLEL_WRITES) {
         let r = join_all(chunk.iter().map(|n| store.delete(Kind::AppInstance, n, None))).await;
         for e in r.into_iter().filter_map(Result::err) {
@@ -362,10 +256,4 @@ pub async fn reconcile_apps(
         }
     }
     Ok(())
-}
-
-fn instance_name(app: &str) -> String {
-    // Keep within 63 characters.
-    let prefix: String = app.chars().take(52).collect();
-    format!("{prefix}-{}", yunbian_pki::random_hex(4))
 }

@@ -19,7 +19,9 @@ use tokio::task::JoinHandle;
 use yunbian_store::{Coordinator, RedbStore, Store};
 
 pub mod api;
+pub mod app_pass;
 pub mod artifacts;
+pub mod autoscale;
 pub mod bootstrap;
 pub mod controllers;
 pub mod data_store;
@@ -288,7 +290,8 @@ async fn lead(
         // (a clean stop): the fenced store they hold is then dropped, which
         // gives the leadership up at once instead of after the lease TTL.
         let mut controllers = tokio::task::JoinSet::new();
-        controllers.spawn(controllers::run_app_controller(store.clone(), metrics.clone(), cfg));
+        let signals: Arc<dyn app_pass::NodeSignals> = Arc::new(app_pass::StatusSignals);
+        controllers.spawn(controllers::run_app_controller(store.clone(), metrics.clone(), cfg, signals));
         controllers.spawn(hub.clone().run_node_lifecycle(store, coord.clone()));
         drop(leadership.store);
         while !*leadership.lost.borrow_and_update() {

@@ -1,0 +1,630 @@
+//! One pass of the App controller, without I/O: from the listed Apps,
+//! AppInstances, Nodes and NodeGroups (and what the hub knows about node
+//! liveness and latency) to the instances to delete and create and the App
+//! statuses to write.
+//!
+//! For each App, in name order:
+//! 1. **Revision.** The App's template (with its per-group overrides) is
+//!    recorded in `status.history`; a changed template is a new revision.
+//! 2. **Lost nodes.** Instances on a node silent for `onNodeLost.after`
+//!    that its group peers do not see either are deleted (and so placed
+//!    again); `keep` leaves them; without `onNodeLost`, the cluster-wide
+//!    `evict_after` on NotReady nodes applies. The node stops them when it
+//!    returns (fencing: their removal is the first thing it receives).
+//! 3. **Rollout.** Instances of an older revision are replaced as
+//!    `spec.rollout` allows (`rollout::plan`); without `spec.rollout`, at once.
+//! 4. **Placement.** The scheduler (`yunbian_placement::schedule`) keeps,
+//!    evicts and creates the current revision's instances per target (one per
+//!    group with `perGroup`), booking capacity in a cluster view shared by
+//!    all Apps of the pass. A `fallback: cloud` instance whose edge
+//!    replacement is Running is deleted (make before break).
+//! 5. **Status.** Counts, why each instance is where it is, why other nodes
+//!    were rejected, the rollout and the autoscaler's state.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use yunbian_api::{
+    AppInstance, AppInstanceSpec, AppSpec, AppStatus, InstancePhase, NodeGroupSpec, NodeLostAction, NodePhase,
+    NodeSpec, Object, PlacementDecision, PlacementMode, RolloutPhase, RolloutSpec, RolloutStatus,
+};
+use yunbian_placement as placement;
+
+use crate::autoscale;
+use crate::controllers::ControllerConfig;
+use crate::rollout;
+
+/// Label of an instance created to replace another (a `fallback: cloud`
+/// instance moving back to the edge): the old one is deleted once this one
+/// is Running.
+pub const REPLACES_LABEL: &str = "replaces";
+/// Most placement explanations and rejections kept in an App's status.
+const MAX_EXPLANATIONS: usize = 100;
+
+/// What the App controller learns from the hub about nodes, beyond their
+/// stored status.
+pub trait NodeSignals: Send + Sync {
+    /// How long the node has gone without a heartbeat on any replica;
+    /// `None` while it is heard (or not known yet).
+    fn silent_for(&self, node: &str) -> Option<Duration>;
+    /// Whether a majority of the node's group peers still reach it.
+    fn seen_by_peers(&self, node: &str) -> bool;
+    /// Measured round trips between nodes: (from, to, milliseconds).
+    fn latency(&self) -> Vec<(String, String, f64)>;
+    /// Whether any node is silent now (the controller then looks more often).
+    fn any_silent(&self) -> bool;
+}
+
+/// Signals read from node statuses alone (no hub): silence starts when the
+/// node turned NotReady, and no latency is known.
+#[derive(Debug, Default)]
+pub struct StatusSignals;
+
+impl NodeSignals for StatusSignals {
+    fn silent_for(&self, _node: &str) -> Option<Duration> {
+        None
+    }
+    fn seen_by_peers(&self, _node: &str) -> bool {
+        false
+    }
+    fn latency(&self) -> Vec<(String, String, f64)> {
+        Vec::new()
+    }
+    fn any_silent(&self) -> bool {
+        false
+    }
+}
+
+type Typed<S> = Arc<Object<S, <S as yunbian_api::KindOf>::Status>>;
+
+/// Everything a pass reads.
+pub struct PassInput<'a> {
+    /// Every App.
+    pub apps: &'a [Typed<AppSpec>],
+    /// Every AppInstance.
+    pub instances: &'a [Typed<AppInstanceSpec>],
+    /// Every Node.
+    pub nodes: &'a [Typed<NodeSpec>],
+    /// Every NodeGroup.
+    pub groups: &'a [Typed<NodeGroupSpec>],
+    /// Liveness and latency from the hub.
+    pub signals: &'a dyn NodeSignals,
+    /// Controller settings.
+    pub cfg: &'a ControllerConfig,
+    /// Unix seconds.
+    pub now: u64,
+}
+
+/// What a pass decided.
+#[derive(Debug, Default)]
+pub struct PassOutput {
+    /// Instances to delete.
+    pub deletes: Vec<String>,
+    /// Instances to create (JSON objects without server metadata).
+    pub creates: Vec<Value>,
+    /// App statuses that changed.
+    pub statuses: Vec<(String, AppStatus)>,
+}
+
+/// How long `node` has been without heartbeat, from the hub when it knows,
+/// else from the node's status (NotReady since its last transition).
+fn silence(input: &PassInput, node: &Object<NodeSpec, yunbian_api::NodeStatus>) -> Option<u64> {
+    if let Some(d) = input.signals.silent_for(&node.metadata.name) {
+        return Some(d.as_secs());
+    }
+    if node.status.phase != NodePhase::NotReady {
+        return None;
+    }
+    let since = yunbian_api::time::parse_rfc3339(&node.status.last_transition)?;
+    Some(input.now.saturating_sub(since))
+}
+
+/// Group membership: a node is in every group whose selector its labels match.
+fn memberships(
+    nodes: &[Typed<NodeSpec>],
+    groups: &[Typed<NodeGroupSpec>],
+) -> (BTreeMap<String, Vec<String>>, Vec<placement::GroupInfo>) {
+    let mut of_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut infos = Vec::with_capacity(groups.len());
+    for g in groups {
+        infos.push(placement::GroupInfo {
+            name: g.metadata.name.clone(),
+            tier: g.spec.tier,
+            site: g.spec.site.clone(),
+            region: g.spec.region.clone(),
+            zone: g.spec.zone.clone(),
+            cost_per_cpu_hour: g.spec.cost_per_cpu_hour,
+        });
+        for n in nodes {
+            if yunbian_api::selector_matches(&g.spec.selector, &n.metadata.labels) {
+                of_node.entry(n.metadata.name.clone()).or_default().push(g.metadata.name.clone());
+            }
+        }
+    }
+    for v in of_node.values_mut() {
+        v.sort();
+    }
+    (of_node, infos)
+}
+
+/// What one instance of `template` books on its node.
+fn resources_of(t: &yunbian_api::WorkloadTemplate) -> placement::Resources {
+    placement::Resources {
+        cpu_millis: t.resources.requests.cpu_millis(),
+        memory_bytes: t.resources.requests.memory_bytes(),
+        extended: t.devices.clone(),
+    }
+}
+
+/// Builds the cluster view: every node with its groups, facts and the
+/// capacity booked by the instances that stay.
+fn cluster_view(input: &PassInput, staying: &[&Typed<AppInstanceSpec>]) -> placement::Cluster {
+    let (of_node, groups) = memberships(input.nodes, input.groups);
+    let mut booked: HashMap<&str, placement::Resources> = HashMap::new();
+    for i in staying {
+        let r = resources_of(&i.spec.template);
+        let b = booked.entry(i.spec.node.as_str()).or_default();
+        b.cpu_millis += r.cpu_millis;
+        b.memory_bytes += r.memory_bytes;
+        for (k, v) in r.extended {
+            *b.extended.entry(k).or_default() += v;
+        }
+    }
+    let day_ago = input.now.saturating_sub(86_400);
+    let nodes = input
+        .nodes
+        .iter()
+        .map(|n| {
+            let s = &n.status;
+            let ready_since = yunbian_api::time::parse_rfc3339(if s.ready_since.is_empty() {
+                &s.last_transition
+            } else {
+                &s.ready_since
+            });
+            placement::NodeFacts {
+                name: n.metadata.name.clone(),
+                labels: n.metadata.labels.clone(),
+                groups: of_node.get(&n.metadata.name).cloned().unwrap_or_default(),
+                ready: s.phase == NodePhase::Ready,
+                lost: false,
+                unschedulable: n.spec.unschedulable,
+                not_ready_reason: if s.reason.is_empty() {
+                    s.phase.as_str().to_string()
+                } else {
+                    format!("{}: {}", s.phase.as_str(), s.reason)
+                },
+                arch: s.info.arch.clone(),
+                os: s.info.os.clone(),
+                runtimes: s.info.runtimes.clone(),
+                allocatable: placement::Resources {
+                    cpu_millis: s.allocatable.cpu_millis,
+                    memory_bytes: s.allocatable.memory_bytes,
+                    extended: s.allocatable.extended.clone(),
+                },
+                requested: booked.remove(n.metadata.name.as_str()).unwrap_or_default(),
+                disk_free_bytes: s.info.disk_bytes.saturating_sub(s.usage.disk_used_bytes),
+                uptime_secs: match (s.phase, ready_since) {
+                    (NodePhase::Ready, Some(t)) => input.now.saturating_sub(t),
+                    _ => 0,
+                },
+                recent_failures: s.recent_failures.iter().filter(|t| **t >= day_ago).count() as u32,
+            }
+        })
+        .collect();
+    let mut latency = placement::Latency::default();
+    for (from, to, ms) in input.signals.latency() {
+        latency.insert(&from, &to, ms);
+    }
+    placement::Cluster::new(nodes, groups, latency)
+}
+
+/// How many instances each target wants: one target per group with
+/// `perGroup`, else one target `""` with the App's replicas (or the
+/// autoscaler's count).
+fn targets(spec: &AppSpec, replicas: u32) -> BTreeMap<String, u32> {
+    let p = &spec.placement;
+    match &p.per_group {
+        Some(pg) => p
+            .groups
+            .iter()
+            .map(|g| {
+                let n = p.override_for(g).and_then(|o| o.replicas).unwrap_or(pg.replicas);
+                (g.clone(), u32::try_from(n.max(0)).unwrap_or(0))
+            })
+            .collect(),
+        None => [(String::new(), replicas)].into(),
+    }
+}
+
+fn instance_name(app: &str) -> String {
+    // Keep within 63 characters.
+    let prefix: String = app.chars().take(52).collect();
+    format!("{prefix}-{}", yunbian_pki::random_hex(4))
+}
+
+/// Runs one pass.
+pub fn plan(input: &PassInput) -> PassOutput {
+    let mut out = PassOutput::default();
+    let node_by_name: HashMap<&str, &Typed<NodeSpec>> =
+        input.nodes.iter().map(|n| (n.metadata.name.as_str(), n)).collect();
+    let app_by_name: HashMap<&str, &Typed<AppSpec>> =
+        input.apps.iter().map(|a| (a.metadata.name.as_str(), a)).collect();
+
+    // Instances whose App or node is gone, and those on nodes lost for
+    // their App's policy.
+    let mut by_app: BTreeMap<&str, Vec<&Typed<AppInstanceSpec>>> = BTreeMap::new();
+    let mut staying: Vec<&Typed<AppInstanceSpec>> = Vec::new();
+    for i in input.instances {
+        let (Some(app), Some(node)) = (app_by_name.get(i.spec.app.as_str()), node_by_name.get(i.spec.node.as_str()))
+        else {
+            out.deletes.push(i.metadata.name.clone());
+            continue;
+        };
+        if let Some(why) = lost(input, app, node) {
+            tracing::info!(instance = %i.metadata.name, node = %i.spec.node, "{why}: placing it again");
+            out.deletes.push(i.metadata.name.clone());
+            continue;
+        }
+        by_app.entry(i.spec.app.as_str()).or_default().push(i);
+        staying.push(i);
+    }
+    let mut cluster = cluster_view(input, &staying);
+    for i in &staying {
+        cluster.record_instance(&i.spec.app, &i.spec.node);
+    }
+
+    for app in input.apps {
+        let name = app.metadata.name.as_str();
+        let insts = by_app.remove(name).unwrap_or_default();
+        plan_app(input, &mut cluster, app, &insts, &node_by_name, &mut out);
+    }
+    out.deletes.sort();
+    out.deletes.dedup();
+    out
+}
+
+/// Why the node of an instance of `app` counts as lost, if it does.
+fn lost(input: &PassInput, app: &Typed<AppSpec>, node: &Typed<NodeSpec>) -> Option<String> {
+    match node.status.phase {
+        // A node whose peers still see it keeps its instances.
+        NodePhase::CloudUnreachable => return None,
+        // Ready in the store, and heard (or not known silent) by the hub.
+        NodePhase::Ready if input.signals.silent_for(&node.metadata.name).is_none() => return None,
+        _ => {}
+    }
+    match &app.spec.on_node_lost {
+        Some(p) if p.action == NodeLostAction::Keep => None,
+        Some(p) => {
+            let after = p.after_ms().div_ceil(1000);
+            let silent = silence(input, node)?;
+            (silent >= after && !input.signals.seen_by_peers(&node.metadata.name)).then(|| {
+                format!("node {} lost: no heartbeat for {silent}s (onNodeLost.after {})", node.metadata.name, p.after)
+            })
+        }
+        None => {
+            let after = input.cfg.evict_after?.as_secs();
+            if node.status.phase != NodePhase::NotReady {
+                return None;
+            }
+            let since = yunbian_api::time::parse_rfc3339(&node.status.last_transition)?;
+            (input.now >= since.saturating_add(after))
+                .then(|| format!("node {} NotReady for more than {after}s", node.metadata.name))
+        }
+    }
+}
+
+/// Plans one App.
+fn plan_app(
+    input: &PassInput,
+    cluster: &mut placement::Cluster,
+    app: &Typed<AppSpec>,
+    insts: &[&Typed<AppInstanceSpec>],
+    nodes: &HashMap<&str, &Typed<NodeSpec>>,
+    out: &mut PassOutput,
+) {
+    let name = app.metadata.name.as_str();
+    let now_rfc = yunbian_api::time::format_rfc3339(input.now);
+
+    // 1. Revision.
+    let hash = rollout::revision_hash(&app.spec);
+    let (history, revision) = rollout::record_revision(
+        &app.status.history,
+        &hash,
+        &app.spec.template(),
+        &app.spec.placement.overrides,
+        app.metadata.generation,
+        &now_rfc,
+    );
+    let last = app.status.rollout.clone().unwrap_or_default();
+    let mut stable = if last.stable_revision == 0 { revision } else { last.stable_revision };
+    // A rolled-back revision stays rolled back until the template changes.
+    let rolled_back = last.phase == RolloutPhase::RolledBack && last.revision == revision && stable != revision;
+    let mut target_rev = if rolled_back { stable } else { revision };
+    let mut spec = if rolled_back {
+        history
+            .iter()
+            .find(|r| r.revision == stable)
+            .map(|r| rollout::spec_at(r, &app.spec))
+            .unwrap_or_else(|| app.spec.clone())
+    } else {
+        app.spec.clone()
+    };
+
+    // Autoscaling sets the replica count within [min, max].
+    let (replicas, autoscale_status) = match &app.spec.autoscale {
+        Some(a) => {
+            let s = autoscale::decide(a, app.status.autoscale.as_ref(), app.spec.replicas, insts, input.now);
+            (s.desired_replicas, Some(s))
+        }
+        None => (u32::try_from(app.spec.replicas.max(0)).unwrap_or(0), None),
+    };
+    let mut desired = targets(&spec, replicas);
+
+    // 2-3. Rollout: which instances are of the target revision.
+    let rollout_spec = app.spec.rollout.clone();
+    let views = |spec: &AppSpec, target_rev: u64| -> Vec<rollout::InstanceView> {
+        insts
+            .iter()
+            .map(|i| {
+                let current = i.spec.template_hash == spec.template_for(&i.spec.group).hash();
+                instance_view(
+                    i,
+                    if current { target_rev } else { i.spec.revision.min(target_rev.saturating_sub(1)) },
+                    nodes,
+                    input.now,
+                )
+            })
+            .collect()
+    };
+    let mut iv = views(&spec, target_rev);
+    let mut rollout_status: Option<RolloutStatus> = None;
+    let mut rollout_deletes: Vec<String> = Vec::new();
+    let mut rollout_creates: Option<BTreeMap<String, u32>> = None;
+    let old_exist = iv.iter().any(|v| v.revision != target_rev);
+    match (&rollout_spec, old_exist) {
+        (Some(rs), _) if old_exist || last.phase != RolloutPhase::Complete => {
+            let mut p = rollout::plan(&rollout::RolloutInput {
+                spec: rs,
+                status: Some(&last),
+                target_revision: target_rev,
+                stable_revision: stable,
+                desired: &desired,
+                instances: &iv,
+                now: input.now,
+            });
+            if p.rollback && !rolled_back {
+                tracing::warn!(app = name, revision, stable, "rollout failed: rolling back");
+                let failed_status = p.status.clone();
+                target_rev = stable;
+                spec = history
+                    .iter()
+                    .find(|r| r.revision == stable)
+                    .map(|r| rollout::spec_at(r, &app.spec))
+                    .unwrap_or_else(|| app.spec.clone());
+                desired = targets(&spec, replicas);
+                iv = views(&spec, target_rev);
+                p = rollout::plan(&rollout::RolloutInput {
+                    spec: &RolloutSpec { canary: None, paused: false, ..rs.clone() },
+                    status: None,
+                    target_revision: target_rev,
+                    stable_revision: stable,
+                    desired: &desired,
+                    instances: &iv,
+                    now: input.now,
+                });
+                p.status = RolloutStatus {
+                    phase: RolloutPhase::RolledBack,
+                    revision,
+                    stable_revision: stable,
+                    ..failed_status
+                };
+            } else if rolled_back {
+                p.status = RolloutStatus {
+                    phase: RolloutPhase::RolledBack,
+                    revision,
+                    stable_revision: stable,
+                    ..last.clone()
+                };
+            }
+            if p.status.phase == RolloutPhase::Complete && !rolled_back {
+                stable = target_rev;
+                p.status.stable_revision = stable;
+            }
+            rollout_deletes = p.delete;
+            rollout_creates = Some(p.create);
+            rollout_status = Some(p.status);
+        }
+        _ => {
+            // No rollout settings: an old revision is replaced at once.
+            for v in iv.iter().filter(|v| v.revision != target_rev) {
+                rollout_deletes.push(v.name.clone());
+            }
+            stable = target_rev;
+            if app.spec.rollout.is_some() || app.status.rollout.is_some() {
+                rollout_status = Some(RolloutStatus {
+                    phase: RolloutPhase::Complete,
+                    revision,
+                    stable_revision: stable,
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    let deleting: BTreeSet<&str> = rollout_deletes.iter().map(String::as_str).collect();
+    for i in insts.iter().filter(|i| deleting.contains(i.metadata.name.as_str())) {
+        cluster.release(&i.spec.node, &resources_of(&i.spec.template));
+    }
+    out.deletes.extend(rollout_deletes.iter().cloned());
+
+    // 4. Placement of the target revision.
+    let current: Vec<&&Typed<AppInstanceSpec>> = insts
+        .iter()
+        .zip(iv.iter())
+        .filter(|(i, v)| v.revision == target_rev && !deleting.contains(i.metadata.name.as_str()))
+        .map(|(i, _)| i)
+        .collect();
+    // Make before break: a replacement that is Running retires the instance it replaces.
+    let mut retired: BTreeSet<String> = BTreeSet::new();
+    for i in &current {
+        if let Some(old) = i.metadata.labels.get(REPLACES_LABEL) {
+            if i.status.phase == InstancePhase::Running && insts.iter().any(|o| &o.metadata.name == old) {
+                retired.insert(old.clone());
+            }
+        }
+    }
+    for old in &retired {
+        if let Some(o) = insts.iter().find(|o| &o.metadata.name == old) {
+            cluster.release(&o.spec.node, &resources_of(&o.spec.template));
+        }
+        out.deletes.push(old.clone());
+    }
+    let current: Vec<&&Typed<AppInstanceSpec>> =
+        current.into_iter().filter(|i| !retired.contains(&i.metadata.name)).collect();
+
+    // During a rollout, the planner says how many new instances each group gets now.
+    let place_targets: Vec<placement::Target> = match &rollout_creates {
+        Some(creates) if old_exist => desired
+            .keys()
+            .map(|g| {
+                let have = current.iter().filter(|i| &i.spec.group == g || g.is_empty()).count() as u32;
+                placement::Target { group: g.clone(), count: have + creates.get(g).copied().unwrap_or(0) }
+            })
+            .collect(),
+        _ => desired.iter().map(|(g, n)| placement::Target { group: g.clone(), count: *n }).collect(),
+    };
+    let template = spec.template();
+    let mut req_resources = resources_of(&template);
+    req_resources.extended = spec.placement.requirements.resources.clone();
+    let request = placement::Request {
+        app: name,
+        placement: &spec.placement,
+        resources: req_resources,
+        runtime: template.runtime.as_str(),
+        targets: place_targets,
+        existing: current
+            .iter()
+            .map(|i| placement::Existing {
+                instance: i.metadata.name.clone(),
+                node: i.spec.node.clone(),
+                group: i.spec.group.clone(),
+            })
+            .collect(),
+    };
+    let decision = placement::schedule(cluster, &request);
+    let mut placements: Vec<PlacementDecision> = Vec::new();
+    let previous: HashMap<&str, &PlacementDecision> =
+        app.status.placements.iter().map(|p| (p.instance.as_str(), p)).collect();
+    let explained: HashMap<&str, &str> = decision.explanations.iter().map(|(i, r)| (i.as_str(), r.as_str())).collect();
+    let evicted: BTreeSet<&str> = decision.evict.iter().map(|(i, _)| i.as_str()).collect();
+    for (inst, why) in &decision.evict {
+        tracing::info!(app = name, instance = %inst, "moving: {why}");
+        out.deletes.push(inst.clone());
+    }
+    for i in current.iter().filter(|i| !evicted.contains(i.metadata.name.as_str())) {
+        let reason = previous
+            .get(i.metadata.name.as_str())
+            .map(|p| p.reason.clone())
+            .or_else(|| explained.get(i.metadata.name.as_str()).map(|r| r.to_string()))
+            .unwrap_or_else(|| "placed before".to_string());
+        placements.push(PlacementDecision {
+            instance: i.metadata.name.clone(),
+            node: i.spec.node.clone(),
+            group: i.spec.group.clone(),
+            reason,
+        });
+    }
+    for b in &decision.create {
+        let t = spec.template_for(&b.group);
+        let spec_i = AppInstanceSpec {
+            app: name.to_string(),
+            node: b.node.clone(),
+            template_hash: t.hash(),
+            template: t,
+            group: b.group.clone(),
+            revision: target_rev,
+        };
+        let mut inst: AppInstance = Object::new(instance_name(name), spec_i);
+        inst.metadata.labels.insert("app".into(), name.to_string());
+        if let Some(old) = &b.replaces {
+            inst.metadata.labels.insert(REPLACES_LABEL.into(), old.clone());
+        }
+        placements.push(PlacementDecision {
+            instance: inst.metadata.name.clone(),
+            node: b.node.clone(),
+            group: b.group.clone(),
+            reason: b.reason.clone(),
+        });
+        out.creates.push(inst.to_value());
+    }
+    placements.sort_by(|a, b| a.instance.cmp(&b.instance));
+    placements.truncate(MAX_EXPLANATIONS);
+
+    // 5. Status.
+    let want: u32 = if spec.placement.mode == PlacementMode::EveryNode {
+        (current.len() - evicted.len().min(current.len()) + decision.create.len()) as u32 + decision.unplaced
+    } else {
+        desired.values().sum()
+    };
+    let scheduled = current.len() - evicted.len().min(current.len()) + decision.create.len();
+    let ready_count = insts
+        .iter()
+        .filter(|i| i.status.phase == InstancePhase::Running)
+        .filter(|i| {
+            nodes
+                .get(i.spec.node.as_str())
+                .is_some_and(|n| matches!(n.status.phase, NodePhase::Ready | NodePhase::CloudUnreachable))
+        })
+        .count();
+    let mut rejections = decision.rejections;
+    rejections.truncate(50);
+    let mut history = history;
+    if let Some(rs) = rollout_status.as_mut() {
+        rs.revision = revision;
+        if rs.stable_revision == 0 {
+            rs.stable_revision = stable;
+        }
+    }
+    if history.is_empty() {
+        history = app.status.history.clone();
+    }
+    let status = AppStatus {
+        replicas: want,
+        scheduled_replicas: scheduled as u32,
+        ready_replicas: ready_count as u32,
+        observed_generation: app.metadata.generation,
+        message: decision.message,
+        placements,
+        rejections,
+        rollout: rollout_status,
+        history,
+        autoscale: autoscale_status,
+    };
+    if status != app.status {
+        out.statuses.push((name.to_string(), status));
+    }
+}
+
+/// The rollout planner's view of one instance.
+fn instance_view(
+    i: &Typed<AppInstanceSpec>,
+    revision: u64,
+    nodes: &HashMap<&str, &Typed<NodeSpec>>,
+    now: u64,
+) -> rollout::InstanceView {
+    let running_for_secs = (i.status.phase == InstancePhase::Running)
+        .then(|| yunbian_api::time::parse_rfc3339(&i.status.started_at).map(|t| now.saturating_sub(t)))
+        .flatten();
+    rollout::InstanceView {
+        name: i.metadata.name.clone(),
+        node: i.spec.node.clone(),
+        group: i.spec.group.clone(),
+        revision,
+        hash: i.spec.template_hash.clone(),
+        phase: i.status.phase,
+        running_for_secs,
+        node_ready: nodes.get(i.spec.node.as_str()).is_some_and(|n| n.status.phase == NodePhase::Ready),
+        failed: i.status.phase == InstancePhase::Failed || i.status.restart_count > 0,
+    }
+}
