@@ -55,23 +55,32 @@ fn runtime(
     (rt, rx, dir)
 }
 
-/// Receives updates until one for `name` carries a usage matching `pred`.
-async fn wait_usage(
+/// Receives updates until one for `name` matches `pred`.
+async fn wait_update(
     rx: &mut mpsc::UnboundedReceiver<StatusUpdate>,
     name: &str,
-    pred: impl Fn(&InstanceUsage) -> bool,
+    pred: impl Fn(&AppInstanceStatus) -> bool,
 ) -> AppInstanceStatus {
     let deadline = Instant::now() + TIMEOUT;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let u = tokio::time::timeout(left, rx.recv())
             .await
-            .expect("timed out waiting for a usage update")
+            .expect("timed out waiting for a status update")
             .expect("update channel closed");
-        if u.instance == name && u.status.usage.as_ref().is_some_and(&pred) {
+        if u.instance == name && pred(&u.status) {
             return u.status;
         }
     }
+}
+
+/// Receives updates until one for `name` carries a usage matching `pred`.
+async fn wait_usage(
+    rx: &mut mpsc::UnboundedReceiver<StatusUpdate>,
+    name: &str,
+    pred: impl Fn(&InstanceUsage) -> bool,
+) -> AppInstanceStatus {
+    wait_update(rx, name, |s| s.usage.as_ref().is_some_and(&pred)).await
 }
 
 /// A shell whose busy loop runs in a child: CPU is only seen when the
@@ -139,14 +148,7 @@ async fn an_ended_run_drops_its_usage() {
     rt.ensure(&sh(&name, script)).await.expect("ensure");
     wait_usage(&mut rx, &name, |u| u.cpu_millis > 0).await;
     std::fs::write(dir.join(&name).join("work").join("stop"), b"").expect("write stop file");
-    let deadline = Instant::now() + TIMEOUT;
-    let ended = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let u = tokio::time::timeout(left, rx.recv()).await.expect("timed out").expect("channel open");
-        if u.instance == name && u.status.phase == InstancePhase::Stopped {
-            break u.status;
-        }
-    };
+    let ended = wait_update(&mut rx, &name, |s| s.phase == InstancePhase::Stopped).await;
     assert_eq!(ended.usage, None, "an ended run carries no usage: {ended:?}");
     let now = rt.statuses().await.into_iter().find(|s| s.instance == name).expect("known");
     assert_eq!(now.status.usage, None);

@@ -150,8 +150,10 @@ impl Sampler {
             if self.tracks.get(name).is_some_and(|t| t.pid == *pid) {
                 continue;
             }
+            // The cgroup counts the run only if the run joined it (an
+            // instance whose limits could not be set runs outside it).
             let source = match shared.cgroups.instance(name) {
-                Some(cg) if cg.exists() => Source::Cgroup(cg.counters()),
+                Some(cg) if cg.pids().contains(pid) => Source::Cgroup(cg.counters()),
                 _ => Source::Session,
             };
             self.tracks.insert(name.clone(), Track { pid: *pid, source, prev_cpu: None, gate: UsageGate::default() });
