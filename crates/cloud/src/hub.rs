@@ -954,6 +954,12 @@ impl Hub {
                 n.status.reason = String::new();
                 n.status.allocatable.cpu_millis = u64::from(info.cpus) * 1000;
                 n.status.allocatable.memory_bytes = info.memory_bytes;
+                // Extended resources: the healthy devices of the node's
+                // device plugins, per resource (allocated ones included).
+                n.status.allocatable.extended.clear();
+                for d in info.devices.iter().filter(|d| d.healthy) {
+                    *n.status.allocatable.extended.entry(d.resource.clone()).or_default() += 1;
+                }
                 n.status.info = info.clone();
                 n.status.usage = usage.clone();
                 n.status.limits_enforced = limits.0;

@@ -498,7 +498,8 @@ pub async fn run_agent(
                             disk_pressure.push_str(&format!("local store write failed: {e}"));
                         }
                         let hb = Up::Heartbeat {
-                            info: info.clone(),
+                            // With the devices the plugins registered now.
+                            info: launcher.node_info(&info),
                             usage,
                             limits_enforced: limits.enforced,
                             limits_note: limits.note,
@@ -807,6 +808,7 @@ async fn reconcile_runtime(runtime: Arc<dyn Runtime>, launcher: Arc<Launcher>, m
                     tracing::warn!(instance = %name, error = %e, "remove instance");
                 }
             }
+            launcher.release_devices(|i| want.contains_key(i));
         }
         for inst in want.values() {
             // Held back while its artifact is pulled (the launcher reports

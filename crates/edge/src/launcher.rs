@@ -31,7 +31,20 @@
 //!
 //! The blob an instance runs is marked in use in the cache for as long as
 //! the instance is desired, so the cache's collection never removes it.
+//!
+//! # Devices
+//!
+//! An instance whose template asks for extended resources
+//! (`devices: {yunbian.io/gpu: 1}`) is first granted devices by the node's
+//! [`DeviceRegistry`] (docs/design/017-device-plugins.md): the grant's
+//! variables (`YUNBIAN_DEVICES_YUNBIAN_IO_GPU=0`, the plugin's own such as
+//! `NVIDIA_VISIBLE_DEVICES=0`) are added to its environment. Without
+//! enough healthy free devices it stays `Pending` / `InsufficientDevices`
+//! with what is missing, and is looked at again when the devices change.
+//! Grants are released once the instance is no longer desired
+//! ([`Launcher::release_devices`]).
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -40,13 +53,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 use yunbian_api::artifact::WASM_PLATFORM;
 use yunbian_api::{
-    signing_statement, AppInstance, AppInstanceStatus, ArtifactRef, BlobType, InstancePhase, NodeGroupSpec,
+    signing_statement, AppInstance, AppInstanceStatus, ArtifactRef, BlobType, InstancePhase, NodeGroupSpec, NodeInfo,
     ProcessSpec, RuntimeKind, TrustedKey,
 };
 use yunbian_artifacts::Digest;
 use yunbian_runtime::StatusUpdate;
 
 use crate::artifacts::{ArtifactCache, LocalBlob, PullError, PullProgress, Resolved};
+use crate::device_plugins::{grant_env, AllocateError, DeviceRegistry};
 
 /// Memory the wasm shim itself needs beside the guest's linear memory
 /// (wasmtime, the compiled code, WASI): added to the cgroup limit of the
@@ -223,6 +237,8 @@ pub struct Launcher {
     wake: Arc<Notify>,
     /// Tells the P2P tracker what this node holds, when it serves peers.
     announcer: Mutex<Option<Arc<crate::p2p::Announcer>>>,
+    /// Grants devices of the node's device plugins, when it has any.
+    devices: Mutex<Option<Arc<DeviceRegistry>>>,
 }
 
 /// First retry delay of a failed pull; doubles up to [`MAX_BACKOFF`].
@@ -247,6 +263,7 @@ impl Launcher {
             status_tx,
             wake: Arc::new(Notify::new()),
             announcer: Mutex::new(None),
+            devices: Mutex::new(None),
         })
     }
 
@@ -268,6 +285,34 @@ impl Launcher {
     /// The announcer to poke after each pull (the node serves peers).
     pub fn set_announcer(&self, a: Arc<crate::p2p::Announcer>) {
         *self.announcer.lock().unwrap_or_else(|e| e.into_inner()) = Some(a);
+    }
+
+    /// The registry that grants instances their devices; instances asking
+    /// for devices wait until one is set.
+    pub fn set_devices(&self, registry: Arc<DeviceRegistry>) {
+        *self.devices.lock().unwrap_or_else(|e| e.into_inner()) = Some(registry);
+    }
+
+    fn registry(&self) -> Option<Arc<DeviceRegistry>> {
+        self.devices.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// `info` with the devices the node's plugins registered now (unchanged
+    /// without a registry).
+    pub fn node_info(&self, info: &NodeInfo) -> NodeInfo {
+        let mut out = info.clone();
+        if let Some(r) = self.registry() {
+            out.devices = r.devices();
+        }
+        out
+    }
+
+    /// Frees the devices granted to instances `keep` refuses (no longer
+    /// desired, once the node knows what it should run).
+    pub fn release_devices(&self, keep: impl Fn(&str) -> bool) {
+        if let Some(r) = self.registry() {
+            r.release_unless(keep);
+        }
     }
 
     /// The node's groups changed: their trust policy and the site the node
@@ -330,18 +375,21 @@ impl Launcher {
     /// not reported over its status.
     pub fn prepare(self: &Arc<Self>, inst: &AppInstance, running: bool) -> Option<AppInstance> {
         let name = inst.metadata.name.clone();
+        if !inst.spec.template.devices.is_empty() {
+            self.set_quiet(&name, running);
+        }
+        let inst = self.with_devices(inst)?;
+        let inst = inst.as_ref();
         let t = &inst.spec.template;
         if matches!(t.runtime, RuntimeKind::Process | RuntimeKind::Fake) && t.artifact.is_none() {
+            let mut st = self.lock();
+            // It waited for devices: the runtime's status replaces that.
+            if st.sent.remove(&name).is_some() {
+                st.handed.insert(name);
+            }
             return Some(inst.clone());
         }
-        {
-            let mut st = self.lock();
-            if running {
-                st.quiet.insert(name.clone());
-            } else {
-                st.quiet.remove(&name);
-            }
-        }
+        self.set_quiet(&name, running);
         if let Some(why) = self.unavailable(t.runtime) {
             self.report(&name, InstancePhase::Failed, "RuntimeUnavailable", why);
             return None;
@@ -461,6 +509,48 @@ impl Launcher {
                 None
             }
             None => None,
+        }
+    }
+
+    /// Whether the runtime runs `name` already (its waits are not reported).
+    fn set_quiet(&self, name: &str, running: bool) {
+        let mut st = self.lock();
+        if running {
+            st.quiet.insert(name.to_string());
+        } else {
+            st.quiet.remove(name);
+        }
+    }
+
+    /// The instance with its devices' variables, or `None` (and a status
+    /// saying why) while the node cannot grant what it asks for.
+    fn with_devices<'a>(&self, inst: &'a AppInstance) -> Option<Cow<'a, AppInstance>> {
+        let wants = &inst.spec.template.devices;
+        if wants.is_empty() {
+            return Some(Cow::Borrowed(inst));
+        }
+        let name = &inst.metadata.name;
+        let Some(registry) = self.registry() else {
+            let what = wants.keys().cloned().collect::<Vec<_>>().join(", ");
+            let message = format!("needs {what}; this agent has no device-plugin interface");
+            self.report(name, InstancePhase::Pending, "InsufficientDevices", message);
+            return None;
+        };
+        match registry.allocate(name, wants) {
+            Ok(grants) => {
+                let mut out = inst.clone();
+                let env = &mut out.spec.template.process.get_or_insert_with(ProcessSpec::default).env;
+                env.extend(grant_env(&grants));
+                Some(Cow::Owned(out))
+            }
+            Err(e @ AllocateError::Insufficient(_)) => {
+                self.report(name, InstancePhase::Pending, "InsufficientDevices", e.to_string());
+                None
+            }
+            Err(e) => {
+                self.report(name, InstancePhase::Pending, "DeviceAllocationFailed", e.to_string());
+                None
+            }
         }
     }
 

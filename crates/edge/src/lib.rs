@@ -20,6 +20,7 @@ use yunbian_runtime::{FakeRuntime, ProcessRuntime, Runtime};
 pub mod agent;
 pub mod artifacts;
 pub mod data_api;
+pub mod device_plugins;
 pub mod devices;
 pub mod http;
 pub mod identity;
@@ -52,6 +53,9 @@ pub struct EdgeOptions {
     pub launcher: launcher::LauncherOptions,
     /// Serving chunks to peers and pulling from them.
     pub p2p: P2pOptions,
+    /// Where device plugins register (docs/design/017-device-plugins.md);
+    /// `None`: no plugin socket (instances asking for devices wait).
+    pub device_plugin_socket: Option<PathBuf>,
 }
 
 /// P2P artifact distribution settings of an agent.
@@ -71,6 +75,7 @@ impl EdgeOptions {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         let data_dir = data_dir.into();
         EdgeOptions {
+            device_plugin_socket: Some(data_dir.join(device_plugins::SOCKET_FILE)),
             agent: AgentConfig::new(data_dir.clone()),
             data_dir,
             metrics_listen: None,
@@ -96,6 +101,8 @@ pub struct EdgeHandle {
     metrics_task: Option<tokio::task::JoinHandle<()>>,
     /// The peer chunk server, stopped with the agent.
     peer_task: Option<tokio::task::JoinHandle<()>>,
+    /// The device-plugin socket and its watcher, stopped with the agent.
+    plugin_tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl EdgeHandle {
@@ -128,6 +135,9 @@ impl EdgeHandle {
         if let Some(p) = &self.peer_task {
             p.abort();
         }
+        for t in &self.plugin_tasks {
+            t.abort();
+        }
         if let Some(d) = &self.devices {
             d.stop();
         }
@@ -141,7 +151,9 @@ pub async fn start(opts: EdgeOptions) -> Result<EdgeHandle> {
     let desired = store.restore().map(|r| r.desired).unwrap_or_default();
     let (services, side) =
         devices::start_devices(&identity.config.name, &opts.data_dir, &opts.devices, &desired).await?;
+    let registry = device_plugins::DeviceRegistry::open(&opts.data_dir, Default::default());
     let (tx, rx) = mpsc::unbounded_channel();
+    let rx = statuses_with_devices(registry.clone(), rx);
     let runtime_opts = yunbian_runtime::ProcessRuntimeOptions {
         node_env: services.workload_env(),
         app_metrics: services.app_metrics.clone(),
@@ -171,6 +183,8 @@ pub async fn start(opts: EdgeOptions) -> Result<EdgeHandle> {
     };
     tracing::info!(node = %identity.config.name, runtimes = ?launch.runtimes(), oci = ?launch.oci, "workload runtimes");
     let launcher = launcher::Launcher::new(Some(Arc::new(cache)), launch, tx);
+    launcher.set_devices(registry.clone());
+    let plugin_tasks = start_device_plugins(opts.device_plugin_socket.as_deref(), registry, &launcher);
     let mut peer_task = None;
     if let Some(listen) = &opts.p2p.listen {
         // Serving peers is worth no refusal to run workloads.
@@ -201,6 +215,7 @@ pub async fn start(opts: EdgeOptions) -> Result<EdgeHandle> {
     .await?;
     h.devices = Some(services);
     h.peer_task = peer_task;
+    h.plugin_tasks = plugin_tasks;
     Ok(h)
 }
 
@@ -231,6 +246,54 @@ pub async fn start_simulated_with_load(
     let store = Arc::new(local_store::LocalStore::in_memory());
     let launcher = launcher::Launcher::new(None, launcher::LauncherOptions::default(), tx);
     spawn(identity, store, agent::Workloads { runtime, launcher }, rx, agent, None, None).await
+}
+
+/// Instance statuses as the agent reports them: with the devices each
+/// instance holds (`status.devices`), whoever produced the status.
+fn statuses_with_devices(
+    registry: Arc<device_plugins::DeviceRegistry>,
+    mut from: mpsc::UnboundedReceiver<yunbian_runtime::StatusUpdate>,
+) -> mpsc::UnboundedReceiver<yunbian_runtime::StatusUpdate> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(mut u) = from.recv().await {
+            u.status.devices = registry.held_by(&u.instance);
+            if tx.send(u).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Serves the device-plugin socket at `socket` (a socket that cannot be
+/// bound is logged: workloads without devices still run) and has the
+/// launcher look at waiting instances again on every device change.
+fn start_device_plugins(
+    socket: Option<&Path>,
+    registry: Arc<device_plugins::DeviceRegistry>,
+    launcher: &Arc<launcher::Launcher>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    let mut changes = registry.subscribe();
+    let wake = launcher.woken();
+    tasks.push(tokio::spawn(async move {
+        while changes.changed().await.is_ok() {
+            wake.notify_one();
+        }
+    }));
+    if let Some(path) = socket {
+        match device_plugins::bind(path) {
+            Ok(listener) => {
+                tracing::info!(socket = %path.display(), "device plugins register at this socket");
+                tasks.push(tokio::spawn(device_plugins::serve(registry, listener)));
+            }
+            Err(e) => {
+                tracing::warn!(socket = %path.display(), error = %e, "cannot serve the device-plugin socket; no devices will be registered")
+            }
+        }
+    }
+    tasks
 }
 
 /// Opens the local store. A store file that cannot be opened or read back
@@ -334,5 +397,14 @@ async fn spawn(
         None => (None, None),
     };
     let task = tokio::spawn(agent::run_agent(agent, identity, store, workloads, rx, stats.clone(), devices));
-    Ok(EdgeHandle { name, metrics_addr, stats, devices: None, task, metrics_task, peer_task: None })
+    Ok(EdgeHandle {
+        name,
+        metrics_addr,
+        stats,
+        devices: None,
+        task,
+        metrics_task,
+        peer_task: None,
+        plugin_tasks: Vec::new(),
+    })
 }

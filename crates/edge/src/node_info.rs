@@ -61,19 +61,55 @@ pub fn node_info(data_dir: &Path, runtimes: &[&str]) -> NodeInfo {
     }
 }
 
-/// The first `model name` of `/proc/cpuinfo` (x86), else its `Hardware` or
-/// `CPU part` line (ARM), else empty.
+/// The CPU model from `/proc/cpuinfo`: its `model name` (x86, some ARM
+/// kernels), else the board's `Model` or `Hardware` line (ARM boards),
+/// else the core named from `CPU implementer` / `CPU part` (ARM servers,
+/// which say nothing else), else empty.
 fn cpu_model(cpuinfo: &str) -> String {
-    for key in ["model name", "Hardware", "Model", "CPU part"] {
-        let found = cpuinfo.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            (k.trim() == key).then(|| v.trim().to_string())
-        });
-        if let Some(v) = found.filter(|v| !v.is_empty()) {
-            return v;
-        }
+    let field = |key: &str| {
+        cpuinfo
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                (k.trim() == key).then(|| v.trim().to_string())
+            })
+            .filter(|v| !v.is_empty())
+    };
+    if let Some(v) = field("model name").or_else(|| field("Model")).or_else(|| field("Hardware")) {
+        return v;
     }
-    String::new()
+    match (field("CPU implementer"), field("CPU part")) {
+        (Some(imp), Some(part)) => match arm_core(&imp, &part) {
+            Some(core) => core.to_string(),
+            None => format!("ARM implementer {imp} part {part}"),
+        },
+        (None, Some(part)) => format!("ARM part {part}"),
+        _ => String::new(),
+    }
+}
+
+/// Arm Ltd. cores by `CPU part` (implementer 0x41), the common ones.
+fn arm_core(implementer: &str, part: &str) -> Option<&'static str> {
+    if !implementer.eq_ignore_ascii_case("0x41") {
+        return None;
+    }
+    let name = match part.to_ascii_lowercase().as_str() {
+        "0xd03" => "ARM Cortex-A53",
+        "0xd04" => "ARM Cortex-A35",
+        "0xd05" => "ARM Cortex-A55",
+        "0xd07" => "ARM Cortex-A57",
+        "0xd08" => "ARM Cortex-A72",
+        "0xd09" => "ARM Cortex-A73",
+        "0xd0a" => "ARM Cortex-A75",
+        "0xd0b" => "ARM Cortex-A76",
+        "0xd0c" => "ARM Neoverse-N1",
+        "0xd40" => "ARM Neoverse-V1",
+        "0xd41" => "ARM Cortex-A78",
+        "0xd49" => "ARM Neoverse-N2",
+        "0xd4f" => "ARM Neoverse-V2",
+        _ => return None,
+    };
+    Some(name)
 }
 
 /// `btime` of `/proc/stat`: unix seconds the machine booted.
@@ -116,5 +152,84 @@ pub fn node_usage(data_dir: &Path, cpu: &mut CpuSampler, cpus: u32, instances: u
         disk_used_bytes: disk(data_dir).1,
         instances,
         data_outbox: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const X86_CPUINFO: &str = "processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 85
+model name\t: Intel(R) Xeon(R) Gold 6230 CPU @ 2.10GHz
+stepping\t: 7
+microcode\t: 0x5003604
+cpu MHz\t\t: 2095.078
+cache size\t: 28160 KB
+flags\t\t: fpu vme de pse tsc msr pae mce cx8 apic sep mtrr
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Gold 6230 CPU @ 2.10GHz
+";
+
+    /// A Raspberry Pi 4 on a 64-bit kernel.
+    const PI_CPUINFO: &str = "processor\t: 0
+BogoMIPS\t: 108.00
+Features\t: fp asimd evtstrm crc32 cpuid
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU variant\t: 0x0
+CPU part\t: 0xd08
+CPU revision\t: 3
+
+Hardware\t: BCM2835
+Revision\t: c03111
+Serial\t\t: 10000000e3f5a1b2
+Model\t\t: Raspberry Pi 4 Model B Rev 1.1
+";
+
+    /// An Ampere Altra / Graviton2 server: cores only.
+    const NEOVERSE_CPUINFO: &str = "processor\t: 0
+BogoMIPS\t: 50.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp ssbs
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU variant\t: 0x3
+CPU part\t: 0xd0c
+CPU revision\t: 1
+";
+
+    #[test]
+    fn cpu_models_of_x86_and_arm_machines() {
+        assert_eq!(cpu_model(X86_CPUINFO), "Intel(R) Xeon(R) Gold 6230 CPU @ 2.10GHz");
+        assert_eq!(cpu_model(PI_CPUINFO), "Raspberry Pi 4 Model B Rev 1.1");
+        assert_eq!(cpu_model(&PI_CPUINFO.replace("Model\t\t: Raspberry Pi 4 Model B Rev 1.1\n", "")), "BCM2835");
+        assert_eq!(cpu_model(NEOVERSE_CPUINFO), "ARM Neoverse-N1");
+        assert_eq!(
+            cpu_model(&NEOVERSE_CPUINFO.replace("0x41", "0x51")),
+            "ARM implementer 0x51 part 0xd0c",
+            "an unknown implementer is named by its numbers"
+        );
+        assert_eq!(cpu_model(""), "");
+        assert_eq!(cpu_model("model name\t:\nnonsense without colon\n"), "");
+    }
+
+    #[test]
+    fn boot_time_from_proc_stat() {
+        let stat = "cpu  10132153 290696 3084719 46828483 16683 0 25195 0 0 0
+cpu0 1393280 32966 572056 13343292 6130 0 17875 0 0 0
+intr 199292 0 0 0 0 0 0 0
+ctxt 1990473
+btime 1732170000
+processes 2915
+procs_running 1
+procs_blocked 0
+";
+        assert_eq!(boot_time(stat), 1_732_170_000);
+        assert_eq!(boot_time("cpu 1 2 3\nbtime notanumber\n"), 0);
+        assert_eq!(boot_time(""), 0);
     }
 }

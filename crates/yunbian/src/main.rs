@@ -12,6 +12,7 @@ mod bench;
 mod demo;
 mod device_reader;
 mod modbus_sim;
+mod plugin;
 mod shim;
 mod shim_oci;
 mod sim;
@@ -46,6 +47,9 @@ enum Command {
     /// agent's process runtime, e.g. `shim wasm` for `runtime: wasm`).
     #[command(subcommand)]
     Shim(shim::ShimCommand),
+    /// Run a device plugin next to the edge agent (`plugin nvidia`, `plugin fake`).
+    #[command(subcommand)]
+    Plugin(plugin::PluginCommand),
     #[command(flatten)]
     Client(yunbian_cli::ClientCommand),
 }
@@ -163,6 +167,11 @@ struct EdgeRunArgs {
     /// address; "off" to not serve (pulls still use peers).
     #[arg(long, default_value = "0.0.0.0:7444")]
     p2p_listen: String,
+    /// The unix socket where device plugins register (`yunbian plugin …`,
+    /// docs/design/017-device-plugins.md); default
+    /// `<data-dir>/device-plugins.sock`, "off" for none.
+    #[arg(long, value_name = "PATH|off")]
+    device_plugin_socket: Option<String>,
     /// Upload limit to peers, bytes per second (e.g. 4Mi); 0 for none.
     #[arg(long, default_value = "0", value_parser = yunbian_api::quantity::parse_memory_bytes)]
     p2p_upload: u64,
@@ -427,6 +436,11 @@ async fn run(cli: Cli) -> Result<()> {
             opts.devices.shipping.ttl = run.data_outbox_ttl;
             opts.launcher = launcher_options();
             opts.p2p.listen = Some(run.p2p_listen.clone()).filter(|l| l != "off");
+            match run.device_plugin_socket.as_deref() {
+                Some("off") => opts.device_plugin_socket = None,
+                Some(p) => opts.device_plugin_socket = Some(PathBuf::from(p)),
+                None => {}
+            }
             opts.p2p.upload.upload_bytes_per_sec = Some(run.p2p_upload).filter(|b| *b > 0);
             opts.p2p.download.download_bytes_per_sec = Some(run.artifact_download).filter(|b| *b > 0);
             opts.artifacts.limit = run.artifact_cache_max;
@@ -450,6 +464,10 @@ async fn run(cli: Cli) -> Result<()> {
             demo::run(a).await
         }
         Command::DeviceReader(a) => device_reader::run(a).await,
+        Command::Plugin(cmd) => {
+            init_tracing();
+            plugin::run(cmd).await
+        }
         Command::Shim(_) => Err(anyhow!("the shim runs before the async runtime starts")),
         Command::Sim(a) => {
             init_tracing();
