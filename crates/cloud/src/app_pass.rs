@@ -628,3 +628,217 @@ fn instance_view(
         failed: i.status.phase == InstancePhase::Failed || i.status.restart_count > 0,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use yunbian_api::{App, Node, NodeGroup};
+
+    struct Sim {
+        apps: Vec<Typed<AppSpec>>,
+        insts: Vec<Typed<AppInstanceSpec>>,
+        nodes: Vec<Typed<NodeSpec>>,
+        groups: Vec<Typed<NodeGroupSpec>>,
+        now: u64,
+    }
+
+    /// Silence known to the hub, per node.
+    struct Silent(BTreeMap<String, u64>);
+    impl NodeSignals for Silent {
+        fn silent_for(&self, node: &str) -> Option<Duration> {
+            self.0.get(node).map(|s| Duration::from_secs(*s))
+        }
+        fn seen_by_peers(&self, _node: &str) -> bool {
+            false
+        }
+        fn latency(&self) -> Vec<(String, String, f64)> {
+            Vec::new()
+        }
+        fn any_silent(&self) -> bool {
+            !self.0.is_empty()
+        }
+    }
+
+    fn node(name: &str, site: &str) -> Typed<NodeSpec> {
+        let mut n: Node = Object::new(name, NodeSpec::default());
+        n.metadata.labels.insert("site".into(), site.into());
+        n.status.phase = NodePhase::Ready;
+        n.status.allocatable.cpu_millis = 4000;
+        n.status.allocatable.memory_bytes = 8 << 30;
+        n.status.info.runtimes = vec!["process".into()];
+        n.status.info.arch = "x86_64".into();
+        n.status.info.os = "linux".into();
+        Arc::new(n)
+    }
+
+    fn app(name: &str, spec: serde_json::Value) -> Typed<AppSpec> {
+        let mut base = json!({"replicas": 1, "process": {"command": ["/bin/true"]}});
+        base.as_object_mut().unwrap().extend(spec.as_object().unwrap().clone());
+        let mut a: App = Object::new(name, serde_json::from_value(base).expect("app spec"));
+        a.metadata.generation = 1;
+        Arc::new(a)
+    }
+
+    impl Sim {
+        fn new(nodes: Vec<Typed<NodeSpec>>, apps: Vec<Typed<AppSpec>>) -> Sim {
+            let g = |n: &str, site: &str, tier: &str| {
+                let g: NodeGroup =
+                    Object::new(n, serde_json::from_value(json!({"selector": {"site": site}, "tier": tier})).unwrap());
+                Arc::new(g)
+            };
+            Sim {
+                apps,
+                insts: Vec::new(),
+                nodes,
+                groups: vec![g("ga", "a", "edge"), g("gk", "k", "cloud")],
+                now: 1_000_000,
+            }
+        }
+
+        /// One pass, applied: deletes and creates done, statuses written,
+        /// new instances Running at once.
+        fn pass(&mut self, signals: &dyn NodeSignals) -> PassOutput {
+            let cfg = ControllerConfig::default();
+            let out = plan(&PassInput {
+                apps: &self.apps,
+                instances: &self.insts,
+                nodes: &self.nodes,
+                groups: &self.groups,
+                signals,
+                cfg: &cfg,
+                now: self.now,
+            });
+            self.insts.retain(|i| !out.deletes.contains(&i.metadata.name));
+            for v in &out.creates {
+                let mut i: AppInstance = Object::from_value(v.clone()).expect("instance");
+                i.status.phase = InstancePhase::Running;
+                i.status.started_at = yunbian_api::time::format_rfc3339(self.now);
+                self.insts.push(Arc::new(i));
+            }
+            for (name, st) in &out.statuses {
+                let a = self.apps.iter_mut().find(|a| &a.metadata.name == name).unwrap();
+                Arc::make_mut(a).status = st.clone();
+            }
+            self.now += 5;
+            out
+        }
+
+        fn nodes_of(&self, app: &str) -> Vec<String> {
+            let mut v: Vec<String> =
+                self.insts.iter().filter(|i| i.spec.app == app).map(|i| i.spec.node.clone()).collect();
+            v.sort();
+            v
+        }
+    }
+
+    #[test]
+    fn a_stable_cluster_does_not_churn() {
+        let mut sim = Sim::new(
+            vec![node("a1", "a"), node("a2", "a"), node("k1", "k")],
+            vec![
+                app("web", json!({"replicas": 3, "placement": {"spread": {"by": "node"}}})),
+                app("site", json!({"placement": {"groups": ["ga"], "perGroup": {"replicas": 1}}})),
+                app("every", json!({"placement": {"mode": "everyNode", "groups": ["ga"]}})),
+            ],
+        );
+        let first = sim.pass(&StatusSignals);
+        assert_eq!(first.creates.len(), 3 + 1 + 2, "{:?}", sim.nodes_of("web"));
+        assert_eq!(sim.nodes_of("every"), ["a1", "a2"]);
+        for pass in 0..3 {
+            let out = sim.pass(&StatusSignals);
+            assert!(out.creates.is_empty() && out.deletes.is_empty(), "churn: {out:?}");
+            // The second pass sees the instances Running (ready counts change).
+            if pass > 0 {
+                assert!(out.statuses.is_empty(), "status rewritten on a stable cluster: {:?}", out.statuses);
+            }
+        }
+    }
+
+    #[test]
+    fn on_node_lost_moves_keeps_or_waits_for_peers() {
+        let mut sim = Sim::new(
+            vec![node("a1", "a"), node("a2", "a")],
+            vec![
+                app("move", json!({"placement": {"nodeSelector": {"site": "a"}}, "onNodeLost": {"after": "10s"}})),
+                app("stay", json!({"placement": {"nodeSelector": {"site": "a"}}, "onNodeLost": {"action": "keep"}})),
+            ],
+        );
+        sim.pass(&StatusSignals);
+        let home = sim.nodes_of("move")[0].clone();
+        let stay_home = sim.nodes_of("stay")[0].clone();
+        // Silent for less than `after`: nothing moves.
+        let short = Silent([(home.clone(), 5), (stay_home.clone(), 5)].into());
+        let out = sim.pass(&short);
+        assert!(out.deletes.is_empty() && out.creates.is_empty(), "{out:?}");
+        // Past `after`: the instance of `move` is placed again elsewhere; `stay` stays.
+        let long = Silent([(home.clone(), 11), (stay_home.clone(), 11)].into());
+        for n in sim.nodes.iter_mut().filter(|n| n.metadata.name == home || n.metadata.name == stay_home) {
+            Arc::make_mut(n).status.phase = NodePhase::NotReady;
+        }
+        sim.pass(&long);
+        assert_eq!(sim.nodes_of("stay"), [stay_home]);
+        let moved = sim.nodes_of("move");
+        assert_eq!(moved.len(), 1);
+        assert_ne!(moved[0], home, "a lost node got the replacement");
+        // A node its peers still reach (CloudUnreachable) keeps everything.
+        let mut sim = Sim::new(
+            vec![node("a1", "a"), node("a2", "a")],
+            vec![app("move", json!({"placement": {"nodeSelector": {"site": "a"}}, "onNodeLost": {"after": "10s"}}))],
+        );
+        sim.pass(&StatusSignals);
+        let home = sim.nodes_of("move")[0].clone();
+        for n in sim.nodes.iter_mut().filter(|n| n.metadata.name == home) {
+            Arc::make_mut(n).status.phase = NodePhase::CloudUnreachable;
+        }
+        sim.pass(&Silent([(home.clone(), 60)].into()));
+        assert_eq!(sim.nodes_of("move"), [home]);
+    }
+
+    #[test]
+    fn a_template_change_without_rollout_settings_replaces_at_once_and_records_revisions() {
+        let mut sim = Sim::new(vec![node("a1", "a"), node("a2", "a")], vec![app("web", json!({"replicas": 2}))]);
+        sim.pass(&StatusSignals);
+        let old: Vec<String> = sim.insts.iter().map(|i| i.metadata.name.clone()).collect();
+        let mut a = (*sim.apps[0]).clone();
+        a.spec.process.as_mut().unwrap().command = vec!["/bin/false".into()];
+        a.metadata.generation = 2;
+        sim.apps[0] = Arc::new(a);
+        let out = sim.pass(&StatusSignals);
+        let mut deleted = out.deletes.clone();
+        deleted.sort();
+        let mut old_sorted = old.clone();
+        old_sorted.sort();
+        assert_eq!(deleted, old_sorted);
+        assert_eq!(out.creates.len(), 2);
+        let st = &sim.apps[0].status;
+        assert_eq!(st.history.iter().map(|r| r.revision).collect::<Vec<_>>(), [1, 2]);
+        assert!(sim.insts.iter().all(|i| i.spec.revision == 2), "{:?}", sim.insts);
+    }
+
+    #[test]
+    fn fallback_to_the_cloud_tier_returns_make_before_break() {
+        let mut sim = Sim::new(
+            vec![node("a1", "a"), node("k1", "k")],
+            vec![app("svc", json!({"placement": {"fallback": "cloud"}, "onNodeLost": {"after": "10s"}}))],
+        );
+        sim.pass(&StatusSignals);
+        assert_eq!(sim.nodes_of("svc"), ["a1"]);
+        Arc::make_mut(&mut sim.nodes[0]).status.phase = NodePhase::NotReady;
+        sim.pass(&Silent([("a1".to_string(), 30)].into()));
+        assert_eq!(sim.nodes_of("svc"), ["k1"]);
+        let reason = &sim.apps[0].status.placements[0].reason;
+        assert!(reason.contains("fallback"), "{reason}");
+        // The edge returns: a replacement is created first, the cloud one stays until it runs.
+        Arc::make_mut(&mut sim.nodes[0]).status.phase = NodePhase::Ready;
+        let out = sim.pass(&StatusSignals);
+        assert!(out.deletes.is_empty(), "{out:?}");
+        assert_eq!(out.creates.len(), 1);
+        assert_eq!(sim.nodes_of("svc"), ["a1", "k1"]);
+        // It is Running (the sim starts instances at once): the cloud one goes.
+        sim.pass(&StatusSignals);
+        assert_eq!(sim.nodes_of("svc"), ["a1"]);
+        let out = sim.pass(&StatusSignals);
+        assert!(out.creates.is_empty() && out.deletes.is_empty(), "{out:?}");
+    }
+}
