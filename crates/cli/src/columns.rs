@@ -15,13 +15,16 @@ use crate::time::{age_since, format_age, parse_rfc3339};
 /// Column headers for a kind; `wide` adds the `-o wide` columns.
 pub fn headers(kind: Kind, wide: bool) -> Vec<&'static str> {
     let (base, extra): (&[&str], &[&str]) = match kind {
-        Kind::Node => {
-            (&["NAME", "STATUS", "AGE", "VERSION"], &["OS/ARCH", "CPU", "MEMORY", "INSTANCES", "LIMITS", "LABELS"])
-        }
+        Kind::Node => (
+            &["NAME", "STATUS", "AGE", "VERSION"],
+            &["OS/ARCH", "CPU", "MEMORY", "INSTANCES", "LIMITS", "RTT", "LABELS"],
+        ),
         Kind::App => (&["NAME", "READY", "RUNTIME", "AGE"], &["SELECTOR", "MESSAGE"]),
         Kind::AppInstance => (&["NAME", "APP", "NODE", "STATUS", "RESTARTS", "AGE"], &["PID", "EXIT", "REASON"]),
         Kind::Token => (&["NAME", "EXPIRES", "REVOKED", "JOINS", "DESCRIPTION"], &[]),
-        Kind::NodeGroup => (&["NAME", "NODES", "READY", "SELECTOR"], &[]),
+        Kind::NodeGroup => {
+            (&["NAME", "TIER", "SITE", "REGION", "ZONE", "COST", "NODES", "CPU", "MEMORY"], &["SELECTOR", "MEMBERS"])
+        }
         Kind::Device => (&["NAME", "MODEL", "NODE", "PROTOCOL", "STATE", "PROPS", "AGE"], &["LAST-ONLINE", "ERROR"]),
         Kind::DeviceModel => (&["NAME", "PROPERTIES", "AGE"], &["TYPES"]),
         Kind::Rule => {
@@ -76,12 +79,28 @@ pub fn row(kind: Kind, obj: &Value, wide: bool, now: i64) -> Vec<String> {
             number(obj, "/status/joins"),
             text(obj, "/spec/description"),
         ],
-        Kind::NodeGroup => vec![
-            name,
-            number(obj, "/status/nodes"),
-            number(obj, "/status/readyNodes"),
-            pairs(obj.pointer("/spec/selector")),
-        ],
+        Kind::NodeGroup => {
+            let tier = text(obj, "/spec/tier");
+            vec![
+                name,
+                if tier.is_empty() { "edge".to_string() } else { tier },
+                text(obj, "/spec/site"),
+                text(obj, "/spec/region"),
+                text(obj, "/spec/zone"),
+                text(obj, "/spec/costPerCpuHour"),
+                format!("{}/{}", number(obj, "/status/readyNodes"), number(obj, "/status/nodes")),
+                format!(
+                    "{}/{}",
+                    cpu(unsigned(obj, "/status/requested/cpuMillis")),
+                    cpu(unsigned(obj, "/status/allocatable/cpuMillis"))
+                ),
+                format!(
+                    "{}/{}",
+                    bytes(unsigned(obj, "/status/requested/memoryBytes")),
+                    bytes(unsigned(obj, "/status/allocatable/memoryBytes"))
+                ),
+            ]
+        }
         Kind::Device => vec![
             name,
             text(obj, "/spec/model"),
@@ -155,7 +174,15 @@ pub fn row(kind: Kind, obj: &Value, wide: bool, now: i64) -> Vec<String> {
                 ),
                 number(obj, "/status/usage/instances"),
                 if flag(obj, "/status/limitsEnforced") { "enforced" } else { "off" }.to_string(),
+                cloud_rtt(obj),
                 pairs(obj.pointer("/metadata/labels")),
+            ]),
+            Kind::NodeGroup => cells.extend([
+                pairs(obj.pointer("/spec/selector")),
+                obj.pointer("/status/members")
+                    .and_then(Value::as_array)
+                    .map(|m| m.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","))
+                    .unwrap_or_default(),
             ]),
             Kind::App => {
                 cells.extend([pairs(obj.pointer("/spec/placement/nodeSelector")), text(obj, "/status/message")])
@@ -214,7 +241,7 @@ pub fn row(kind: Kind, obj: &Value, wide: bool, now: i64) -> Vec<String> {
                     .unwrap_or_default();
                 cells.push(types);
             }
-            Kind::Token | Kind::NodeGroup => {}
+            Kind::Token => {}
         }
     }
     cells.into_iter().map(|c| if c.is_empty() { "<none>".to_string() } else { c }).collect()
@@ -336,6 +363,92 @@ fn expires(ts: &str, now: i64) -> String {
     }
 }
 
+/// A node's smoothed round trip to the cloud (`12ms`, `1.4ms`), `-` when
+/// it has not reported one.
+pub fn cloud_rtt(obj: &Value) -> String {
+    match obj.pointer("/status/network/cloud/rttMs").and_then(Value::as_f64) {
+        Some(ms) => rtt(ms),
+        None => "-".into(),
+    }
+}
+
+/// Milliseconds, one decimal below 10.
+pub fn rtt(ms: f64) -> String {
+    if ms < 10.0 {
+        format!("{ms:.1}ms")
+    } else {
+        format!("{ms:.0}ms")
+    }
+}
+
+/// CPU millicores as cores when whole (`4`), else millicores (`1500m`).
+fn cpu(millis: u64) -> String {
+    if millis.is_multiple_of(1000) {
+        (millis / 1000).to_string()
+    } else {
+        format!("{millis}m")
+    }
+}
+
+/// `part` of `whole` in whole percent; `-` when `whole` is zero.
+fn percent(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        "-".into()
+    } else {
+        format!("{}%", (part as f64 * 100.0 / whole as f64).round() as u64)
+    }
+}
+
+/// Headers of `top nodes`.
+pub const TOP_NODE_HEADERS: [&str; 8] = ["NAME", "CPU", "CPU%", "MEMORY", "MEMORY%", "INSTANCES", "DISK", "RTT"];
+
+/// One row of `top nodes`: usage against allocatable capacity (the node's
+/// own figures when it reports no allocatable), instances, disk used and
+/// the round trip to the cloud.
+pub fn top_node_row(obj: &Value) -> Vec<String> {
+    let or_info = |alloc: &str, info: u64| match unsigned(obj, alloc) {
+        0 => info,
+        a => a,
+    };
+    let cpu_alloc = or_info("/status/allocatable/cpuMillis", unsigned(obj, "/status/info/cpus") * 1000);
+    let mem_alloc = or_info("/status/allocatable/memoryBytes", unsigned(obj, "/status/info/memoryBytes"));
+    let cpu_used = unsigned(obj, "/status/usage/cpuMillis");
+    let mem_used = unsigned(obj, "/status/usage/memoryBytes");
+    vec![
+        text(obj, "/metadata/name"),
+        format!("{}/{}", cpu(cpu_used), cpu(cpu_alloc)),
+        percent(cpu_used, cpu_alloc),
+        format!("{}/{}", bytes(mem_used), bytes(mem_alloc)),
+        percent(mem_used, mem_alloc),
+        number(obj, "/status/usage/instances"),
+        bytes(unsigned(obj, "/status/usage/diskUsedBytes")),
+        cloud_rtt(obj),
+    ]
+}
+
+/// The rows of `get latency`: one per measured path, `FROM TO RTT LOSS`,
+/// node pairs first (sorted), then each node's path to the cloud (`TO` is
+/// `cloud`). `matrix` is the `/v1/latency` answer.
+pub fn latency_rows(matrix: &Value) -> Vec<Vec<String>> {
+    let cell = |p: &Value| {
+        let rtt_cell = p.get("rttMs").and_then(Value::as_f64).map_or_else(|| "-".to_string(), rtt);
+        let loss = p.get("loss").and_then(Value::as_f64).unwrap_or(0.0);
+        (rtt_cell, format!("{}%", (loss * 100.0).round() as u64))
+    };
+    let mut out = Vec::new();
+    for (from, row) in matrix.get("nodes").and_then(Value::as_object).into_iter().flatten() {
+        for (to, p) in row.as_object().into_iter().flatten() {
+            let (r, l) = cell(p);
+            out.push(vec![from.clone(), to.clone(), r, l]);
+        }
+    }
+    for (node, p) in matrix.get("cloud").and_then(Value::as_object).into_iter().flatten() {
+        let (r, l) = cell(p);
+        out.push(vec![node.clone(), "cloud".into(), r, l]);
+    }
+    out
+}
+
 fn os_arch(obj: &Value) -> String {
     let os = text(obj, "/status/info/os");
     let arch = text(obj, "/status/info/arch");
@@ -449,7 +562,7 @@ mod tests {
         });
         let r = row(Kind::Node, &node, true, 0);
         assert_eq!(r[1], "Ready,SchedulingDisabled");
-        assert_eq!(r[4..], ["linux/aarch64", "120m/4", "300Mi/7.6Gi", "3", "enforced", "arch=arm,site=a"]);
+        assert_eq!(r[4..], ["linux/aarch64", "120m/4", "300Mi/7.6Gi", "3", "enforced", "-", "arch=arm,site=a"]);
         let tok = json!({"metadata": {"name": "abc"}, "spec": {"expires": "1970-01-02T00:00:00Z"}});
         assert_eq!(row(Kind::Token, &tok, false, 0), ["abc", "in 24h", "false", "0", "<none>"]);
         assert_eq!(row(Kind::Token, &tok, false, 90_000)[1], "expired");
@@ -487,6 +600,80 @@ mod tests {
             ["boiler", "3", "45s", "temp:float,setpoint:int:rw,x:float"]
         );
         assert_eq!(headers(Kind::DeviceModel, false), ["NAME", "PROPERTIES", "AGE"]);
+    }
+
+    #[test]
+    fn node_rtt_column() {
+        let mut node =
+            json!({"metadata": {"name": "e1"}, "status": {"network": {"cloud": {"rttMs": 123.4, "loss": 0.0}}}});
+        let h = headers(Kind::Node, true);
+        let at = h.iter().position(|c| *c == "RTT").expect("RTT column");
+        assert_eq!(row(Kind::Node, &node, true, 0)[at], "123ms");
+        node["status"]["network"]["cloud"]["rttMs"] = json!(2.25);
+        assert_eq!(row(Kind::Node, &node, true, 0)[at], "2.2ms");
+        node["status"]["network"]["cloud"] = json!({"loss": 1.0});
+        assert_eq!(row(Kind::Node, &node, true, 0)[at], "-");
+        assert!(!headers(Kind::Node, false).contains(&"RTT"));
+    }
+
+    #[test]
+    fn nodegroup_columns() {
+        let g = json!({
+            "metadata": {"name": "shanghai"},
+            "spec": {"selector": {"site": "sh"}, "site": "sh", "region": "cn-east", "zone": "sh-1", "tier": "edge",
+                     "costPerCpuHour": 0.12},
+            "status": {"nodes": 3, "readyNodes": 2, "members": ["a", "b", "c"],
+                       "allocatable": {"cpuMillis": 8000, "memoryBytes": 17_179_869_184u64},
+                       "requested": {"cpuMillis": 1500, "memoryBytes": 536_870_912u64}}
+        });
+        assert_eq!(
+            headers(Kind::NodeGroup, false),
+            ["NAME", "TIER", "SITE", "REGION", "ZONE", "COST", "NODES", "CPU", "MEMORY"]
+        );
+        assert_eq!(
+            row(Kind::NodeGroup, &g, true, 0),
+            ["shanghai", "edge", "sh", "cn-east", "sh-1", "0.12", "2/3", "1500m/8", "512Mi/16Gi", "site=sh", "a,b,c"]
+        );
+        let bare = json!({"metadata": {"name": "all"}});
+        assert_eq!(
+            row(Kind::NodeGroup, &bare, false, 0),
+            ["all", "edge", "<none>", "<none>", "<none>", "<none>", "0/0", "0/0", "0/0"]
+        );
+    }
+
+    #[test]
+    fn top_node_rows() {
+        let node = json!({
+            "metadata": {"name": "e1"},
+            "status": {"info": {"cpus": 4, "memoryBytes": 8_589_934_592u64},
+                       "allocatable": {"cpuMillis": 4000, "memoryBytes": 8_589_934_592u64},
+                       "usage": {"cpuMillis": 1000, "memoryBytes": 2_147_483_648u64, "instances": 3, "diskUsedBytes": 1_073_741_824u64},
+                       "network": {"cloud": {"rttMs": 40.0}}}
+        });
+        assert_eq!(top_node_row(&node), ["e1", "1/4", "25%", "2Gi/8Gi", "25%", "3", "1Gi", "40ms"]);
+        assert_eq!(top_node_row(&node).len(), TOP_NODE_HEADERS.len());
+        // No allocatable yet: the node's own figures; nothing at all: `-`.
+        let info_only =
+            json!({"metadata": {"name": "e2"}, "status": {"info": {"cpus": 2}, "usage": {"cpuMillis": 500}}});
+        assert_eq!(top_node_row(&info_only), ["e2", "500m/2", "25%", "0/0", "-", "0", "0", "-"]);
+    }
+
+    #[test]
+    fn latency_matrix_rows() {
+        let m = json!({
+            "nodes": {"a": {"b": {"rttMs": 12.0, "loss": 0.0}, "c": {"loss": 1.0}}, "b": {"a": {"rttMs": 3.456, "loss": 0.25}}},
+            "cloud": {"a": {"rttMs": 40.0, "loss": 0.05}}
+        });
+        assert_eq!(
+            latency_rows(&m),
+            [
+                ["a", "b", "12ms", "0%"],
+                ["a", "c", "-", "100%"],
+                ["b", "a", "3.5ms", "25%"],
+                ["a", "cloud", "40ms", "5%"],
+            ]
+        );
+        assert!(latency_rows(&json!({})).is_empty());
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The client command tree (`get`, `describe`, `apply`, `delete`, `logs`,
+//! The client command tree (`get`, `describe`, `top`, `apply`, `delete`, `logs`,
 //! `token`, `device`, `query`, `series`) and [`run`], which executes one
 //! command against the cloud. The `device` subcommands live in
 //! [`crate::device`], `query` and `series` in [`crate::data`].
@@ -34,10 +34,12 @@ pub(crate) const REWATCH_DELAY: Duration = Duration::from_secs(1);
 /// Commands that talk to the cloud API as admin.
 #[derive(Debug, Clone, Subcommand)]
 pub enum ClientCommand {
-    /// List objects of a kind, or show one, as a table, JSON or YAML.
-    Get(GetArgs),
+    /// List objects of a kind, or show one, as a table, JSON or YAML; or the latency matrix.
+    Get(GetCommand),
     /// Show one object in detail, with its related objects.
     Describe(DescribeArgs),
+    /// Show what nodes use: CPU and memory against allocatable, instances, disk, RTT to the cloud.
+    Top(TopArgs),
     /// Create or update objects from manifest files.
     Apply(ApplyArgs),
     /// Delete objects.
@@ -62,12 +64,14 @@ pub enum ClientCommand {
     Rollout(crate::rollout::RolloutCommand),
 }
 
-/// Arguments of `get`.
+/// The `get` command line: objects of a kind ([`GetArgs`]) or the latency
+/// matrix.
 #[derive(Debug, Clone, Args)]
-pub struct GetArgs {
-    /// nodes, nodegroups, tokens, apps, instances, devicemodels or devices (singular and short forms work too).
-    #[arg(value_parser = parse_kind)]
-    pub kind: Kind,
+pub struct GetCommand {
+    /// nodes, nodegroups, tokens, apps, instances, devicemodels or devices (singular and short forms work too),
+    /// or latency (the measured round trips between nodes and to the cloud).
+    #[arg(value_parser = parse_get_kind)]
+    pub kind: GetKind,
     /// Show only this object.
     pub name: Option<String>,
     /// Output format: wide (more columns), yaml or json.
@@ -78,6 +82,24 @@ pub struct GetArgs {
     pub watch: bool,
     /// Only objects with these labels: k=v,k2=v2.
     #[arg(short = 'l', long, value_parser = Selector::parse)]
+    pub selector: Option<Selector>,
+    /// latency only: just the paths from or to this node.
+    #[arg(long)]
+    pub node: Option<String>,
+}
+
+/// Arguments of `get` for objects of a kind.
+#[derive(Debug, Clone)]
+pub struct GetArgs {
+    /// The kind.
+    pub kind: Kind,
+    /// Show only this object.
+    pub name: Option<String>,
+    /// Output format: wide (more columns), yaml or json.
+    pub output: Option<OutputFormat>,
+    /// After listing, print changes as they happen.
+    pub watch: bool,
+    /// Only objects with these labels.
     pub selector: Option<Selector>,
 }
 
@@ -227,13 +249,55 @@ fn parse_kind(s: &str) -> Result<Kind, String> {
     s.parse::<Kind>().map_err(|e| e.to_string())
 }
 
+/// What `get` lists: objects of a kind, or the latency matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GetKind {
+    /// Objects of a kind.
+    Object(Kind),
+    /// The latency matrix (`GET /v1/latency`).
+    Latency,
+}
+
+fn parse_get_kind(s: &str) -> Result<GetKind, String> {
+    match s {
+        "latency" | "latencies" => Ok(GetKind::Latency),
+        _ => parse_kind(s).map(GetKind::Object),
+    }
+}
+
+/// Arguments of `top`.
+#[derive(Debug, Clone, Args)]
+pub struct TopArgs {
+    /// nodes (the only resource `top` shows).
+    #[arg(value_parser = parse_top_kind)]
+    pub kind: Kind,
+    /// Only nodes with these labels: k=v,k2=v2.
+    #[arg(short = 'l', long, value_parser = Selector::parse)]
+    pub selector: Option<Selector>,
+}
+
+fn parse_top_kind(s: &str) -> Result<Kind, String> {
+    match parse_kind(s)? {
+        Kind::Node => Ok(Kind::Node),
+        k => Err(format!("top shows nodes, not {}", k.plural())),
+    }
+}
+
 /// Runs one client command. `config_path` is `--config`; when `None`,
 /// `$YUNBIAN_CONFIG` or `./admin.yaml` is used.
 pub async fn run(config_path: Option<PathBuf>, cmd: ClientCommand) -> Result<()> {
     let session = Session { config_path };
     match cmd {
-        ClientCommand::Get(a) => get(&session, a).await,
+        ClientCommand::Get(a) => match a.kind {
+            GetKind::Latency => latency(&session, &a).await,
+            GetKind::Object(_) if a.node.is_some() => bail!("--node applies to get latency only"),
+            GetKind::Object(kind) => {
+                let GetCommand { name, output, watch, selector, .. } = a;
+                get(&session, GetArgs { kind, name, output, watch, selector }).await
+            }
+        },
         ClientCommand::Describe(a) => describe_cmd(&session, a.kind, &a.name).await,
+        ClientCommand::Top(a) => top(&session, a).await,
         ClientCommand::Apply(a) => apply(&session, &a.files).await,
         ClientCommand::Delete(a) => delete(&session, a.kind, &a.names).await,
         ClientCommand::Logs(a) => logs(&session, a).await,
@@ -264,29 +328,30 @@ pub(crate) async fn get(session: &Session, a: GetArgs) -> Result<()> {
     if a.name.is_some() && a.selector.is_some() {
         bail!("a name and --selector cannot be used together");
     }
+    let kind = a.kind;
     let client = session.client()?;
     let options = ListOptions { label_selector: a.selector.as_ref().map(Selector::to_query), ..Default::default() };
     if a.watch {
-        return watch(&client, a.kind, a.name.as_deref(), a.selector.as_ref(), &options, a.output).await;
+        return watch(&client, kind, a.name.as_deref(), a.selector.as_ref(), &options, a.output).await;
     }
     let now = unix_now();
     let text = match &a.name {
         Some(name) => {
-            let obj = client.get_object(a.kind, name).await?;
-            render_one(a.kind, &obj, a.output, now)?
+            let obj = client.get_object(kind, name).await?;
+            render_one(kind, &obj, a.output, now)?
         }
         None => {
-            let mut items = client.list_with(a.kind, &options).await?.items;
+            let mut items = client.list_with(kind, &options).await?.items;
             if let Some(sel) = &a.selector {
                 // In case the server ignores the selector.
                 items.retain(|o| sel.matches(o));
             }
             sort_by_name(&mut items);
             if items.is_empty() && !matches!(a.output, Some(OutputFormat::Json | OutputFormat::Yaml)) {
-                eprintln!("No {} found.", a.kind.plural());
+                eprintln!("No {} found.", kind.plural());
                 return Ok(());
             }
-            render_list(a.kind, &items, a.output, now)?
+            render_list(kind, &items, a.output, now)?
         }
     };
     emit(text)?;
@@ -319,6 +384,56 @@ fn render_list(kind: Kind, items: &[Value], output: Option<OutputFormat>, now: i
         Some(OutputFormat::Yaml) => Ok(serde_yaml::to_string(&json!({ "items": items }))?),
         wide => Ok(table_of(kind, items, wide.is_some(), now).render()),
     }
+}
+
+/// `get latency [--node N]`: the measured round trips, one path a row.
+async fn latency(session: &Session, a: &GetCommand) -> Result<()> {
+    if a.name.is_some() || a.selector.is_some() || a.watch {
+        bail!("get latency takes no name, --selector or --watch (use --node)");
+    }
+    let client = session.client()?;
+    let query: Vec<(&str, String)> = a.node.iter().map(|n| ("node", n.clone())).collect();
+    let path = crate::client::with_query("/v1/latency", &query);
+    let matrix = client.get(&path).await?;
+    let text = match a.output {
+        Some(OutputFormat::Json) => format!("{}\n", serde_json::to_string_pretty(&matrix)?),
+        Some(OutputFormat::Yaml) => serde_yaml::to_string(&matrix)?,
+        _ => {
+            let rows = crate::columns::latency_rows(&matrix);
+            if rows.is_empty() {
+                eprintln!("No latency measured yet.");
+                return Ok(());
+            }
+            let mut t = Table::new(&["FROM", "TO", "RTT", "LOSS"]);
+            for r in rows {
+                t.push(r);
+            }
+            t.render()
+        }
+    };
+    emit(text)?;
+    Ok(())
+}
+
+/// `top nodes`: usage against allocatable capacity, per node.
+async fn top(session: &Session, a: TopArgs) -> Result<()> {
+    let client = session.client()?;
+    let options = ListOptions { label_selector: a.selector.as_ref().map(Selector::to_query), ..Default::default() };
+    let mut items = client.list_with(a.kind, &options).await?.items;
+    if let Some(sel) = &a.selector {
+        items.retain(|o| sel.matches(o));
+    }
+    sort_by_name(&mut items);
+    if items.is_empty() {
+        eprintln!("No nodes found.");
+        return Ok(());
+    }
+    let mut t = Table::new(&crate::columns::TOP_NODE_HEADERS);
+    for o in &items {
+        t.push(crate::columns::top_node_row(o));
+    }
+    emit(t.render())?;
+    Ok(())
 }
 
 /// `get --watch`: list, print, then print every change; list again when
@@ -662,13 +777,23 @@ mod tests {
         else {
             panic!("not get")
         };
-        assert_eq!(g.kind, Kind::AppInstance);
+        assert_eq!(g.kind, GetKind::Object(Kind::AppInstance));
         assert_eq!(g.output, Some(OutputFormat::Wide));
         assert!(g.watch);
         assert_eq!(g.selector.map(|s| s.to_query()).as_deref(), Some("app=hello"));
         let e = parse(&["get", "pods"]).expect_err("unknown kind");
         assert!(e.to_string().contains("unknown kind"), "{e}");
         assert!(parse(&["get", "apps", "-o", "table"]).is_err());
+        let ClientCommand::Get(l) = parse(&["get", "latency", "--node", "e1", "-o", "json"]).expect("parses") else {
+            panic!("not get")
+        };
+        assert_eq!((l.kind, l.node.as_deref()), (GetKind::Latency, Some("e1")));
+        let ClientCommand::Top(t) = parse(&["top", "nodes", "-l", "site=a"]).expect("parses") else {
+            panic!("not top")
+        };
+        assert_eq!(t.kind, Kind::Node);
+        let e = parse(&["top", "apps"]).expect_err("only nodes");
+        assert!(e.to_string().contains("top shows nodes, not apps"), "{e}");
     }
 
     #[test]
@@ -736,7 +861,7 @@ mod tests {
         assert_eq!((w.properties.len(), w.output), (0, StreamFormat::Text));
         assert!(parse(&["device", "watch", "d", "-o", "yaml"]).is_err());
         let ClientCommand::Get(g) = parse(&["get", "dev", "-o", "wide"]).expect("parses") else { panic!("not get") };
-        assert_eq!(g.kind, Kind::Device);
+        assert_eq!(g.kind, GetKind::Object(Kind::Device));
         let ClientCommand::Describe(d) = parse(&["describe", "dm", "boiler"]).expect("parses") else {
             panic!("not describe")
         };
@@ -832,7 +957,8 @@ mod tests {
         ];
         assert_eq!(
             render_list(Kind::NodeGroup, &items, None, 0).expect("table"),
-            "NAME   NODES   READY   SELECTOR\ng1     2       1       site=a\n"
+            "NAME   TIER   SITE     REGION   ZONE     COST     NODES   CPU   MEMORY\n\
+             g1     edge   <none>   <none>   <none>   <none>   1/2     0/0   0/0\n"
         );
         let j: Value =
             serde_json::from_str(&render_list(Kind::NodeGroup, &items, Some(OutputFormat::Json), 0).expect("json"))

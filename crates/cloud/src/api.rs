@@ -138,6 +138,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .merge(data)
         .merge(crate::artifacts::routes())
+        .merge(crate::latency::routes())
         .merge(crate::tracker::routes())
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{Message, WebSocket};
 use tokio::sync::{mpsc, Notify};
 use yunbian_api::{
-    AppInstanceSpec, DeviceSpec, Kind, NodeGroupSpec, NodeGroupStatus, NodeInfo, NodePhase, NodeSpec, NodeUsage,
-    RuleSpec,
+    AppInstanceSpec, DeviceSpec, Kind, NetworkStatus, NodeGroupSpec, NodeGroupStatus, NodeInfo, NodePhase, NodeSpec,
+    NodeUsage, RuleSpec,
 };
 use yunbian_store::{Coordinator, EventType, Store, StoreError, StoredObject};
 use yunbian_sync::wire::{decode_up, encode};
@@ -31,6 +31,8 @@ use yunbian_sync::{Change, CloudAction, CloudSession, DesiredObject, Down, NodeV
 use crate::data_store::{DataStore, DataStoreError, Ingested};
 use crate::device_views::DeviceRouting;
 use crate::events::AlertReport;
+use crate::health::{Liveness, PeerReport, PresenceRecord, RemoteReport, Verdict, VerdictRule};
+use crate::latency::LatencyMatrix;
 use crate::metrics::Metrics;
 use crate::objects::{self, now_rfc3339, update_status};
 use crate::rule_views::RuleRouting;
@@ -54,6 +56,9 @@ pub struct HubConfig {
     pub cert_grace: Duration,
     /// This cloud's URL(s), for the re-join hint of nodes past the grace.
     pub url: String,
+    /// The agents' probe period (peer probes, cloud pings): how recent a
+    /// peer's success must be to count in a verdict.
+    pub probe: Duration,
 }
 
 impl Default for HubConfig {
@@ -65,6 +70,7 @@ impl Default for HubConfig {
             status_interval: Duration::from_secs(60),
             cert_grace: Duration::from_secs(30 * 86_400),
             url: String::new(),
+            probe: Duration::from_secs(2),
         }
     }
 }
@@ -85,6 +91,12 @@ struct Live {
     address: String,
     disk_pressure: String,
     synced: u64,
+    /// The node's latest network report and when it came.
+    network: Option<(NetworkStatus, Instant)>,
+    /// Cloud RTT in the last status write of `network`.
+    network_written: Option<f64>,
+    /// Where peers reach the node (resolved `host:port`); empty: nowhere.
+    peer_addr: String,
 }
 
 #[derive(Default)]
@@ -136,6 +148,57 @@ pub struct Hub {
     /// Per node: held while one of its batches is checked and stored, so
     /// two connections of one node never store the same batch twice.
     data_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Silence and peer verdicts per node (written by the lifecycle loop).
+    liveness: Arc<Liveness>,
+    /// Identifies this hub's presence record among the replicas'.
+    hub_id: String,
+    /// What the other replicas' presence records say (refreshed by
+    /// housekeeping).
+    remote: Mutex<RemoteView>,
+    /// What probe targets are chosen from, and when it was built.
+    targets: tokio::sync::Mutex<Option<(Instant, Arc<TargetDirectory>)>>,
+}
+
+/// Group member lists and peer addresses, rebuilt at most every 5 s so
+/// that a target request costs O(targets), not O(nodes).
+#[derive(Debug, Default)]
+struct TargetDirectory {
+    /// Sorted member lists of groups with more than one member.
+    groups: Vec<Vec<String>>,
+    /// Sorted names of the nodes that serve peers.
+    serving: Vec<String>,
+    /// Their addresses.
+    addrs: HashMap<String, String>,
+}
+
+/// The other replicas' presence records, merged.
+#[derive(Debug, Default)]
+struct RemoteView {
+    /// Nodes another replica serves.
+    served: std::collections::HashSet<String>,
+    /// Their peer addresses.
+    peer_addrs: HashMap<String, String>,
+    /// Reports about silent nodes, with when the record was read.
+    peer_views: HashMap<String, Vec<(RemoteReport, Instant)>>,
+}
+
+/// How long probe-target group lists are reused.
+const GROUPS_TTL: Duration = Duration::from_secs(5);
+
+/// A cloud RTT that moved by more than this share is written at once.
+const RTT_CHANGE: f64 = 0.2;
+
+/// Recent failures kept on a Node, and for how long.
+const FAILURES_KEPT: usize = 16;
+const FAILURES_FOR_SECS: u64 = 86_400;
+
+/// Appends `now` to a node's recent failures, keeping the last 24 h and at
+/// most 16.
+fn record_failure(failures: &mut Vec<u64>, now: u64) {
+    failures.retain(|t| now.saturating_sub(*t) < FAILURES_FOR_SECS);
+    failures.push(now);
+    let excess = failures.len().saturating_sub(FAILURES_KEPT);
+    failures.drain(..excess);
 }
 
 /// A data batch on its way from a connection to the data store.
@@ -237,6 +300,17 @@ impl Hub {
             views_ready: std::sync::atomic::AtomicBool::new(false),
             data: std::sync::OnceLock::new(),
             data_locks: Mutex::new(HashMap::new()),
+            liveness: Arc::new(Liveness::default()),
+            hub_id: format!("{:016x}", {
+                use std::hash::{BuildHasher, Hasher};
+                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                h.write_u128(
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos(),
+                );
+                h.finish()
+            }),
+            remote: Mutex::new(RemoteView::default()),
+            targets: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -536,6 +610,119 @@ impl Hub {
         self.cfg.grace
     }
 
+    /// Keeps `node`'s latest network report (in memory: it reaches the
+    /// store with the node's status writes) and where peers reach it.
+    fn note_network(&self, node: &str, network: Option<Box<NetworkStatus>>, peer_addr: &str) {
+        let mut inner = self.lock();
+        let l = inner.live.entry(node.to_string()).or_default();
+        if let Some(n) = network {
+            l.network = Some((*n, Instant::now()));
+        }
+        l.peer_addr = if peer_addr.is_empty() {
+            String::new()
+        } else {
+            match crate::tracker::peer_addr(peer_addr, &l.address) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::debug!(node, addr = peer_addr, error = ?e, "peer address ignored");
+                    String::new()
+                }
+            }
+        };
+    }
+
+    /// The latency matrix of the nodes this replica serves (their latest
+    /// reports). `GET /v1/latency` completes it from the store.
+    pub fn latency_matrix(&self) -> LatencyMatrix {
+        let inner = self.lock();
+        let mut m = LatencyMatrix::default();
+        for (node, l) in &inner.live {
+            if let Some((n, _)) = &l.network {
+                m.insert_report(node, n);
+            }
+        }
+        m
+    }
+
+    /// `(from, to, rtt ms)` of every measured node pair this replica knows:
+    /// the cheap accessor for placement.
+    pub fn latency_snapshot(&self) -> Vec<(String, String, f64)> {
+        let inner = self.lock();
+        let mut out = Vec::new();
+        for (from, l) in &inner.live {
+            let Some((n, _)) = &l.network else { continue };
+            for (to, q) in &n.peers {
+                if let Some(r) = q.rtt_ms {
+                    out.push((from.clone(), to.clone(), r));
+                }
+            }
+        }
+        out
+    }
+
+    /// Silence and peer verdicts per node, as the node lifecycle loop last
+    /// judged them (docs/design/018-latency-and-peer-health.md).
+    pub fn liveness(&self) -> Arc<Liveness> {
+        self.liveness.clone()
+    }
+
+    /// The peers `node` probes that serve peers, with their addresses:
+    /// [`crate::health::probe_targets`] over the member lists of the
+    /// NodeGroups (read from the store at most every 5 s) and this and the
+    /// other replicas' peer addresses. The sample rotates every minute.
+    pub async fn probe_targets(&self, node: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let dir = {
+            let mut cache = self.targets.lock().await;
+            match cache.as_ref().filter(|(t, _)| t.elapsed() < GROUPS_TTL) {
+                Some((_, d)) => d.clone(),
+                None => {
+                    let (items, _) = self.store.list(Kind::NodeGroup).await?;
+                    let mut groups: Vec<Vec<String>> = items
+                        .iter()
+                        .filter_map(|g| objects::decode::<NodeGroupSpec>(g).ok())
+                        .map(|g| {
+                            let mut m = g.status.members;
+                            m.sort();
+                            m
+                        })
+                        .collect();
+                    groups.retain(|m| m.len() > 1);
+                    let addrs = self.peer_addresses();
+                    let mut serving: Vec<String> = addrs.keys().cloned().collect();
+                    serving.sort();
+                    let d = Arc::new(TargetDirectory { groups, serving, addrs });
+                    *cache = Some((Instant::now(), d.clone()));
+                    d
+                }
+            }
+        };
+        let mine: Vec<&[String]> = dir
+            .groups
+            .iter()
+            .filter(|m| m.binary_search_by(|x| x.as_str().cmp(node)).is_ok())
+            .map(Vec::as_slice)
+            .collect();
+        let round = objects::unix_now() / 60;
+        Ok(crate::health::probe_targets(node, &mine, &dir.serving, round)
+            .into_iter()
+            .filter_map(|n| dir.addrs.get(&n).map(|a| (n, a.clone())))
+            .collect())
+    }
+
+    /// Peer addresses of the nodes the other replicas serve, and of every
+    /// node this one heard from (a node whose cloud link is down must stay
+    /// a target of its peers: they are the ones who can still see it).
+    fn peer_addresses(&self) -> HashMap<String, String> {
+        let mut out = self.remote.lock().expect("remote view lock").peer_addrs.clone();
+        let inner = self.lock();
+        for (n, l) in &inner.live {
+            if !l.peer_addr.is_empty() {
+                out.insert(n.clone(), l.peer_addr.clone());
+            }
+        }
+        out
+    }
+
     /// Updates the connected-nodes and sync-queue-depth gauges. O(nodes):
     /// called from the periodic node loop and on scrape, never per message.
     pub fn refresh_gauges(&self) {
@@ -706,7 +893,8 @@ impl Hub {
                     };
                     last_heard = Instant::now();
                     match up {
-                        Up::Heartbeat { info, usage, limits_enforced, limits_note, disk_pressure } => {
+                        Up::Heartbeat { info, usage, limits_enforced, limits_note, disk_pressure, network, peer_addr } => {
+                            self.note_network(&node, network, &peer_addr);
                             self.heartbeat(&node, info, usage, (limits_enforced, limits_note), disk_pressure).await;
                             continue;
                         }
@@ -915,7 +1103,16 @@ impl Hub {
                     )
                 })
             };
-            let changed = l.info != info
+            // The network report alone is written when the status write
+            // is due, or when the cloud RTT moved by more than 20 %.
+            let rtt = l.network.as_ref().and_then(|(n, _)| n.cloud.rtt_ms);
+            let rtt_moved = match (rtt, l.network_written) {
+                (Some(now), Some(was)) => (now - was).abs() > was.max(1.0) * RTT_CHANGE,
+                (Some(_), None) => true,
+                _ => false,
+            };
+            let changed = rtt_moved
+                || l.info != info
                 || l.limits != limits
                 || l.disk_pressure != disk_pressure
                 || drops(&l.usage) != drops(&usage);
@@ -933,6 +1130,7 @@ impl Hub {
             let due = l.last_status_write.is_none_or(|t| t.elapsed() >= self.cfg.status_interval);
             if changed || due {
                 l.last_status_write = Some(Instant::now());
+                l.network_written = rtt;
             }
             (changed || due).then(|| {
                 (
@@ -942,13 +1140,21 @@ impl Hub {
                     l.address.clone(),
                     l.synced,
                     l.disk_pressure.clone(),
+                    l.network.as_ref().map(|(n, _)| n.clone()),
                 )
             })
         };
-        if let Some((info, usage, limits, address, synced, disk_pressure)) = write {
+        if let Some((info, usage, limits, address, synced, disk_pressure, network)) = write {
             let r = update_status::<NodeSpec>(&self.store, node, |n| {
                 if n.status.phase != NodePhase::Ready {
                     n.status.last_transition = now_rfc3339();
+                    n.status.ready_since = now_rfc3339();
+                }
+                if n.status.ready_since.is_empty() {
+                    n.status.ready_since = now_rfc3339();
+                }
+                if network.is_some() {
+                    n.status.network = network.clone();
                 }
                 n.status.phase = NodePhase::Ready;
                 n.status.reason = String::new();
@@ -1021,12 +1227,14 @@ impl Hub {
     }
 
     /// Recomputes every NodeGroup's membership counts.
-    async fn update_node_groups(&self, store: &Arc<dyn Store>, nodes: &[StoredObject]) {
-        let Ok((groups, _)) = store.list(Kind::NodeGroup).await else { return };
+    /// Returns every group's sorted member list.
+    async fn update_node_groups(&self, store: &Arc<dyn Store>, nodes: &[StoredObject]) -> Vec<Vec<String>> {
+        let mut lists = Vec::new();
+        let Ok((groups, _)) = store.list(Kind::NodeGroup).await else { return lists };
         if groups.is_empty() {
-            return;
+            return lists;
         }
-        let Ok((insts, _)) = store.list(Kind::AppInstance).await else { return };
+        let Ok((insts, _)) = store.list(Kind::AppInstance).await else { return lists };
         let mut per_node: HashMap<String, yunbian_api::Allocatable> = HashMap::new();
         for i in &insts {
             let node = i.value.pointer("/spec/node").and_then(|v| v.as_str()).unwrap_or_default();
@@ -1061,6 +1269,7 @@ impl Hub {
             let mut names: Vec<String> = members.iter().map(|n| n.metadata.name.clone()).collect();
             names.sort();
             let requested = requested_on(&names, instances);
+            lists.push(names.clone());
             let want = NodeGroupStatus {
                 nodes: members.len() as u32,
                 ready_nodes: ready.len() as u32,
@@ -1076,6 +1285,62 @@ impl Hub {
                 .await;
             }
         }
+        lists
+    }
+
+    /// Reads the other replicas' presence records into the remote view.
+    async fn refresh_remote(&self, coord: &Arc<dyn Coordinator>) {
+        let records = match coord.presences().await {
+            Ok(p) => p,
+            Err(e) => return tracing::debug!(error = %e, "read presences"),
+        };
+        let now = Instant::now();
+        let mut view = RemoteView::default();
+        for (_, data) in records {
+            let rec = PresenceRecord::parse(&data);
+            if rec.hub == self.hub_id {
+                continue;
+            }
+            view.served.extend(rec.nodes);
+            view.peer_addrs.extend(rec.peer_addrs);
+            for (target, reports) in rec.peer_views {
+                view.peer_views.entry(target).or_default().extend(reports.into_iter().map(|r| (r, now)));
+            }
+        }
+        *self.remote.lock().expect("remote view lock") = view;
+    }
+
+    /// This replica's presence record: the nodes it serves with a recent
+    /// heartbeat, their peer addresses, and what they report about nodes
+    /// no replica hears (bounded by the silent nodes and their peers).
+    fn presence_record(&self) -> PresenceRecord {
+        let ready: std::collections::HashSet<String> =
+            self.ready_nodes().into_iter().filter(|(_, ok)| *ok).map(|(n, _)| n).collect();
+        let remote_served = self.remote.lock().expect("remote view lock").served.clone();
+        let inner = self.lock();
+        let mut rec = PresenceRecord { hub: self.hub_id.clone(), ..Default::default() };
+        for (n, l) in &inner.live {
+            if !l.peer_addr.is_empty() {
+                rec.peer_addrs.insert(n.clone(), l.peer_addr.clone());
+            }
+        }
+        for n in &ready {
+            let Some(l) = inner.live.get(n) else { continue };
+            let Some((net, at)) = &l.network else { continue };
+            for (target, q) in &net.peers {
+                if ready.contains(target) || remote_served.contains(target) {
+                    continue;
+                }
+                rec.peer_views.entry(target.clone()).or_default().push(RemoteReport {
+                    reporter: n.clone(),
+                    age_ms: at.elapsed().as_millis() as u64,
+                    last_seen_secs: q.last_seen_secs,
+                });
+            }
+        }
+        rec.nodes = ready.into_iter().collect();
+        rec.nodes.sort();
+        rec
     }
 
     /// Why a node without heartbeat is NotReady; an expired certificate
@@ -1118,9 +1383,8 @@ impl Hub {
                     Err(e) => tracing::warn!(error = %e, "housekeeping: expire events"),
                 }
             }
-            let mut ready: Vec<String> = self.ready_nodes().into_iter().filter(|(_, ok)| *ok).map(|(n, _)| n).collect();
-            ready.sort();
-            let data = serde_json::to_vec(&ready).unwrap_or_default();
+            self.refresh_remote(&coord).await;
+            let data = serde_json::to_vec(&self.presence_record()).unwrap_or_default();
             // Republish unchanged data now and then: a store that lost the
             // record (etcd restarted, lease expired) gets it back.
             if published.as_ref() != Some(&data) || last_publish.elapsed() >= Duration::from_secs(10) {
@@ -1156,18 +1420,22 @@ impl Hub {
     /// store): a node is Ready while some replica serves it with recent
     /// heartbeats (the replicas' presence records) or its last heartbeat,
     /// written by whichever replica serves it, is within the grace period;
-    /// NotReady after that. Idempotent; writes only changes.
+    /// NotReady after that. A node silent for two heartbeat periods that a
+    /// majority of its group peers still reach is CloudUnreachable instead
+    /// ([`crate::health::verdict`]). Records `readySince` and
+    /// `recentFailures`, and publishes silence and verdicts through
+    /// [`Hub::liveness`]. Idempotent; writes only changes.
     pub async fn run_node_lifecycle(self: Arc<Self>, store: Arc<dyn Store>, coord: Arc<dyn Coordinator>) {
         let started = Instant::now();
         let mut tick = tokio::time::interval(self.cfg.heartbeat.min(Duration::from_secs(2)));
+        // Nodes no replica hears and this hub never heard: since when.
+        let mut unheard: HashMap<String, Instant> = HashMap::new();
+        let rule = VerdictRule::new(self.cfg.probe, self.cfg.heartbeat);
         loop {
             tick.tick().await;
             let t0 = Instant::now();
-            let served: std::collections::HashSet<String> = match coord.presences().await {
-                Ok(p) => p
-                    .into_iter()
-                    .flat_map(|(_, data)| serde_json::from_slice::<Vec<String>>(&data).unwrap_or_default())
-                    .collect(),
+            let records = match coord.presences().await {
+                Ok(p) => p,
                 Err(e) => {
                     // Without presences, judging nodes would mark healthy
                     // ones NotReady: skip the pass.
@@ -1175,6 +1443,20 @@ impl Hub {
                     continue;
                 }
             };
+            let now = Instant::now();
+            let mut served = std::collections::HashSet::new();
+            let mut remote_served = std::collections::HashSet::new();
+            let mut remote_views: HashMap<String, Vec<RemoteReport>> = HashMap::new();
+            for (_, data) in records {
+                let rec = PresenceRecord::parse(&data);
+                if rec.hub != self.hub_id {
+                    remote_served.extend(rec.nodes.iter().cloned());
+                    for (target, reports) in rec.peer_views {
+                        remote_views.entry(target).or_default().extend(reports);
+                    }
+                }
+                served.extend(rec.nodes);
+            }
             let nodes = match store.list(Kind::Node).await {
                 Ok((n, _)) => n,
                 Err(e) => {
@@ -1182,24 +1464,98 @@ impl Hub {
                     continue;
                 }
             };
-            self.update_node_groups(&store, &nodes).await;
-            let now = crate::objects::unix_now();
+            let groups = self.update_node_groups(&store, &nodes).await;
+            let mut peers_of: HashMap<&str, std::collections::BTreeSet<&str>> = HashMap::new();
+            for members in &groups {
+                for m in members {
+                    peers_of.entry(m.as_str()).or_default().extend(members.iter().map(String::as_str));
+                }
+            }
+            let phase_of = |n: &StoredObject| match n.value.pointer("/status/phase").and_then(|p| p.as_str()) {
+                Some("Ready") => NodePhase::Ready,
+                Some("NotReady") => NodePhase::NotReady,
+                Some("CloudUnreachable") => NodePhase::CloudUnreachable,
+                _ => NodePhase::Unknown,
+            };
+            let phases: HashMap<&str, NodePhase> = nodes.iter().map(|n| (n.name.as_str(), phase_of(n))).collect();
+            // What this hub heard: last heartbeats, and every node's peer
+            // report (`reporter → target → (last seen, received)`).
+            let (heard, reports) = {
+                let inner = self.lock();
+                let heard: HashMap<String, Instant> =
+                    inner.live.iter().filter_map(|(n, l)| Some((n.clone(), l.last_heartbeat?))).collect();
+                let mut reports: HashMap<String, Vec<PeerReport>> = HashMap::new();
+                for (reporter, l) in &inner.live {
+                    let Some((net, at)) = &l.network else { continue };
+                    for (target, q) in &net.peers {
+                        reports.entry(target.clone()).or_default().push(PeerReport {
+                            reporter: reporter.clone(),
+                            reporter_phase: phases.get(reporter.as_str()).copied().unwrap_or_default(),
+                            received: *at,
+                            last_seen_secs: q.last_seen_secs,
+                        });
+                    }
+                }
+                (heard, reports)
+            };
+            unheard
+                .retain(|n, _| phases.contains_key(n.as_str()) && !remote_served.contains(n) && !heard.contains_key(n));
+            let mut silent_since: HashMap<String, Instant> = HashMap::new();
+            let mut verdicts: HashMap<String, Verdict> = HashMap::new();
+            let unix = crate::objects::unix_now();
             for n in nodes {
                 // Read only what is needed: decoding every node on every
                 // tick is the dominant cost at 10k+ nodes.
-                let phase = match n.value.pointer("/status/phase").and_then(|p| p.as_str()) {
-                    Some("Ready") => NodePhase::Ready,
-                    Some("NotReady") => NodePhase::NotReady,
-                    _ => NodePhase::Unknown,
+                let phase = phase_of(&n);
+                let since = if remote_served.contains(&n.name) {
+                    None
+                } else if let Some(t) = heard.get(&n.name) {
+                    (now.saturating_duration_since(*t) > self.cfg.heartbeat).then_some(*t)
+                } else {
+                    Some(*unheard.entry(n.name.clone()).or_insert(now))
                 };
+                let silent_for = since.map(|t| now.saturating_duration_since(t));
+                if let Some(t) = since {
+                    silent_since.insert(n.name.clone(), t);
+                }
                 let fresh_heartbeat = n
                     .value
                     .pointer("/status/lastHeartbeat")
                     .and_then(|h| h.as_str())
                     .and_then(yunbian_api::time::parse_rfc3339)
-                    .is_some_and(|t| now < t.saturating_add(self.cfg.grace.as_secs().max(1)));
+                    .is_some_and(|t| unix < t.saturating_add(self.cfg.grace.as_secs().max(1)));
                 let is_ready = served.contains(&n.name) || (phase == NodePhase::Ready && fresh_heartbeat);
-                let (want, reason) = if is_ready {
+                let mut unreachable = None;
+                if let (Some(since), Some(silent_for)) = (since, silent_for.filter(|d| *d >= self.cfg.heartbeat * 2)) {
+                    // The latest report of each group peer about it.
+                    let group = peers_of.get(n.name.as_str());
+                    let is_peer = |r: &str| r != n.name && group.is_some_and(|g| g.contains(r));
+                    let mut about: Vec<PeerReport> =
+                        reports.get(&n.name).into_iter().flatten().filter(|r| is_peer(&r.reporter)).cloned().collect();
+                    for r in remote_views.get(&n.name).into_iter().flatten() {
+                        if is_peer(&r.reporter) && !about.iter().any(|a| a.reporter == r.reporter) {
+                            about.push(PeerReport {
+                                reporter: r.reporter.clone(),
+                                reporter_phase: NodePhase::Ready,
+                                received: now.checked_sub(Duration::from_millis(r.age_ms)).unwrap_or(now),
+                                last_seen_secs: r.last_seen_secs,
+                            });
+                        }
+                    }
+                    let v = crate::health::verdict(&about, since, now, &rule);
+                    verdicts.insert(n.name.clone(), v);
+                    if v == Verdict::SeenByMajority {
+                        let (seen, counted) = crate::health::tally(&about, since, now, &rule);
+                        unreachable = Some(crate::health::cloud_unreachable_reason(silent_for, seen, counted));
+                    }
+                }
+                let (want, reason) = if let Some(reason) = unreachable {
+                    (NodePhase::CloudUnreachable, reason)
+                } else if is_ready && silent_for.is_some_and(|d| d >= self.cfg.heartbeat * 2) {
+                    // Silent, not seen by its peers, within the grace:
+                    // leave it as it is until the grace decides.
+                    continue;
+                } else if is_ready {
                     (NodePhase::Ready, String::new())
                 } else if started.elapsed() >= self.cfg.grace {
                     (NodePhase::NotReady, self.not_ready_reason(&n))
@@ -1209,13 +1565,27 @@ impl Hub {
                     continue;
                 };
                 let have_reason = n.value.pointer("/status/reason").and_then(|r| r.as_str()).unwrap_or_default();
-                if phase != want || (want == NodePhase::NotReady && have_reason != reason) {
+                // The silence in a CloudUnreachable reason grows every
+                // tick: only a change of the peer counts is worth a write.
+                let gist =
+                    |r: &str| r.split_once(", but ").map(|(_, p)| p.to_string()).unwrap_or_else(|| r.to_string());
+                let reason_changed = match want {
+                    NodePhase::NotReady => have_reason != reason,
+                    NodePhase::CloudUnreachable => gist(have_reason) != gist(&reason),
+                    _ => false,
+                };
+                if phase != want || reason_changed {
                     if phase != want {
                         tracing::info!(node = %n.name, phase = ?want, %reason, "node phase changed");
                     }
                     let _ = update_status::<NodeSpec>(&store, &n.name, |o| {
                         if o.status.phase != want {
                             o.status.last_transition = now_rfc3339();
+                            match want {
+                                NodePhase::NotReady => record_failure(&mut o.status.recent_failures, unix),
+                                NodePhase::Ready => o.status.ready_since = now_rfc3339(),
+                                _ => {}
+                            }
                         }
                         o.status.phase = want;
                         o.status.reason = reason.clone();
@@ -1224,6 +1594,7 @@ impl Hub {
                     .await;
                 }
             }
+            self.liveness.set(silent_since, verdicts);
             self.metrics.reconcile("node", t0.elapsed());
         }
     }

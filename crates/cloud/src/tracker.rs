@@ -636,7 +636,7 @@ fn parse_digests(field: &str, list: &[String]) -> Result<Vec<Digest>, ApiError> 
 
 /// `host:port` with an empty or unspecified host replaced by `seen` (the
 /// connection's source address).
-fn peer_addr(announced: &str, seen: &str) -> Result<String, ApiError> {
+pub(crate) fn peer_addr(announced: &str, seen: &str) -> Result<String, ApiError> {
     let (host, port) =
         announced.rsplit_once(':').ok_or_else(|| bad(format!("addr: {announced:?} is not host:port")))?;
     let port: u16 =

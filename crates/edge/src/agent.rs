@@ -70,6 +70,9 @@ pub struct AgentConfig {
     pub renew_at: f64,
     /// Report machine facts (false for simulated nodes, which report fixed ones).
     pub real_node_info: bool,
+    /// Round trips to the cloud and to peers, reported with each heartbeat
+    /// (its probe period is the cloud ping period).
+    pub network: Arc<crate::probe::NetworkMonitor>,
 }
 
 impl AgentConfig {
@@ -81,6 +84,7 @@ impl AgentConfig {
             data_dir,
             renew_at: 0.8,
             real_node_info: true,
+            network: Arc::new(crate::probe::NetworkMonitor::default()),
         }
     }
 }
@@ -334,7 +338,7 @@ pub async fn run_agent(
     let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(1024);
     let identity = Arc::new(RwLock::new(identity));
     let reconnect = Arc::new(Notify::new());
-    let conn = tokio::spawn(run_connection(identity.clone(), ev_tx.clone(), reconnect.clone()));
+    let conn = tokio::spawn(run_connection(identity.clone(), ev_tx.clone(), reconnect.clone(), cfg.network.clone()));
     {
         let ev_tx = ev_tx.clone();
         tokio::spawn(async move {
@@ -504,6 +508,8 @@ pub async fn run_agent(
                             limits_enforced: limits.enforced,
                             limits_note: limits.note,
                             disk_pressure,
+                            network: Some(Box::new(cfg.network.snapshot(Instant::now()))),
+                            peer_addr: cfg.network.peer_addr(),
                         };
                         if tx.try_send(encode(&hb)).is_ok() {
                             last_heartbeat = Some(Instant::now());
@@ -773,9 +779,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(15);
 /// certificate chain, a retransmission or two) needs well over 10 s.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// How often the agent pings the cloud.
-const PING_EVERY: Duration = Duration::from_secs(15);
-
 /// Re-opens the local store after a failed write (redb refuses everything
 /// after an I/O error until re-opened) and rebuilds the session and the
 /// desired instances from what is on disk.
@@ -858,7 +861,15 @@ async fn reconcile_runtime(runtime: Arc<dyn Runtime>, launcher: Arc<Launcher>, m
 /// A certificate that expired (by the local clock, or as the cloud says) is
 /// renewed before connecting; the cloud accepts it for renewal within its
 /// grace. Past the grace the agent says, once a minute, what to run.
-async fn run_connection(identity: Arc<RwLock<Identity>>, ev_tx: mpsc::Sender<Event>, reconnect: Arc<Notify>) {
+///
+/// Every probe period of `network` it pings the cloud; the pong gives the
+/// round trip ([`crate::probe`]).
+async fn run_connection(
+    identity: Arc<RwLock<Identity>>,
+    ev_tx: mpsc::Sender<Event>,
+    reconnect: Arc<Notify>,
+    network: Arc<crate::probe::NetworkMonitor>,
+) {
     let mut backoff = Duration::from_millis(500);
     let mut rng = Jitter::seeded();
     let mut next_url = 0usize;
@@ -910,7 +921,8 @@ async fn run_connection(identity: Arc<RwLock<Identity>>, ev_tx: mpsc::Sender<Eve
                     return;
                 }
                 let (mut sink, mut stream) = ws.split();
-                let mut ping = tokio::time::interval(PING_EVERY);
+                let mut ping = tokio::time::interval(network.every());
+                ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut last_rx = Instant::now();
                 let reason = loop {
                     tokio::select! {
@@ -922,6 +934,10 @@ async fn run_connection(identity: Arc<RwLock<Identity>>, ev_tx: mpsc::Sender<Eve
                                 }
                             }
                             Some(Ok(Message::Close(_))) | None => break "closed by cloud".to_string(),
+                            Some(Ok(Message::Pong(p))) => {
+                                last_rx = Instant::now();
+                                network.pong(&p, last_rx);
+                            }
                             Some(Ok(_)) => last_rx = Instant::now(),
                             Some(Err(e)) => break format!("read: {e}"),
                         },
@@ -929,7 +945,8 @@ async fn run_connection(identity: Arc<RwLock<Identity>>, ev_tx: mpsc::Sender<Eve
                             if last_rx.elapsed() > DEAD_AFTER {
                                 break format!("nothing from the cloud for {}s", DEAD_AFTER.as_secs());
                             }
-                            if let Err(e) = sink.send(Message::Ping(Vec::new().into())).await {
+                            let payload = network.ping_payload(Instant::now());
+                            if let Err(e) = sink.send(Message::Ping(payload.into())).await {
                                 break format!("write: {e}");
                             }
                         }
@@ -945,6 +962,7 @@ async fn run_connection(identity: Arc<RwLock<Identity>>, ev_tx: mpsc::Sender<Eve
                     }
                 };
                 let _ = sink.send(Message::Close(None)).await;
+                network.cloud_disconnected();
                 tracing::info!(node = %id.config.name, %url, %reason, "disconnected from cloud");
                 if ev_tx.send(Event::Disconnected).await.is_err() {
                     return;

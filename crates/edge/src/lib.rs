@@ -29,6 +29,7 @@ pub mod launcher;
 pub mod local_store;
 pub mod node_info;
 pub mod p2p;
+pub mod probe;
 pub mod rules;
 pub mod shipper;
 
@@ -61,9 +62,12 @@ pub struct EdgeOptions {
 /// P2P artifact distribution settings of an agent.
 #[derive(Debug, Clone, Default)]
 pub struct P2pOptions {
-    /// Where to serve chunks to peers (mTLS); `None`: do not serve (pulls
-    /// still use peers).
+    /// Where to serve chunks and latency probes to peers (mTLS); `None`:
+    /// do not serve (pulls still use peers; no peer probes).
     pub listen: Option<String>,
+    /// `host:port` peers should use to reach the peer server (NAT, a
+    /// proxy); `None`: the bound port, at the address the cloud sees.
+    pub advertise: Option<String>,
     /// Upload limits of the peer server.
     pub upload: p2p::PeerServerLimits,
     /// Download limit and peer timeouts.
@@ -103,6 +107,8 @@ pub struct EdgeHandle {
     peer_task: Option<tokio::task::JoinHandle<()>>,
     /// The device-plugin socket and its watcher, stopped with the agent.
     plugin_tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The peer prober, stopped with the agent.
+    probe_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl EdgeHandle {
@@ -137,6 +143,9 @@ impl EdgeHandle {
         }
         for t in &self.plugin_tasks {
             t.abort();
+        }
+        if let Some(p) = &self.probe_task {
+            p.abort();
         }
         if let Some(d) = &self.devices {
             d.stop();
@@ -186,6 +195,7 @@ pub async fn start(opts: EdgeOptions) -> Result<EdgeHandle> {
     launcher.set_devices(registry.clone());
     let plugin_tasks = start_device_plugins(opts.device_plugin_socket.as_deref(), registry, &launcher);
     let mut peer_task = None;
+    let mut probe_task = None;
     if let Some(listen) = &opts.p2p.listen {
         // Serving peers is worth no refusal to run workloads.
         match p2p::start_peer_server(&opts.data_dir, listen, opts.p2p.upload.clone()).await {
@@ -194,8 +204,16 @@ pub async fn start(opts: EdgeOptions) -> Result<EdgeHandle> {
                 tracing::info!(node = %identity.config.name, %addr, "serving artifact chunks to peers");
                 let groups = agent::groups_of_view(&desired);
                 let site = p2p::site_of_groups(&groups);
-                let announcer =
-                    p2p::spawn_announcer(cloud, &opts.data_dir, format!(":{}", addr.port()), site, p2p::ANNOUNCE_EVERY);
+                let advertised = opts.p2p.advertise.clone().unwrap_or_else(|| format!(":{}", addr.port()));
+                opts.agent.network.set_peer_addr(advertised.clone());
+                match probe::PeerProber::from_data_dir(&opts.data_dir, opts.agent.network.clone()) {
+                    Ok(prober) => {
+                        let me = identity.config.name.clone();
+                        probe_task = Some(tokio::spawn(probe::run_prober(me, cloud.clone(), prober)));
+                    }
+                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot probe peers"),
+                }
+                let announcer = p2p::spawn_announcer(cloud, &opts.data_dir, advertised, site, p2p::ANNOUNCE_EVERY);
                 launcher.set_announcer(Arc::new(announcer));
             }
             Err(e) => {
@@ -216,6 +234,7 @@ pub async fn start(opts: EdgeOptions) -> Result<EdgeHandle> {
     h.devices = Some(services);
     h.peer_task = peer_task;
     h.plugin_tasks = plugin_tasks;
+    h.probe_task = probe_task;
     Ok(h)
 }
 
@@ -405,6 +424,7 @@ async fn spawn(
         task,
         metrics_task,
         peer_task: None,
+        probe_task: None,
         plugin_tasks: Vec::new(),
     })
 }

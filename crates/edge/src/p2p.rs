@@ -20,6 +20,8 @@
 //!   bytes, 404 if this node cannot serve it, 503 with `Retry-After` when
 //!   [`PeerServerLimits::max_uploads`] are running. Uploads are paced by
 //!   one token bucket ([`PeerServerLimits::upload_bytes_per_sec`]).
+//!   `GET /v1/probe` → 200 `ok` at once: the latency probe of group peers
+//!   ([`crate::probe`], docs/design/018-latency-and-peer-health.md).
 //! - [`PeerSource`], an [`ArtifactSource`]: for each chunk it asks the
 //!   tracker (`GET /v1/p2p/peers/{sha256}`), tries the peers in the order
 //!   given, checks the bytes against the digest itself (so it knows which
@@ -465,6 +467,13 @@ impl<T> Reloading<T> {
     }
 }
 
+/// The peer client TLS of the node identity in `data_dir`, built again
+/// after a renewal (what [`crate::probe::PeerProber`] connects with).
+pub fn reloading_client_tls(data_dir: &Path) -> Result<crate::probe::ClientTls> {
+    let r = Reloading::new(data_dir, peer_client_tls)?;
+    Ok(Arc::new(move || r.get()))
+}
+
 // ------------------------------------------------------------- peer server
 
 /// Limits of the peer server.
@@ -499,6 +508,9 @@ pub fn peer_router(chunks: Arc<LocalChunks>, limits: &PeerServerLimits) -> Route
     });
     Router::new()
         .route("/p2p/chunks/{digest}", get(serve_chunk))
+        // Latency probes of group peers (crate::probe): answered at once,
+        // outside the upload slots.
+        .route("/v1/probe", get(|| async { "ok" }))
         .fallback(|| async { (StatusCode::NOT_FOUND, "no such path") })
         .with_state(state)
 }

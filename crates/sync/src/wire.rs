@@ -5,7 +5,9 @@
 //! reject oversize frames and never panic on any input (fuzzed).
 
 use serde::{Deserialize, Serialize};
-use yunbian_api::{AppInstanceStatus, DeviceStatus, Kind, NodeInfo, NodeUsage, RuleNodeStatus, Severity};
+use yunbian_api::{
+    AppInstanceStatus, DeviceStatus, Kind, NetworkStatus, NodeInfo, NodeUsage, RuleNodeStatus, Severity,
+};
 
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 16 << 20;
@@ -208,6 +210,16 @@ pub enum Up {
         /// Why the node is short of disk space; empty when it is not.
         #[serde(default, skip_serializing_if = "String::is_empty")]
         disk_pressure: String,
+        /// Round trips and loss the node measured to the cloud and to its
+        /// peers (docs/design/018-latency-and-peer-health.md); absent from
+        /// agents that do not measure.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        network: Option<Box<NetworkStatus>>,
+        /// `host:port` where peers reach the node's peer server (probes,
+        /// chunks); an empty host means the connection's source address,
+        /// empty means the node serves no peers.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        peer_addr: String,
     },
     /// One store-and-forward data batch (see [`crate::data`]); the cloud
     /// answers with [`Down::DataAck`] once its points are durably stored.
@@ -286,4 +298,41 @@ pub fn decode_down(bytes: &[u8]) -> Result<Down, WireError> {
 /// Decodes an edge → cloud frame.
 pub fn decode_up(bytes: &[u8]) -> Result<Up, WireError> {
     decode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_heartbeat_of_an_agent_that_does_not_measure_still_decodes() {
+        let old = br#"{"type":"heartbeat","info":{},"usage":{},"limits_enforced":false,"limits_note":""}"#;
+        match decode_up(old).expect("decode") {
+            Up::Heartbeat { network, peer_addr, .. } => {
+                assert_eq!(network, None);
+                assert_eq!(peer_addr, "");
+            }
+            other => panic!("decoded as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_heartbeat_carries_the_network_report_and_the_peer_address() {
+        let mut network = NetworkStatus::default();
+        network.cloud.rtt_ms = Some(12.5);
+        network.peers.insert(
+            "e2".into(),
+            yunbian_api::LinkQuality { rtt_ms: Some(3.0), loss: 0.25, samples: 4, last_seen_secs: Some(1) },
+        );
+        let hb = Up::Heartbeat {
+            info: NodeInfo::default(),
+            usage: NodeUsage::default(),
+            limits_enforced: false,
+            limits_note: String::new(),
+            disk_pressure: String::new(),
+            network: Some(Box::new(network)),
+            peer_addr: ":7444".into(),
+        };
+        assert_eq!(decode_up(&encode(&hb)).expect("decode"), hb);
+    }
 }
