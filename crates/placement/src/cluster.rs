@@ -78,6 +78,8 @@ pub struct Cluster {
     /// App → node index → instances of it there.
     pub(crate) instances: HashMap<String, BTreeMap<usize, u32>>,
     rtt_cache: HashMap<(bool, String), Arc<Vec<Option<f64>>>>,
+    /// Static verdicts and scores shared by Apps with the same static inputs.
+    pub(crate) prepared: HashMap<String, Arc<crate::schedule::Prepared>>,
 }
 
 impl Cluster {
@@ -173,6 +175,7 @@ impl Cluster {
             latency,
             instances: HashMap::new(),
             rtt_cache: HashMap::new(),
+            prepared: HashMap::new(),
         }
     }
 

@@ -28,6 +28,9 @@ pub struct Placed {
 impl Placed {
     /// Instances on the node.
     pub fn on_node(&self, node: usize) -> u32 {
+        if self.per_node.is_empty() {
+            return 0;
+        }
         self.per_node.get(&node).copied().unwrap_or(0)
     }
 

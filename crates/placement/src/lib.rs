@@ -25,6 +25,7 @@ pub mod filter;
 pub mod quantity;
 mod schedule;
 pub mod score;
+pub mod synthetic;
 
 use std::collections::BTreeMap;
 

@@ -25,7 +25,7 @@
 //! least-loaded domain that fits, and the message says so.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::Arc;
 
 use yunbian_api::{NodeRejection, PlacementMode, Tier, TopologyKey};
@@ -68,13 +68,54 @@ struct TargetState {
 /// Candidates of one placement round (edge or cloud) and what their spread
 /// and latency/cost ranges are.
 struct Round {
-    heap: BinaryHeap<Entry>,
+    candidates: Candidates,
     ranges: Ranges,
     fallback_phase: bool,
     /// Instance counts of the eligible spread domains: count → domains.
     levels: BTreeMap<u32, u32>,
-    eligible: HashSet<u32>,
+    /// Eligible spread domains, ascending.
+    eligible: Arc<Vec<u32>>,
     skew_noted: bool,
+}
+
+/// The heap(s) of one round.
+enum Candidates {
+    /// One heap keyed by (the node's spread count, score, name): without a
+    /// hard spread, or spreading by node (only the booked node's key
+    /// changes).
+    Flat(BinaryHeap<Entry>),
+    /// Spreading by group, zone or region: a heap of nodes per domain (key
+    /// (0, score, name)) and a heap of domains keyed by (−count, best
+    /// score, its node). Booking changes one domain's key, not the keys of
+    /// all its nodes.
+    ByDomain { domains: BinaryHeap<(i64, i64, Reverse<usize>, u32)>, nodes: HashMap<u32, BinaryHeap<Entry>> },
+}
+
+/// The static part of one target's candidates: the static filters' verdicts
+/// and the static scores. Computed once per App and target, and shared by
+/// the Apps of a pass whose static inputs are the same (see
+/// [`Run::signature`]), as kube-scheduler's equivalence classes did.
+#[derive(Debug, Default)]
+pub(crate) struct Prepared {
+    /// Nodes the target may use at all, ascending.
+    members: Vec<usize>,
+    /// Candidates of the edge round (and explicitly wanted cloud nodes).
+    edge: Phase,
+    /// Cloud-tier nodes usable only as fallback.
+    cloud: Phase,
+    /// Why each fallback node is not used when the edge fits.
+    cloud_reasons: Vec<Arc<str>>,
+    /// Members failing a static filter, ascending.
+    rejected: Vec<(usize, Arc<str>)>,
+}
+
+/// Candidates of one round with their static scores and ranges.
+#[derive(Debug, Default)]
+struct Phase {
+    nodes: Vec<usize>,
+    static_scores: Vec<i64>,
+    ranges: Ranges,
+    eligible: Arc<Vec<u32>>,
 }
 
 struct Run<'r, 'a> {
@@ -92,7 +133,11 @@ struct Run<'r, 'a> {
     static_scores: Vec<(&'static dyn Score, i64)>,
     dynamic_scores: Vec<(&'static dyn Score, i64)>,
     lead: &'static dyn Score,
+    /// Dynamic rejections (first reason per node).
     rejections: BTreeMap<usize, String>,
+    /// Static rejections: the prepared targets used, and whether their
+    /// fallback nodes went unused (then their tier reason counts).
+    static_rejections: Vec<(Arc<Prepared>, bool)>,
     /// Static filters ran for some target: report nodes outside the groups.
     evaluated: bool,
     /// Kept instance → the node of its replacement (fallback return).
@@ -144,6 +189,7 @@ impl<'r, 'a> Run<'r, 'a> {
             dynamic_scores: weights.iter().filter(|(s, _)| s.dynamic()).copied().collect(),
             lead: weights[0].0,
             rejections: BTreeMap::new(),
+            static_rejections: Vec::new(),
             evaluated: false,
             replaced: BTreeMap::new(),
             decision: Decision::default(),
@@ -326,39 +372,96 @@ impl<'r, 'a> Run<'r, 'a> {
         v
     }
 
-    /// Runs the static filters over the members: (edge-round candidates,
-    /// cloud candidates usable only as fallback).
-    fn candidates(&mut self, cluster: &Cluster, t: usize, members: &[usize]) -> (Vec<usize>, Vec<(usize, String)>) {
+    /// What makes two Apps' static verdicts and scores the same: `None`
+    /// when the App has (anti-)affinity terms to other Apps, whose
+    /// instances change as the pass goes on.
+    fn signature(&self, t: usize) -> Option<String> {
+        let p = self.req.placement;
+        if self.affinity.iter().chain(&self.anti_affinity).any(|t| !t.is_self) {
+            return None;
+        }
+        let r = &p.requirements;
+        Some(format!(
+            "{:?}|{}|{:?}|{}|{:?}|{:?}|{:?}|{:?}|{}|{:?}|{:?}|{}",
+            p.node_selector,
+            self.targets[t].target.group,
+            p.groups,
+            self.req.runtime,
+            r.arch,
+            r.os,
+            r.min_free_disk,
+            p.latency,
+            p.fallback.is_some(),
+            p.spread.map(|s| s.by),
+            p.policy,
+            self.every_node
+        ))
+    }
+
+    /// Runs the static filters over the target's members and scores the
+    /// nodes that pass (or takes both from the pass's cache).
+    fn prepare(&mut self, cluster: &mut Cluster, t: usize) -> Arc<Prepared> {
         self.evaluated = true;
-        let group = self.targets[t].target.group.clone();
+        let key = self.signature(t);
+        if let Some(p) = key.as_ref().and_then(|k| cluster.prepared.get(k)) {
+            return Arc::clone(p);
+        }
+        let prepared = Arc::new(self.compute_prepared(cluster, t));
+        if let Some(k) = key {
+            cluster.prepared.insert(k, Arc::clone(&prepared));
+        }
+        prepared
+    }
+
+    fn compute_prepared(&self, cluster: &Cluster, t: usize) -> Prepared {
+        let group = &self.targets[t].target.group;
+        let members = self.members(cluster, group);
         let fallback = self.req.placement.fallback.is_some() && !self.every_node;
         let spread = self.req.placement.spread.filter(|_| !self.every_node);
-        let (mut edge, mut cloud, mut rejected) = (Vec::new(), Vec::new(), Vec::new());
-        {
-            let ctx = self.ctx(cluster, &group, Ranges::default(), false);
-            for &n in members {
-                let node = ctx.node(n);
-                if let Some(r) = filter::STATIC.iter().find_map(|f| f.filter(&ctx, node).err()) {
-                    rejected.push((n, r));
+        let mut out = Prepared::default();
+        let (mut edge, mut cloud) = (Vec::new(), Vec::new());
+        let ctx = self.ctx(cluster, group, Ranges::default(), false);
+        for &n in &members {
+            let node = ctx.node(n);
+            if let Some(r) = filter::STATIC.iter().find_map(|f| f.filter(&ctx, node).err()) {
+                out.rejected.push((n, r.into()));
+                continue;
+            }
+            if let Some(s) = spread {
+                if self.domain(cluster, s.by, n).is_none() {
+                    out.rejected.push((n, format!("no {} (spread by {})", s.by.as_str(), s.by.as_str()).into()));
                     continue;
                 }
-                if let Some(s) = spread {
-                    if self.domain(cluster, s.by, n).is_none() {
-                        rejected.push((n, format!("no {} (spread by {})", s.by.as_str(), s.by.as_str())));
-                        continue;
-                    }
+            }
+            match TierAllowed.filter(&ctx, node) {
+                Ok(()) => edge.push(n),
+                Err(r) if fallback && cluster.tier[n] == Tier::Cloud => {
+                    cloud.push(n);
+                    out.cloud_reasons.push(r.into());
                 }
-                match TierAllowed.filter(&ctx, node) {
-                    Ok(()) => edge.push(n),
-                    Err(r) if fallback && cluster.tier[n] == Tier::Cloud => cloud.push((n, r)),
-                    Err(r) => rejected.push((n, r)),
-                }
+                Err(r) => out.rejected.push((n, r.into())),
             }
         }
-        for (n, r) in rejected {
-            self.reject(n, r);
-        }
-        (edge, cloud)
+        out.edge = self.phase(cluster, t, edge, false);
+        out.cloud = self.phase(cluster, t, cloud, true);
+        out.members = members;
+        out
+    }
+
+    fn phase(&self, cluster: &Cluster, t: usize, nodes: Vec<usize>, fallback_phase: bool) -> Phase {
+        let ranges = self.ranges(cluster, &nodes);
+        let ctx = self.ctx(cluster, &self.targets[t].target.group, ranges, fallback_phase);
+        let static_scores = nodes
+            .iter()
+            .map(|&n| {
+                let node = ctx.node(n);
+                self.static_scores.iter().map(|(s, w)| w * s.score(&ctx, node)).sum()
+            })
+            .collect();
+        let mut eligible: Vec<u32> = nodes.iter().filter_map(|&n| self.hard_spread_domain(cluster, n)).collect();
+        eligible.sort_unstable();
+        eligible.dedup();
+        Phase { nodes, static_scores, ranges, eligible: Arc::new(eligible) }
     }
 
     fn ranges(&self, cluster: &Cluster, cands: &[usize]) -> Ranges {
@@ -384,87 +487,156 @@ impl<'r, 'a> Run<'r, 'a> {
         self.dynamic_scores.iter().map(|(s, w)| w * s.score(ctx, node)).sum()
     }
 
-    fn round(&self, cluster: &Cluster, t: usize, cands: &[usize], fallback_phase: bool) -> Round {
-        let ranges = self.ranges(cluster, cands);
-        let group = &self.targets[t].target.group;
-        let ctx = self.ctx(cluster, group, ranges, fallback_phase);
-        let heap = cands
-            .iter()
-            .map(|&n| {
-                let node = ctx.node(n);
-                let st: i64 = self.static_scores.iter().map(|(s, w)| w * s.score(&ctx, node)).sum();
-                (self.spread_key(cluster, n), st + self.dynamic_score(&ctx, n), Reverse(n), st)
-            })
-            .collect();
-        let eligible: HashSet<u32> = cands.iter().filter_map(|&n| self.hard_spread_domain(cluster, n)).collect();
+    fn round(&self, cluster: &Cluster, t: usize, phase: &Phase, fallback_phase: bool) -> Round {
+        let ctx = self.ctx(cluster, &self.targets[t].target.group, phase.ranges, fallback_phase);
+        let spread = self.req.placement.spread.map(|s| s.by);
+        let entries = phase.nodes.iter().zip(&phase.static_scores);
+        let candidates = if spread.is_none() || spread == Some(TopologyKey::Node) {
+            Candidates::Flat(
+                entries
+                    .map(|(&n, &st)| (self.spread_key(cluster, n), st + self.dynamic_score(&ctx, n), Reverse(n), st))
+                    .collect(),
+            )
+        } else {
+            let mut nodes: HashMap<u32, BinaryHeap<Entry>> = HashMap::new();
+            for (&n, &st) in entries {
+                if let Some(d) = self.hard_spread_domain(cluster, n) {
+                    nodes.entry(d).or_default().push((0, st + self.dynamic_score(&ctx, n), Reverse(n), st));
+                }
+            }
+            let domains = nodes
+                .iter()
+                .filter_map(|(&d, h)| {
+                    let &(_, score, node, _) = h.peek()?;
+                    Some((-i64::from(self.spread_counts.get(&d).copied().unwrap_or(0)), score, node, d))
+                })
+                .collect();
+            Candidates::ByDomain { domains, nodes }
+        };
         let mut levels = BTreeMap::new();
-        for d in &eligible {
-            *levels.entry(self.spread_counts.get(d).copied().unwrap_or(0)).or_default() += 1;
+        if spread.is_some() {
+            for d in phase.eligible.iter() {
+                *levels.entry(self.spread_counts.get(d).copied().unwrap_or(0)).or_default() += 1;
+            }
         }
-        Round { heap, ranges, fallback_phase, levels, eligible, skew_noted: false }
+        Round {
+            candidates,
+            ranges: phase.ranges,
+            fallback_phase,
+            levels,
+            eligible: Arc::clone(&phase.eligible),
+            skew_noted: false,
+        }
+    }
+
+    /// Pops the best valid entry of a lazily re-scored heap: nodes failing
+    /// a dynamic filter are dropped (bookings only grow), nodes whose key
+    /// fell go back with their current key. `flat`: the key leads with the
+    /// node's spread count.
+    fn settle(
+        &mut self,
+        cluster: &Cluster,
+        group: &str,
+        round: (Ranges, bool),
+        heap: &mut BinaryHeap<Entry>,
+        flat: bool,
+    ) -> Option<Entry> {
+        loop {
+            let (key, total, Reverse(n), st) = heap.pop()?;
+            let ctx = self.ctx(cluster, group, round.0, round.1);
+            let node = ctx.node(n);
+            if let Some(r) = filter::DYNAMIC.iter().find_map(|f| f.filter(&ctx, node).err()) {
+                self.reject(n, r);
+                continue;
+            }
+            let now = (if flat { self.spread_key(cluster, n) } else { 0 }, st + self.dynamic_score(&ctx, n));
+            if now < (key, total) {
+                heap.push((now.0, now.1, Reverse(n), st));
+                continue;
+            }
+            return Some((key, total, Reverse(n), st));
+        }
     }
 
     /// Picks the best node of the round and books one instance there.
     /// Returns the node and why it was chosen.
     fn pick(&mut self, cluster: &mut Cluster, t: usize, round: &mut Round) -> Option<(usize, String)> {
         let group = self.targets[t].target.group.clone();
-        loop {
-            let (key, total, Reverse(n), st) = round.heap.pop()?;
-            let (misfit, now) = {
-                let ctx = self.ctx(cluster, &group, round.ranges, round.fallback_phase);
-                let node = ctx.node(n);
-                match filter::DYNAMIC.iter().find_map(|f| f.filter(&ctx, node).err()) {
-                    Some(r) => (Some(r), (key, total)),
-                    None => (None, (self.spread_key(cluster, n), st + self.dynamic_score(&ctx, n))),
+        let params = (round.ranges, round.fallback_phase);
+        let mut candidates = std::mem::replace(&mut round.candidates, Candidates::Flat(BinaryHeap::new()));
+        let picked = match &mut candidates {
+            Candidates::Flat(heap) => self.settle(cluster, &group, params, heap, true).map(|e| (e, None)),
+            Candidates::ByDomain { domains, nodes } => loop {
+                let Some((key, score, node, d)) = domains.pop() else { break None };
+                let Some(heap) = nodes.get_mut(&d) else { continue };
+                let Some(e) = self.settle(cluster, &group, params, heap, false) else { continue };
+                let now = (-i64::from(self.spread_counts.get(&d).copied().unwrap_or(0)), e.1, e.2);
+                if now < (key, score, node) {
+                    heap.push(e);
+                    domains.push((now.0, now.1, now.2, d));
+                    continue;
                 }
-            };
-            if let Some(r) = misfit {
-                self.reject(n, r);
-                continue;
-            }
-            if now < (key, total) {
-                round.heap.push((now.0, now.1, Reverse(n), st));
-                continue;
-            }
-            let mut reason = {
-                let ctx = self.ctx(cluster, &group, round.ranges, round.fallback_phase);
-                self.lead.explain(&ctx, ctx.node(n))
-            };
-            if let (Some(s), Some(d)) = (self.req.placement.spread, self.hard_spread_domain(cluster, n)) {
-                let count = self.spread_counts.get(&d).copied().unwrap_or(0);
-                let min = round.levels.keys().next().copied().unwrap_or(0);
-                if count + 1 - min.min(count + 1) > s.max_skew {
-                    reason.push_str(&format!("; spread by {} cannot keep maxSkew {}", s.by.as_str(), s.max_skew));
-                    if !round.skew_noted {
-                        round.skew_noted = true;
-                        self.notes.push(format!(
-                            "spread by {} cannot keep maxSkew {}: the less loaded domains have no node that fits, so instances went to the least loaded one that does",
-                            s.by.as_str(),
-                            s.max_skew
-                        ));
-                    }
-                }
-                if round.eligible.contains(&d) {
-                    if let Some(c) = round.levels.get_mut(&count) {
-                        *c -= 1;
-                        if *c == 0 {
-                            round.levels.remove(&count);
+                break Some((e, Some(d)));
+            },
+        };
+        let result = picked.map(|((_, _, Reverse(n), st), domain)| {
+            let reason = self.accept(cluster, &group, round, n);
+            let ctx = self.ctx(cluster, &group, params.0, params.1);
+            let score = st + self.dynamic_score(&ctx, n);
+            match (&mut candidates, domain) {
+                (Candidates::Flat(heap), _) => heap.push((self.spread_key(cluster, n), score, Reverse(n), st)),
+                (Candidates::ByDomain { domains, nodes }, Some(d)) => {
+                    if let Some(heap) = nodes.get_mut(&d) {
+                        heap.push((0, score, Reverse(n), st));
+                        if let Some(&(_, best, node, _)) = heap.peek() {
+                            let count = self.spread_counts.get(&d).copied().unwrap_or(0);
+                            domains.push((-i64::from(count), best, node, d));
                         }
                     }
-                    *round.levels.entry(count + 1).or_default() += 1;
                 }
-                *self.spread_counts.entry(d).or_default() += 1;
+                (Candidates::ByDomain { .. }, None) => {}
             }
-            cluster.book_at(n, &self.req.resources);
-            cluster.add_instance(self.req.app, n);
-            self.placed.add(cluster, n);
-            let again = {
-                let ctx = self.ctx(cluster, &group, round.ranges, round.fallback_phase);
-                (self.spread_key(cluster, n), st + self.dynamic_score(&ctx, n), Reverse(n), st)
-            };
-            round.heap.push(again);
-            return Some((n, reason));
+            (n, reason)
+        });
+        round.candidates = candidates;
+        result
+    }
+
+    /// Books one instance on `n` and says why it went there.
+    fn accept(&mut self, cluster: &mut Cluster, group: &str, round: &mut Round, n: usize) -> String {
+        let mut reason = {
+            let ctx = self.ctx(cluster, group, round.ranges, round.fallback_phase);
+            self.lead.explain(&ctx, ctx.node(n))
+        };
+        if let (Some(s), Some(d)) = (self.req.placement.spread, self.hard_spread_domain(cluster, n)) {
+            let count = self.spread_counts.get(&d).copied().unwrap_or(0);
+            let min = round.levels.keys().next().copied().unwrap_or(0);
+            if count + 1 - min.min(count + 1) > s.max_skew {
+                reason.push_str(&format!("; spread by {} cannot keep maxSkew {}", s.by.as_str(), s.max_skew));
+                if !round.skew_noted {
+                    round.skew_noted = true;
+                    self.notes.push(format!(
+                        "spread by {} cannot keep maxSkew {}: the less loaded domains have no node that fits, so instances went to the least loaded one that does",
+                        s.by.as_str(),
+                        s.max_skew
+                    ));
+                }
+            }
+            if round.eligible.binary_search(&d).is_ok() {
+                if let Some(c) = round.levels.get_mut(&count) {
+                    *c -= 1;
+                    if *c == 0 {
+                        round.levels.remove(&count);
+                    }
+                }
+                *round.levels.entry(count + 1).or_default() += 1;
+            }
+            *self.spread_counts.entry(d).or_default() += 1;
         }
+        cluster.book_at(n, &self.req.resources);
+        cluster.add_instance(self.req.app, n);
+        self.placed.add(cluster, n);
+        reason
     }
 
     /// The group a new instance is placed for.
@@ -506,10 +678,9 @@ impl<'r, 'a> Run<'r, 'a> {
         if want == 0 && on_cloud.is_empty() {
             return;
         }
-        let members = self.members(cluster, &self.targets[t].target.group.clone());
-        self.targets[t].members = Some(members.len());
-        let (edge, cloud) = self.candidates(cluster, t, &members);
-        let mut round = self.round(cluster, t, &edge, false);
+        let prepared = self.prepare(cluster, t);
+        self.targets[t].members = Some(prepared.members.len());
+        let mut round = self.round(cluster, t, &prepared.edge, false);
         let mut left = want;
         while left > 0 {
             let Some((n, reason)) = self.pick(cluster, t, &mut round) else { break };
@@ -527,32 +698,28 @@ impl<'r, 'a> Run<'r, 'a> {
                 self.bind(cluster, t, n, reason, Some(instance));
             }
         }
-        if left > 0 && !cloud.is_empty() {
-            let why = self.summary(&members, |n| cluster.tier[n] == Tier::Edge);
+        let fallback_round = left > 0 && !prepared.cloud.nodes.is_empty();
+        self.static_rejections.push((Arc::clone(&prepared), !fallback_round));
+        if fallback_round {
+            let why = self.summary(&prepared.members, |n| cluster.tier[n] == Tier::Edge);
             let why = if why.is_empty() { "no edge nodes".to_string() } else { why };
-            let nodes: Vec<usize> = cloud.iter().map(|(n, _)| *n).collect();
-            let mut round = self.round(cluster, t, &nodes, true);
+            let mut round = self.round(cluster, t, &prepared.cloud, true);
             while left > 0 {
                 let Some((n, reason)) = self.pick(cluster, t, &mut round) else { break };
                 self.bind(cluster, t, n, format!("fallback: no edge node fits ({why}); {reason}"), None);
                 left -= 1;
-            }
-        } else {
-            for (n, r) in cloud {
-                self.reject(n, r);
             }
         }
         self.targets[t].unplaced = left as u32;
     }
 
     fn place_every_node(&mut self, cluster: &mut Cluster) {
-        let members = self.members(cluster, "");
-        self.targets[0].members = Some(members.len());
-        let (edge, cloud) = self.candidates(cluster, 0, &members);
-        debug_assert!(cloud.is_empty(), "no fallback for everyNode");
-        let eligible = edge.len();
+        let prepared = self.prepare(cluster, 0);
+        self.static_rejections.push((Arc::clone(&prepared), true));
+        self.targets[0].members = Some(prepared.members.len());
+        let eligible = prepared.edge.nodes.len();
         let mut misfits = Vec::new();
-        for n in edge {
+        for &n in &prepared.edge.nodes {
             if self.placed.on_node(n) > 0 {
                 continue;
             }
@@ -578,6 +745,40 @@ impl<'r, 'a> Run<'r, 'a> {
         }
     }
 
+    /// Why the node was rejected: a static reason first, then a dynamic one.
+    fn reason(&self, n: usize) -> Option<&str> {
+        for (p, with_cloud) in &self.static_rejections {
+            if let Ok(i) = p.rejected.binary_search_by_key(&n, |(m, _)| *m) {
+                return Some(&p.rejected[i].1);
+            }
+            if *with_cloud {
+                if let Ok(i) = p.cloud.nodes.binary_search(&n) {
+                    return Some(&p.cloud_reasons[i]);
+                }
+            }
+        }
+        self.rejections.get(&n).map(String::as_str)
+    }
+
+    /// The first `limit` rejected nodes by name that do not host the App,
+    /// each with its first reason.
+    fn first_rejections(&self, limit: usize) -> Vec<(usize, &str)> {
+        let free = |n: &usize| self.placed.on_node(*n) == 0;
+        let mut all: Vec<(usize, &str)> = Vec::new();
+        for (p, with_cloud) in &self.static_rejections {
+            all.extend(p.rejected.iter().filter(|(n, _)| free(n)).take(limit).map(|(n, r)| (*n, &**r)));
+            if *with_cloud {
+                let cloud = p.cloud.nodes.iter().zip(&p.cloud_reasons).filter(|(n, _)| free(n));
+                all.extend(cloud.take(limit).map(|(n, r)| (*n, &**r)));
+            }
+        }
+        all.extend(self.rejections.iter().filter(|(n, _)| free(n)).take(limit).map(|(n, r)| (*n, r.as_str())));
+        all.sort_by_key(|(n, _)| *n);
+        all.dedup_by_key(|(n, _)| *n);
+        all.truncate(limit);
+        all
+    }
+
     /// `3 insufficient memory, 1 not ready`: the rejection categories of
     /// the given nodes, most frequent first.
     fn summary(&self, nodes: &[usize], include: impl Fn(usize) -> bool) -> String {
@@ -586,7 +787,7 @@ impl<'r, 'a> Run<'r, 'a> {
             if !include(n) {
                 continue;
             }
-            if let Some(r) = self.rejections.get(&n) {
+            if let Some(r) = self.reason(n) {
                 *counts.entry(filter::category(r)).or_default() += 1;
             }
         }
@@ -673,7 +874,8 @@ impl<'r, 'a> Run<'r, 'a> {
         };
         scope.sort_unstable();
         let inside = |n: usize| cluster.node_groups[n].iter().any(|g| scope.binary_search(g).is_ok());
-        let mut rej = self.rejections.iter().filter(|(n, _)| self.placed.on_node(**n) == 0).peekable();
+        let first = self.first_rejections(MAX_REJECTIONS);
+        let mut rej = first.iter().peekable();
         let mut next_outside = 0usize;
         while out.len() < MAX_REJECTIONS {
             // Next node outside the groups, when those are reported.
@@ -687,13 +889,13 @@ impl<'r, 'a> Run<'r, 'a> {
                 _ => None,
             };
             match (rej.peek(), outside) {
-                (Some((&n, _)), Some(o)) if o < n => {
+                (Some(&&(n, _)), Some(o)) if o < n => {
                     out.push((o, outside_reason.clone().unwrap_or_default()));
                     next_outside += 1;
                 }
                 (Some(_), _) => {
-                    let (&n, r) = rej.next().expect("peeked");
-                    out.push((n, r.clone()));
+                    let &(n, r) = rej.next().expect("peeked");
+                    out.push((n, r.to_string()));
                 }
                 (None, Some(o)) => {
                     out.push((o, outside_reason.clone().unwrap_or_default()));

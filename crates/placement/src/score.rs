@@ -86,7 +86,11 @@ fn share(part: u64, whole: u64) -> i64 {
     if whole == 0 {
         return if part == 0 { 0 } else { MAX_SCORE };
     }
-    ((part as u128 * MAX_SCORE as u128 / whole as u128).min(MAX_SCORE as u128)) as i64
+    let scaled = match part.checked_mul(MAX_SCORE as u64) {
+        Some(p) => p / whole,
+        None => (part as u128 * MAX_SCORE as u128 / whole as u128).min(u64::MAX as u128) as u64,
+    };
+    scaled.min(MAX_SCORE as u64) as i64
 }
 
 impl Score for NodeSpread {
