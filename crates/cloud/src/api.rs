@@ -139,6 +139,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .merge(data)
         .merge(crate::artifacts::routes())
         .merge(crate::latency::routes())
+        .merge(crate::rollout_routes::routes())
         .merge(crate::tracker::routes())
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))

@@ -34,6 +34,7 @@ pub mod latency;
 pub mod metrics;
 pub mod objects;
 pub mod rollout;
+pub mod rollout_routes;
 pub mod rule_views;
 pub mod scheduler;
 pub mod server;

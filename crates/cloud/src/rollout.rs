@@ -441,8 +441,10 @@ pub fn plan(input: &RolloutInput) -> RolloutPlan {
     let target = input.target_revision;
     let steps: &[CanaryStep] = spec.canary.as_ref().map(|c| c.steps.as_slice()).unwrap_or_default();
     let n_steps = steps.len() as u32;
-    // Something to protect: instances of a revision that completed.
+    // Something to protect: instances of a revision that completed. The
+    // canary applies while any of them (or of another revision) is left.
     let protecting = input.stable_revision != 0 && input.stable_revision != target;
+    let canary = protecting && input.instances.iter().any(|i| i.revision != target);
     let prev = input.status.filter(|s| s.revision == target);
     let desired_total: u64 = input.desired.values().map(|d| u64::from(*d)).sum();
 
@@ -451,7 +453,7 @@ pub fn plan(input: &RolloutInput) -> RolloutPlan {
         None => RolloutStatus {
             phase: RolloutPhase::Progressing,
             revision: target,
-            step: if protecting { 0 } else { n_steps },
+            step: if canary { 0 } else { n_steps },
             step_started: format_rfc3339(input.now),
             ..Default::default()
         },
@@ -492,6 +494,9 @@ pub fn plan(input: &RolloutInput) -> RolloutPlan {
     } else {
         // Advance through every step already met, then act on the first
         // one that is not.
+        if !canary {
+            status.step = status.step.max(n_steps);
+        }
         let mut started = parse_rfc3339(&status.step_started).unwrap_or(input.now);
         loop {
             let k = status.step as usize;

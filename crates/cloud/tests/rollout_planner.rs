@@ -643,3 +643,18 @@ fn resume_moves_past_a_pause_step_only() {
     let mut at_percent = RolloutStatus { phase: RolloutPhase::Progressing, step: 0, ..Default::default() };
     assert!(!resume_status(&spec, &mut at_percent, "x"));
 }
+
+#[test]
+fn a_canary_has_nothing_to_do_when_no_old_instance_is_left() {
+    // `rollout undo` to the template the instances already run (after a
+    // rollback): a new revision number, the same instances, no pause.
+    let spec = rollout(json!({"canary": {"steps": [{"groups": ["a"]}, {"pause": true}]}}));
+    let mut sim = Sim::new(spec, &[("a", 1), ("b", 1)]);
+    for i in &mut sim.instances {
+        i.revision = 2;
+    }
+    let p = sim.pass();
+    assert!(p.is_idle(), "{p:?}");
+    assert_eq!(p.status.phase, RolloutPhase::Complete, "{p:?}");
+    assert_eq!(p.status.stable_revision, 2);
+}
