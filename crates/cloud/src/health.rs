@@ -60,14 +60,23 @@ pub struct VerdictRule {
     /// A peer sees the node only if its last success is within this of now
     /// (a few probe periods).
     pub seen_within: Duration,
+    /// ... and at least this long after the node went silent: alive when
+    /// it should have sent its next heartbeat (so a node that died just
+    /// after its last heartbeat is never "seen").
+    pub alive_after: Duration,
 }
 
 impl VerdictRule {
     /// The rule for probe period `probe` and heartbeat period `heartbeat`:
     /// reports count for 3 heartbeats (peers report with every heartbeat),
-    /// successes for 3 probe periods.
+    /// successes for 3 probe periods, and only from one heartbeat (plus
+    /// 500 ms of the agent's timer slack) after the silence began.
     pub fn new(probe: Duration, heartbeat: Duration) -> VerdictRule {
-        VerdictRule { fresh_for: heartbeat * 3, seen_within: probe * 3 }
+        VerdictRule {
+            fresh_for: heartbeat * 3,
+            seen_within: probe * 3,
+            alive_after: heartbeat + Duration::from_millis(500),
+        }
     }
 }
 
@@ -77,8 +86,9 @@ impl VerdictRule {
 /// A report counts if its reporter is Ready and it was received within
 /// `rule.fresh_for`. A counted peer sees the node if its last success —
 /// taken at its earliest, `received - (last_seen_secs + 1) s`, as the
-/// seconds are whole — is after `silent_since` (the node was alive when the
-/// cloud no longer heard it) and within `rule.seen_within` of `now`.
+/// seconds are whole — is `rule.alive_after` or more after `silent_since`
+/// (the node was alive when its next heartbeat was due) and within
+/// `rule.seen_within` of `now`.
 /// Majority: more than half of the counted peers.
 pub fn verdict(reports: &[PeerReport], silent_since: Instant, now: Instant, rule: &VerdictRule) -> Verdict {
     let mut counted = 0usize;
@@ -90,7 +100,7 @@ pub fn verdict(reports: &[PeerReport], silent_since: Instant, now: Instant, rule
         counted += 1;
         let Some(secs) = r.last_seen_secs else { continue };
         let Some(success) = r.received.checked_sub(Duration::from_secs(secs.saturating_add(1))) else { continue };
-        if success >= silent_since && now.saturating_duration_since(success) <= rule.seen_within {
+        if success >= silent_since + rule.alive_after && now.saturating_duration_since(success) <= rule.seen_within {
             seen += 1;
         }
     }
@@ -150,6 +160,11 @@ impl Liveness {
     /// What its peers say about `node` (`NoPeers` while it is heard).
     pub fn verdict(&self, node: &str) -> Verdict {
         self.state().verdicts.get(node).copied().unwrap_or(Verdict::NoPeers)
+    }
+
+    /// Whether any node is silent now.
+    pub fn any_silent(&self) -> bool {
+        !self.state().silent_since.is_empty()
     }
 
     /// Replaces the state with one lifecycle pass's conclusions.
@@ -308,6 +323,9 @@ mod tests {
             ("reached only before it went silent", vec![r("a", Ready, 15, Some(5))], NotSeen),
             // Success at 16 - 0 - 1 = 15 s: after it went silent.
             ("reached after it went silent", vec![r("a", Ready, 16, Some(0))], SeenByMajority),
+            // Success at 14 - 2 - 1 = 11 s: before its next heartbeat was
+            // due (10 s + 1 s + 0.5 s): it may have died since.
+            ("reached before its next heartbeat was due", vec![r("a", Ready, 14, Some(2))], NotSeen),
             (
                 "a stale and a NotReady reporter do not dilute the majority",
                 vec![r("a", Ready, 16, Some(0)), r("b", Ready, 11, None), r("c", NotReady, 16, None)],
@@ -326,9 +344,9 @@ mod tests {
             reporter: "a".into(),
             reporter_phase: NodePhase::Ready,
             received: base + 20 * S,
-            last_seen_secs: Some(8),
+            last_seen_secs: Some(7),
         };
-        // Success at 11 s; silent since 10 s; now 20 s: 9 s ago > 6 s.
+        // Success at 12 s; silent since 10 s; now 20 s: 8 s ago > 6 s.
         assert_eq!(verdict(std::slice::from_ref(&report), base + 10 * S, base + 20 * S, &rule()), Verdict::NotSeen);
         let r = VerdictRule { seen_within: 10 * S, ..rule() };
         assert_eq!(verdict(&[report], base + 10 * S, base + 20 * S, &r), Verdict::SeenByMajority);

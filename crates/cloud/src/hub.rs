@@ -185,8 +185,10 @@ struct RemoteView {
 /// How long probe-target group lists are reused.
 const GROUPS_TTL: Duration = Duration::from_secs(5);
 
-/// A cloud RTT that moved by more than this share is written at once.
+/// A cloud RTT that moved by more than this share (and by more than
+/// [`RTT_FLOOR_MS`]: loopback jitter is no change) is written at once.
 const RTT_CHANGE: f64 = 0.2;
+const RTT_FLOOR_MS: f64 = 2.0;
 
 /// Recent failures kept on a Node, and for how long.
 const FAILURES_KEPT: usize = 16;
@@ -1107,7 +1109,7 @@ impl Hub {
             // is due, or when the cloud RTT moved by more than 20 %.
             let rtt = l.network.as_ref().and_then(|(n, _)| n.cloud.rtt_ms);
             let rtt_moved = match (rtt, l.network_written) {
-                (Some(now), Some(was)) => (now - was).abs() > was.max(1.0) * RTT_CHANGE,
+                (Some(now), Some(was)) => (now - was).abs() > (was * RTT_CHANGE).max(RTT_FLOOR_MS),
                 (Some(_), None) => true,
                 _ => false,
             };
@@ -1582,7 +1584,13 @@ impl Hub {
                         if o.status.phase != want {
                             o.status.last_transition = now_rfc3339();
                             match want {
-                                NodePhase::NotReady => record_failure(&mut o.status.recent_failures, unix),
+                                // A loss of a node that was up (a node that
+                                // never reported is no failure).
+                                NodePhase::NotReady
+                                    if matches!(o.status.phase, NodePhase::Ready | NodePhase::CloudUnreachable) =>
+                                {
+                                    record_failure(&mut o.status.recent_failures, unix)
+                                }
                                 NodePhase::Ready => o.status.ready_since = now_rfc3339(),
                                 _ => {}
                             }
@@ -1624,6 +1632,18 @@ fn human_duration(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recent_failures_keep_the_last_day_and_at_most_sixteen() {
+        let day = FAILURES_FOR_SECS;
+        let mut f = vec![10, 20];
+        record_failure(&mut f, day + 15);
+        assert_eq!(f, vec![20, day + 15], "older than a day: dropped");
+        let mut f: Vec<u64> = (0..16).map(|i| day + i).collect();
+        record_failure(&mut f, day + 100);
+        assert_eq!(f.len(), FAILURES_KEPT);
+        assert_eq!((f[0], f[15]), (day + 1, day + 100));
+    }
 
     #[test]
     fn durations_read_as_written() {
