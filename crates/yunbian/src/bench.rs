@@ -1,7 +1,8 @@
 //! `yunbian bench apply`: measures the time from applying an App until each
 //! of its instances reports Running, as seen through the API's watch
 //! stream. Used with `yunbian sim` for the scale figures in
-//! docs/benchmarks.md.
+//! docs/benchmarks.md. `yunbian bench scheduler`: placements per second of
+//! the scheduler (`yunbian-placement`) alone, over a simulated cluster.
 
 use std::time::{Duration, Instant};
 
@@ -15,59 +16,57 @@ use yunbian_api::Kind;
 pub enum BenchCommand {
     /// Apply an App and time every instance to Running.
     Apply(ApplyBench),
-    /// Placements per second of the scheduler alone (no I/O).
+    /// Placements per second of the scheduler alone (no I/O), over a
+    /// simulated cluster.
     Scheduler(SchedulerBench),
 }
 
 /// Arguments of `bench scheduler`.
 #[derive(Debug, Args)]
 pub struct SchedulerBench {
-    /// Candidate nodes.
+    /// Simulated nodes (in groups of 100; every 20th group is cloud tier).
     #[arg(long, default_value_t = 10_000)]
     nodes: usize,
-    /// Instances to place (one App).
+    /// Instances to place, over Apps of 10 to 30 instances.
     #[arg(long, default_value_t = 10_000)]
     placements: usize,
+    /// The Apps' policy: balanced, latency, cost, reliability or mixed (the
+    /// four in turn). Some Apps also spread by zone or by node, keep their
+    /// instances apart, need an arch, fall back to the cloud or place per
+    /// group, whatever the policy.
+    #[arg(long, default_value = "mixed")]
+    policy: yunbian_placement::synthetic::Mix,
     /// Repetitions (the best one is reported).
     #[arg(long, default_value_t = 5)]
     rounds: usize,
 }
 
+/// Schedules the synthetic workload of `yunbian_placement::synthetic` as
+/// one controller pass: the cluster is built once, then every App is
+/// placed in turn. Placements per second count the `schedule` calls only;
+/// the cluster build is reported apart.
 fn scheduler(a: SchedulerBench) {
-    use yunbian_cloud::scheduler::{place_many, Candidate, Request};
-    let nodes: Vec<Candidate> = (0..a.nodes)
-        .map(|i| Candidate {
-            name: format!("node-{i:06}"),
-            labels: [("site".to_string(), format!("s{}", i % 10)), ("sim".to_string(), "true".to_string())].into(),
-            schedulable: i % 50 != 0,
-            cpu_allocatable: 4000,
-            memory_allocatable: 8 << 30,
-            cpu_used: (i as u64 * 37) % 2000,
-            memory_used: ((i as u64 * 7919) % 4096) << 20,
-            same_app: 0,
-            runtimes: vec!["process".into()],
-        })
-        .collect();
-    let req = Request {
-        cpu: 100,
-        memory: 64 << 20,
-        selector: [("sim".to_string(), "true".to_string())].into(),
-        runtime: "process".into(),
-    };
-    let mut best = Duration::MAX;
-    let mut placed = 0;
+    use yunbian_placement::synthetic::Workload;
+    let w = Workload::new(a.nodes, a.placements, a.policy);
+    let (mut best, mut build) = (Duration::MAX, Duration::MAX);
+    let mut outcome = Default::default();
     for _ in 0..a.rounds.max(1) {
-        let mut c = nodes.clone();
         let t = Instant::now();
-        let (chosen, _) = place_many(&req, &mut c, a.placements);
+        let mut cluster = w.cluster();
+        build = build.min(t.elapsed());
+        let t = Instant::now();
+        outcome = w.schedule_all(&mut cluster);
         best = best.min(t.elapsed());
-        placed = chosen.len();
     }
+    let yunbian_placement::synthetic::Outcome { placed, unplaced } = outcome;
     println!(
-        "scheduler: {placed} placements over {} nodes in {:.1} ms: {:.0} placements/s",
+        "scheduler ({:?}): {placed} placements ({unplaced} unplaced, {} apps) over {} nodes in {:.1} ms: {:.0} placements/s; cluster build {:.1} ms",
+        a.policy,
+        w.apps.len(),
         a.nodes,
         best.as_secs_f64() * 1000.0,
-        placed as f64 / best.as_secs_f64()
+        placed as f64 / best.as_secs_f64(),
+        build.as_secs_f64() * 1000.0
     );
 }
 
