@@ -77,6 +77,23 @@ impl NodeSignals for StatusSignals {
     }
 }
 
+/// The hub's view: silence and peers' verdicts from the leader's node
+/// lifecycle loop, latency from the nodes' reports.
+impl NodeSignals for crate::hub::Hub {
+    fn silent_for(&self, node: &str) -> Option<Duration> {
+        self.liveness().silent_for(node)
+    }
+    fn seen_by_peers(&self, node: &str) -> bool {
+        self.liveness().verdict(node) == crate::health::Verdict::SeenByMajority
+    }
+    fn latency(&self) -> Vec<(String, String, f64)> {
+        self.latency_snapshot()
+    }
+    fn any_silent(&self) -> bool {
+        self.liveness().any_silent()
+    }
+}
+
 type Typed<S> = Arc<Object<S, <S as yunbian_api::KindOf>::Status>>;
 
 /// Everything a pass reads.
@@ -674,7 +691,7 @@ mod tests {
 
     fn app(name: &str, spec: serde_json::Value) -> Typed<AppSpec> {
         let mut base = json!({"replicas": 1, "process": {"command": ["/bin/true"]}});
-        base.as_object_mut().unwrap().extend(spec.as_object().unwrap().clone());
+        base.as_object_mut().expect("test data").extend(spec.as_object().expect("test data").clone());
         let mut a: App = Object::new(name, serde_json::from_value(base).expect("app spec"));
         a.metadata.generation = 1;
         Arc::new(a)
@@ -683,8 +700,10 @@ mod tests {
     impl Sim {
         fn new(nodes: Vec<Typed<NodeSpec>>, apps: Vec<Typed<AppSpec>>) -> Sim {
             let g = |n: &str, site: &str, tier: &str| {
-                let g: NodeGroup =
-                    Object::new(n, serde_json::from_value(json!({"selector": {"site": site}, "tier": tier})).unwrap());
+                let g: NodeGroup = Object::new(
+                    n,
+                    serde_json::from_value(json!({"selector": {"site": site}, "tier": tier})).expect("test data"),
+                );
                 Arc::new(g)
             };
             Sim {
@@ -717,7 +736,7 @@ mod tests {
                 self.insts.push(Arc::new(i));
             }
             for (name, st) in &out.statuses {
-                let a = self.apps.iter_mut().find(|a| &a.metadata.name == name).unwrap();
+                let a = self.apps.iter_mut().find(|a| &a.metadata.name == name).expect("test data");
                 Arc::make_mut(a).status = st.clone();
             }
             self.now += 5;
@@ -801,7 +820,7 @@ mod tests {
         sim.pass(&StatusSignals);
         let old: Vec<String> = sim.insts.iter().map(|i| i.metadata.name.clone()).collect();
         let mut a = (*sim.apps[0]).clone();
-        a.spec.process.as_mut().unwrap().command = vec!["/bin/false".into()];
+        a.spec.process.as_mut().expect("test data").command = vec!["/bin/false".into()];
         a.metadata.generation = 2;
         sim.apps[0] = Arc::new(a);
         let out = sim.pass(&StatusSignals);

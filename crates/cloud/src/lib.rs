@@ -36,7 +36,6 @@ pub mod objects;
 pub mod rollout;
 pub mod rollout_routes;
 pub mod rule_views;
-pub mod scheduler;
 pub mod server;
 pub mod tracker;
 
@@ -293,7 +292,7 @@ async fn lead(
         // (a clean stop): the fenced store they hold is then dropped, which
         // gives the leadership up at once instead of after the lease TTL.
         let mut controllers = tokio::task::JoinSet::new();
-        let signals: Arc<dyn app_pass::NodeSignals> = Arc::new(app_pass::StatusSignals);
+        let signals: Arc<dyn app_pass::NodeSignals> = hub.clone();
         controllers.spawn(controllers::run_app_controller(store.clone(), metrics.clone(), cfg, signals));
         controllers.spawn(hub.clone().run_node_lifecycle(store, coord.clone()));
         drop(leadership.store);
