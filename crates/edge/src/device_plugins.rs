@@ -1089,6 +1089,40 @@ impl PluginClient {
     }
 }
 
+/// The registration decoder as a fuzz target checks it: any bytes may
+/// arrive on the socket.
+pub mod fuzzing {
+    use super::*;
+
+    /// Decodes `data` as a registration and registers it in an empty
+    /// table. Never panics; panics (the fuzzer's finding) if an accepted
+    /// registration breaks the table's promises: every problem refused,
+    /// devices kept, sorted, and reported unhealthy-or-not as posted.
+    pub fn check_registration(data: &[u8]) {
+        let Ok(reg) = serde_json::from_slice::<Registration>(data) else { return };
+        let valid = reg.problems().is_empty();
+        let mut t = DeviceTable::new(EXPIRE_AFTER);
+        match t.register(reg.clone(), 0) {
+            Ok(out) => {
+                assert!(valid, "a registration with problems was accepted: {reg:?}");
+                assert_eq!(out.registered.devices, reg.devices.len());
+                let devices = t.devices(0);
+                assert!(devices.windows(2).all(|w| id_order(&w[0].id, &w[1].id) != Ordering::Greater));
+                let healthy = reg.devices.iter().filter(|d| d.healthy).count();
+                assert_eq!(devices.iter().filter(|d| d.healthy).count(), healthy);
+                let wants = BTreeMap::from([(reg.resource.clone(), healthy as u64)]);
+                let granted = t.allocate("fuzz", &wants, 0).map(|(g, _)| g);
+                if healthy > 0 {
+                    let g = granted.expect("every healthy device can be granted");
+                    assert_eq!(g[&reg.resource].ids.len(), healthy);
+                }
+            }
+            Err(PluginError::Invalid(p)) => assert!(!valid && !p.is_empty()),
+            Err(e) => panic!("an empty table refused {reg:?}: {e}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
