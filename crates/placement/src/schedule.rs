@@ -60,8 +60,8 @@ struct TargetState {
     target: Target,
     /// Kept instances: (instance, node index).
     kept: Vec<(String, usize)>,
-    /// Nodes the target may use at all (group members), when evaluated.
-    members: Option<usize>,
+    /// Its static verdicts, once evaluated.
+    prepared: Option<Arc<Prepared>>,
     unplaced: u32,
 }
 
@@ -152,13 +152,13 @@ impl<'r, 'a> Run<'r, 'a> {
         let every_node = p.mode == PlacementMode::EveryNode;
         let mut targets: Vec<TargetState> = Vec::new();
         if every_node {
-            targets.push(TargetState { target: Target::default(), kept: Vec::new(), members: None, unplaced: 0 });
+            targets.push(TargetState { target: Target::default(), kept: Vec::new(), prepared: None, unplaced: 0 });
         } else {
             for t in &req.targets {
                 match targets.iter_mut().find(|s| s.target.group == t.group) {
                     Some(s) => s.target.count = s.target.count.saturating_add(t.count),
                     None => {
-                        targets.push(TargetState { target: t.clone(), kept: Vec::new(), members: None, unplaced: 0 })
+                        targets.push(TargetState { target: t.clone(), kept: Vec::new(), prepared: None, unplaced: 0 })
                     }
                 }
             }
@@ -679,7 +679,7 @@ impl<'r, 'a> Run<'r, 'a> {
             return;
         }
         let prepared = self.prepare(cluster, t);
-        self.targets[t].members = Some(prepared.members.len());
+        self.targets[t].prepared = Some(Arc::clone(&prepared));
         let mut round = self.round(cluster, t, &prepared.edge, false);
         let mut left = want;
         while left > 0 {
@@ -716,7 +716,7 @@ impl<'r, 'a> Run<'r, 'a> {
     fn place_every_node(&mut self, cluster: &mut Cluster) {
         let prepared = self.prepare(cluster, 0);
         self.static_rejections.push((Arc::clone(&prepared), true));
-        self.targets[0].members = Some(prepared.members.len());
+        self.targets[0].prepared = Some(Arc::clone(&prepared));
         let eligible = prepared.edge.nodes.len();
         let mut misfits = Vec::new();
         for &n in &prepared.edge.nodes {
@@ -814,7 +814,10 @@ impl<'r, 'a> Run<'r, 'a> {
             if s.unplaced == 0 || self.every_node {
                 continue;
             }
-            let members = self.members(cluster, &s.target.group);
+            let members = match &s.prepared {
+                Some(p) => p.members.clone(),
+                None => self.members(cluster, &s.target.group),
+            };
             let mut why = self.summary(&members, |_| true);
             let outside = total - members.len();
             if outside > 0 {
