@@ -163,6 +163,10 @@ impl<'r, 'a> Run<'r, 'a> {
                 }
             }
         }
+        if targets.is_empty() && !every_node {
+            // No target: nothing wanted, so every existing instance is surplus.
+            targets.push(TargetState { target: Target::default(), kept: Vec::new(), prepared: None, unplaced: 0 });
+        }
         let rtt = p.latency.as_ref().and_then(|l| {
             if !l.from_group.is_empty() {
                 Some(cluster.rtt_from(true, &l.from_group))

@@ -95,6 +95,12 @@ fn surplus_goes_unready_first_then_crowded() {
     assert!(d.evict[1].1.contains("node d is not ready"), "{}", d.evict[1].1);
     assert_eq!(d.keep, ["w1", "w3"]);
     assert!(d.create.is_empty());
+    // No target at all: everything is surplus.
+    let mut req = request("web", &p, 0);
+    req.targets.clear();
+    req.existing = vec![existing("w1", "a", "")];
+    let d = schedule(&mut c, &req);
+    assert_eq!(evicted(&d), [("w1", "surplus (1 for 0 wanted): the most crowded placement")]);
 }
 
 #[test]
