@@ -1,8 +1,8 @@
 //! Device plugins end to end: the real `yunbian plugin fake` registers GPUs
 //! at a real agent's socket; the node reports them and their extended
 //! resource; an App asking for `yunbian.io/gpu` gets its devices in its
-//! environment and status, and waits while none is free; health changes
-//! reach the node. `yunbian plugin nvidia` without `nvidia-smi` registers
+//! environment and status, waits while none is free, and keeps its
+//! devices across an agent restart; health changes reach the node. `yunbian plugin nvidia` without `nvidia-smi` registers
 //! nothing and says so once.
 
 mod harness;
@@ -162,6 +162,27 @@ fn fake_gpus_reach_the_node_and_apps_get_them() {
     let pid = u(&b, "/status/pid").expect("pid") as u32;
     assert_eq!(proc_env(pid, "YUNBIAN_DEVICES_YUNBIAN_IO_GPU").as_deref(), Some("0,1"));
     assert_eq!(b["status"]["devices"], serde_json::json!({GPU: ["0", "1"]}), "{b}");
+
+    // The agent restarts: the workload is re-adopted with its grant, read
+    // back from the agent's state file, and the node still names it.
+    let b_name = s(&b, "/metadata/name").to_string();
+    c.kill_edge("n1");
+    c.start_edge("n1");
+    eventually(WAIT, "the restarted agent to report infer-b's GPUs", || {
+        if !c.edge_log_current("n1").contains("device-plugin state restored") {
+            return Err("the restarted agent has not restored its device-plugin state yet".into());
+        }
+        let n = c.node("n1").ok_or("no node")?;
+        let (d, _) = node_devices(&n);
+        if s(&n, "/status/phase") == "Ready" && d.len() == 2 && d.iter().all(|(_, _, to)| *to == b_name) {
+            Ok(())
+        } else {
+            Err(format!("{} {d:?}", s(&n, "/status/phase")))
+        }
+    });
+    let after = c.wait_running("infer-b", 1).remove(0);
+    assert_eq!(u(&after, "/status/pid"), Some(u64::from(pid)), "re-adopted, not restarted: {after}");
+    assert_eq!(after["status"]["devices"], serde_json::json!({GPU: ["0", "1"]}), "{after}");
 
     let _ = nvidia.0.kill();
     let _ = nvidia.0.wait();
