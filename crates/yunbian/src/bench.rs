@@ -19,6 +19,8 @@ pub enum BenchCommand {
     /// Placements per second of the scheduler alone (no I/O), over a
     /// simulated cluster.
     Scheduler(SchedulerBench),
+    /// Roll a new revision of one App out across NodeGroups and time it.
+    Rollout(crate::bench_rollout::RolloutBench),
 }
 
 /// Arguments of `bench scheduler`.
@@ -108,6 +110,10 @@ pub async fn run(config: Option<std::path::PathBuf>, cmd: BenchCommand) -> Resul
         BenchCommand::Apply(a) => {
             let client = yunbian_cli::Client::new(yunbian_cli::ClientConfig::load(config.as_deref())?)?;
             apply(&client, a).await
+        }
+        BenchCommand::Rollout(a) => {
+            let client = yunbian_cli::Client::new(yunbian_cli::ClientConfig::load(config.as_deref())?)?;
+            crate::bench_rollout::run(&client, a).await
         }
     }
 }

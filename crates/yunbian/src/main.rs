@@ -9,6 +9,7 @@ use anyhow::{anyhow, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 mod bench;
+mod bench_rollout;
 mod demo;
 mod device_reader;
 mod modbus_sim;

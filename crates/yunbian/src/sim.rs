@@ -28,6 +28,9 @@ pub struct SimArgs {
     /// Labels of every simulated node: k=v,k2=v2.
     #[arg(long, value_parser = crate::parse_labels, default_value = "sim=true")]
     labels: std::collections::BTreeMap<String, String>,
+    /// Also label node i `group=g<i mod N>` (for NodeGroups; 0: no such label).
+    #[arg(long, default_value_t = 0)]
+    groups: usize,
     /// Joins in flight at once.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
@@ -45,7 +48,10 @@ pub async fn run(args: SimArgs) -> Result<()> {
     for i in 0..args.nodes {
         let permit = sem.clone().acquire_owned().await.context("semaphore")?;
         let name = format!("{}{i:05}", args.prefix);
-        let (cloud, token, labels) = (args.cloud.clone(), token.clone(), args.labels.clone());
+        let (cloud, token, mut labels) = (args.cloud.clone(), token.clone(), args.labels.clone());
+        if args.groups > 0 {
+            labels.insert("group".into(), format!("g{}", i % args.groups));
+        }
         let heartbeat = args.heartbeat;
         joins.push(tokio::spawn(async move {
             let _permit = permit;
