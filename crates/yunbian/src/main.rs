@@ -168,6 +168,14 @@ struct EdgeRunArgs {
     /// address; "off" to not serve (pulls still use peers).
     #[arg(long, default_value = "0.0.0.0:7444")]
     p2p_listen: String,
+    /// The address peers use to reach this node's peer server (NAT, a
+    /// proxy); default: the listen port at the address the cloud sees.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
+    p2p_advertise: Option<String>,
+    /// How often the agent measures round trips: pings to the cloud and
+    /// probes of its group peers (docs/design/018-latency-and-peer-health.md).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    probe_every: Duration,
     /// The unix socket where device plugins register (`yunbian plugin …`,
     /// docs/design/017-device-plugins.md); default
     /// `<data-dir>/device-plugins.sock`, "off" for none.
@@ -288,6 +296,18 @@ struct JoinArgs {
 /// `30s`, `15m`, `24h`, `7d`, `500ms`, `1h30m` (the CLI's duration syntax).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     yunbian_cli::time::parse_duration_ms(s).map(Duration::from_millis)
+}
+
+/// `host:port` with a non-zero port (`--p2p-advertise`).
+fn parse_host_port(s: &str) -> Result<String, String> {
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("{s:?} is not host:port"))?;
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '/') {
+        return Err(format!("{s:?}: bad host"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => Ok(s.to_string()),
+        _ => Err(format!("{s:?}: bad port")),
+    }
 }
 
 /// `k=v,k2=v2`.
@@ -437,6 +457,8 @@ async fn run(cli: Cli) -> Result<()> {
             opts.devices.shipping.ttl = run.data_outbox_ttl;
             opts.launcher = launcher_options();
             opts.p2p.listen = Some(run.p2p_listen.clone()).filter(|l| l != "off");
+            opts.p2p.advertise = run.p2p_advertise.clone();
+            opts.agent.network = std::sync::Arc::new(yunbian_edge::probe::NetworkMonitor::new(run.probe_every));
             match run.device_plugin_socket.as_deref() {
                 Some("off") => opts.device_plugin_socket = None,
                 Some(p) => opts.device_plugin_socket = Some(PathBuf::from(p)),

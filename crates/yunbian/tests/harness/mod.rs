@@ -525,6 +525,7 @@ impl Builder {
             workloads: Mutex::new(BTreeMap::new()),
             files: 0,
             links: BTreeMap::new(),
+            peer_links: BTreeMap::new(),
             mounts: Vec::new(),
             rt: None,
         };
@@ -537,6 +538,9 @@ impl Builder {
 #[derive(Debug, Clone)]
 pub struct EdgeSetup {
     link: bool,
+    peer_link: bool,
+    /// The peer server's port and the address of the proxy in front of it.
+    peer_ports: Option<(u16, SocketAddr)>,
     faketime: Option<String>,
     labels: String,
     heartbeat: String,
@@ -549,6 +553,8 @@ impl Default for EdgeSetup {
     fn default() -> Self {
         EdgeSetup {
             link: false,
+            peer_link: false,
+            peer_ports: None,
             faketime: None,
             labels: "site=a".into(),
             heartbeat: "1s".into(),
@@ -567,6 +573,13 @@ impl EdgeSetup {
     /// Join and run through a [`LinkProxy`] of its own (see [`Cluster::link`]).
     pub fn via_link(mut self) -> EdgeSetup {
         self.link = true;
+        self
+    }
+    /// Serves peers (probes, chunks) behind a [`LinkProxy`] of its own,
+    /// which the agent advertises (`--p2p-advertise`): see
+    /// [`Cluster::peer_link`].
+    pub fn via_peer_link(mut self) -> EdgeSetup {
+        self.peer_link = true;
         self
     }
     /// Runs the agent (and so its workloads) with its clock shifted by
@@ -636,6 +649,9 @@ pub struct Cluster {
     files: u32,
     /// The link proxy of each edge joined [`EdgeSetup::via_link`].
     links: BTreeMap<String, LinkProxy>,
+    /// The proxy in front of the peer server of each edge joined
+    /// [`EdgeSetup::via_peer_link`].
+    peer_links: BTreeMap<String, LinkProxy>,
     /// Data directories on tmpfs, unmounted after everything is killed.
     mounts: Vec<TmpfsMount>,
     /// Runs the link proxies.
@@ -997,19 +1013,43 @@ impl Cluster {
             return self.url.clone();
         }
         if !self.links.contains_key(name) {
-            let upstream = self.cloud_addr();
-            let rt = self.rt.get_or_insert_with(|| {
-                tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("tokio runtime for link proxies")
-            });
-            let _enter = rt.enter();
-            let proxy = LinkProxy::start(upstream).unwrap_or_else(|e| panic!("start link proxy: {e}"));
+            let proxy = self.start_proxy(self.cloud_addr());
             self.links.insert(name.to_string(), proxy);
         }
         format!("https://{}", self.link(name).addr())
+    }
+
+    /// A [`LinkProxy`] to `upstream`, run by the cluster's proxy runtime.
+    fn start_proxy(&mut self, upstream: SocketAddr) -> LinkProxy {
+        let rt = self.rt.get_or_insert_with(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("tokio runtime for link proxies")
+        });
+        let _enter = rt.enter();
+        LinkProxy::start(upstream).unwrap_or_else(|e| panic!("start link proxy: {e}"))
+    }
+
+    /// The proxy in front of edge `name`'s peer server (joined
+    /// [`EdgeSetup::via_peer_link`]): its delay is what every peer's probes
+    /// of `name` (and their answers) go through.
+    pub fn peer_link(&self, name: &str) -> &LinkProxy {
+        self.peer_links.get(name).unwrap_or_else(|| panic!("edge {name} was not joined via a peer link"))
+    }
+
+    /// Picks the peer server port of edge `name` and starts the proxy in
+    /// front of it.
+    fn start_peer_link(&mut self, name: &str) -> (u16, SocketAddr) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("pick a peer port: {e}"));
+        let proxy = self.start_proxy(SocketAddr::from(([127, 0, 0, 1], port)));
+        let addr = proxy.addr();
+        self.peer_links.insert(name.to_string(), proxy);
+        (port, addr)
     }
 
     fn edge_cmd(&mut self, name: &str, setup: Option<EdgeSetup>) -> (Command, PathBuf) {
@@ -1050,6 +1090,10 @@ impl Cluster {
         if let Some(a) = &setup.device_api {
             v[7] = a.clone();
         }
+        if let Some((port, proxy)) = setup.peer_ports {
+            v[9] = format!("127.0.0.1:{port}");
+            v.extend(["--p2p-advertise".to_string(), proxy.to_string()]);
+        }
         v.extend(setup.extra.iter().cloned());
         v
     }
@@ -1060,7 +1104,10 @@ impl Cluster {
     }
 
     /// Starts `edge join` as `setup` says, without waiting.
-    pub fn spawn_join_with(&mut self, name: &str, token: &str, setup: EdgeSetup) {
+    pub fn spawn_join_with(&mut self, name: &str, token: &str, mut setup: EdgeSetup) {
+        if setup.peer_link && setup.peer_ports.is_none() {
+            setup.peer_ports = Some(self.start_peer_link(name));
+        }
         let url = self.edge_url(name, setup.link);
         let labels = setup.labels.clone();
         let run_args = Cluster::run_args(&setup);
