@@ -47,6 +47,36 @@ spec:
     limits: {cpu: 200m, memory: 64Mi}
 "#;
 
+/// The demo's two sites as NodeGroups, and an App with one instance per
+/// site (site b runs it with its own setting).
+pub const SITES: &str = r#"apiVersion: yunbian.io/v1
+kind: NodeGroup
+metadata: {name: site-a}
+spec: {selector: {site: a}, site: a, region: east, zone: east-1, costPerCpuHour: 0.02}
+---
+apiVersion: yunbian.io/v1
+kind: NodeGroup
+metadata: {name: site-b}
+spec: {selector: {site: b}, site: b, region: west, zone: west-1, costPerCpuHour: 0.03}
+---
+apiVersion: yunbian.io/v1
+kind: App
+metadata: {name: site-agent}
+spec:
+  runtime: process
+  process:
+    command: ["/bin/sh", "-c", "while true; do echo \"$MODE agent for $NODE_NAME\"; sleep 5; done"]
+    env: {MODE: standard}
+  resources:
+    requests: {cpu: 20m, memory: 8Mi}
+  placement:
+    groups: [site-a, site-b]
+    perGroup: {replicas: 1}
+    overrides:
+      - {group: site-b, env: {MODE: low-bandwidth}}
+  onNodeLost: {action: reschedule, after: 10s}
+"#;
+
 /// The wasm sample app (examples/apps/wasm-hello), built into the binary
 /// so the demo needs no wasm toolchain.
 const WASM_HELLO: &[u8] = include_bytes!("../../../examples/apps/wasm-hello/wasm-hello.wasm");
@@ -272,6 +302,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         println!("    {:<18} on {:<8} {:<8} pid {pid}", g("/metadata/name"), g("/spec/node"), g("/status/phase"));
     }
     let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "yunbian".into());
+    sites(&client).await?;
     if let Err(e) = wasm_app(&client, &dir).await {
         // The rest of the demo does not depend on it.
         say(&format!("the wasm sample did not come up: {e:#}"));
@@ -287,7 +318,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
     cloud_data(&client, rules_at).await?;
     println!(
-        "\nThe cluster is up. In another terminal:\n\n    export YUNBIAN_CONFIG={}\n    {exe} get nodes -o wide\n    {exe} get instances\n    {exe} get devices\n    {exe} describe device boiler-1\n    {exe} device set boiler-1 setpoint=80 --wait\n    {exe} device watch boiler-1\n    {exe} logs app/device-reader --follow\n    mosquitto_sub -p {MQTT_BASE} -t 'yunbian/devices/#' -v   (edge-a1's bus)\n    {exe} get rules -o wide\n    {exe} query 'temperature_avg_10s' --since 30m --step 1m --agg avg\n    {exe} series --match '{{node=~\"edge-.*\"}}'\n    {exe} get events\n    {exe} describe node edge-b1   (its data outbox)\n    curl -G http://127.0.0.1:17790/v1/query --data-urlencode 'q=temperature_avg_10s{{device=\"boiler-1\"}}' -d since=10m   (edge-a1's store)\n    {exe} logs app/hello --follow\n    curl http://127.0.0.1:{WASM_PORT}/   (the wasm sample; {exe} describe instance … shows how it ran)\n    {exe} artifact list\n    {exe} apply -f <your-app.yaml>\n\nPress Ctrl-C to stop (the demo's apps are deleted first, so no workload outlives it).",
+        "\nThe cluster is up. In another terminal:\n\n    export YUNBIAN_CONFIG={}\n    {exe} get nodes -o wide\n    {exe} get nodegroups\n    {exe} describe app site-agent   (why each instance is where it is)\n    {exe} top nodes\n    {exe} get instances\n    {exe} get devices\n    {exe} describe device boiler-1\n    {exe} device set boiler-1 setpoint=80 --wait\n    {exe} device watch boiler-1\n    {exe} logs app/device-reader --follow\n    mosquitto_sub -p {MQTT_BASE} -t 'yunbian/devices/#' -v   (edge-a1's bus)\n    {exe} get rules -o wide\n    {exe} query 'temperature_avg_10s' --since 30m --step 1m --agg avg\n    {exe} series --match '{{node=~\"edge-.*\"}}'\n    {exe} get events\n    {exe} describe node edge-b1   (its data outbox)\n    curl -G http://127.0.0.1:17790/v1/query --data-urlencode 'q=temperature_avg_10s{{device=\"boiler-1\"}}' -d since=10m   (edge-a1's store)\n    {exe} logs app/hello --follow\n    curl http://127.0.0.1:{WASM_PORT}/   (the wasm sample; {exe} describe instance … shows how it ran)\n    {exe} artifact list\n    {exe} apply -f <your-app.yaml>\n\nPress Ctrl-C to stop (the demo's apps are deleted first, so no workload outlives it).",
         cloud.admin_config.display()
     );
     if args.exit_when_ready {
@@ -295,6 +326,32 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     }
     tokio::signal::ctrl_c().await.context("wait for Ctrl-C")?;
     cleanup(&client).await
+}
+
+/// Applies the NodeGroups and the per-site App, and shows where each
+/// instance went and why (what `describe app site-agent` shows).
+async fn sites(client: &yunbian_cli::Client) -> Result<()> {
+    for doc in yunbian_api::parse_manifests(SITES).context("demo sites")? {
+        client.apply(&doc.to_value()).await?;
+    }
+    say("applied NodeGroups site-a and site-b, and site-agent: one instance per site, site b with its own MODE");
+    let t0 = Instant::now();
+    loop {
+        let app = client.get_object(Kind::App, "site-agent").await?;
+        let ready = app.pointer("/status/readyReplicas").and_then(Value::as_u64).unwrap_or(0);
+        let placements = app.pointer("/status/placements").and_then(Value::as_array).cloned().unwrap_or_default();
+        if ready >= 2 && placements.len() >= 2 {
+            for p in placements {
+                let g = |k: &str| p.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+                println!("    {:<22} on {:<8} group {:<7} because: {}", g("instance"), g("node"), g("group"), g("reason"));
+            }
+            return Ok(());
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!("site-agent did not run in both sites within 60 s: {}", app["status"]);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Publishes the wasm sample app as an artifact and runs it (`runtime:
@@ -556,4 +613,17 @@ async fn cleanup(client: &yunbian_cli::Client) -> Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     say("done");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_manifests_are_valid() {
+        for (what, text, n) in [("HELLO", HELLO, 1), ("SITES", SITES, 3), ("DATA_RULES", DATA_RULES, 2)] {
+            let docs = yunbian_api::parse_manifests(text).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(docs.len(), n, "{what}");
+        }
+    }
 }
