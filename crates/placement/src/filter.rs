@@ -330,6 +330,16 @@ impl Filter for TierAllowed {
     }
 }
 
+/// `want` fits in what `allocatable` has left after `requested`, or why not.
+fn fits(what: &str, want: u64, allocatable: u64, requested: u64, show: fn(u64) -> String) -> Result<(), String> {
+    let free = allocatable.saturating_sub(requested);
+    if want <= free {
+        Ok(())
+    } else {
+        Err(format!("insufficient {what} (requests {}, free {})", show(want), show(free)))
+    }
+}
+
 impl Filter for Cpu {
     fn name(&self) -> &'static str {
         "Cpu"
@@ -338,13 +348,8 @@ impl Filter for Cpu {
         true
     }
     fn filter(&self, ctx: &Context, node: NodeRef) -> Result<(), String> {
-        let want = ctx.request.resources.cpu_millis;
-        let free = node.facts.allocatable.cpu_millis.saturating_sub(node.facts.requested.cpu_millis);
-        if want <= free {
-            Ok(())
-        } else {
-            Err(format!("insufficient cpu (requests {}, free {})", quantity::cpu(want), quantity::cpu(free)))
-        }
+        let (a, r) = (&node.facts.allocatable, &node.facts.requested);
+        fits("cpu", ctx.request.resources.cpu_millis, a.cpu_millis, r.cpu_millis, quantity::cpu)
     }
 }
 
@@ -356,13 +361,8 @@ impl Filter for Memory {
         true
     }
     fn filter(&self, ctx: &Context, node: NodeRef) -> Result<(), String> {
-        let want = ctx.request.resources.memory_bytes;
-        let free = node.facts.allocatable.memory_bytes.saturating_sub(node.facts.requested.memory_bytes);
-        if want <= free {
-            Ok(())
-        } else {
-            Err(format!("insufficient memory (requests {}, free {})", quantity::bytes(want), quantity::bytes(free)))
-        }
+        let (a, r) = (&node.facts.allocatable, &node.facts.requested);
+        fits("memory", ctx.request.resources.memory_bytes, a.memory_bytes, r.memory_bytes, quantity::bytes)
     }
 }
 
@@ -375,15 +375,9 @@ impl Filter for Extended {
     }
     fn filter(&self, ctx: &Context, node: NodeRef) -> Result<(), String> {
         for (k, want) in &ctx.request.resources.extended {
-            if *want == 0 {
-                continue;
-            }
             let have = node.facts.allocatable.extended.get(k).copied().unwrap_or(0);
             let used = node.facts.requested.extended.get(k).copied().unwrap_or(0);
-            let free = have.saturating_sub(used);
-            if *want > free {
-                return Err(format!("insufficient {k} (requests {want}, free {free})"));
-            }
+            fits(k, *want, have, used, |n| n.to_string())?;
         }
         Ok(())
     }

@@ -15,6 +15,8 @@ use yunbian_api::{
     AppAffinity, Fallback, LatencySpec, PerGroup, Placement, PlacementPolicy, Spread, Tier, TopologyKey,
 };
 
+use yunbian_api::fuzzing::Mutator;
+
 use crate::{schedule, Cluster, GroupInfo, Latency, NodeFacts, Request, Resources, Target};
 
 /// Which policies the Apps use.
@@ -84,20 +86,9 @@ pub struct Outcome {
     pub unplaced: u64,
 }
 
-/// A small deterministic generator (SplitMix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
+/// A number in `0..n` (0 when `n` is 0) from the workload's generator.
+fn below(rng: &mut Mutator, n: u64) -> u64 {
+    rng.below(n.max(1) as usize) as u64
 }
 
 fn group_name(i: usize) -> String {
@@ -107,7 +98,7 @@ fn group_name(i: usize) -> String {
 impl Workload {
     /// `nodes` nodes and Apps totalling about `placements` instances.
     pub fn new(nodes: usize, placements: usize, mix: Mix) -> Workload {
-        let mut rng = Rng(0x5EED);
+        let mut rng = Mutator::new(0x5EED);
         let n_groups = nodes.div_ceil(GROUP_SIZE).max(1);
         let groups: Vec<GroupInfo> = (0..n_groups)
             .map(|g| GroupInfo {
@@ -123,7 +114,7 @@ impl Workload {
             .map(|i| {
                 let cpu = 8000;
                 let mem = 16u64 << 30;
-                let busy = 25 + rng.below(26);
+                let busy = 25 + below(&mut rng, 26);
                 NodeFacts {
                     name: format!("node-{i:06}"),
                     labels: [("sim".to_string(), "true".to_string())].into(),
@@ -140,8 +131,8 @@ impl Workload {
                         extended: Default::default(),
                     },
                     disk_free_bytes: 50 << 30,
-                    uptime_secs: rng.below(30 * 86_400),
-                    recent_failures: (rng.below(10) / 7) as u32,
+                    uptime_secs: below(&mut rng, 30 * 86_400),
+                    recent_failures: (below(&mut rng, 10) / 7) as u32,
                     ..Default::default()
                 }
             })
@@ -151,12 +142,12 @@ impl Workload {
         for i in 0..nodes {
             let name = &node_list[i].name;
             for _ in 0..3 {
-                let c = rng.below(clients as u64) as usize;
-                latency.insert(&node_list[c].name, name, 1.0 + rng.below(800) as f64 / 10.0);
+                let c = below(&mut rng, clients as u64) as usize;
+                latency.insert(&node_list[c].name, name, 1.0 + below(&mut rng, 800) as f64 / 10.0);
             }
             for _ in 0..4 {
-                let peer = rng.below(nodes as u64) as usize;
-                latency.insert(name, &node_list[peer].name, 1.0 + rng.below(1000) as f64 / 10.0);
+                let peer = below(&mut rng, nodes as u64) as usize;
+                latency.insert(name, &node_list[peer].name, 1.0 + below(&mut rng, 1000) as f64 / 10.0);
             }
         }
         let mut apps = Vec::new();
@@ -183,7 +174,7 @@ impl Workload {
                     ..Default::default()
                 });
             }
-            let pick_group = |rng: &mut Rng| group_name(rng.below(n_groups as u64) as usize);
+            let pick_group = |rng: &mut Mutator| group_name(below(rng, n_groups as u64) as usize);
             let mut targets = vec![Target { group: String::new(), count: 20 }];
             match k % 6 {
                 0 => {}
