@@ -726,18 +726,26 @@ impl<'a> Ctx<'a> {
             RolloutUnit::Instance => {
                 let min_available = want_total.saturating_sub(input.spec.max_unavailable.resolve(want_total, false));
                 let mut budget = available_now.saturating_sub(min_available);
-                // Unavailable ones cost nothing; then keys with a surplus.
+                // Unavailable old ones cost no availability, but they may
+                // be about to become available (old instances still within
+                // minReadySeconds): as Kubernetes does, only as many go as
+                // leave `min_available` plus the new instances not yet
+                // available.
+                let creating: u64 = groups.values().map(|g| g.create).sum();
+                let new_unavailable =
+                    creating + groups.values().flat_map(|g| g.upd.iter()).filter(|i| !self.available(i)).count() as u64;
+                let mut cleanup = (online_total + creating).saturating_sub(min_available + new_unavailable);
+                // Then keys with a surplus first.
                 removable.sort_by_key(|i| {
                     let g = &groups[self.key_of(i)];
                     (self.available(i), g.online() + g.create <= g.want, i.name.clone())
                 });
                 for i in &removable {
-                    if self.available(i) {
-                        if budget == 0 {
-                            continue;
-                        }
-                        budget -= 1;
+                    let left = if self.available(i) { &mut budget } else { &mut cleanup };
+                    if *left == 0 {
+                        continue;
                     }
+                    *left -= 1;
                     out.delete.push(i.name.clone());
                 }
             }

@@ -658,3 +658,34 @@ fn a_canary_has_nothing_to_do_when_no_old_instance_is_left() {
     assert_eq!(p.status.phase, RolloutPhase::Complete, "{p:?}");
     assert_eq!(p.status.stable_revision, 2);
 }
+
+#[test]
+fn a_pause_in_the_middle_of_a_rollout_holds_the_split() {
+    let mut sim = Sim::new(rollout(json!({"maxSurge": 1, "maxUnavailable": 0, "minReadySeconds": 5})), &[("", 2)]);
+    let p = sim.pass();
+    assert_eq!(p.create.values().sum::<u32>(), 1);
+    sim.spec.paused = true;
+    for _ in 0..10 {
+        sim.tick(10);
+        let p = sim.pass();
+        assert!(p.is_idle(), "{p:?}");
+        assert_eq!(p.status.phase, RolloutPhase::Paused);
+    }
+    assert_eq!((sim.updated(), sim.instances.len()), (1, 3), "the surge instance stays, the old ones too");
+}
+
+#[test]
+fn old_instances_still_warming_up_are_not_killed() {
+    // The previous rollout just finished: the old instances run for 1 s of
+    // the 5 minReadySeconds. Unavailable, but not to be swept away.
+    let mut sim = Sim::new(rollout(json!({"maxSurge": 1, "maxUnavailable": 0, "minReadySeconds": 5})), &[("", 2)]);
+    for i in &mut sim.instances {
+        i.running_for_secs = Some(1);
+    }
+    let p = sim.pass();
+    assert_eq!(p.create.values().sum::<u32>(), 1, "{p:?}");
+    assert!(p.delete.is_empty(), "{p:?}");
+    sim.run_until(RolloutPhase::Complete, |sim, p| {
+        assert!(sim.instances.len() <= 3, "{p:?}");
+    });
+}

@@ -193,7 +193,13 @@ fn pause_undo_history_and_their_errors() {
     wait_phase(&c, "svc", "Paused");
     std::thread::sleep(Duration::from_secs(8));
     let v = versions(&c, "svc").unwrap_or_default();
-    assert!(v.values().any(|x| x == "2"), "paused before replacing every instance: {v:?}");
+    let a = c.app("svc").unwrap_or_default();
+    assert!(
+        v.values().any(|x| x == "2"),
+        "paused before replacing every instance: {v:?}; {}; {}",
+        a.pointer("/status").cloned().unwrap_or_default(),
+        summary(&c.instances_of("svc").unwrap_or_default())
+    );
     assert_eq!(rollout_phase(&c, "svc"), "Paused");
     let o = c.cli(&["rollout", "resume", "app/svc"]);
     assert!(o.ok().contains("resumed"), "{}", o.ok());
