@@ -1,44 +1,44 @@
 //! Rollouts: App revisions and the rollout planner (docs/design/019-rollouts.md).
 //!
 //! Pure: no I/O and no clock (`now` is a parameter), so every rule is
-//! table-tested. The App controller calls it once per App and pass:
+//! table-tested. The App controller, once per App and pass:
 //!
-//! 1. [`revision_hash`] of the App's spec; when it differs from the newest
-//!    entry of `status.history`, [`record_revision`] appends a revision.
-//! 2. [`RevisionView::of_spec`] for the newest revision (the target) and,
-//!    through [`spec_at`], for `status.rollout.stableRevision` (the last
-//!    revision that completed) when it is still in the history.
-//! 3. [`plan`] with the App's instances; the plan says what to create
-//!    (per revision and group, placed by the scheduler), what to replace in
-//!    place on a given node, what to delete, and the status to write.
+//! 1. computes [`revision_hash`] of the App's spec and records it with
+//!    [`record_revision`] (a new entry when it changed);
+//! 2. marks each instance with the revision it runs ([`InstanceView`]:
+//!    the target's number when its template hash is the target's for its
+//!    group) and calls [`plan`] with the target and the stable revision
+//!    (`status.rollout.stableRevision`);
+//! 3. deletes `plan.delete`, places `plan.create` instances of the target
+//!    per group with the scheduler, and writes `plan.status`. When
+//!    `plan.rollback` is set, it plans again towards the stable revision
+//!    (its template from the history through [`spec_at`]).
 //!
 //! # The model
 //!
-//! An instance is *updated* when its template hash is the goal revision's
-//! hash for its group (per-group overrides give per-group hashes, so a
-//! change that only touches group `a` leaves group `b` alone). It is
-//! *available* when Running on a Ready node for at least `minReadySeconds`
-//! and not failed. Instances on nodes that are not Ready are *offline*:
-//! they are left out of every budget (they cannot be available, and must
-//! not block the rollout), and an old one is replaced in place by the goal
-//! revision, on the same node, as soon as the current step allows its
-//! group: the node receives that revision when it returns and never runs an
-//! intermediate one.
+//! An instance is *available* when Running on a Ready node for at least
+//! `minReadySeconds` and not failed. Instances on nodes that are not Ready
+//! are *offline*: they are left out of every budget (they cannot be
+//! available, and must not block the rollout), and an old one is replaced
+//! by the target as soon as the current step allows its group (deleted, and
+//! a new one created in its group): the node learns of it when it returns
+//! and never runs an intermediate revision.
 //!
 //! Budgets count online instances: with `D` desired online, at least
 //! `D - maxUnavailable` stay available and at most `D + maxSurge` exist.
 //! `by: node` and `by: group` count whole domains instead: at most
 //! `maxUnavailable` nodes (groups) are disrupted at once, and every old
 //! instance of a disrupted domain is replaced together (`maxSurge` does not
-//! apply). Canary steps limit which instances may be updated; the step in
-//! progress is done when everything it allows is updated and available.
+//! apply). Missing instances are created whatever the budgets. Canary steps
+//! limit which instances may be updated; the step in progress is done when
+//! everything it allows is updated and available.
 //!
 //! # States
 //!
 //! `status.rollout.revision` names the rollout; a new target revision
 //! starts a new rollout (step 0, no failures). `RolledBack` and `Failed`
-//! stick to their revision until a newer one is recorded: `RolledBack`
-//! converges to the stable revision, `Failed` freezes the split as it is.
+//! stick to their revision until a newer one is recorded; `Failed` freezes
+//! the split as it is, like `spec.rollout.paused` does.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -312,7 +312,8 @@ pub struct InstanceView {
     /// (an instance whose group's template did not change needs no update),
     /// otherwise the revision it was created for.
     pub revision: u64,
-    /// `spec.templateHash`, for messages.
+    /// `spec.templateHash`. The planner goes by `revision`; the hash is
+    /// what the controller derived it from, kept for logs and debugging.
     pub hash: String,
     /// Reported phase.
     pub phase: InstancePhase,
