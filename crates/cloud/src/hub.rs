@@ -1633,6 +1633,76 @@ fn human_duration(d: Duration) -> String {
 mod tests {
     use super::*;
 
+    /// A hub on `store`, serving `nodes` (connected, heartbeat now).
+    fn hub_serving(store: &Arc<yunbian_store::RedbStore>, nodes: &[&str]) -> Arc<Hub> {
+        let hub = Hub::new(store.clone(), Arc::new(Metrics::default()), HubConfig::default());
+        let mut inner = hub.lock();
+        for (i, n) in nodes.iter().enumerate() {
+            let (control, _) = mpsc::channel(1);
+            inner.links.insert(n.to_string(), Link { conn: i as u64, notify: Arc::new(Notify::new()), control });
+            let l = inner.live.entry(n.to_string()).or_default();
+            l.last_heartbeat = Some(Instant::now());
+            l.address = format!("10.0.0.{}:40000", i + 1);
+        }
+        drop(inner);
+        hub
+    }
+
+    #[tokio::test]
+    async fn replicas_share_peer_addresses_and_what_their_nodes_see_of_silent_ones() {
+        let dir = std::env::temp_dir().join(format!("yunbian-hub-presence-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let store = yunbian_store::RedbStore::open(&dir.join("s.redb"), Default::default()).expect("store");
+        let coord: Arc<dyn Coordinator> = store.clone();
+        let a = hub_serving(&store, &["n1"]);
+        let b = hub_serving(&store, &["n2"]);
+        // n1 (on replica a) reached n3 a moment ago; n3 is served by nobody.
+        let mut network = NetworkStatus::default();
+        network.peers.insert(
+            "n3".into(),
+            yunbian_api::LinkQuality { rtt_ms: Some(2.0), loss: 0.0, samples: 3, last_seen_secs: Some(0) },
+        );
+        network.peers.insert("n2".into(), yunbian_api::LinkQuality::default());
+        a.note_network("n1", Some(Box::new(network)), ":7444");
+        b.note_network("n2", None, "n2.example:7444");
+        b.lock().live.entry("n3".into()).or_default().peer_addr = "10.0.0.3:7444".into();
+
+        coord.set_presence("b", serde_json::to_vec(&b.presence_record()).expect("encode")).await.expect("publish b");
+        a.refresh_remote(&coord).await;
+        let rec = a.presence_record();
+        assert_eq!(rec.nodes, vec!["n1"]);
+        assert_eq!(rec.peer_addrs.get("n1").map(String::as_str), Some("10.0.0.1:7444"), "the host is the connection's");
+        let views = rec.peer_views.get("n3").expect("a view of n3");
+        assert_eq!((views[0].reporter.as_str(), views[0].last_seen_secs), ("n1", Some(0)));
+        assert!(!rec.peer_views.contains_key("n2"), "n2 is served (by b): no view needed");
+        coord.set_presence("a", serde_json::to_vec(&rec).expect("encode")).await.expect("publish a");
+
+        // b reads a's record (and skips its own).
+        b.refresh_remote(&coord).await;
+        {
+            let remote = b.remote.lock().expect("remote");
+            assert!(remote.served.contains("n1") && !remote.served.contains("n2"));
+            assert_eq!(remote.peer_addrs.get("n1").map(String::as_str), Some("10.0.0.1:7444"));
+            assert_eq!(remote.peer_views.get("n3").map(Vec::len), Some(1));
+        }
+        // A group of the three: b names n1 (a's node) and n3 as n2's targets.
+        let group = serde_json::json!({
+            "apiVersion": "yunbian.io/v1", "kind": "NodeGroup", "metadata": {"name": "g"},
+            "spec": {"selector": {"site": "a"}}, "status": {"members": ["n1", "n2", "n3"]}
+        });
+        store.create(Kind::NodeGroup, "g", group).await.expect("group");
+        let targets = b.probe_targets("n2").await.expect("targets");
+        assert_eq!(
+            targets,
+            vec![("n3".to_string(), "10.0.0.3:7444".to_string()), ("n1".to_string(), "10.0.0.1:7444".to_string())]
+        );
+        // The matrix: n1's row, here on a.
+        assert_eq!(a.latency_matrix().rtt("n1", "n3"), Some(2.0));
+        assert_eq!(a.latency_snapshot(), vec![("n1".to_string(), "n3".to_string(), 2.0)]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn recent_failures_keep_the_last_day_and_at_most_sixteen() {
         let day = FAILURES_FOR_SECS;
