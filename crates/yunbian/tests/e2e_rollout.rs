@@ -9,7 +9,6 @@
 
 mod harness;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use harness::{eventually, pid_alive, proc_env, run, s, summary, u, Cluster, EdgeSetup};
@@ -40,23 +39,26 @@ fn app(name: &str, version: &str, spec: Value) -> String {
     json!({"apiVersion": "yunbian.io/v1", "kind": "App", "metadata": {"name": name}, "spec": base}).to_string()
 }
 
-/// The version each Running instance's live process runs, by node.
-fn versions(c: &Cluster, app: &str) -> Result<BTreeMap<String, String>, String> {
+/// The version each Running instance's live process runs: (node,
+/// version), sorted.
+fn versions(c: &Cluster, app: &str) -> Result<Vec<(String, String)>, String> {
     let items = c.instances_of(app)?;
-    let mut out = BTreeMap::new();
+    let mut out = Vec::new();
     for i in &items {
         let pid = u(i, "/status/pid")
             .filter(|p| s(i, "/status/phase") == "Running" && pid_alive(*p as u32))
             .ok_or_else(|| format!("not all Running: {}", summary(&items)))?;
         let v = proc_env(pid as u32, "VERSION").ok_or_else(|| format!("no VERSION in pid {pid}"))?;
-        out.insert(s(i, "/spec/node").to_string(), v);
+        out.push((s(i, "/spec/node").to_string(), v));
     }
+    out.sort();
     Ok(out)
 }
 
-/// Waits until every instance of `app` runs `want` (node → version).
+/// Waits until the instances of `app` run exactly `want` (node, version).
 fn wait_versions(c: &Cluster, app: &str, want: &[(&str, &str)], what: &str) {
-    let want: BTreeMap<String, String> = want.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
+    let mut want: Vec<(String, String)> = want.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
+    want.sort();
     eventually(WAIT, what, || {
         let got = versions(c, app)?;
         (got == want).then_some(()).ok_or(format!("{got:?}"))
@@ -104,7 +106,7 @@ fn a_canary_updates_one_site_pauses_and_goes_on_after_resume() {
     assert!(status.ok().contains("Paused") && status.ok().contains("step:       1/2"), "{}", status.ok());
     // It stays there.
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(versions(&c, "web").expect("running")["b1"], "1");
+    assert!(versions(&c, "web").expect("running").contains(&("b1".into(), "1".into())));
     assert_eq!(rollout_phase(&c, "web"), "Paused");
 
     let resumed = c.cli(&["rollout", "resume", "app/web"]);
@@ -134,7 +136,7 @@ fn a_crashing_version_is_rolled_back_automatically() {
     c.apply(&app("api", "1", rollout.clone()));
     eventually(WAIT, "api 1 on three nodes", || {
         let v = versions(&c, "api")?;
-        (v.len() == 3 && v.values().all(|x| x == "1")).then_some(()).ok_or(format!("{v:?}"))
+        (v.len() == 3 && v.iter().all(|(_, x)| x == "1")).then_some(()).ok_or(format!("{v:?}"))
     });
     wait_phase(&c, "api", "Complete");
 
@@ -151,7 +153,7 @@ fn a_crashing_version_is_rolled_back_automatically() {
     // Back to three instances of version 1, the crashing one gone.
     eventually(WAIT, "api 1 on three nodes again", || {
         let v = versions(&c, "api")?;
-        (v.len() == 3 && v.values().all(|x| x == "1")).then_some(()).ok_or(format!("{v:?}"))
+        (v.len() == 3 && v.iter().all(|(_, x)| x == "1")).then_some(()).ok_or(format!("{v:?}"))
     });
     let history = c.cli(&["rollout", "history", "app/api"]);
     assert!(history.ok().contains("current (rolled back)"), "{}", history.ok());
@@ -162,7 +164,7 @@ fn a_crashing_version_is_rolled_back_automatically() {
 fn wait_all(c: &Cluster, app: &str, n: usize, version: &str) {
     eventually(WAIT, &format!("{app}: {n} instances of version {version}"), || {
         let v = versions(c, app)?;
-        (v.len() == n && v.values().all(|x| x == version)).then_some(()).ok_or(format!("{v:?}"))
+        (v.len() == n && v.iter().all(|(_, x)| x == version)).then_some(()).ok_or(format!("{v:?}"))
     });
 }
 
@@ -195,7 +197,7 @@ fn pause_undo_history_and_their_errors() {
     let v = versions(&c, "svc").unwrap_or_default();
     let a = c.app("svc").unwrap_or_default();
     assert!(
-        v.values().any(|x| x == "2"),
+        v.iter().any(|(_, x)| x == "2"),
         "paused before replacing every instance: {v:?}; {}; {}",
         a.pointer("/status").cloned().unwrap_or_default(),
         summary(&c.instances_of("svc").unwrap_or_default())
@@ -229,4 +231,39 @@ fn pause_undo_history_and_their_errors() {
     assert!(o.err().contains("app nope not found"), "{o:?}");
     let o = c.cli(&["rollout", "status", "node/n1"]);
     assert!(o.err().contains("rollouts are about apps"), "{o:?}");
+}
+
+#[test]
+fn a_rollout_goes_on_across_an_offline_node_which_gets_only_the_final_revision() {
+    let mut c = Cluster::builder("rollout-offline").heartbeat("1s").grace("3s").evict_after("10m").start();
+    for n in ["n1", "n2", "n3"] {
+        c.join(n);
+    }
+    let spec = json!({"replicas": 3, "rollout": {"maxSurge": 1, "maxUnavailable": 0}});
+    c.apply(&app("site", "1", spec.clone()));
+    wait_versions(&c, "site", &[("n1", "1"), ("n2", "1"), ("n3", "1")], "site 1 on every node");
+    wait_phase(&c, "site", "Complete");
+    let on_n3 = c.instances_of("site").expect("instances").into_iter().find(|i| s(i, "/spec/node") == "n3");
+    let old_pid = on_n3.as_ref().and_then(|i| u(i, "/status/pid")).expect("pid on n3") as u32;
+
+    // n3's agent goes away (its workload keeps running); two revisions
+    // roll out meanwhile, neither waiting for it.
+    c.kill_edge("n3");
+    c.wait_node_phase("n3", "NotReady");
+    for v in ["2", "3"] {
+        c.apply(&app("site", v, spec.clone()));
+        wait_all(&c, "site", 3, v);
+        wait_phase(&c, "site", "Complete");
+        let items = c.instances_of("site").expect("instances");
+        assert!(items.iter().all(|i| s(i, "/spec/node") != "n3"), "nothing waits on n3: {}", summary(&items));
+    }
+    assert!(pid_alive(old_pid), "the offline node's workload ran on by itself");
+
+    // Back: n3 stops its old instance and never runs revision 2.
+    c.start_edge("n3");
+    c.wait_node_ready("n3");
+    c.wait_pids_dead("n3's revision 1", &[old_pid]);
+    let v = versions(&c, "site").expect("running");
+    assert_eq!(v.len(), 3, "{v:?}");
+    assert!(v.iter().all(|(_, x)| x == "3"), "{v:?}");
 }
