@@ -594,7 +594,11 @@ fn plan_app(
                 .is_some_and(|n| matches!(n.status.phase, NodePhase::Ready | NodePhase::CloudUnreachable))
         })
         .count();
-    let mut rejections = decision.rejections;
+    // Rejections explain the last placement decision: a pass that placed
+    // nothing keeps those of the pass that did.
+    let decided = !decision.create.is_empty() || decision.unplaced > 0 || !decision.evict.is_empty();
+    let mut rejections =
+        if decided || !decision.rejections.is_empty() { decision.rejections } else { app.status.rejections.clone() };
     rejections.truncate(50);
     let mut history = history;
     if let Some(rs) = rollout_status.as_mut() {

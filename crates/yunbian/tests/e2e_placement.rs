@@ -113,8 +113,10 @@ fn per_group_overrides_and_every_node_with_a_late_join() {
     // NodeGroups report members and capacity.
     let g = eventually(WAIT, "group ga to list a1, a2 and a3", || {
         let g = c.get("nodegroup", "ga").ok_or("no group")?;
-        let members: Vec<&str> =
-            g.pointer("/status/members").and_then(Value::as_array).map_or(vec![], |m| m.iter().filter_map(Value::as_str).collect());
+        let members: Vec<&str> = g
+            .pointer("/status/members")
+            .and_then(Value::as_array)
+            .map_or(vec![], |m| m.iter().filter_map(Value::as_str).collect());
         (members == ["a1", "a2", "a3"]).then_some(g.clone()).ok_or(format!("{g}"))
     });
     assert!(u(&g, "/status/requested/cpuMillis").is_some(), "{g}");
@@ -251,4 +253,58 @@ fn a_dead_node_fails_over_within_the_target_and_a_cloud_only_loss_does_not() {
         let n = nodes_of(&c, "critical");
         (n == [to.clone()]).then_some(()).ok_or(format!("{n:?}"))
     });
+}
+
+#[test]
+fn latency_policy_chooses_the_near_group_and_rejects_the_far_one() {
+    let mut c = Cluster::start("placement-latency");
+    // Clients at site c; two candidate sites, the far one behind 150 ms.
+    c.join_with("cl1", EdgeSetup::new().labels("site=c"));
+    c.join_with("near1", EdgeSetup::new().labels("site=n"));
+    c.join_with("far1", EdgeSetup::new().labels("site=f").via_peer_link());
+    c.peer_link("far1").set_conditions(yunbian_faults::LinkConditions {
+        delay: Duration::from_millis(150),
+        ..yunbian_faults::LinkConditions::PERFECT
+    });
+    c.apply(&group("clients", "c", json!({})));
+    c.apply(&group("near", "n", json!({})));
+    c.apply(&group("far", "f", json!({})));
+    // Wait until the client site has measured both candidates.
+    eventually(WAIT, "RTTs from cl1 to near1 and far1", || {
+        let out = c.cli(&["get", "latency", "-o", "json"]);
+        let m: Value = serde_json::from_str(&out.stdout).map_err(|e| format!("{e}: {}", out.stdout))?;
+        let rtt = |to: &str| m.pointer(&format!("/nodes/cl1/{to}/rttMs")).and_then(Value::as_f64);
+        match (rtt("near1"), rtt("far1")) {
+            (Some(n), Some(f)) if f > 100.0 && n < 100.0 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    c.apply(&app(
+        "frontend",
+        json!({"placement": {"groups": ["near", "far"], "policy": "latency", "latency": {"fromGroup": "clients", "maxLatencyMs": 100}}}),
+    ));
+    eventually(WAIT, "frontend on near1", || {
+        let m = running_sites(&c, "frontend")?;
+        (m.keys().cloned().collect::<Vec<_>>() == ["near1"]).then_some(()).ok_or(format!("{m:?}"))
+    });
+    let a = c.app("frontend").expect("app");
+    let reason = a.pointer("/status/placements/0/reason").and_then(Value::as_str).unwrap_or_default();
+    assert!(reason.contains("RTT") && reason.contains("clients"), "{a}");
+    // Two replicas: the far group is over maxLatencyMs, so both go near (and the rejection says why).
+    c.apply(&app(
+        "frontend",
+        json!({"replicas": 2, "placement": {"groups": ["near", "far"], "policy": "latency", "latency": {"fromGroup": "clients", "maxLatencyMs": 100}}}),
+    ));
+    let a = eventually(WAIT, "frontend x2 on near1, far1 rejected for its RTT", || {
+        let m = running_sites(&c, "frontend")?;
+        let a = c.app("frontend").ok_or("no app")?;
+        let rejected = a.pointer("/status/rejections").and_then(Value::as_array).cloned().unwrap_or_default();
+        let far = rejected.iter().find(|r| s(r, "/node") == "far1").map(|r| s(r, "/reason").to_string());
+        (m.keys().cloned().collect::<Vec<_>>() == ["near1"]
+            && m.values().map(Vec::len).sum::<usize>() == 2
+            && far.is_some())
+        .then_some(a.clone())
+        .ok_or(format!("{m:?} {far:?}"))
+    });
+    println!("[latency] {}", a["status"]["rejections"]);
 }
