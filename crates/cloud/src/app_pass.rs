@@ -475,6 +475,36 @@ fn plan_app(
     }
     out.deletes.extend(rollout_deletes.iter().cloned());
 
+    // An old instance on a node that is away (not lost) is replaced in
+    // place: the node gets the target revision when it returns, and only
+    // that (a reconnecting node is sent the final state of its view).
+    let mut in_place: Vec<AppInstance> = Vec::new();
+    for i in insts.iter().filter(|i| deleting.contains(i.metadata.name.as_str())) {
+        let away = nodes.get(i.spec.node.as_str()).is_some_and(|n| n.status.phase != NodePhase::Ready);
+        if !away {
+            continue;
+        }
+        if let Some(creates) = rollout_creates.as_mut() {
+            match creates.get_mut(&i.spec.group) {
+                Some(c) if *c > 0 => *c -= 1,
+                _ => continue,
+            }
+        }
+        let t = spec.template_for(&i.spec.group);
+        let spec_i = AppInstanceSpec {
+            app: name.to_string(),
+            node: i.spec.node.clone(),
+            template_hash: t.hash(),
+            template: t,
+            group: i.spec.group.clone(),
+            revision: target_rev,
+        };
+        cluster.book(&spec_i.node, &resources_of(&spec_i.template));
+        let mut inst: AppInstance = Object::new(instance_name(name), spec_i);
+        inst.metadata.labels.insert("app".into(), name.to_string());
+        in_place.push(inst);
+    }
+
     // 4. Placement of the target revision.
     let current: Vec<&&Typed<AppInstanceSpec>> = insts
         .iter()
@@ -505,8 +535,9 @@ fn plan_app(
         Some(creates) if old_exist => desired
             .keys()
             .map(|g| {
-                let have = current.iter().filter(|i| &i.spec.group == g || g.is_empty()).count() as u32;
-                placement::Target { group: g.clone(), count: have + creates.get(g).copied().unwrap_or(0) }
+                let have = current.iter().filter(|i| &i.spec.group == g || g.is_empty()).count()
+                    + in_place.iter().filter(|i| &i.spec.group == g || g.is_empty()).count();
+                placement::Target { group: g.clone(), count: have as u32 + creates.get(g).copied().unwrap_or(0) }
             })
             .collect(),
         _ => desired.iter().map(|(g, n)| placement::Target { group: g.clone(), count: *n }).collect(),
@@ -522,10 +553,12 @@ fn plan_app(
         targets: place_targets,
         existing: current
             .iter()
-            .map(|i| placement::Existing {
-                instance: i.metadata.name.clone(),
-                node: i.spec.node.clone(),
-                group: i.spec.group.clone(),
+            .map(|i| (&i.metadata, &i.spec))
+            .chain(in_place.iter().map(|i| (&i.metadata, &i.spec)))
+            .map(|(m, sp)| placement::Existing {
+                instance: m.name.clone(),
+                node: sp.node.clone(),
+                group: sp.group.clone(),
             })
             .collect(),
     };
@@ -572,6 +605,21 @@ fn plan_app(
             node: b.node.clone(),
             group: b.group.clone(),
             reason: b.reason.clone(),
+        });
+        out.creates.push(inst.to_value());
+    }
+    for inst in in_place {
+        if evicted.contains(inst.metadata.name.as_str()) {
+            continue;
+        }
+        placements.push(PlacementDecision {
+            instance: inst.metadata.name.clone(),
+            node: inst.spec.node.clone(),
+            group: inst.spec.group.clone(),
+            reason: format!(
+                "revision {target_rev} in place of the old instance: node {} is away and gets it when it returns",
+                inst.spec.node
+            ),
         });
         out.creates.push(inst.to_value());
     }
@@ -863,5 +911,33 @@ mod tests {
         assert_eq!(sim.nodes_of("svc"), ["a1"]);
         let out = sim.pass(&StatusSignals);
         assert!(out.creates.is_empty() && out.deletes.is_empty(), "{out:?}");
+    }
+
+    #[test]
+    fn a_node_away_during_a_rollout_gets_the_target_revision_in_place() {
+        let spec = json!({
+            "replicas": 2,
+            "placement": {"antiAffinity": [{"app": "web"}]},
+            "rollout": {"maxUnavailable": 1, "maxSurge": 0},
+        });
+        let mut sim = Sim::new(vec![node("a1", "a"), node("a2", "a")], vec![app("web", spec)]);
+        sim.pass(&StatusSignals);
+        assert_eq!(sim.nodes_of("web"), ["a1", "a2"]);
+        Arc::make_mut(&mut sim.nodes[1]).status.phase = NodePhase::NotReady;
+        for (generation, cmd) in [(2, "/bin/false"), (3, "/bin/echo")] {
+            let mut a = (*sim.apps[0]).clone();
+            a.spec.process.as_mut().expect("process").command = vec![cmd.into()];
+            a.metadata.generation = generation;
+            sim.apps[0] = Arc::new(a);
+            for _ in 0..6 {
+                sim.pass(&StatusSignals);
+            }
+            let on_a2: Vec<u64> = sim.insts.iter().filter(|i| i.spec.node == "a2").map(|i| i.spec.revision).collect();
+            assert_eq!(on_a2, [generation], "the away node holds only the newest revision");
+            let on_a1: Vec<u64> = sim.insts.iter().filter(|i| i.spec.node == "a1").map(|i| i.spec.revision).collect();
+            assert_eq!(on_a1, [generation]);
+        }
+        let st = sim.apps[0].status.rollout.clone().expect("rollout status");
+        assert_eq!(st.revision, 3, "{st:?}");
     }
 }
