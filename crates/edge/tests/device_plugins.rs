@@ -12,6 +12,7 @@ use hyper::body::Bytes;
 use hyper::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
+use yunbian_api::fuzzing::Mutator;
 use yunbian_api::{AppInstance, AppInstanceSpec, InstancePhase, ProcessSpec, RuntimeKind, WorkloadTemplate};
 use yunbian_edge::device_plugins::{
     self, AllocateError, ClientError, DeviceRegistry, PluginClient, PluginDevice, Registration, RegistryOptions,
@@ -309,37 +310,30 @@ async fn the_launcher_waits_for_devices_and_hands_their_variables_to_the_workloa
     assert_eq!(registry.held_by("infer-2")[GPU], ["0"]);
 }
 
-/// xorshift64: deterministic mutations, replayable from the seed.
-struct Mutator(u64);
-
-impl Mutator {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// `seed` with a few bytes flipped, dropped, inserted or the tail cut.
-    fn mutate(&mut self, seed: &[u8]) -> Vec<u8> {
-        let mut v = seed.to_vec();
-        for _ in 0..1 + self.next() % 4 {
-            if v.is_empty() {
-                break;
-            }
-            let at = (self.next() % v.len() as u64) as usize;
-            match self.next() % 4 {
-                0 => v[at] = self.next() as u8,
-                1 => {
-                    v.remove(at);
-                }
-                2 => v.insert(at, b"{}[],:\"0 truefalsenull\\"[(self.next() % 22) as usize]),
-                _ => v.truncate(at),
-            }
-        }
-        v
-    }
-}
+/// Tokens of the registration format, for the mutator to insert.
+const DICT: &[&[u8]] = &[
+    b"\"name\"",
+    b"\"resource\"",
+    b"\"env\"",
+    b"\"devices\"",
+    b"\"id\"",
+    b"\"healthy\"",
+    b"\"memoryBytes\"",
+    b"true",
+    b"false",
+    b"null",
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b",",
+    b":",
+    b"\"a,b\"",
+    b"\"YUNBIAN_X\"",
+    b"18446744073709551615",
+    b"-1",
+    b"\"yunbian.io/gpu\"",
+];
 
 const SEEDS: [&str; 3] = [
     r#"{"name":"nvidia","resource":"yunbian.io/gpu","env":"NVIDIA_VISIBLE_DEVICES","devices":[{"id":"0","model":"NVIDIA A2","memoryBytes":16106127360,"healthy":true},{"id":"1","healthy":false}]}"#,
@@ -349,12 +343,13 @@ const SEEDS: [&str; 3] = [
 
 #[test]
 fn mutated_registrations_never_break_the_table() {
-    let mut m = Mutator(0x9e37_79b9_7f4a_7c15);
-    for seed in SEEDS {
-        device_plugins::fuzzing::check_registration(seed.as_bytes());
-        for _ in 0..10_000 {
-            device_plugins::fuzzing::check_registration(&m.mutate(seed.as_bytes()));
-        }
+    let seeds: Vec<Vec<u8>> = SEEDS.iter().map(|s| s.as_bytes().to_vec()).collect();
+    let mut m = Mutator::new(0x9e37_79b9_7f4a_7c15);
+    for seed in &seeds {
+        device_plugins::fuzzing::check_registration(seed);
+    }
+    for _ in 0..30_000 {
+        device_plugins::fuzzing::check_registration(&m.input(&seeds, DICT));
     }
 }
 
@@ -363,10 +358,10 @@ async fn mutated_requests_on_the_socket_get_answers_and_the_server_lives() {
     let dir = temp_dir("mutated");
     let registry = DeviceRegistry::open(&dir, RegistryOptions::default());
     let (client, _server) = serve(registry, &dir);
-    let mut m = Mutator(0x2545_f491_4f6c_dd1d);
-    for i in 0..300 {
-        let seed = SEEDS[i % SEEDS.len()].as_bytes();
-        let body = Bytes::from(m.mutate(seed));
+    let seeds: Vec<Vec<u8>> = SEEDS.iter().map(|s| s.as_bytes().to_vec()).collect();
+    let mut m = Mutator::new(0x2545_f491_4f6c_dd1d);
+    for _ in 0..300 {
+        let body = Bytes::from(m.input(&seeds, DICT));
         let (code, answer) = client.raw(Method::POST, "/v1/plugins", body.clone()).await.expect("answered");
         assert!(matches!(code, 200 | 400 | 409), "{code} for {body:?}: {answer:?}");
         if code != 200 {
