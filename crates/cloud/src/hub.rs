@@ -1467,10 +1467,11 @@ impl Hub {
                 }
             };
             let groups = self.update_node_groups(&store, &nodes).await;
-            let mut peers_of: HashMap<&str, std::collections::BTreeSet<&str>> = HashMap::new();
-            for members in &groups {
+            // Member → its groups: O(members), not O(members²).
+            let mut groups_of: HashMap<&str, Vec<usize>> = HashMap::new();
+            for (i, members) in groups.iter().enumerate() {
                 for m in members {
-                    peers_of.entry(m.as_str()).or_default().extend(members.iter().map(String::as_str));
+                    groups_of.entry(m.as_str()).or_default().push(i);
                 }
             }
             let phase_of = |n: &StoredObject| match n.value.pointer("/status/phase").and_then(|p| p.as_str()) {
@@ -1480,35 +1481,18 @@ impl Hub {
                 _ => NodePhase::Unknown,
             };
             let phases: HashMap<&str, NodePhase> = nodes.iter().map(|n| (n.name.as_str(), phase_of(n))).collect();
-            // What this hub heard: last heartbeats, and every node's peer
-            // report (`reporter → target → (last seen, received)`).
-            let (heard, reports) = {
-                let inner = self.lock();
-                let heard: HashMap<String, Instant> =
-                    inner.live.iter().filter_map(|(n, l)| Some((n.clone(), l.last_heartbeat?))).collect();
-                let mut reports: HashMap<String, Vec<PeerReport>> = HashMap::new();
-                for (reporter, l) in &inner.live {
-                    let Some((net, at)) = &l.network else { continue };
-                    for (target, q) in &net.peers {
-                        reports.entry(target.clone()).or_default().push(PeerReport {
-                            reporter: reporter.clone(),
-                            reporter_phase: phases.get(reporter.as_str()).copied().unwrap_or_default(),
-                            received: *at,
-                            last_seen_secs: q.last_seen_secs,
-                        });
-                    }
-                }
-                (heard, reports)
-            };
+            // When this hub last heard each node.
+            let heard: HashMap<String, Instant> =
+                self.lock().live.iter().filter_map(|(n, l)| Some((n.clone(), l.last_heartbeat?))).collect();
             unheard
                 .retain(|n, _| phases.contains_key(n.as_str()) && !remote_served.contains(n) && !heard.contains_key(n));
             let mut silent_since: HashMap<String, Instant> = HashMap::new();
             let mut verdicts: HashMap<String, Verdict> = HashMap::new();
             let unix = crate::objects::unix_now();
-            for n in nodes {
+            for n in &nodes {
                 // Read only what is needed: decoding every node on every
                 // tick is the dominant cost at 10k+ nodes.
-                let phase = phase_of(&n);
+                let phase = phase_of(n);
                 let since = if remote_served.contains(&n.name) {
                     None
                 } else if let Some(t) = heard.get(&n.name) {
@@ -1529,11 +1513,31 @@ impl Hub {
                 let is_ready = served.contains(&n.name) || (phase == NodePhase::Ready && fresh_heartbeat);
                 let mut unreachable = None;
                 if let (Some(since), Some(silent_for)) = (since, silent_for.filter(|d| *d >= self.cfg.heartbeat * 2)) {
-                    // The latest report of each group peer about it.
-                    let group = peers_of.get(n.name.as_str());
-                    let is_peer = |r: &str| r != n.name && group.is_some_and(|g| g.contains(r));
-                    let mut about: Vec<PeerReport> =
-                        reports.get(&n.name).into_iter().flatten().filter(|r| is_peer(&r.reporter)).cloned().collect();
+                    // The latest report of each group peer about it: this
+                    // hub's, then the other replicas'.
+                    let peers: std::collections::HashSet<&str> = groups_of
+                        .get(n.name.as_str())
+                        .into_iter()
+                        .flatten()
+                        .flat_map(|i| groups[*i].iter().map(String::as_str))
+                        .filter(|p| *p != n.name)
+                        .collect();
+                    let is_peer = |r: &str| peers.contains(r);
+                    let mut about: Vec<PeerReport> = {
+                        let inner = self.lock();
+                        peers
+                            .iter()
+                            .filter_map(|r| {
+                                let (net, at) = inner.live.get(*r)?.network.as_ref()?;
+                                Some(PeerReport {
+                                    reporter: r.to_string(),
+                                    reporter_phase: phases.get(r).copied().unwrap_or_default(),
+                                    received: *at,
+                                    last_seen_secs: net.peers.get(&n.name)?.last_seen_secs,
+                                })
+                            })
+                            .collect()
+                    };
                     for r in remote_views.get(&n.name).into_iter().flatten() {
                         if is_peer(&r.reporter) && !about.iter().any(|a| a.reporter == r.reporter) {
                             about.push(PeerReport {
@@ -1560,7 +1564,7 @@ impl Hub {
                 } else if is_ready {
                     (NodePhase::Ready, String::new())
                 } else if started.elapsed() >= self.cfg.grace {
-                    (NodePhase::NotReady, self.not_ready_reason(&n))
+                    (NodePhase::NotReady, self.not_ready_reason(n))
                 } else {
                     // Just took over: every node gets one grace period to
                     // reconnect and show up in a presence record.
