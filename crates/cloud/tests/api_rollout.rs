@@ -6,7 +6,6 @@
 //! generation), and that undo brings the previous template back as a new
 //! revision.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use hyper::{Method, StatusCode};
@@ -15,22 +14,9 @@ use yunbian_api::Kind;
 use yunbian_cli::{Client, ClientConfig};
 use yunbian_cloud::CloudOptions;
 
-struct TestDir(PathBuf);
+mod common;
 
-impl TestDir {
-    fn new(name: &str) -> TestDir {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-        let dir = std::env::temp_dir().join(format!("yunbian-cloud-rollout-{name}-{}-{nanos:x}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        TestDir(dir)
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::TestDir;
 
 fn app(version: &str) -> Value {
     json!({
@@ -76,7 +62,7 @@ fn versions(app: &Value) -> Vec<(u64, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollout_routes_answer_with_the_right_codes() {
-    let dir = TestDir::new("routes");
+    let dir = TestDir::new("rollout-routes");
     let cloud = yunbian_cloud::start(CloudOptions::new(dir.0.join("cloud"), "127.0.0.1:0")).await.expect("cloud");
     let client = Client::new(ClientConfig::load(Some(&cloud.admin_config)).expect("config")).expect("client");
 
