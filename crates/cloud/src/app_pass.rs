@@ -280,7 +280,7 @@ pub fn plan(input: &PassInput) -> PassOutput {
             continue;
         };
         if let Some(why) = lost(input, app, node) {
-            tracing::info!(instance = %i.metadata.name, node = %i.spec.node, "{why}: placing it again");
+            tracing::info!(instance = %i.metadata.name, node = %i.spec.node, "evicting: {why}; placing it again");
             out.deletes.push(i.metadata.name.clone());
             continue;
         }
