@@ -130,6 +130,59 @@ pub fn tally(reports: &[PeerReport], silent_since: Instant, now: Instant, rule: 
     (seen, counted.len())
 }
 
+// ------------------------------------------------------------ phases
+
+/// What one lifecycle pass knows about a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeFacts {
+    /// How long no replica has heard it (`None`: heard).
+    pub silent_for: Option<Duration>,
+    /// `(seen, counted)` when its peers' verdict is [`Verdict::SeenByMajority`].
+    pub seen_by_peers: Option<(usize, usize)>,
+    /// Served by a replica with a heartbeat within the grace (or its last
+    /// written heartbeat is).
+    pub within_grace: bool,
+    /// The loop has run for a grace period (a new leader gives every node
+    /// one to reconnect).
+    pub settled: bool,
+}
+
+/// The phase a pass wants for a node, and why; `None`: leave it as it is.
+/// Heard → Ready; seen by a majority of its peers after 2 silent heartbeat
+/// periods → CloudUnreachable; otherwise Ready within the grace and
+/// NotReady (`not_ready`'s reason) after it.
+pub fn judge(f: &NodeFacts, heartbeat: Duration, not_ready: impl FnOnce() -> String) -> Option<(NodePhase, String)> {
+    let silent = f.silent_for.filter(|d| *d >= heartbeat * 2);
+    match (silent, f.seen_by_peers) {
+        (Some(d), Some((seen, counted))) => {
+            return Some((NodePhase::CloudUnreachable, cloud_unreachable_reason(d, seen, counted)))
+        }
+        // Silent and not seen, within the grace: the grace decides.
+        (Some(_), None) if f.within_grace => return None,
+        _ => {}
+    }
+    if f.within_grace {
+        Some((NodePhase::Ready, String::new()))
+    } else if f.settled {
+        Some((NodePhase::NotReady, not_ready()))
+    } else {
+        None
+    }
+}
+
+/// Whether a node in `have` (with `have_reason`) needs a status write to be
+/// `want` (with `reason`). The silence in a CloudUnreachable reason grows
+/// every pass: only a change of the peer counts is worth a write.
+pub fn needs_write(have: NodePhase, have_reason: &str, want: NodePhase, reason: &str) -> bool {
+    let gist = |r: &str| r.split_once(", but ").map_or(r, |(_, p)| p).to_string();
+    have != want
+        || match want {
+            NodePhase::NotReady => have_reason != reason,
+            NodePhase::CloudUnreachable => gist(have_reason) != gist(reason),
+            _ => false,
+        }
+}
+
 // ------------------------------------------------------------ liveness
 
 #[derive(Debug, Default)]
@@ -369,6 +422,67 @@ mod tests {
         ];
         assert_eq!(tally(&reports, base + 10 * S, base + 16 * S, &rule()), (2, 3));
         assert_eq!(cloud_unreachable_reason(12 * S, 3, 4), "no heartbeat for 12s, but 3 of 4 group peers reach it");
+    }
+
+    #[test]
+    fn phase_table() {
+        let hb = S;
+        let f = |silent: Option<u64>, seen: Option<(usize, usize)>, within_grace: bool, settled: bool| NodeFacts {
+            silent_for: silent.map(Duration::from_secs),
+            seen_by_peers: seen,
+            within_grace,
+            settled,
+        };
+        let lost = || "no heartbeat within the grace period".to_string();
+        use NodePhase::*;
+        type Case = (&'static str, NodeFacts, Option<(NodePhase, &'static str)>);
+        let cases: Vec<Case> = vec![
+            ("heard", f(None, None, true, true), Some((Ready, ""))),
+            ("silent for one period only", f(Some(1), Some((2, 2)), true, true), Some((Ready, ""))),
+            (
+                "silent, seen by its peers",
+                f(Some(3), Some((2, 3)), true, true),
+                Some((CloudUnreachable, "no heartbeat for 3s, but 2 of 3 group peers reach it")),
+            ),
+            (
+                "seen after the grace too",
+                f(Some(30), Some((1, 1)), false, true),
+                Some((CloudUnreachable, "no heartbeat for 30s, but 1 of 1 group peers reach it")),
+            ),
+            ("silent, not seen, within the grace", f(Some(3), None, true, true), None),
+            (
+                "silent, not seen, past the grace",
+                f(Some(9), None, false, true),
+                Some((NotReady, "no heartbeat within the grace period")),
+            ),
+            ("a new leader waits a grace", f(Some(9), None, false, false), None),
+        ];
+        for (what, facts, want) in cases {
+            let got = judge(&facts, hb, lost);
+            assert_eq!(got.as_ref().map(|(p, r)| (*p, r.as_str())), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn only_changes_are_written() {
+        use NodePhase::*;
+        assert!(!needs_write(Ready, "", Ready, ""));
+        assert!(needs_write(Ready, "", CloudUnreachable, "no heartbeat for 3s, but 2 of 3 group peers reach it"));
+        let was = "no heartbeat for 3s, but 2 of 3 group peers reach it";
+        assert!(!needs_write(
+            CloudUnreachable,
+            was,
+            CloudUnreachable,
+            "no heartbeat for 9s, but 2 of 3 group peers reach it"
+        ));
+        assert!(needs_write(
+            CloudUnreachable,
+            was,
+            CloudUnreachable,
+            "no heartbeat for 9s, but 3 of 3 group peers reach it"
+        ));
+        assert!(needs_write(NotReady, "a", NotReady, "b"));
+        assert!(!needs_write(NotReady, "a", NotReady, "a"));
     }
 
     fn names(n: usize) -> Vec<String> {

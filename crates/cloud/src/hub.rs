@@ -1511,8 +1511,8 @@ impl Hub {
                     .and_then(yunbian_api::time::parse_rfc3339)
                     .is_some_and(|t| unix < t.saturating_add(self.cfg.grace.as_secs().max(1)));
                 let is_ready = served.contains(&n.name) || (phase == NodePhase::Ready && fresh_heartbeat);
-                let mut unreachable = None;
-                if let (Some(since), Some(silent_for)) = (since, silent_for.filter(|d| *d >= self.cfg.heartbeat * 2)) {
+                let mut seen_by_peers = None;
+                if let (Some(since), true) = (since, silent_for.is_some_and(|d| d >= self.cfg.heartbeat * 2)) {
                     // The latest report of each group peer about it: this
                     // hub's, then the other replicas'.
                     let peers: std::collections::HashSet<&str> = groups_of
@@ -1551,36 +1551,22 @@ impl Hub {
                     let v = crate::health::verdict(&about, since, now, &rule);
                     verdicts.insert(n.name.clone(), v);
                     if v == Verdict::SeenByMajority {
-                        let (seen, counted) = crate::health::tally(&about, since, now, &rule);
-                        unreachable = Some(crate::health::cloud_unreachable_reason(silent_for, seen, counted));
+                        seen_by_peers = Some(crate::health::tally(&about, since, now, &rule));
                     }
                 }
-                let (want, reason) = if let Some(reason) = unreachable {
-                    (NodePhase::CloudUnreachable, reason)
-                } else if is_ready && silent_for.is_some_and(|d| d >= self.cfg.heartbeat * 2) {
-                    // Silent, not seen by its peers, within the grace:
-                    // leave it as it is until the grace decides.
-                    continue;
-                } else if is_ready {
-                    (NodePhase::Ready, String::new())
-                } else if started.elapsed() >= self.cfg.grace {
-                    (NodePhase::NotReady, self.not_ready_reason(n))
-                } else {
-                    // Just took over: every node gets one grace period to
-                    // reconnect and show up in a presence record.
+                let facts = crate::health::NodeFacts {
+                    silent_for,
+                    seen_by_peers,
+                    within_grace: is_ready,
+                    settled: started.elapsed() >= self.cfg.grace,
+                };
+                let Some((want, reason)) =
+                    crate::health::judge(&facts, self.cfg.heartbeat, || self.not_ready_reason(n))
+                else {
                     continue;
                 };
                 let have_reason = n.value.pointer("/status/reason").and_then(|r| r.as_str()).unwrap_or_default();
-                // The silence in a CloudUnreachable reason grows every
-                // tick: only a change of the peer counts is worth a write.
-                let gist =
-                    |r: &str| r.split_once(", but ").map(|(_, p)| p.to_string()).unwrap_or_else(|| r.to_string());
-                let reason_changed = match want {
-                    NodePhase::NotReady => have_reason != reason,
-                    NodePhase::CloudUnreachable => gist(have_reason) != gist(&reason),
-                    _ => false,
-                };
-                if phase != want || reason_changed {
+                if crate::health::needs_write(phase, have_reason, want, &reason) {
                     if phase != want {
                         tracing::info!(node = %n.name, phase = ?want, %reason, "node phase changed");
                     }
