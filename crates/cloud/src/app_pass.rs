@@ -400,8 +400,8 @@ fn plan_app(
     let mut rollout_deletes: Vec<String> = Vec::new();
     let mut rollout_creates: Option<BTreeMap<String, u32>> = None;
     let old_exist = iv.iter().any(|v| v.revision != target_rev);
-    match (&rollout_spec, old_exist) {
-        (Some(rs), _) if old_exist || last.phase != RolloutPhase::Complete => {
+    match &rollout_spec {
+        Some(rs) => {
             let mut p = rollout::plan(&rollout::RolloutInput {
                 spec: rs,
                 status: Some(&last),

@@ -242,7 +242,10 @@ pub async fn reconcile_apps(
     }
     for (name, status) in statuses {
         let r = update_status::<AppSpec>(store, &name, |a| {
-            if a.status == status {
+            // The spec changed since the pass read it (an apply, a rollout
+            // pause/resume/undo, which also sets status): the next pass
+            // decides from the new spec; writing this one would undo it.
+            if a.status == status || a.metadata.generation != status.observed_generation {
                 return false;
             }
             a.status = status.clone();

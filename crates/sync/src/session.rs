@@ -210,6 +210,9 @@ impl CloudSession {
 // ------------------------------------------------------------------- edge
 
 /// What the edge's driver must do.
+// Actions live only until the driver executes them, a few at a time: the
+// heartbeat inside `Send` is large, and boxing it would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum EdgeAction {
     /// Send a message to the cloud.
