@@ -393,7 +393,8 @@ pub enum FailurePolicy {
     /// Go back to the last revision that completed (the default).
     #[default]
     Rollback,
-    /// Stop and wait for `yunbian rollout resume` or `undo`.
+    /// Stop where it is (phase Failed); `yunbian rollout undo` or a new
+    /// template moves on.
     Pause,
 }
 
