@@ -159,7 +159,11 @@ pub struct Request<'a> {
     /// eligible node).
     pub targets: Vec<Target>,
     /// This App's current instances (of the revision being placed),
-    /// including replacements that are not Running yet.
+    /// including replacements that are not Running yet. An instance that
+    /// such a replacement `replaces` is best left out (the controller
+    /// deletes it once the replacement runs): passed in, it makes the
+    /// target one too many, and being on a cloud-tier node it is the
+    /// surplus evicted.
     pub existing: Vec<Existing>,
 }
 
