@@ -225,6 +225,17 @@ fn fallback_to_cloud_and_back() {
     assert_eq!(names, ["w1", "w2"]);
     assert!(d.evict[0].1.contains("on cloud node c1; the edge has the rest"), "{}", d.evict[0].1);
 
+    // The controller leaves the replaced instances out until their
+    // replacements run: nothing more to do.
+    let mut c = fallback_world(true);
+    for n in ["c1", "c2", "e1", "e1"] {
+        c.book(n, &res(100, 64 * MI));
+    }
+    let mut req = request("web", &p, 2);
+    req.existing = vec![existing("w3", "e1", ""), existing("w4", "e1", "")];
+    let d = schedule(&mut c, &req);
+    assert!(d.create.is_empty() && d.evict.is_empty(), "{d:?}");
+
     // Only as many move as fit on the edge.
     let mut c = fallback_world(true);
     c.book("e1", &res(3850, 0));
