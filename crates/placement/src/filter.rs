@@ -91,6 +91,15 @@ fn list(v: &[String]) -> String {
     v.join(", ")
 }
 
+/// `have` is one of `want` (empty: anything), or why not.
+fn listed(field: &str, have: &str, want: &[String]) -> Result<(), String> {
+    if want.is_empty() || want.iter().any(|w| w == have) {
+        Ok(())
+    } else {
+        Err(format!("{field} (node is {have:?}, wants {})", list(want)))
+    }
+}
+
 impl Filter for NodeReady {
     fn name(&self) -> &'static str {
         "NodeReady"
@@ -177,12 +186,7 @@ impl Filter for Arch {
         true
     }
     fn filter(&self, ctx: &Context, node: NodeRef) -> Result<(), String> {
-        let want = &ctx.request.placement.requirements.arch;
-        if want.is_empty() || want.contains(&node.facts.arch) {
-            Ok(())
-        } else {
-            Err(format!("requirements.arch (node is {:?}, wants {})", node.facts.arch, list(want)))
-        }
+        listed("requirements.arch", &node.facts.arch, &ctx.request.placement.requirements.arch)
     }
 }
 
@@ -194,12 +198,7 @@ impl Filter for Os {
         true
     }
     fn filter(&self, ctx: &Context, node: NodeRef) -> Result<(), String> {
-        let want = &ctx.request.placement.requirements.os;
-        if want.is_empty() || want.contains(&node.facts.os) {
-            Ok(())
-        } else {
-            Err(format!("requirements.os (node is {:?}, wants {})", node.facts.os, list(want)))
-        }
+        listed("requirements.os", &node.facts.os, &ctx.request.placement.requirements.os)
     }
 }
 
@@ -239,10 +238,11 @@ impl Filter for MaxLatency {
     }
 }
 
-fn by(key: TopologyKey) -> &'static str {
+/// Where a term looks: `on this node`, `in its groups`.
+fn near(key: TopologyKey) -> &'static str {
     match key {
-        TopologyKey::Node => "node",
-        _ => "group",
+        TopologyKey::Node => "on this node",
+        _ => "in its groups",
     }
 }
 
@@ -258,7 +258,7 @@ impl Filter for Affinity {
                 return Err(format!("affinity with {} ({} has no instances anywhere)", t.app, t.app));
             }
             if t.count_near(ctx, node.index) == 0 {
-                return Err(format!("affinity with {} (none on this {})", t.app, by(t.by)));
+                return Err(format!("affinity with {} (none {})", t.app, near(t.by)));
             }
         }
         Ok(())
@@ -268,7 +268,7 @@ impl Filter for Affinity {
 fn anti(ctx: &Context, node: NodeRef, want_self: bool) -> Result<(), String> {
     for t in ctx.anti_affinity.iter().filter(|t| t.is_self == want_self) {
         if t.count_near(ctx, node.index) > 0 {
-            return Err(format!("anti-affinity with {} (one runs on this {})", t.app, by(t.by)));
+            return Err(format!("anti-affinity with {} (one runs {})", t.app, near(t.by)));
         }
     }
     Ok(())

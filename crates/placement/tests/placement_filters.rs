@@ -275,7 +275,7 @@ fn affinity() {
         (
             "by group: db only in other groups",
             terms(&[("cache", TopologyKey::Group)]),
-            Err("affinity with cache (none on this group)".into()),
+            Err("affinity with cache (none in its groups)".into()),
         ),
         (
             "the other app has no instances",
@@ -314,7 +314,7 @@ fn anti_affinity() {
         (
             "by group: db in its group",
             terms(&[("db", TopologyKey::Group)]),
-            Err("anti-affinity with db (one runs on this group)".into()),
+            Err("anti-affinity with db (one runs in its groups)".into()),
         ),
         ("by node: cache elsewhere", terms(&[("cache", TopologyKey::Node)]), Ok(())),
         ("an app with no instances", terms(&[("ghost", TopologyKey::Group)]), Ok(())),
