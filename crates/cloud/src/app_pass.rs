@@ -512,12 +512,20 @@ fn plan_app(
         .filter(|(i, v)| v.revision == target_rev && !deleting.contains(i.metadata.name.as_str()))
         .map(|(i, _)| i)
         .collect();
-    // Make before break: a replacement that is Running retires the instance it replaces.
+    // Make before break: a replacement that is Running retires the
+    // instance it replaces; until then the old one stays, outside what the
+    // scheduler counts (else it would be surplus and go at once).
     let mut retired: BTreeSet<String> = BTreeSet::new();
+    let mut held: BTreeSet<String> = BTreeSet::new();
     for i in &current {
         if let Some(old) = i.metadata.labels.get(REPLACES_LABEL) {
-            if i.status.phase == InstancePhase::Running && insts.iter().any(|o| &o.metadata.name == old) {
+            if !insts.iter().any(|o| &o.metadata.name == old) {
+                continue;
+            }
+            if i.status.phase == InstancePhase::Running {
                 retired.insert(old.clone());
+            } else {
+                held.insert(old.clone());
             }
         }
     }
@@ -553,6 +561,7 @@ fn plan_app(
         targets: place_targets,
         existing: current
             .iter()
+            .filter(|i| !held.contains(&i.metadata.name))
             .map(|i| (&i.metadata, &i.spec))
             .chain(in_place.iter().map(|i| (&i.metadata, &i.spec)))
             .map(|(m, sp)| placement::Existing {
@@ -770,6 +779,23 @@ mod tests {
         /// One pass, applied: deletes and creates done, statuses written,
         /// new instances Running at once.
         fn pass(&mut self, signals: &dyn NodeSignals) -> PassOutput {
+            let out = self.pass_pending(signals);
+            self.start_all();
+            out
+        }
+
+        /// Every Pending instance starts.
+        fn start_all(&mut self) {
+            let now = yunbian_api::time::format_rfc3339(self.now);
+            for i in self.insts.iter_mut().filter(|i| i.status.phase == InstancePhase::Pending) {
+                let i = Arc::make_mut(i);
+                i.status.phase = InstancePhase::Running;
+                i.status.started_at = now.clone();
+            }
+        }
+
+        /// One pass, applied, leaving new instances Pending.
+        fn pass_pending(&mut self, signals: &dyn NodeSignals) -> PassOutput {
             let cfg = ControllerConfig::default();
             let out = plan(&PassInput {
                 apps: &self.apps,
@@ -782,9 +808,7 @@ mod tests {
             });
             self.insts.retain(|i| !out.deletes.contains(&i.metadata.name));
             for v in &out.creates {
-                let mut i: AppInstance = Object::from_value(v.clone()).expect("instance");
-                i.status.phase = InstancePhase::Running;
-                i.status.started_at = yunbian_api::time::format_rfc3339(self.now);
+                let i: AppInstance = Object::from_value(v.clone()).expect("instance");
                 self.insts.push(Arc::new(i));
             }
             for (name, st) in &out.statuses {
@@ -900,13 +924,19 @@ mod tests {
         assert_eq!(sim.nodes_of("svc"), ["k1"]);
         let reason = &sim.apps[0].status.placements[0].reason;
         assert!(reason.contains("fallback"), "{reason}");
-        // The edge returns: a replacement is created first, the cloud one stays until it runs.
+        // The edge returns: a replacement is created first, the cloud one
+        // stays while it is not Running (however many passes that takes).
         Arc::make_mut(&mut sim.nodes[0]).status.phase = NodePhase::Ready;
-        let out = sim.pass(&StatusSignals);
+        let out = sim.pass_pending(&StatusSignals);
         assert!(out.deletes.is_empty(), "{out:?}");
         assert_eq!(out.creates.len(), 1);
-        assert_eq!(sim.nodes_of("svc"), ["a1", "k1"]);
-        // It is Running (the sim starts instances at once): the cloud one goes.
+        for _ in 0..3 {
+            let out = sim.pass_pending(&StatusSignals);
+            assert!(out.deletes.is_empty() && out.creates.is_empty(), "{out:?}");
+            assert_eq!(sim.nodes_of("svc"), ["a1", "k1"]);
+        }
+        // It runs: the cloud one goes.
+        sim.start_all();
         sim.pass(&StatusSignals);
         assert_eq!(sim.nodes_of("svc"), ["a1"]);
         let out = sim.pass(&StatusSignals);
