@@ -343,7 +343,13 @@ async fn sites(client: &yunbian_cli::Client) -> Result<()> {
         if ready >= 2 && placements.len() >= 2 {
             for p in placements {
                 let g = |k: &str| p.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
-                println!("    {:<22} on {:<8} group {:<7} because: {}", g("instance"), g("node"), g("group"), g("reason"));
+                println!(
+                    "    {:<22} on {:<8} group {:<7} because: {}",
+                    g("instance"),
+                    g("node"),
+                    g("group"),
+                    g("reason")
+                );
             }
             return Ok(());
         }
