@@ -796,8 +796,9 @@ impl Validate for OnNodeLost {
 
 impl Validate for Autoscale {
     fn validate(&self, path: &str, errs: &mut Errors) {
-        if self.min < 0 {
-            errs.add(join(path, "min"), "must be >= 0");
+        if self.min < 1 {
+            // From zero no instance reports the metric that would scale it up.
+            errs.add(join(path, "min"), "must be >= 1 (an App scaled to zero reports nothing to scale it up again)");
         }
         if self.max < 1 || self.max > 100_000 {
             errs.add(join(path, "max"), "must be from 1 to 100000");

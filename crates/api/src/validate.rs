@@ -284,6 +284,9 @@ impl Validate for AppSpec {
             if self.placement.mode == crate::placement::PlacementMode::EveryNode {
                 errs.add(join(path, "autoscale"), "does not apply to placement.mode: everyNode");
             }
+            if self.placement.per_group.is_some() {
+                errs.add(join(path, "autoscale"), "does not apply to placement.perGroup (it scales replicas)");
+            }
         }
         if let Some(r) = &self.rollout {
             r.validate(&join(path, "rollout"), errs);

@@ -204,7 +204,8 @@ fn cluster_view(input: &PassInput, staying: &[&Typed<AppInstanceSpec>]) -> place
                 name: n.metadata.name.clone(),
                 labels: n.metadata.labels.clone(),
                 groups: of_node.get(&n.metadata.name).cloned().unwrap_or_default(),
-                ready: s.phase == NodePhase::Ready,
+                // A node the hub has not heard for a while takes nothing new.
+                ready: s.phase == NodePhase::Ready && input.signals.silent_for(&n.metadata.name).is_none(),
                 lost: false,
                 unschedulable: n.spec.unschedulable,
                 not_ready_reason: if s.reason.is_empty() {
@@ -357,7 +358,10 @@ fn plan_app(
     let last = app.status.rollout.clone().unwrap_or_default();
     let mut stable = if last.stable_revision == 0 { revision } else { last.stable_revision };
     // A rolled-back revision stays rolled back until the template changes.
-    let rolled_back = last.phase == RolloutPhase::RolledBack && last.revision == revision && stable != revision;
+    let rolled_back = last.phase == RolloutPhase::RolledBack
+        && last.revision == revision
+        && stable != revision
+        && history.iter().any(|r| r.revision == stable);
     let mut target_rev = if rolled_back { stable } else { revision };
     let mut spec = if rolled_back {
         history
@@ -372,11 +376,31 @@ fn plan_app(
     // Autoscaling sets the replica count within [min, max].
     let (replicas, autoscale_status) = match &app.spec.autoscale {
         Some(a) => {
-            let s = autoscale::decide(a, app.status.autoscale.as_ref(), app.spec.replicas, insts, input.now);
+            let mut s = autoscale::decide(a, app.status.autoscale.as_ref(), app.spec.replicas, insts, input.now);
+            // The live average moves every pass; while the decision stands
+            // and it moved less than 10 %, keep what was written (one store
+            // write per App per pass otherwise).
+            if let Some(prev) = &app.status.autoscale {
+                let same_decision =
+                    (prev.desired_replicas, prev.pending_replicas, &prev.pending_since, &prev.last_scale)
+                        == (s.desired_replicas, s.pending_replicas, &s.pending_since, &s.last_scale);
+                let close = match (prev.current, s.current) {
+                    (Some(a), Some(b)) => (a - b).abs() <= 0.1 * a.abs().max(b.abs()),
+                    (None, None) => true,
+                    _ => false,
+                };
+                if same_decision && close {
+                    s.current = prev.current;
+                    s.message = prev.message.clone();
+                }
+            }
             (s.desired_replicas, Some(s))
         }
         None => (u32::try_from(app.spec.replicas.max(0)).unwrap_or(0), None),
     };
+    // everyNode: as many as it runs (the scheduler adds joining nodes).
+    let every_node = app.spec.placement.mode == PlacementMode::EveryNode;
+    let replicas = if every_node { insts.len() as u32 } else { replicas };
     let mut desired = targets(&spec, replicas);
 
     // 2-3. Rollout: which instances are of the target revision.
@@ -389,6 +413,7 @@ fn plan_app(
                 instance_view(
                     i,
                     if current { target_rev } else { i.spec.revision.min(target_rev.saturating_sub(1)) },
+                    target_rev,
                     nodes,
                     input.now,
                 )
@@ -411,15 +436,23 @@ fn plan_app(
                 instances: &iv,
                 now: input.now,
             });
-            if p.rollback && !rolled_back {
+            let stable_spec = history.iter().find(|r| r.revision == stable).map(|r| rollout::spec_at(r, &app.spec));
+            if p.rollback && !rolled_back && stable_spec.is_none() {
+                // Nothing to go back to: stop where it is.
+                p.create.clear();
+                p.delete.clear();
+                p.rollback = false;
+                p.status.phase = RolloutPhase::Failed;
+                p.status.message = format!(
+                    "{}; revision {stable} is no longer in the history, so it cannot be rolled back to",
+                    p.status.message
+                );
+            }
+            if let (true, false, Some(stable_spec)) = (p.rollback, rolled_back, stable_spec) {
                 tracing::warn!(app = name, revision, stable, "rollout failed: rolling back");
                 let failed_status = p.status.clone();
                 target_rev = stable;
-                spec = history
-                    .iter()
-                    .find(|r| r.revision == stable)
-                    .map(|r| rollout::spec_at(r, &app.spec))
-                    .unwrap_or_else(|| app.spec.clone());
+                spec = stable_spec;
                 desired = targets(&spec, replicas);
                 iv = views(&spec, target_rev);
                 p = rollout::plan(&rollout::RolloutInput {
@@ -485,7 +518,8 @@ fn plan_app(
             continue;
         }
         if let Some(creates) = rollout_creates.as_mut() {
-            match creates.get_mut(&i.spec.group) {
+            let key = if desired.contains_key(&i.spec.group) { i.spec.group.as_str() } else { "" };
+            match creates.get_mut(key) {
                 Some(c) if *c > 0 => *c -= 1,
                 _ => continue,
             }
@@ -515,14 +549,20 @@ fn plan_app(
     // Make before break: a replacement that is Running retires the
     // instance it replaces; until then the old one stays, outside what the
     // scheduler counts (else it would be surplus and go at once).
+    let by_name: HashMap<&str, &&Typed<AppInstanceSpec>> =
+        insts.iter().map(|i| (i.metadata.name.as_str(), i)).collect();
+    let min_ready = app.spec.rollout.as_ref().map_or(0, |r| u64::from(r.min_ready_seconds));
     let mut retired: BTreeSet<String> = BTreeSet::new();
     let mut held: BTreeSet<String> = BTreeSet::new();
     for i in &current {
         if let Some(old) = i.metadata.labels.get(REPLACES_LABEL) {
-            if !insts.iter().any(|o| &o.metadata.name == old) {
+            if !by_name.contains_key(old.as_str()) {
                 continue;
             }
-            if i.status.phase == InstancePhase::Running {
+            // Available, not merely started: Running for minReadySeconds
+            // without a restart.
+            let v = instance_view(i, target_rev, target_rev, nodes, input.now);
+            if v.running_for_secs.is_some_and(|t| t >= min_ready) && i.status.restart_count == 0 {
                 retired.insert(old.clone());
             } else {
                 held.insert(old.clone());
@@ -530,7 +570,7 @@ fn plan_app(
         }
     }
     for old in &retired {
-        if let Some(o) = insts.iter().find(|o| &o.metadata.name == old) {
+        if let Some(o) = by_name.get(old.as_str()) {
             cluster.release(&o.spec.node, &resources_of(&o.spec.template));
         }
         out.deletes.push(old.clone());
@@ -543,7 +583,11 @@ fn plan_app(
         Some(creates) if old_exist => desired
             .keys()
             .map(|g| {
-                let have = current.iter().filter(|i| &i.spec.group == g || g.is_empty()).count()
+                let have = current
+                    .iter()
+                    .filter(|i| !held.contains(&i.metadata.name))
+                    .filter(|i| &i.spec.group == g || g.is_empty())
+                    .count()
                     + in_place.iter().filter(|i| &i.spec.group == g || g.is_empty()).count();
                 placement::Target { group: g.clone(), count: have as u32 + creates.get(g).copied().unwrap_or(0) }
             })
@@ -564,6 +608,17 @@ fn plan_app(
             .filter(|i| !held.contains(&i.metadata.name))
             .map(|i| (&i.metadata, &i.spec))
             .chain(in_place.iter().map(|i| (&i.metadata, &i.spec)))
+            // everyNode: a node still holding an old instance is taken; the
+            // rollout replaces it there.
+            .chain(
+                insts
+                    .iter()
+                    .zip(iv.iter())
+                    .filter(|(i, v)| {
+                        every_node && v.revision != target_rev && !deleting.contains(i.metadata.name.as_str())
+                    })
+                    .map(|(i, _)| (&i.metadata, &i.spec)),
+            )
             .map(|(m, sp)| placement::Existing {
                 instance: m.name.clone(),
                 node: sp.node.clone(),
@@ -688,6 +743,7 @@ fn plan_app(
 fn instance_view(
     i: &Typed<AppInstanceSpec>,
     revision: u64,
+    target: u64,
     nodes: &HashMap<&str, &Typed<NodeSpec>>,
     now: u64,
 ) -> rollout::InstanceView {
@@ -703,7 +759,9 @@ fn instance_view(
         phase: i.status.phase,
         running_for_secs,
         node_ready: nodes.get(i.spec.node.as_str()).is_some_and(|n| n.status.phase == NodePhase::Ready),
-        failed: i.status.phase == InstancePhase::Failed || i.status.restart_count > 0,
+        // Only instances made for this revision count as its failures (an
+        // unchanged group's instance that restarted last week does not).
+        failed: i.spec.revision == target && (i.status.phase == InstancePhase::Failed || i.status.restart_count > 0),
     }
 }
 

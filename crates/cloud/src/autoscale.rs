@@ -116,8 +116,8 @@ pub fn decide(
         st.pending_since = yunbian_api::time::format_rfc3339(since);
         st.pending_replicas = pending;
         st.message = format!(
-            "{seen}: {pending} recommended, waiting {}s more (scale-{} window {window}s)",
-            window - now.saturating_sub(since),
+            "{seen}: {pending} recommended since {} (scale-{} window {window}s)",
+            st.pending_since,
             if up { "up" } else { "down" }
         );
     }
