@@ -1028,4 +1028,31 @@ mod tests {
         let st = sim.apps[0].status.rollout.clone().expect("rollout status");
         assert_eq!(st.revision, 3, "{st:?}");
     }
+
+    #[test]
+    fn every_node_with_rollout_settings_is_stable_and_replaces_node_by_node() {
+        let spec = json!({"placement": {"mode": "everyNode"}, "rollout": {"maxUnavailable": 1, "maxSurge": 0}});
+        let mut sim = Sim::new(vec![node("a1", "a"), node("a2", "a"), node("a3", "a")], vec![app("ds", spec)]);
+        sim.pass(&StatusSignals);
+        assert_eq!(sim.nodes_of("ds"), ["a1", "a2", "a3"]);
+        for _ in 0..3 {
+            let out = sim.pass(&StatusSignals);
+            assert!(out.creates.is_empty() && out.deletes.is_empty(), "churn: {out:?}");
+        }
+        let mut a = (*sim.apps[0]).clone();
+        a.spec.process.as_mut().expect("process").command = vec!["/bin/false".into()];
+        a.metadata.generation = 2;
+        sim.apps[0] = Arc::new(a);
+        for _ in 0..12 {
+            sim.pass(&StatusSignals);
+            // Never two instances on a node, never more than one node without one.
+            let nodes = sim.nodes_of("ds");
+            let mut dedup = nodes.clone();
+            dedup.dedup();
+            assert_eq!(nodes, dedup, "two instances on a node");
+            assert!(nodes.len() >= 2, "more than maxUnavailable down: {nodes:?}");
+        }
+        assert_eq!(sim.nodes_of("ds"), ["a1", "a2", "a3"]);
+        assert!(sim.insts.iter().all(|i| i.spec.revision == 2), "{:?}", sim.insts);
+    }
 }
