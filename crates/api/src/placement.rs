@@ -932,6 +932,26 @@ mod tests {
     }
 
     #[test]
+    fn app_level_combinations_are_refused() {
+        let app: crate::kinds::AppSpec = serde_json::from_value(serde_json::json!({
+            "placement": {"mode": "everyNode", "groups": ["g"], "perGroup": {"replicas": 1}},
+            "autoscale": {"min": 0, "max": 3, "metric": "cpu", "target": 50},
+            "rollout": {"maxUnavailable": 0, "maxSurge": 1},
+        }))
+        .expect("decodes");
+        let e = errors_of(&app);
+        for want in [
+            "placement.perGroup: does not apply to mode: everyNode",
+            "autoscale.min: must be >= 1",
+            "autoscale: does not apply to placement.mode: everyNode",
+            "autoscale: does not apply to placement.perGroup",
+            "rollout.maxUnavailable: must be >= 1 with placement.mode: everyNode",
+        ] {
+            assert!(e.iter().any(|x| x.starts_with(want)), "missing {want:?} in {e:#?}");
+        }
+    }
+
+    #[test]
     fn int_or_percent_rounds_like_kubernetes() {
         assert_eq!(IntOrPercent::Percent("25%".into()).resolve(10, true), 3);
         assert_eq!(IntOrPercent::Percent("25%".into()).resolve(10, false), 2);

@@ -290,6 +290,12 @@ impl Validate for AppSpec {
         }
         if let Some(r) = &self.rollout {
             r.validate(&join(path, "rollout"), errs);
+            if self.placement.mode == crate::placement::PlacementMode::EveryNode
+                && r.max_unavailable.resolve(100, false) == 0
+            {
+                // One instance per node leaves no room to surge: the old one must go first.
+                errs.add(join(path, "rollout.maxUnavailable"), "must be >= 1 with placement.mode: everyNode");
+            }
         }
     }
 }
