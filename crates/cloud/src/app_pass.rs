@@ -94,6 +94,17 @@ impl NodeSignals for crate::hub::Hub {
     }
 }
 
+/// Silence shorter than this is not acted on: the lifecycle loop judges
+/// silence once a tick from presence records published every couple of
+/// seconds, so a node that just connected (or joined) can look silent for a
+/// moment after the hub already heard it.
+const MIN_SILENCE: Duration = Duration::from_secs(5);
+
+/// How long the hub has not heard `node`, when that is long enough to matter.
+fn silent(input: &PassInput, node: &str) -> Option<Duration> {
+    input.signals.silent_for(node).filter(|d| *d >= MIN_SILENCE)
+}
+
 type Typed<S> = Arc<Object<S, <S as yunbian_api::KindOf>::Status>>;
 
 /// Everything a pass reads.
@@ -128,7 +139,7 @@ pub struct PassOutput {
 /// How long `node` has been without heartbeat, from the hub when it knows,
 /// else from the node's status (NotReady since its last transition).
 fn silence(input: &PassInput, node: &Object<NodeSpec, yunbian_api::NodeStatus>) -> Option<u64> {
-    if let Some(d) = input.signals.silent_for(&node.metadata.name) {
+    if let Some(d) = silent(input, &node.metadata.name) {
         return Some(d.as_secs());
     }
     if node.status.phase != NodePhase::NotReady {
@@ -205,7 +216,7 @@ fn cluster_view(input: &PassInput, staying: &[&Typed<AppInstanceSpec>]) -> place
                 labels: n.metadata.labels.clone(),
                 groups: of_node.get(&n.metadata.name).cloned().unwrap_or_default(),
                 // A node the hub has not heard for a while takes nothing new.
-                ready: s.phase == NodePhase::Ready && input.signals.silent_for(&n.metadata.name).is_none(),
+                ready: s.phase == NodePhase::Ready && silent(input, &n.metadata.name).is_none(),
                 lost: false,
                 unschedulable: n.spec.unschedulable,
                 not_ready_reason: if s.reason.is_empty() {
@@ -309,7 +320,7 @@ fn lost(input: &PassInput, app: &Typed<AppSpec>, node: &Typed<NodeSpec>) -> Opti
         // A node whose peers still see it keeps its instances.
         NodePhase::CloudUnreachable => return None,
         // Ready in the store, and heard (or not known silent) by the hub.
-        NodePhase::Ready if input.signals.silent_for(&node.metadata.name).is_none() => return None,
+        NodePhase::Ready if silent(input, &node.metadata.name).is_none() => return None,
         _ => {}
     }
     match &app.spec.on_node_lost {

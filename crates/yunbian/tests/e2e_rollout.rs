@@ -42,17 +42,7 @@ fn app(name: &str, version: &str, spec: Value) -> String {
 /// The version each Running instance's live process runs: (node,
 /// version), sorted.
 fn versions(c: &Cluster, app: &str) -> Result<Vec<(String, String)>, String> {
-    let items = c.instances_of(app)?;
-    let mut out = Vec::new();
-    for i in &items {
-        let pid = u(i, "/status/pid")
-            .filter(|p| s(i, "/status/phase") == "Running" && pid_alive(*p as u32))
-            .ok_or_else(|| format!("not all Running: {}", summary(&items)))?;
-        let v = proc_env(pid as u32, "VERSION").ok_or_else(|| format!("no VERSION in pid {pid}"))?;
-        out.push((s(i, "/spec/node").to_string(), v));
-    }
-    out.sort();
-    Ok(out)
+    versions_of(&c.instances_of(app)?, |_| true)
 }
 
 /// Waits until the instances of `app` run exactly `want` (node, version).
@@ -247,23 +237,52 @@ fn a_rollout_goes_on_across_an_offline_node_which_gets_only_the_final_revision()
     let old_pid = on_n3.as_ref().and_then(|i| u(i, "/status/pid")).expect("pid on n3") as u32;
 
     // n3's agent goes away (its workload keeps running); two revisions
-    // roll out meanwhile, neither waiting for it.
+    // roll out meanwhile, neither waiting for it: n1 and n2 run each, and
+    // n3's share is replaced in place, to be run when it returns.
     c.kill_edge("n3");
     c.wait_node_phase("n3", "NotReady");
+    let mut on_n3_names = Vec::new();
     for v in ["2", "3"] {
         c.apply(&app("site", v, spec.clone()));
-        wait_all(&c, "site", 3, v);
+        eventually(WAIT, &format!("site {v} on n1 and n2, and waiting for n3"), || {
+            let items = c.instances_of("site")?;
+            let online: Vec<(String, String)> = versions_of(&items, |n| n != "n3")?;
+            let on_n3: Vec<&Value> = items.iter().filter(|i| s(i, "/spec/node") == "n3").collect();
+            let n3_version =
+                on_n3.iter().map(|i| s(i, "/spec/template/process/env/VERSION").to_string()).collect::<Vec<_>>();
+            let want: Vec<(String, String)> = ["n1", "n2"].iter().map(|n| (n.to_string(), v.to_string())).collect();
+            (online == want && n3_version == [v])
+                .then(|| on_n3[0].clone())
+                .ok_or(format!("{online:?} n3: {n3_version:?}"))
+        })
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .map(|n| on_n3_names.push(n.to_string()));
         wait_phase(&c, "site", "Complete");
-        let items = c.instances_of("site").expect("instances");
-        assert!(items.iter().all(|i| s(i, "/spec/node") != "n3"), "nothing waits on n3: {}", summary(&items));
     }
     assert!(pid_alive(old_pid), "the offline node's workload ran on by itself");
 
-    // Back: n3 stops its old instance and never runs revision 2.
+    // Back: n3 stops its old instance, runs revision 3, and never started revision 2.
     c.start_edge("n3");
     c.wait_node_ready("n3");
     c.wait_pids_dead("n3's revision 1", &[old_pid]);
+    wait_all(&c, "site", 3, "3");
+    let log = c.edge_log("n3");
+    assert!(!log.contains(&on_n3_names[0]), "n3 started the revision-2 instance {}:\n{log}", on_n3_names[0]);
     let v = versions(&c, "site").expect("running");
     assert_eq!(v.len(), 3, "{v:?}");
-    assert!(v.iter().all(|(_, x)| x == "3"), "{v:?}");
+}
+
+/// (node, version) of the Running instances on the nodes `keep` accepts.
+fn versions_of(items: &[Value], keep: impl Fn(&str) -> bool) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for i in items.iter().filter(|i| keep(s(i, "/spec/node"))) {
+        let pid = u(i, "/status/pid")
+            .filter(|p| s(i, "/status/phase") == "Running" && pid_alive(*p as u32))
+            .ok_or_else(|| format!("not all Running: {}", summary(items)))?;
+        let v = proc_env(pid as u32, "VERSION").ok_or_else(|| format!("no VERSION in pid {pid}"))?;
+        out.push((s(i, "/spec/node").to_string(), v));
+    }
+    out.sort();
+    Ok(out)
 }
