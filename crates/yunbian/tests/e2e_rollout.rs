@@ -244,7 +244,7 @@ fn a_rollout_goes_on_across_an_offline_node_which_gets_only_the_final_revision()
     let mut on_n3_names = Vec::new();
     for v in ["2", "3"] {
         c.apply(&app("site", v, spec.clone()));
-        eventually(WAIT, &format!("site {v} on n1 and n2, and waiting for n3"), || {
+        let held = eventually(WAIT, &format!("site {v} on n1 and n2, and waiting for n3"), || {
             let items = c.instances_of("site")?;
             let online: Vec<(String, String)> = versions_of(&items, |n| n != "n3")?;
             let on_n3: Vec<&Value> = items.iter().filter(|i| s(i, "/spec/node") == "n3").collect();
@@ -254,10 +254,8 @@ fn a_rollout_goes_on_across_an_offline_node_which_gets_only_the_final_revision()
             (online == want && n3_version == [v])
                 .then(|| on_n3[0].clone())
                 .ok_or(format!("{online:?} n3: {n3_version:?}"))
-        })
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .map(|n| on_n3_names.push(n.to_string()));
+        });
+        on_n3_names.push(s(&held, "/metadata/name").to_string());
         wait_phase(&c, "site", "Complete");
     }
     assert!(pid_alive(old_pid), "the offline node's workload ran on by itself");
