@@ -112,7 +112,13 @@ proptest! {
         r.tick(i64::MAX);
         r.tick(i64::MIN);
         let s = r.stats();
-        prop_assert!(s.late <= s.records_in);
+        // `late` counts records any window dropped; behind a first window,
+        // a later one sees the first one's outputs (a sliding window emits
+        // several per input), so only a single window bounds it by the input.
+        let windows = steps.iter().filter(|st| st.get("window").is_some()).count();
+        if windows <= 1 {
+            prop_assert!(s.late <= s.records_in);
+        }
         prop_assert!(s.last_error.len() <= yunbian_rules::runner::LAST_ERROR_MAX);
         for i in 0..5 {
             prop_assert!(r.open_windows(i) <= 40);
