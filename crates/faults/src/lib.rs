@@ -5,7 +5,9 @@
 //!
 //! - [`link`]: a TCP proxy between edge agents and the cloud that can cut,
 //!   reset and refuse connections and add delay, jitter, a bandwidth limit
-//!   and segment loss ([`LinkProxy`]).
+//!   and segment loss ([`LinkProxy`]); [`bandwidth`]: capacity shared by
+//!   every connection of one or several proxies, e.g. a node's access link
+//!   ([`Bandwidth`], [`SharedLink`]).
 //! - [`disk`]: a size-limited tmpfs that can be filled to provoke `ENOSPC`
 //!   ([`TmpfsMount`]), and file corruption, truncation and garbage.
 //! - [`process`]: `SIGKILL` for a process, a process group, a session, a
@@ -19,11 +21,13 @@
 
 #![warn(missing_docs)]
 
+pub mod bandwidth;
 pub mod disk;
 pub mod link;
 pub mod process;
 mod rng;
 
+pub use bandwidth::{Bandwidth, SharedLink};
 pub use disk::{corrupt_file, garbage_file, truncate_file, TmpfsMount};
-pub use link::{LinkConditions, LinkProxy, LinkStats};
+pub use link::{Direction, LinkConditions, LinkProxy, LinkStats};
 pub use process::{is_alive, kill_group, kill_matching, kill_process, kill_session, ProcInfo};

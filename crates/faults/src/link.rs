@@ -28,7 +28,8 @@
 //! - **Conditions** ([`LinkProxy::set_conditions`]): see the model below.
 //! - **Heal** ([`LinkProxy::heal`]): back to a perfect link. Connections that
 //!   were cut carry traffic again; what was discarded is gone, which usually
-//!   breaks the protocol above, as after a real partition.
+//!   breaks the protocol above, as after a real partition. Shared bandwidth
+//!   stays attached (it is the topology, not a fault; see below).
 //!
 //! Connections to an upstream that cannot be reached are reset, so the client
 //! sees the failure as `ECONNRESET` on its first read.
@@ -59,6 +60,20 @@
 //! The pipe keeps at most 64 segments in flight per direction, so a slow
 //! reader pushes back on the sender as a full TCP window would.
 //!
+//! # Shared bandwidth
+//!
+//! `bandwidth_bps` is per connection. A capacity that all connections of a
+//! proxy share, or that several proxies share (a node's access link, a
+//! cloud's egress), is a [`Bandwidth`] token bucket attached to a direction
+//! with [`LinkProxy::attach`], or a node's [`SharedLink`] with
+//! [`LinkProxy::attach_client_link`] / [`LinkProxy::attach_upstream_link`].
+//! Each segment first waits for its tokens in every bucket attached to its
+//! direction (first come, first served, one segment per connection at a
+//! time), then goes through the connection's conditions above. The model
+//! and its guarantee (never more than the rate plus one bucket) are in the
+//! [`bandwidth`] module. Attaching takes effect on open connections from
+//! their next read; [`LinkProxy::detach_all`] removes them.
+//!
 //! # Randomness
 //!
 //! Jitter and loss draw from a SplitMix64 generator per connection, seeded
@@ -81,6 +96,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::bandwidth::{self, Bandwidth, SharedLink};
 use crate::rng::Rng;
 
 /// Largest segment the pipe forwards when a bandwidth limit or loss is set
@@ -103,7 +119,8 @@ pub struct LinkConditions {
     /// without reordering.
     pub jitter: Duration,
     /// Rate limit in bits per second, per direction per connection; `None`
-    /// for no limit. `Some(0)` is treated as 1 bit/s.
+    /// for no limit. `Some(0)` is treated as 1 bit/s. For a limit that
+    /// connections share, see [`LinkProxy::attach`].
     pub bandwidth_bps: Option<u64>,
     /// Probability in `[0, 0.99]` that a transmission of a segment is lost
     /// and has to be retransmitted.
@@ -132,6 +149,15 @@ impl LinkConditions {
     fn rto(&self) -> Duration {
         MIN_RTO.max(self.delay.saturating_mul(4)).min(MAX_RTO)
     }
+}
+
+/// One direction of a proxy's connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// From the clients to the upstream.
+    ToUpstream,
+    /// From the upstream to the clients.
+    ToClient,
 }
 
 /// Counters since the proxy started.
@@ -192,6 +218,7 @@ impl LinkProxy {
             connections: Mutex::new(Registry::default()),
             seed: Mutex::new(None),
             counters: Counters::default(),
+            attached: Mutex::new(Attached::default()),
         });
         let accept_task = runtime.spawn(accept_loop(Arc::clone(&shared)));
         info!(target: "faults", proxy = %addr, %upstream, "link proxy started");
@@ -275,6 +302,54 @@ impl LinkProxy {
         *lock(&self.owner.shared.seed) = Some(seed);
     }
 
+    /// Makes every connection's `direction` share `bandwidth` with whatever
+    /// else it is attached to (other directions, other proxies); see
+    /// [Shared bandwidth](self#shared-bandwidth). Attaching the same bucket
+    /// to the same direction again does nothing.
+    pub fn attach(&self, direction: Direction, bandwidth: &Bandwidth) {
+        info!(
+            target: "faults",
+            fault = "shared bandwidth",
+            proxy = %self.addr(),
+            ?direction,
+            rate_bps = bandwidth.rate_bps(),
+            burst = bandwidth.burst(),
+            "link bandwidth attached"
+        );
+        let mut attached = lock(&self.owner.shared.attached);
+        let list = attached.get_mut(direction);
+        if !list.contains(bandwidth) {
+            *list = list.iter().cloned().chain([bandwidth.clone()]).collect();
+        }
+    }
+
+    /// The node whose access link is `link` is this proxy's client (e.g. an
+    /// agent connecting to the cloud): what it sends (`ToUpstream`) takes
+    /// from `link.up`, what it receives (`ToClient`) from `link.down`.
+    pub fn attach_client_link(&self, link: &SharedLink) {
+        self.attach(Direction::ToUpstream, &link.up);
+        self.attach(Direction::ToClient, &link.down);
+    }
+
+    /// The node whose access link is `link` is this proxy's upstream (e.g.
+    /// an agent's peer server): what it sends (`ToClient`) takes from
+    /// `link.up`, what it receives (`ToUpstream`) from `link.down`.
+    pub fn attach_upstream_link(&self, link: &SharedLink) {
+        self.attach(Direction::ToClient, &link.up);
+        self.attach(Direction::ToUpstream, &link.down);
+    }
+
+    /// Detaches every shared bandwidth from both directions.
+    pub fn detach_all(&self) {
+        info!(target: "faults", fault = "shared bandwidth", proxy = %self.addr(), "link bandwidth detached");
+        *lock(&self.owner.shared.attached) = Attached::default();
+    }
+
+    /// The buckets attached to `direction`, in the order attached.
+    pub fn attached(&self, direction: Direction) -> Vec<Bandwidth> {
+        lock(&self.owner.shared.attached).get(direction).to_vec()
+    }
+
     /// Counters since the proxy started.
     pub fn stats(&self) -> LinkStats {
         let c = &self.owner.shared.counters;
@@ -322,6 +397,31 @@ struct Shared {
     connections: Mutex<Registry>,
     seed: Mutex<Option<u64>>,
     counters: Counters,
+    attached: Mutex<Attached>,
+}
+
+/// The shared buckets of each direction; replaced, never changed in place,
+/// so a pipe takes a cheap snapshot per read.
+#[derive(Default)]
+struct Attached {
+    to_upstream: Arc<[Bandwidth]>,
+    to_client: Arc<[Bandwidth]>,
+}
+
+impl Attached {
+    fn get(&self, direction: Direction) -> &Arc<[Bandwidth]> {
+        match direction {
+            Direction::ToUpstream => &self.to_upstream,
+            Direction::ToClient => &self.to_client,
+        }
+    }
+
+    fn get_mut(&mut self, direction: Direction) -> &mut Arc<[Bandwidth]> {
+        match direction {
+            Direction::ToUpstream => &mut self.to_upstream,
+            Direction::ToClient => &mut self.to_client,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -361,6 +461,10 @@ impl Shared {
     async fn until_not_cut(&self) {
         // The sender lives in `self`, so `wait_for` cannot fail.
         let _ = self.state.subscribe().wait_for(|s| !s.cut).await;
+    }
+
+    fn attached(&self, direction: Direction) -> Arc<[Bandwidth]> {
+        Arc::clone(lock(&self.attached).get(direction))
     }
 
     fn discard(&self, bytes: usize) {
@@ -494,8 +598,8 @@ async fn serve(guard: ConnectionGuard, mut client: TcpStream, peer: SocketAddr, 
         let (client_read, client_write) = client.split();
         let (upstream_read, upstream_write) = upstream.split();
         let mut down_rng = rng.fork();
-        let to_upstream = pipe(shared, &shared.counters.to_upstream, client_read, upstream_write, &mut rng);
-        let to_client = pipe(shared, &shared.counters.to_client, upstream_read, client_write, &mut down_rng);
+        let to_upstream = pipe(shared, Direction::ToUpstream, client_read, upstream_write, &mut rng);
+        let to_client = pipe(shared, Direction::ToClient, upstream_read, client_write, &mut down_rng);
         tokio::select! {
             done = async { tokio::try_join!(to_upstream, to_client) } => match done {
                 Ok(_) => End::Closed,
@@ -555,18 +659,23 @@ struct Segment {
 
 /// One direction of one connection: a scheduler that reads and stamps each
 /// segment with its arrival time, and a deliverer that writes it then.
-async fn pipe<R, W>(shared: &Shared, delivered: &AtomicU64, from: R, to: W, rng: &mut Rng) -> io::Result<()>
+async fn pipe<R, W>(shared: &Shared, direction: Direction, from: R, to: W, rng: &mut Rng) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let delivered = match direction {
+        Direction::ToUpstream => &shared.counters.to_upstream,
+        Direction::ToClient => &shared.counters.to_client,
+    };
     let (tx, rx) = mpsc::channel(IN_FLIGHT_SEGMENTS);
-    tokio::try_join!(schedule(shared, from, tx, rng), deliver(shared, delivered, rx, to))?;
+    tokio::try_join!(schedule(shared, direction, from, tx, rng), deliver(shared, delivered, rx, to))?;
     Ok(())
 }
 
 async fn schedule<R: AsyncRead + Unpin>(
     shared: &Shared,
+    direction: Direction,
     mut from: R,
     tx: mpsc::Sender<Segment>,
     rng: &mut Rng,
@@ -585,8 +694,18 @@ async fn schedule<R: AsyncRead + Unpin>(
             continue;
         }
         let conditions = state.conditions;
+        let buckets = shared.attached(direction);
         for chunk in buf[..n].chunks(conditions.segment_size(n)) {
-            let arrives = timeline.arrival(now, chunk.len(), &conditions, rng);
+            let mut sent = now;
+            if !buckets.is_empty() {
+                // Waiting here (not in the deliverer) keeps one segment per
+                // connection reserved ahead, and stops reading meanwhile.
+                sent = bandwidth::reserve(&buckets, Instant::now(), chunk.len());
+                if sent > Instant::now() {
+                    tokio::time::sleep_until(sent).await;
+                }
+            }
+            let arrives = timeline.arrival(sent, chunk.len(), &conditions, rng);
             let segment = Segment { data: chunk.to_vec(), arrives };
             if tx.send(segment).await.is_err() {
                 // The deliverer failed; `pipe` returns its error.
