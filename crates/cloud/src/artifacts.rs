@@ -123,8 +123,9 @@ async fn put_chunk(
 
 async fn get_chunk(State(s): St, reader: ArtifactReader, Path(d): Path<String>) -> Result<Response, ApiError> {
     let d = digest(&d)?;
-    // Node pulls: per-site concurrency (429 beyond) and egress pacing.
-    let permit = match s.tracker.admit_cloud_pull(&reader) {
+    // Node pulls: one copy per site, per-site concurrency (429 beyond) and
+    // egress pacing.
+    let permit = match s.tracker.admit_cloud_pull(&reader, &d) {
         Ok(p) => p,
         Err(busy) => return Ok(busy.into_response()),
     };

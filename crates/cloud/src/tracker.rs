@@ -30,13 +30,21 @@
 //! # Cloud pulls
 //!
 //! `GET /v1/chunks/{sha256}` by a node goes through [`Tracker::admit_cloud_pull`]:
-//! at most [`TrackerConfig::cloud_pulls_per_site`] chunk downloads from the
-//! cloud run at once per site (the site the node announced; `""` for a node
-//! that never did); beyond that the answer is 429 with `Retry-After`, so the
-//! edge asks the tracker again (a peer may have the chunk by then) or waits.
-//! The bytes of admitted pulls are paced by one token bucket shared by all
-//! node pulls ([`TrackerConfig::egress_bytes_per_sec`]). Both default to
-//! unlimited. Admin reads (exports) are neither limited nor counted.
+//!
+//! - **One copy per site** ([`TrackerConfig::copy_hold`], 10 s): while the
+//!   chunk is on its way from the cloud to another node of the asker's site,
+//!   or reached it less than `copy_hold` ago, and the tracker would offer
+//!   that node, the answer is 429 with `Retry-After: 1` naming it: it will
+//!   announce the chunk and serve it.
+//! - **Slots per site**: at most [`TrackerConfig::cloud_pulls_per_site`]
+//!   (default 2) chunk downloads from the cloud run at once per site (the
+//!   site the node announced; `""` for a node that never did); beyond that,
+//!   429 with `Retry-After`.
+//!
+//! Either way the edge fetches other chunks and asks the tracker again
+//! later. The bytes of admitted pulls are paced by one token bucket shared
+//! by all node pulls ([`TrackerConfig::egress_bytes_per_sec`], default
+//! unlimited). Admin reads (exports) are neither limited nor counted.
 //!
 //! # State
 //!
@@ -97,6 +105,13 @@ pub struct TrackerConfig {
     pub cloud_pulls_per_site: Option<usize>,
     /// `Retry-After` of a refused cloud pull.
     pub busy_retry_after: Duration,
+    /// One copy per site: while a chunk is on its way from the cloud to a
+    /// node of a site, or arrived there less than this long ago, other
+    /// nodes of that site asking the cloud for it are told to wait for that
+    /// node (429, `Retry-After: 1`) instead of being served another copy.
+    /// The holder must announce it within this time (edges announce every
+    /// 2 s while they pull). `Duration::ZERO` turns it off.
+    pub copy_hold: Duration,
 }
 
 impl Default for TrackerConfig {
@@ -110,6 +125,7 @@ impl Default for TrackerConfig {
             // the same chunks from the cloud (docs/design/015).
             cloud_pulls_per_site: Some(2),
             busy_retry_after: Duration::from_secs(2),
+            copy_hold: Duration::from_secs(10),
         }
     }
 }
@@ -287,17 +303,23 @@ impl PeerTable {
             .map(|e| e.site.as_str())
     }
 
+    /// Whether `node` may be offered for `chunk` now: it announced within
+    /// [`TrackerConfig::entry_ttl`] and was not reported unreachable, or
+    /// corrupt for this chunk, recently.
+    pub fn can_serve(&self, node: &str, chunk: &Digest, now: Instant) -> bool {
+        self.site_of(node, now).is_some()
+            && self.unreachable.get(node).is_none_or(|until| *until <= now)
+            && self.corrupt.get(&(node.to_string(), *chunk)).is_none_or(|until| *until <= now)
+    }
+
     /// Peers holding `chunk` for `asker`, best first (see the module docs).
     pub fn peers(&self, asker: &str, chunk: &Digest, now: Instant) -> Vec<PeerOffer> {
         let Some(holders) = self.holders.get(chunk) else { return Vec::new() };
         let my_site = self.site_of(asker, now).unwrap_or("");
         let mut out: Vec<(bool, u64, PeerOffer)> = holders
             .iter()
-            .filter(|n| n.as_str() != asker)
+            .filter(|n| n.as_str() != asker && self.can_serve(n, chunk, now))
             .filter_map(|n| self.nodes.get(n).map(|e| (n, e)))
-            .filter(|(_, e)| now.saturating_duration_since(e.last_seen) <= self.cfg.entry_ttl)
-            .filter(|(n, _)| self.unreachable.get(n.as_str()).is_none_or(|until| *until <= now))
-            .filter(|(n, _)| self.corrupt.get(&(n.to_string(), *chunk)).is_none_or(|until| *until <= now))
             .map(|(n, e)| {
                 let other_site = my_site.is_empty() || e.site != my_site;
                 let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -403,13 +425,25 @@ impl PeerTable {
 
 pub use yunbian_artifacts::rate::TokenBucket;
 
-/// A cloud pull refused because its site has too many running.
+/// Why a cloud pull was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusyReason {
+    /// The site already runs this many cloud pulls
+    /// ([`TrackerConfig::cloud_pulls_per_site`]).
+    SiteLimit(usize),
+    /// The chunk is on its way to, or just reached, this node of the same
+    /// site; it will be offered as a peer ([`TrackerConfig::copy_hold`]).
+    CopyOnItsWay(String),
+}
+
+/// A cloud pull refused: the node should ask the tracker for peers again
+/// after `retry_after`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloudBusy {
-    /// The site.
+    /// The asker's site.
     pub site: String,
-    /// Its limit.
-    pub limit: usize,
+    /// Why.
+    pub why: BusyReason,
     /// When to try again.
     pub retry_after: Duration,
 }
@@ -418,35 +452,74 @@ impl IntoResponse for CloudBusy {
     fn into_response(self) -> Response {
         let secs = self.retry_after.as_secs().max(1);
         let site = if self.site.is_empty() { "(no site)".to_string() } else { self.site.clone() };
-        let body = ApiErrorBody {
-            code: 429,
-            message: format!(
-                "{} chunk downloads from the cloud already run for site {site}; ask the tracker for peers or retry in {secs} s",
-                self.limit
+        let message = match &self.why {
+            BusyReason::SiteLimit(limit) => format!(
+                "{limit} chunk downloads from the cloud already run for site {site}; ask the tracker for peers or retry in {secs} s"
             ),
-            details: vec![format!("retryAfter={secs}")],
+            BusyReason::CopyOnItsWay(peer) => format!(
+                "this chunk is on its way from the cloud to {peer} on site {site}; ask the tracker for peers again in {secs} s"
+            ),
         };
+        let body = ApiErrorBody { code: 429, message, details: vec![format!("retryAfter={secs}")] };
         (StatusCode::TOO_MANY_REQUESTS, [("retry-after", secs.to_string())], Json(body)).into_response()
     }
+}
+
+/// The node of a site that is getting, or just got, a chunk from the cloud.
+#[derive(Debug, Clone)]
+struct SiteCopy {
+    node: String,
+    /// Pull id, so a finished pull does not touch a later one's record.
+    pull: u64,
+    /// `None` while the bytes are on their way.
+    arrived: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
 struct PullCounts {
     in_flight: HashMap<String, usize>,
+    /// (site, chunk) → the copy that other nodes of the site wait for.
+    copies: HashMap<(String, Digest), SiteCopy>,
+    next_pull: u64,
     refused: u64,
+    deferred: u64,
     chunks: u64,
     bytes: u64,
     per_node: BTreeMap<String, (u64, u64)>,
 }
 
-/// The per-site concurrency limit and the egress bucket of cloud pulls.
+impl PullCounts {
+    /// Drops the copies that arrived longer than `hold` ago.
+    fn expire(&mut self, hold: Duration, now: Instant) {
+        self.copies.retain(|_, c| c.arrived.is_none_or(|at| now.saturating_duration_since(at) < hold));
+    }
+}
+
+/// What an asker of the cloud is: its node, its announced site (`None`:
+/// it never announced, so no copy is held back from it), and the chunk.
+#[derive(Debug, Clone, Copy)]
+pub struct PullRequest<'a> {
+    /// The node.
+    pub node: &'a str,
+    /// Its site as announced to the tracker.
+    pub site: Option<&'a str>,
+    /// The chunk.
+    pub chunk: &'a Digest,
+}
+
+/// The per-site concurrency limit, the one-copy-per-site rule and the
+/// egress bucket of cloud pulls.
 #[derive(Debug)]
 pub struct CloudPulls {
     per_site: Option<usize>,
     retry_after: Duration,
+    copy_hold: Duration,
     egress: Option<Arc<Mutex<TokenBucket>>>,
     counts: Mutex<PullCounts>,
 }
+
+/// Copies remembered before expired ones are swept.
+const COPIES_SWEEP_AT: usize = 4096;
 
 impl CloudPulls {
     /// Limits from the configuration.
@@ -454,6 +527,7 @@ impl CloudPulls {
         CloudPulls {
             per_site: cfg.cloud_pulls_per_site,
             retry_after: cfg.busy_retry_after,
+            copy_hold: cfg.copy_hold,
             egress: cfg.egress_bytes_per_sec.map(|r| Arc::new(Mutex::new(TokenBucket::new(r, Instant::now())))),
             counts: Mutex::new(PullCounts::default()),
         }
@@ -463,18 +537,55 @@ impl CloudPulls {
         self.counts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Admits one pull by `node` at `site`, or refuses it.
-    pub fn admit(self: &Arc<Self>, node: &str, site: &str) -> Result<CloudPullPermit, CloudBusy> {
+    /// Admits one pull, or refuses it: when another node of the asker's
+    /// site is getting (or just got) the chunk and `can_serve` says that
+    /// node can serve it, or when the site's pulls are used up.
+    pub fn admit(
+        self: &Arc<Self>,
+        req: PullRequest<'_>,
+        can_serve: impl Fn(&str) -> bool,
+        now: Instant,
+    ) -> Result<CloudPullPermit, CloudBusy> {
         let mut c = self.counts();
+        let site = req.site.unwrap_or("");
+        let key = (site.to_string(), *req.chunk);
+        if req.site.is_some() && !self.copy_hold.is_zero() {
+            if c.copies.len() >= COPIES_SWEEP_AT {
+                c.expire(self.copy_hold, now);
+            }
+            if let Some(copy) = c.copies.get(&key) {
+                let fresh = copy.arrived.is_none_or(|at| now.saturating_duration_since(at) < self.copy_hold);
+                if fresh && copy.node != req.node && can_serve(&copy.node) {
+                    let peer = copy.node.clone();
+                    c.deferred += 1;
+                    return Err(CloudBusy {
+                        site: site.into(),
+                        why: BusyReason::CopyOnItsWay(peer),
+                        retry_after: Duration::from_secs(1),
+                    });
+                }
+            }
+        }
         let running = c.in_flight.get(site).copied().unwrap_or(0);
         if let Some(limit) = self.per_site {
             if running >= limit {
                 c.refused += 1;
-                return Err(CloudBusy { site: site.into(), limit, retry_after: self.retry_after });
+                return Err(CloudBusy {
+                    site: site.into(),
+                    why: BusyReason::SiteLimit(limit),
+                    retry_after: self.retry_after,
+                });
             }
         }
         *c.in_flight.entry(site.to_string()).or_default() += 1;
-        Ok(CloudPullPermit { pulls: self.clone(), node: node.into(), site: site.into() })
+        c.next_pull += 1;
+        let pull = c.next_pull;
+        // Only a node that announced (and so serves peers) is waited for.
+        let copy = (req.site.is_some() && !self.copy_hold.is_zero()).then(|| {
+            c.copies.insert(key.clone(), SiteCopy { node: req.node.to_string(), pull, arrived: None });
+            key
+        });
+        Ok(CloudPullPermit { pulls: self.clone(), node: req.node.into(), site: site.into(), pull, copy, sent: false })
     }
 
     /// Pulls running for `site`.
@@ -483,13 +594,16 @@ impl CloudPulls {
     }
 
     fn status(&self) -> Value {
-        let c = self.counts();
+        let mut c = self.counts();
+        c.expire(self.copy_hold, Instant::now());
         let per_node: BTreeMap<&String, Value> =
             c.per_node.iter().map(|(n, (chunks, bytes))| (n, json!({"chunks": chunks, "bytes": bytes}))).collect();
         json!({
             "pullsPerSite": self.per_site,
             "inFlight": c.in_flight,
             "refused": c.refused,
+            "deferredToPeers": c.deferred,
+            "copiesHeld": c.copies.len(),
             "chunksServed": c.chunks,
             "bytesServed": c.bytes,
             "perNode": per_node,
@@ -498,12 +612,17 @@ impl CloudPulls {
 }
 
 /// One admitted cloud pull; its site's slot is freed when this is dropped
-/// (after the response body was sent, or the connection died).
+/// (after the response body was sent, or the connection died). A pull
+/// whose body was not sent completely takes its site copy with it, so the
+/// next asker is served.
 #[derive(Debug)]
 pub struct CloudPullPermit {
     pulls: Arc<CloudPulls>,
     node: String,
     site: String,
+    pull: u64,
+    copy: Option<(String, Digest)>,
+    sent: bool,
 }
 
 impl Drop for CloudPullPermit {
@@ -513,6 +632,17 @@ impl Drop for CloudPullPermit {
             *n -= 1;
             if *n == 0 {
                 c.in_flight.remove(&self.site);
+            }
+        }
+        if let Some(key) = self.copy.take() {
+            if c.copies.get(&key).is_some_and(|copy| copy.pull == self.pull) {
+                if self.sent {
+                    if let Some(copy) = c.copies.get_mut(&key) {
+                        copy.arrived = Some(Instant::now());
+                    }
+                } else {
+                    c.copies.remove(&key);
+                }
             }
         }
     }
@@ -533,13 +663,16 @@ impl CloudPullPermit {
         }
         let egress = self.pulls.egress.clone();
         let bytes = Bytes::from(bytes);
-        let stream = futures_util::stream::unfold((bytes, 0usize, self), move |(bytes, at, permit)| {
+        let stream = futures_util::stream::unfold((bytes, 0usize, self), move |(bytes, at, mut permit)| {
             let egress = egress.clone();
             async move {
                 if at >= bytes.len() {
                     return None; // the permit is dropped here
                 }
                 let end = (at + EGRESS_SLICE).min(bytes.len());
+                // The last slice is handed over: the site's copy is there
+                // (with a content length, the body may not be polled again).
+                permit.sent |= end == bytes.len();
                 if let Some(bucket) = &egress {
                     let wait =
                         bucket.lock().unwrap_or_else(|e| e.into_inner()).reserve((end - at) as u64, Instant::now());
@@ -579,14 +712,21 @@ impl Tracker {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Admits a chunk read: `None` for the admin (not limited), a permit
-    /// for a node within its site's limit, or the refusal.
-    pub fn admit_cloud_pull(&self, reader: &ArtifactReader) -> Result<Option<CloudPullPermit>, CloudBusy> {
+    /// Admits a read of `chunk`: `None` for the admin (not limited), a
+    /// permit for a node (see [`CloudPulls::admit`]), or the refusal.
+    pub fn admit_cloud_pull(
+        &self,
+        reader: &ArtifactReader,
+        chunk: &Digest,
+    ) -> Result<Option<CloudPullPermit>, CloudBusy> {
         match reader {
             ArtifactReader::Admin => Ok(None),
             ArtifactReader::Node(node) => {
-                let site = self.table().site_of(node, Instant::now()).unwrap_or("").to_string();
-                self.pulls.admit(node, &site).map(Some)
+                let now = Instant::now();
+                // Lock order: the table, then the pull counts.
+                let table = self.table();
+                let req = PullRequest { node, site: table.site_of(node, now), chunk };
+                self.pulls.admit(req, |holder| table.can_serve(holder, chunk, now), now).map(Some)
             }
         }
     }
@@ -743,6 +883,7 @@ async fn status(State(s): St, _admin: Admin) -> Json<Value> {
         "unreachableTtlSeconds": s.tracker.cfg.unreachable_ttl.as_secs(),
         "egressBytesPerSecond": s.tracker.cfg.egress_bytes_per_sec,
         "cloudPullsPerSite": s.tracker.cfg.cloud_pulls_per_site,
+        "copyHoldSeconds": s.tracker.cfg.copy_hold.as_secs(),
     });
     v["scope"] = json!("this cloud replica");
     Json(v)
@@ -835,28 +976,82 @@ mod tests {
         assert_eq!(s["reports"]["recent"][1]["peer"], "a");
     }
 
+    fn pull<'a>(node: &'a str, site: &'a str, chunk: &'a Digest) -> PullRequest<'a> {
+        PullRequest { node, site: Some(site), chunk }
+    }
+
     #[test]
     fn cloud_pulls_are_limited_per_site() {
         let cfg = TrackerConfig { cloud_pulls_per_site: Some(2), ..Default::default() };
         let pulls = Arc::new(CloudPulls::new(&cfg));
-        let a = pulls.admit("n1", "plant").expect("first");
-        let _b = pulls.admit("n2", "plant").expect("second");
-        let busy = pulls.admit("n3", "plant").expect_err("third");
-        assert_eq!((busy.site.as_str(), busy.limit), ("plant", 2));
-        let _other = pulls.admit("n4", "depot").expect("another site has its own slots");
+        let now = Instant::now();
+        let yes = |_: &str| true;
+        let a = pulls.admit(pull("n1", "plant", &d(1)), yes, now).expect("first");
+        let _b = pulls.admit(pull("n2", "plant", &d(2)), yes, now).expect("second");
+        let busy = pulls.admit(pull("n3", "plant", &d(3)), yes, now).expect_err("third");
+        assert_eq!((busy.site.as_str(), &busy.why), ("plant", &BusyReason::SiteLimit(2)));
+        let _other = pulls.admit(pull("n4", "depot", &d(4)), yes, now).expect("another site has its own slots");
         assert_eq!(pulls.in_flight("plant"), 2);
         drop(a);
         assert_eq!(pulls.in_flight("plant"), 1);
-        let _c = pulls.admit("n3", "plant").expect("a slot freed");
+        let _c = pulls.admit(pull("n3", "plant", &d(3)), yes, now).expect("a slot freed");
         let r = busy.into_response();
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(r.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("2"));
         let unlimited =
             Arc::new(CloudPulls::new(&TrackerConfig { cloud_pulls_per_site: None, ..TrackerConfig::default() }));
-        let held: Vec<_> = (0..100).map(|i| unlimited.admit(&format!("n{i}"), "s").expect("unlimited")).collect();
+        let held: Vec<_> = (0..100u8)
+            .map(|i| unlimited.admit(pull(&format!("n{i}"), "s", &d(i)), yes, now).expect("unlimited"))
+            .collect();
         assert_eq!(unlimited.in_flight("s"), 100);
         drop(held);
         assert_eq!(unlimited.in_flight("s"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_site_gets_one_copy_and_waits_for_its_holder() {
+        let cfg = TrackerConfig { cloud_pulls_per_site: None, ..Default::default() };
+        let pulls = Arc::new(CloudPulls::new(&cfg));
+        let (x, now) = (d(7), Instant::now());
+        let (yes, no) = (|_: &str| true, |_: &str| false);
+        let first = pulls.admit(pull("a", "plant", &x), yes, now).expect("the site's first copy");
+        let wait = pulls.admit(pull("b", "plant", &x), yes, now).expect_err("a is getting it");
+        assert_eq!(wait.why, BusyReason::CopyOnItsWay("a".into()));
+        assert_eq!(wait.retry_after, Duration::from_secs(1));
+        let msg = wait.into_response();
+        assert_eq!(msg.status(), StatusCode::TOO_MANY_REQUESTS);
+        // The same node asking again is served (it lost its connection).
+        drop(pulls.admit(pull("a", "plant", &x), yes, now).expect("the holder itself"));
+        // That retry's failure took the record with it: the first pull no
+        // longer makes others wait... until somebody holds it again.
+        let again = pulls.admit(pull("b", "plant", &x), yes, now).expect("nobody holds it now");
+        drop(first);
+        drop(again);
+        // A holder the tracker would not offer (unreachable, expired) is not
+        // waited for (the asker becomes the holder); other sites and nodes
+        // without a site are served.
+        let unusable = pulls.admit(pull("a", "plant", &x), yes, now).expect("a again");
+        drop(pulls.admit(pull("b", "plant", &x), no, now).expect("a cannot serve"));
+        drop(unusable);
+        let held = pulls.admit(pull("a", "plant", &x), yes, now).expect("a again");
+        drop(pulls.admit(pull("c", "depot", &x), yes, now).expect("another site"));
+        drop(pulls.admit(PullRequest { node: "e", site: None, chunk: &x }, yes, now).expect("never announced"));
+        // A copy whose bytes all went out is waited for during copy_hold.
+        let body = axum::body::to_bytes(held.respond(vec![1; 100_000]).into_body(), usize::MAX).await.expect("body");
+        assert_eq!(body.len(), 100_000);
+        let after = Instant::now();
+        let wait = pulls.admit(pull("b", "plant", &x), yes, after).expect_err("a has it");
+        assert_eq!(wait.why, BusyReason::CopyOnItsWay("a".into()));
+        drop(pulls.admit(pull("b", "plant", &d(8)), yes, after).expect("another chunk"));
+        let later = after + cfg.copy_hold + Duration::from_secs(1);
+        drop(pulls.admit(pull("b", "plant", &x), yes, later).expect("a never announced it"));
+        let s = pulls.status();
+        assert_eq!(s["deferredToPeers"], 2);
+        assert_eq!(s["chunksServed"], 1);
+        // Turned off, every node is served.
+        let off = Arc::new(CloudPulls::new(&TrackerConfig { copy_hold: Duration::ZERO, ..cfg }));
+        let _a = off.admit(pull("a", "plant", &x), yes, now).expect("a");
+        let _b = off.admit(pull("b", "plant", &x), yes, now).expect("b, copy_hold 0");
     }
 
     #[test]

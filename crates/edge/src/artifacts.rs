@@ -52,12 +52,12 @@
 //! Chunks from peers inside a node group: `crate::p2p::PeerSource`, an
 //! [`ArtifactSource`] that asks the cloud's tracker first.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use yunbian_api::artifact::WASM_PLATFORM;
 use yunbian_api::{artifact_object_name, Artifact, ArtifactBlob, ArtifactRef, BlobType};
@@ -192,6 +192,20 @@ pub enum SourceError {
     NotFound,
     /// Anything else (network, TLS, HTTP error), with the message.
     Failed(String),
+    /// Not now: ask again after this long (the cloud's per-site pulls are
+    /// used up, or the chunk is on its way to a peer of this site). The
+    /// cache fetches other chunks meanwhile.
+    Busy(Duration),
+}
+
+impl SourceError {
+    fn message(self) -> String {
+        match self {
+            SourceError::NotFound => "not found at the source".into(),
+            SourceError::Failed(m) => m,
+            SourceError::Busy(wait) => format!("the source is busy; retry in {wait:?}"),
+        }
+    }
 }
 
 /// Where artifacts and chunks come from: the cloud today, peers later, a
@@ -409,7 +423,13 @@ pub struct CacheOptions {
     pub retry_delay: Duration,
     /// The platform to pull for; `None`: this machine's.
     pub platform: Option<String>,
+    /// How long a pull may go without getting a chunk while its source
+    /// answers busy ([`SourceError::Busy`]) before it fails.
+    pub busy_max_wait: Duration,
 }
+
+/// Chunks tried after a busy answer before a pull pauses.
+const BUSY_SKIP_AHEAD: usize = 4;
 
 impl Default for CacheOptions {
     fn default() -> Self {
@@ -418,6 +438,7 @@ impl Default for CacheOptions {
             chunk_tries: 3,
             retry_delay: Duration::from_millis(500),
             platform: None,
+            busy_max_wait: Duration::from_secs(600),
         }
     }
 }
@@ -597,7 +618,8 @@ impl ArtifactCache {
                     _ => PullError::NotFound { name: r.name.clone(), version: r.version.clone() },
                 });
             }
-            Err(SourceError::Failed(message)) => {
+            Err(e @ (SourceError::Failed(_) | SourceError::Busy(_))) => {
+                let message = e.message();
                 let copy = std::fs::read(&local)
                     .ok()
                     .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
@@ -735,12 +757,38 @@ impl ArtifactCache {
         if !present {
             // Each agent starts at its own offset, so nodes pulling the
             // same blob together fetch different chunks first and can
-            // trade them (docs/design/015).
+            // trade them (docs/design/015). A chunk the source cannot give
+            // now goes to the back of the queue; after a few busy answers
+            // in a row the pull pauses for the shortest wait asked.
             let n = m.chunks.len().max(1);
-            for i in 0..m.chunks.len() {
-                let c = &m.chunks[(i + self.chunk_offset) % n];
-                self.ensure_chunk(c).await?;
-                progress.done.fetch_add(c.size, Ordering::Relaxed);
+            let mut queue: VecDeque<&ChunkRef> =
+                (0..m.chunks.len()).map(|i| &m.chunks[(i + self.chunk_offset) % n]).collect();
+            let (mut streak, mut pause, mut progressed) = (0usize, Duration::MAX, Instant::now());
+            while let Some(c) = queue.pop_front() {
+                match self.ensure_chunk(c).await? {
+                    None => {
+                        progress.done.fetch_add(c.size, Ordering::Relaxed);
+                        (streak, pause, progressed) = (0, Duration::MAX, Instant::now());
+                    }
+                    Some(wait) => {
+                        if progressed.elapsed() >= self.opts.busy_max_wait {
+                            return Err(PullError::Source {
+                                what: format!("chunk {}", c.digest),
+                                message: format!(
+                                    "the source stayed busy for {:?} (last: retry in {wait:?})",
+                                    self.opts.busy_max_wait
+                                ),
+                            });
+                        }
+                        queue.push_back(c);
+                        streak += 1;
+                        pause = pause.min(wait);
+                        if streak >= queue.len().min(BUSY_SKIP_AHEAD) {
+                            tokio::time::sleep(pause).await;
+                            (streak, pause) = (0, Duration::MAX);
+                        }
+                    }
+                }
             }
             let (chunks, tmp, out, m2) = (
                 m.chunks.iter().map(|c| self.chunk_path(&c.digest)).collect::<Vec<_>>(),
@@ -768,12 +816,13 @@ impl ArtifactCache {
     }
 
     /// A chunk on disk and intact: kept if already there, else fetched and
-    /// checked (up to `chunk_tries` times).
-    async fn ensure_chunk(&self, c: &ChunkRef) -> Result<(), PullError> {
+    /// checked (up to `chunk_tries` times). `Some(wait)`: the source is
+    /// busy for it; ask again after `wait`.
+    async fn ensure_chunk(&self, c: &ChunkRef) -> Result<Option<Duration>, PullError> {
         let path = self.chunk_path(&c.digest);
         if let Ok(bytes) = std::fs::read(&path) {
             if bytes.len() as u64 == c.size && sha256(&bytes) == c.digest {
-                return Ok(());
+                return Ok(None);
             }
             tracing::warn!(chunk = %c.digest, "a stored chunk failed its check; fetching it again");
             let _ = std::fs::remove_file(&path);
@@ -790,7 +839,7 @@ impl ArtifactCache {
                     if actual == c.digest && bytes.len() as u64 == c.size {
                         let tmp = self.root.join("tmp").join(format!("{}.partial", c.digest));
                         let out = path.clone();
-                        return blocking(move || write_atomic(&tmp, &out, &bytes, 0o644)).await;
+                        return blocking(move || write_atomic(&tmp, &out, &bytes, 0o644)).await.map(|()| None);
                     }
                     tracing::warn!(chunk = %c.digest, %actual, attempt, "chunk arrived corrupt; discarded");
                     last =
@@ -802,6 +851,7 @@ impl ArtifactCache {
                         message: "not found at the source".into(),
                     })
                 }
+                Err(SourceError::Busy(wait)) => return Ok(Some(wait)),
                 Err(SourceError::Failed(message)) => {
                     tracing::warn!(chunk = %c.digest, error = %message, attempt, "chunk fetch failed");
                     last = Some(PullError::Source { what: format!("chunk {}", c.digest), message })

@@ -28,9 +28,11 @@
 //!   peer sent bad bytes), reports a corrupt or unreachable peer (`POST
 //!   /v1/p2p/report`) and tries the next one; only when no peer had it does
 //!   it fetch from the cloud. A cloud that answers 429/503 (the site's
-//!   concurrent pulls are used up) is waited for — `Retry-After`, else
-//!   back-off — asking the tracker again each time, for at most
-//!   [`PeerSourceOptions::cloud_busy_max_wait`]. Downloads are paced by
+//!   concurrent pulls are used up, or another node of the site is getting
+//!   that chunk and will serve it) gives [`SourceError::Busy`] with its
+//!   `Retry-After`: the cache fetches other chunks and comes back to this
+//!   one, asking the tracker again, for at most
+//!   [`crate::artifacts::CacheOptions::busy_max_wait`] without progress. Downloads are paced by
 //!   [`PeerSourceOptions::download_bytes_per_sec`]. Artifact objects always
 //!   come from the cloud.
 //! - The announcer ([`spawn_announcer`]): every period, and when poked,
@@ -717,10 +719,9 @@ pub struct PeerSourceOptions {
     pub peers_per_chunk: usize,
     /// Time allowed for one chunk from one peer.
     pub peer_timeout: Duration,
-    /// How long a busy cloud (429/503) is waited for, per chunk.
-    pub cloud_busy_max_wait: Duration,
-    /// First pause after a busy answer without `Retry-After` (doubles, at
-    /// most 30 s).
+    /// Pause asked for after a busy answer (429/503) without
+    /// `Retry-After`; the cache ([`crate::artifacts::CacheOptions::busy_max_wait`])
+    /// decides how long to keep asking.
     pub cloud_busy_backoff: Duration,
 }
 
@@ -730,7 +731,6 @@ impl Default for PeerSourceOptions {
             download_bytes_per_sec: None,
             peers_per_chunk: 3,
             peer_timeout: Duration::from_secs(120),
-            cloud_busy_max_wait: Duration::from_secs(600),
             cloud_busy_backoff: Duration::from_secs(1),
         }
     }
@@ -933,39 +933,29 @@ impl ArtifactSource for PeerSource {
     }
 
     async fn chunk(&self, d: &Digest) -> Result<Vec<u8>, SourceError> {
-        let deadline = Instant::now() + self.opts.cloud_busy_max_wait;
-        let mut backoff = self.opts.cloud_busy_backoff;
-        loop {
-            let offers = self.peers(d).await;
-            if let Some(bytes) = self.try_peers(d, &offers).await {
-                return Ok(bytes);
+        let offers = self.peers(d).await;
+        if let Some(bytes) = self.try_peers(d, &offers).await {
+            return Ok(bytes);
+        }
+        match self.cloud.call("GET", &format!("/v1/chunks/{d}"), None).await {
+            Ok((200, body)) => {
+                self.download.pace(body.len() as u64).await;
+                self.counters.from_cloud.fetch_add(1, Ordering::Relaxed);
+                self.served(d, ChunkOrigin::Cloud);
+                Ok(body.to_vec())
             }
-            match self.cloud.call("GET", &format!("/v1/chunks/{d}"), None).await {
-                Ok((200, body)) => {
-                    self.download.pace(body.len() as u64).await;
-                    self.counters.from_cloud.fetch_add(1, Ordering::Relaxed);
-                    self.served(d, ChunkOrigin::Cloud);
-                    return Ok(body.to_vec());
-                }
-                Ok((404, _)) => return Err(SourceError::NotFound),
-                Ok((status @ (429 | 503), body)) => {
-                    self.counters.cloud_busy.fetch_add(1, Ordering::Relaxed);
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return Err(SourceError::Failed(format!(
-                            "the cloud stayed busy for {:?}: {}",
-                            self.opts.cloud_busy_max_wait,
-                            http::error_message(status, &body)
-                        )));
-                    }
-                    let wait = retry_after(&body).unwrap_or(backoff).min(deadline - now);
-                    tracing::info!(chunk = %d, ?wait, "cloud busy; asking peers again after a pause");
-                    tokio::time::sleep(wait).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                }
-                Ok((status, body)) => return Err(SourceError::Failed(http::error_message(status, &body))),
-                Err(e) => return Err(SourceError::Failed(e)),
+            Ok((404, _)) => Err(SourceError::NotFound),
+            Ok((status @ (429 | 503), body)) => {
+                // The site's cloud pulls are used up, or a peer of this
+                // site is getting this chunk: the cache asks again later
+                // (the tracker first) and fetches other chunks meanwhile.
+                self.counters.cloud_busy.fetch_add(1, Ordering::Relaxed);
+                let wait = retry_after(&body).unwrap_or(self.opts.cloud_busy_backoff);
+                tracing::debug!(chunk = %d, ?wait, error = %http::error_message(status, &body), "cloud busy");
+                Err(SourceError::Busy(wait))
             }
+            Ok((status, body)) => Err(SourceError::Failed(http::error_message(status, &body))),
+            Err(e) => Err(SourceError::Failed(e)),
         }
     }
 }

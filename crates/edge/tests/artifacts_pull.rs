@@ -44,6 +44,8 @@ struct FakeSource {
     corrupt: Mutex<HashMap<Digest, u32>>,
     /// Chunk fetches still allowed before every fetch fails (None: no limit).
     budget: Mutex<Option<usize>>,
+    /// Busy answers still to give, per chunk.
+    busy: Mutex<HashMap<Digest, u32>>,
     /// Every chunk fetch, in order.
     fetched: Mutex<Vec<Digest>>,
     /// Artifact reads fail as if the link were down.
@@ -77,6 +79,10 @@ impl ArtifactSource for FakeSource {
                 return Err(SourceError::Failed("link cut".into()));
             }
             *b -= 1;
+        }
+        if let Some(n) = self.busy.lock().expect("lock").get_mut(d).filter(|n| **n > 0) {
+            *n -= 1;
+            return Err(SourceError::Busy(Duration::from_millis(20)));
         }
         let mut bytes = self.chunks.lock().expect("lock").get(d).cloned().ok_or(SourceError::NotFound)?;
         if let Some(n) = self.corrupt.lock().expect("lock").get_mut(d) {
@@ -123,7 +129,13 @@ impl FakeSource {
 }
 
 fn opts(limit: u64) -> CacheOptions {
-    CacheOptions { limit, chunk_tries: 3, retry_delay: Duration::ZERO, platform: Some("linux/amd64".into()) }
+    CacheOptions {
+        limit,
+        chunk_tries: 3,
+        retry_delay: Duration::ZERO,
+        platform: Some("linux/amd64".into()),
+        ..Default::default()
+    }
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -477,4 +489,34 @@ async fn an_imported_export_file_runs_without_the_source() {
         Err(PullError::Manifest { message, .. }) => assert!(message.contains("does not match"), "{message}"),
         other => panic!("expected a refusal, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn a_busy_chunk_goes_to_the_back_of_the_queue_and_a_source_busy_too_long_fails_the_pull() {
+    let dir = TempDir::new();
+    let src = Arc::new(FakeSource::default());
+    let bytes = pattern(3 * CHUNK_SIZE + 100, 9);
+    src.publish("tool", &[("linux/amd64", BlobType::Executable, &bytes)]);
+    let chunks: Vec<Digest> = BlobManifest::of_bytes(&bytes).chunks.iter().map(|c| c.digest).collect();
+    assert_eq!(chunks.len(), 4);
+    // Every chunk is busy twice before it is served: no try is used up.
+    src.busy.lock().expect("lock").extend(chunks.iter().map(|d| (*d, 2)));
+    let cache = ArtifactCache::open(&dir.0, src.clone(), opts(u64::MAX)).expect("open");
+    let blob = cache.ensure("tool", "1.0").await.expect("pull despite busy answers");
+    assert_eq!(std::fs::read(&blob.path).expect("read"), bytes);
+    let fetched = src.fetched.lock().expect("lock").clone();
+    assert_eq!(fetched.len(), 12, "2 busy answers and 1 fetch per chunk: {fetched:?}");
+    // After a busy answer the pull asks for another chunk, not the same one.
+    assert!(fetched.windows(2).all(|w| w[0] != w[1]), "{fetched:?}");
+
+    // A source that stays busy fails the pull after busy_max_wait without
+    // progress, naming the chunk; nothing is assembled.
+    let dir2 = TempDir::new();
+    src.busy.lock().expect("lock").insert(chunks[2], u32::MAX);
+    let short = CacheOptions { busy_max_wait: Duration::from_millis(300), ..opts(u64::MAX) };
+    let cache = ArtifactCache::open(&dir2.0, src.clone(), short).expect("open");
+    let err = cache.ensure("tool", "1.0").await.expect_err("always busy");
+    let msg = err.to_string();
+    assert!(msg.contains(&chunks[2].to_string()) && msg.contains("stayed busy"), "{msg}");
+    assert!(files(&cache.root().join("blobs")).is_empty(), "no blob assembled");
 }

@@ -27,7 +27,7 @@ use yunbian_api::BlobType;
 use yunbian_artifacts::{sha256, Digest, CHUNK_SIZE};
 use yunbian_cli::artifact::{push, PushArgs};
 use yunbian_cli::{Client, ClientConfig};
-use yunbian_edge::artifacts::{ArtifactCache, ArtifactSource, CacheOptions, CloudSource};
+use yunbian_edge::artifacts::{ArtifactCache, ArtifactSource, CacheOptions, CloudSource, SourceError};
 use yunbian_edge::p2p::{
     self, Announcer, ChunkOrigin, LocalChunks, PeerFetchError, PeerOffer, PeerServerLimits, PeerSource,
     PeerSourceOptions, RateLimit,
@@ -169,13 +169,13 @@ impl Cluster {
 impl Node {
     /// Starts announcing (long period: tests poke) at `site`.
     fn announce(&mut self, site: &str) {
-        let a = p2p::spawn_announcer(
-            self.cloud.clone(),
-            &self.dir,
-            self.addr.to_string(),
-            site.into(),
-            Duration::from_secs(3600),
-        );
+        self.announce_every(site, Duration::from_secs(3600));
+    }
+
+    /// Starts announcing at `site` every `period`, as an agent does while it
+    /// pulls.
+    fn announce_every(&mut self, site: &str, period: Duration) {
+        let a = p2p::spawn_announcer(self.cloud.clone(), &self.dir, self.addr.to_string(), site.into(), period);
         self.announcer = Some(a);
     }
 
@@ -319,6 +319,46 @@ async fn a_corrupt_peer_is_detected_reported_and_the_chunk_fetched_elsewhere() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_nodes_pulling_together_get_about_one_copy_of_each_chunk_from_the_cloud() {
+    // The cloud's defaults: 2 pulls at once per site, one copy per site.
+    let c = Cluster::start("ten", Default::default()).await;
+    let mut nodes = Vec::new();
+    for i in 0..10 {
+        let mut n = c.node(&format!("edge-{i}")).await;
+        n.announce_every("plant", Duration::from_millis(500));
+        nodes.push(n);
+    }
+    for n in &nodes {
+        c.until_announced(&n.name, 0).await;
+    }
+    let blobs = futures_util::future::join_all(nodes.iter().map(Node::pull)).await;
+    for (n, blob) in nodes.iter().zip(&blobs) {
+        assert_eq!(std::fs::read(&blob.path).expect("read"), c.blob, "{} holds the artifact intact", n.name);
+    }
+    // Where every node's chunks came from, as the nodes saw it.
+    let mut from_cloud: BTreeMap<Digest, usize> = BTreeMap::new();
+    let mut from_peers = 0;
+    for n in &nodes {
+        for (d, origin) in n.source.origins() {
+            match origin {
+                ChunkOrigin::Cloud => *from_cloud.entry(d).or_default() += 1,
+                ChunkOrigin::Peer(_) => from_peers += 1,
+            }
+        }
+    }
+    let s = c.status().await;
+    let served = s["cloud"]["chunksServed"].as_u64().expect("chunksServed") as usize;
+    assert_eq!(served, from_cloud.values().sum::<usize>(), "the cloud's count and the nodes' agree: {s:#}");
+    assert_eq!(served + from_peers, 10 * c.chunks.len(), "every chunk fetched once per node");
+    // About once: each chunk from the cloud at most twice, and in all at
+    // most one copy plus one chunk (the 1.1x target of a 10-chunk blob);
+    // 30 chunk fetches without P2P.
+    assert!(from_cloud.values().all(|n| *n <= 2), "{from_cloud:?}");
+    assert!(served <= c.chunks.len() + 1, "cloud served {served} chunks for {} : {s:#}", c.chunks.len());
+    assert!(s["cloud"]["deferredToPeers"].as_u64().expect("deferred") >= 1, "{s:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cloud_limits_concurrent_pulls_per_site_and_edges_wait() {
     // One pull at a time per site, 1 MiB/s: a 4 MiB chunk takes ~3 s.
     let cfg = yunbian_cloud::tracker::TrackerConfig {
@@ -328,7 +368,7 @@ async fn the_cloud_limits_concurrent_pulls_per_site_and_edges_wait() {
         ..Default::default()
     };
     let c = Cluster::start("limits", cfg).await;
-    let opts = PeerSourceOptions { cloud_busy_backoff: Duration::from_millis(200), ..Default::default() };
+    let opts = PeerSourceOptions::default();
     let mut b = c.node_with("edge-b", PeerServerLimits::default(), opts.clone(), |r| r).await;
     let mut e = c.node_with("edge-e", PeerServerLimits::default(), opts, |r| r).await;
     b.announce("plant");
@@ -350,12 +390,23 @@ async fn the_cloud_limits_concurrent_pulls_per_site_and_edges_wait() {
     assert_eq!(status, 429, "{}", String::from_utf8_lossy(&body));
     let err: yunbian_api::ApiErrorBody = serde_json::from_slice(&body).expect("error body");
     assert_eq!(err.details, ["retryAfter=1"]);
-    // A PeerSource waits for the cloud (no peer has the chunk) and gets it.
-    let bytes = e.source.chunk(&c.chunks[1]).await.expect("chunk after waiting");
-    assert_eq!(sha256(&bytes), c.chunks[1]);
+    // A PeerSource (no peer has the chunk) says busy with the cloud's
+    // Retry-After, and gets the chunk once the slot is free.
+    match e.source.chunk(&c.chunks[1]).await {
+        Err(SourceError::Busy(wait)) => assert_eq!(wait, Duration::from_secs(1)),
+        other => panic!("expected busy, got {:?}", other.map(|b| b.len())),
+    }
     assert!(e.source.stats().cloud_busy >= 1, "{:?}", e.source.stats());
     let (status, body) = slow.await.expect("task").expect("answer");
     assert_eq!((status, sha256(&body)), (200, first));
+    let bytes = loop {
+        match e.source.chunk(&c.chunks[1]).await {
+            Ok(bytes) => break bytes,
+            Err(SourceError::Busy(wait)) => tokio::time::sleep(wait).await,
+            Err(other) => panic!("chunk after waiting: {other:?}"),
+        }
+    };
+    assert_eq!(sha256(&bytes), c.chunks[1]);
     let s = c.status().await;
     assert!(s["cloud"]["refused"].as_u64().expect("refused") >= 2, "{s:#}");
     // Every slot is given back once the bodies are sent.
