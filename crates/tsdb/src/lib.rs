@@ -14,7 +14,7 @@
 //! ```text
 //! append ──▶ WAL record (fsync policy) ──▶ head: one streaming chunk per
 //!   series (+ a small out-of-order buffer)
-//!     │ flush: head spans `block_duration_ms`, memory pressure, or `flush()`
+//!     │ flush: head spans `block_duration_ms`, memory pressure, WAL size, or `flush()`
 //!     ▼
 //!   raw block (level 0) ── compaction: runs of small blocks ──▶ raw block (level n+1)
 //!     │ retention: age / total bytes raise the raw watermark; the points

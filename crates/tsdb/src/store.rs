@@ -6,7 +6,9 @@
 //! - **append**: validate every point (watermark, out-of-order window),
 //!   write one WAL record, then apply to the head. A WAL error rejects the
 //!   whole batch and leaves the head untouched.
-//! - **flush**: encode every series' head into one raw block whose
+//! - **flush** (when the head spans `block_duration_ms`, under memory
+//!   pressure, when the WAL passes its size limit, or on demand): encode
+//!   every series' head into one raw block whose
 //!   `wal_seq` is the current segment → write it atomically → open the next
 //!   segment → delete segments ≤ `wal_seq`. A crash before the rename
 //!   replays the WAL; after it, open deletes the covered segments.
@@ -71,6 +73,11 @@ pub struct Options {
     pub rollup_1m_retention_ms: Option<i64>,
     /// Retention of 1-hour rollups.
     pub rollup_1h_retention_ms: Option<i64>,
+    /// The head is flushed when the WAL (every segment not yet covered by
+    /// a block) passes this many bytes, so the WAL stays small next to the
+    /// blocks whatever the ingest rate. With `max_raw_bytes`, the limit is
+    /// at most a quarter of it (but never under 1 MiB). `None`: no limit.
+    pub max_wal_bytes: Option<u64>,
 }
 
 impl Default for Options {
@@ -89,6 +96,7 @@ impl Default for Options {
             max_raw_bytes: Some(1 << 30),
             rollup_1m_retention_ms: Some(30 * 24 * 3_600_000),
             rollup_1h_retention_ms: Some(400 * 24 * 3_600_000),
+            max_wal_bytes: Some(64 << 20),
         }
     }
 }
@@ -128,8 +136,13 @@ pub struct Stats {
     pub memory_bytes: usize,
     /// Bytes of block files (raw and rollups).
     pub disk_bytes: u64,
-    /// Bytes of the WAL segment being written.
+    /// Bytes of the WAL: the segment being written and older segments not
+    /// yet covered by a block.
     pub wal_bytes: u64,
+    /// Bytes of the WAL segment being written that are not synced yet.
+    pub wal_unsynced_bytes: u64,
+    /// WAL syncs (`fdatasync`) since open.
+    pub wal_syncs: u64,
     /// Raw blocks.
     pub raw_blocks: usize,
     /// Rollup blocks.
@@ -152,6 +165,8 @@ pub struct Stats {
     pub flushes: u64,
     /// Of those, flushes forced by memory pressure.
     pub pressure_flushes: u64,
+    /// Of those, flushes forced by the WAL's size (`max_wal_bytes`).
+    pub wal_flushes: u64,
     /// Compactions run.
     pub compactions: u64,
     /// Raw points at or before this timestamp were rolled up or deleted.
@@ -222,6 +237,11 @@ pub struct Store {
     by_key: HashMap<SeriesKey, u32>,
     blocks: Vec<Block>,
     wal: WalWriter,
+    /// Bytes of WAL segments older than the one being written (replayed
+    /// at open, or left by a failed write), deleted by the next flush.
+    wal_old_bytes: u64,
+    /// Syncs of WAL segments no longer written.
+    wal_old_syncs: u64,
     next_seq: u64,
     low: Watermarks,
     head_min_t: i64,
@@ -316,6 +336,8 @@ impl Store {
             by_key: HashMap::new(),
             blocks: Vec::new(),
             wal,
+            wal_old_bytes: 0,
+            wal_old_syncs: 0,
             next_seq,
             low,
             head_min_t: i64::MAX,
@@ -404,6 +426,7 @@ impl Store {
             fs::remove_file(path).map_err(io_err("remove empty WAL segment", path))?;
             return Ok(());
         }
+        self.wal_old_bytes += valid as u64;
         let mut ids: HashMap<u32, u32> = HashMap::new();
         for rec in records {
             match rec {
@@ -521,6 +544,9 @@ impl Store {
         self.scratch = pts;
         if self.head_points > 0 && self.head_max_t.saturating_sub(self.head_min_t) >= self.opts.block_duration_ms {
             self.flush_inner(false)?;
+        } else if self.head_points > 0 && self.wal_limit().is_some_and(|l| self.wal_total_bytes() >= l) {
+            self.flush_inner(false)?;
+            self.stats.wal_flushes += 1;
         }
         Ok(res)
     }
@@ -533,7 +559,9 @@ impl Store {
         self.scratch.clear();
         let next = self.wal.segment() + 1;
         if let Ok(w) = WalWriter::create(&self.dir.join("wal"), next, self.opts.fsync) {
-            self.wal = w;
+            let old = std::mem::replace(&mut self.wal, w);
+            self.wal_old_bytes += old.bytes();
+            self.wal_old_syncs += old.syncs();
         }
         for s in &mut self.series {
             s.wal_declared = 0;
@@ -596,6 +624,30 @@ impl Store {
         self.wal.sync()
     }
 
+    /// Under `FsyncPolicy::Interval(ms)`, syncs the WAL if something is
+    /// unsynced and the last sync is at least `ms` before `now`. Appends
+    /// do this themselves; an owner calls it when appends stop (after a
+    /// burst, then silence), so nothing stays unsynced much longer than
+    /// the interval. Returns whether it synced.
+    pub fn sync_if_due(&mut self, now: std::time::Instant) -> Result<bool, Error> {
+        self.wal.sync_if_due(now)
+    }
+
+    /// Bytes of every WAL segment not yet covered by a block.
+    fn wal_total_bytes(&self) -> u64 {
+        self.wal_old_bytes + self.wal.bytes()
+    }
+
+    /// The WAL size at which the head is flushed (see
+    /// [`Options::max_wal_bytes`]).
+    fn wal_limit(&self) -> Option<u64> {
+        let limit = self.opts.max_wal_bytes?;
+        Some(match self.opts.max_raw_bytes {
+            Some(raw) => limit.min((raw / 4).max(1 << 20)),
+            None => limit,
+        })
+    }
+
     fn flush_inner(&mut self, pressure: bool) -> Result<(), Error> {
         if self.head_points == 0 {
             return Ok(());
@@ -643,13 +695,16 @@ impl Store {
         }
         // The block holds the head: a new segment, then drop covered ones.
         let wdir = self.dir.join("wal");
-        self.wal = WalWriter::create(&wdir, wal_seq + 1, self.opts.fsync)?;
+        let old = std::mem::replace(&mut self.wal, WalWriter::create(&wdir, wal_seq + 1, self.opts.fsync)?);
+        self.wal_old_syncs += old.syncs();
+        self.wal_old_bytes += old.bytes();
         for path in list_dir(&wdir)? {
             let name = path.file_name().and_then(|n| n.to_str()).and_then(wal::parse_segment_name);
             if name.is_some_and(|seg| seg <= wal_seq) {
                 fs::remove_file(&path).map_err(io_err("remove WAL segment", &path))?;
             }
         }
+        self.wal_old_bytes = 0;
         for s in &mut self.series {
             s.chunk = None;
             s.ooo = Vec::new();
@@ -1150,7 +1205,9 @@ impl Store {
         s.head_bytes = self.head_bytes;
         s.memory_bytes = self.memory_bytes();
         s.disk_bytes = self.blocks.iter().map(|b| b.bytes).sum();
-        s.wal_bytes = self.wal.bytes();
+        s.wal_bytes = self.wal_total_bytes();
+        s.wal_unsynced_bytes = self.wal.unsynced_bytes();
+        s.wal_syncs = self.wal_old_syncs + self.wal.syncs();
         s.raw_blocks = self.blocks.iter().filter(|b| b.header.kind == BlockKind::Raw).count();
         s.rollup_blocks = self.blocks.len() - s.raw_blocks;
         s.raw_watermark = self.low.raw;

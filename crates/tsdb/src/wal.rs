@@ -26,6 +26,11 @@
 //! against power loss), `Interval(ms)` at most that much data lost, `Never`
 //! leaves it to the OS (safe against a process crash only).
 //!
+//! `Interval` syncs on an append that comes at least `ms` after the last
+//! sync; data written just before a silence is synced only when the owner
+//! calls [`WalWriter::sync_if_due`] (the store's `sync_if_due`), which the
+//! edge agent's writer does whenever it is idle.
+//!
 //! # Replay
 //!
 //! Records are read until the first one that is truncated, fails its CRC or
@@ -147,6 +152,10 @@ pub struct WalWriter {
     dirty: bool,
     rec: Vec<u8>,
     bytes: u64,
+    /// `bytes` at the last sync.
+    synced_bytes: u64,
+    /// `fdatasync` calls on this segment.
+    syncs: u64,
 }
 
 impl WalWriter {
@@ -167,6 +176,8 @@ impl WalWriter {
             dirty: false,
             rec: Vec::with_capacity(256),
             bytes: 0,
+            synced_bytes: 0,
+            syncs: 0,
         })
     }
 
@@ -178,6 +189,20 @@ impl WalWriter {
     /// Bytes written to this segment.
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// Bytes of this segment written but not yet synced.
+    pub fn unsynced_bytes(&self) -> u64 {
+        if self.dirty {
+            self.bytes - self.synced_bytes
+        } else {
+            0
+        }
+    }
+
+    /// `fdatasync` calls made on this segment.
+    pub fn syncs(&self) -> u64 {
+        self.syncs
     }
 
     /// Starts a record payload; fill it with [`Self::payload`] then [`Self::commit`].
@@ -239,6 +264,19 @@ impl WalWriter {
         Ok(())
     }
 
+    /// Under [`FsyncPolicy::Interval`]`(ms)`, syncs what was written if the
+    /// last sync is at least `ms` before `now`: what an append would have
+    /// done, for an owner whose appends stopped. Returns whether it synced.
+    /// Other policies never sync here.
+    pub fn sync_if_due(&mut self, now: Instant) -> Result<bool, Error> {
+        let FsyncPolicy::Interval(ms) = self.policy else { return Ok(false) };
+        if !self.dirty || now.saturating_duration_since(self.last_sync) < Duration::from_millis(ms) {
+            return Ok(false);
+        }
+        self.sync()?;
+        Ok(true)
+    }
+
     /// Syncs the segment if anything was written since the last sync.
     pub fn sync(&mut self) -> Result<(), Error> {
         if self.dirty {
@@ -248,6 +286,8 @@ impl WalWriter {
                 source: e,
             })?;
             self.dirty = false;
+            self.synced_bytes = self.bytes;
+            self.syncs += 1;
         }
         self.last_sync = Instant::now();
         Ok(())
