@@ -8,7 +8,16 @@ last write at a timestamp wins) and the receiver can count exactly.
 Like a device with a local buffer, the generator survives the broker going
 away (the agent killed, restarted): it reconnects and re-sends the readings
 of the last REPLAY seconds, since readings the agent acknowledged but had
-not yet written to disk died with it. Prints "done N" at the end.
+not yet written to disk died with it (the agent acknowledges a QoS 1
+PUBLISH once its rules have it in memory, not once it is on disk). The
+cloud recognises batches it already stored, not readings: a replayed
+reading is a new point at an existing timestamp, which the store keeps
+once (last write wins).
+
+Prints "done N reconnects R sent S connects C" at the end: S counts every
+PUBLISH attempted (replays included), C every connection made, so the
+receiver can bound what it stores: paho re-sends at most the one message
+in flight on each new connection, hence at most S + C readings arrive.
 
 usage: mqtt_generator.py HOST PORT TOPIC N RATE BASE_MS PERIOD_MS
 """
@@ -54,6 +63,7 @@ def main():
     start = time.monotonic()
     i = 0
     reconnects = 0
+    sent = 0
     seen = None
     while i < n:
         if seen is None and CONNECTS[0] > 0:
@@ -71,6 +81,7 @@ def main():
             time.sleep(due - now)
         payload = '{"v": %s, "ts": %d}' % (value(i), base + i * period)
         ok = False
+        sent += 1
         try:
             info = c.publish(topic, payload, qos=1)
             info.wait_for_publish(timeout=2.0)
@@ -95,7 +106,7 @@ def main():
         print("reconnected; replaying from %d" % i, flush=True)
     c.loop_stop()
     c.disconnect()
-    print("done %d reconnects %d" % (n, reconnects), flush=True)
+    print("done %d reconnects %d sent %d connects %d" % (n, reconnects, sent, CONNECTS[0]), flush=True)
 
 
 if __name__ == "__main__":
