@@ -615,6 +615,22 @@ pub struct WorkloadTemplate {
     /// plugins (`yunbian.io/gpu: 1`), from `placement.requirements.resources`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub devices: BTreeMap<String, u64>,
+    /// Settings of the wasm runtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wasm: Option<WasmSpec>,
+}
+
+/// Settings of the wasm runtime (`runtime: wasm` only).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WasmSpec {
+    /// Stop a guest that has used its whole CPU share (`resources.limits.cpu`,
+    /// else one core) without a break for this long (`30s`, `2m`): an
+    /// endless loop. The instance fails with reason `CPULimitExceeded` and
+    /// the restart policy applies. Unset: the guest is only held to its
+    /// limit.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cpu_stop_after: String,
 }
 
 impl WorkloadTemplate {
@@ -670,6 +686,9 @@ pub struct AppSpec {
     /// How a new template replaces the running one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<crate::placement::RolloutSpec>,
+    /// Settings of the wasm runtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wasm: Option<WasmSpec>,
 }
 
 impl AppSpec {
@@ -683,6 +702,7 @@ impl AppSpec {
             resources: self.resources.clone(),
             health: self.health.clone(),
             devices: self.placement.requirements.resources.clone(),
+            wasm: self.wasm.clone(),
         }
     }
 

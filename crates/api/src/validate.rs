@@ -264,6 +264,18 @@ impl Validate for WorkloadTemplate {
         if let Some(l) = &self.health.liveness {
             l.validate(&join(path, "health.liveness"), errs);
         }
+        if let Some(w) = &self.wasm {
+            if self.runtime != RuntimeKind::Wasm {
+                errs.add(join(path, "wasm"), "applies only to runtime: wasm");
+            }
+            if !w.cpu_stop_after.is_empty() {
+                match crate::time::parse_duration_ms(&w.cpu_stop_after) {
+                    Ok(ms) if (1_000..=86_400_000).contains(&ms) => {}
+                    Ok(_) => errs.add(join(path, "wasm.cpuStopAfter"), "must be between 1s and 24h"),
+                    Err(e) => errs.add(join(path, "wasm.cpuStopAfter"), e),
+                }
+            }
+        }
     }
 }
 
@@ -737,6 +749,28 @@ mod tests {
             "{errs:?}"
         );
         assert!(errs.iter().any(|e| e.starts_with("spec.resources.limits.memory:")), "{errs:?}");
+    }
+
+    #[test]
+    fn wasm_settings_need_the_wasm_runtime_and_a_sane_duration() {
+        use crate::artifact::ArtifactRef;
+        use crate::kinds::WasmSpec;
+        let artifact = Some(ArtifactRef { name: "m".into(), version: "1".into(), ..Default::default() });
+        let errs = |runtime: RuntimeKind, after: &str| -> Vec<String> {
+            let wasm = Some(WasmSpec { cpu_stop_after: after.into() });
+            let spec = AppSpec { runtime, artifact: artifact.clone(), wasm, ..Default::default() };
+            App::new("x", spec).errors().iter().map(|e| e.to_string()).collect()
+        };
+        assert!(errs(RuntimeKind::Wasm, "30s").is_empty(), "{:?}", errs(RuntimeKind::Wasm, "30s"));
+        assert!(errs(RuntimeKind::Wasm, "").is_empty());
+        assert_eq!(errs(RuntimeKind::Oci, "30s"), ["spec.wasm: applies only to runtime: wasm"]);
+        assert_eq!(errs(RuntimeKind::Wasm, "10ms"), ["spec.wasm.cpuStopAfter: must be between 1s and 24h"]);
+        assert_eq!(errs(RuntimeKind::Wasm, "2d"), ["spec.wasm.cpuStopAfter: must be between 1s and 24h"]);
+        let bad = errs(RuntimeKind::Wasm, "soon");
+        assert!(bad.len() == 1 && bad[0].starts_with("spec.wasm.cpuStopAfter: "), "{bad:?}");
+        // It reaches the instances' template.
+        let spec = AppSpec { wasm: Some(WasmSpec { cpu_stop_after: "1m".into() }), ..Default::default() };
+        assert_eq!(spec.template().wasm.map(|w| w.cpu_stop_after).as_deref(), Some("1m"));
     }
 
     #[test]

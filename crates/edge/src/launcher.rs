@@ -793,6 +793,11 @@ impl Launcher {
         if limits.cpu.is_some() {
             cmd.extend(["--cpu-millis".into(), limits.cpu_millis().to_string()]);
         }
+        // Validated by the cloud; an unreadable value is not acted on.
+        let stop_after = inst.spec.template.wasm.as_ref().map(|w| w.cpu_stop_after.as_str()).filter(|s| !s.is_empty());
+        if let Some(ms) = stop_after.and_then(|s| yunbian_api::time::parse_duration_ms(s).ok()) {
+            cmd.extend(["--cpu-stop-after".into(), format!("{ms}ms")]);
+        }
         for (k, v) in self.guest_env(inst, spec) {
             cmd.extend(["--env".into(), format!("{k}={v}")]);
         }

@@ -26,6 +26,7 @@ mod clock;
 pub mod fake;
 pub mod oci;
 pub mod process;
+pub mod termination;
 mod usage;
 
 pub use app_metrics::{AppMetrics, MetricsError, MetricsReport};

@@ -234,7 +234,13 @@ async fn restart_policy_never_and_exit_reasons() {
     let code = unique("never-code");
     let sig = unique("never-signal");
     let missing = unique("never-missing");
+    let told = unique("never-told");
+    let ok = unique("never-ok");
     rt.ensure(&sh(&code, "exit 7", RestartPolicy::Never)).await.expect("ensure");
+    // A workload's own account of its failure; ignored after a clean exit.
+    let why = r#"printf 'DiskFull\n/data has 0 bytes\nfree\n' > "$YUNBIAN_TERMINATION_LOG"; exit 5"#;
+    rt.ensure(&sh(&told, why, RestartPolicy::Never)).await.expect("ensure");
+    rt.ensure(&sh(&ok, r#"echo Fine > "$YUNBIAN_TERMINATION_LOG""#, RestartPolicy::Never)).await.expect("ensure");
     rt.ensure(&sh(&sig, "kill -9 $$", RestartPolicy::Never)).await.expect("ensure");
     rt.ensure(&instance(&missing, template(&["/nonexistent/yunbian-prog"], RestartPolicy::Never)))
         .await
@@ -249,9 +255,15 @@ async fn restart_policy_never_and_exit_reasons() {
     let st = wait_status(&rt, &missing, "start failure", |s| s.phase == InstancePhase::Failed).await;
     assert_eq!(st.reason, "Error");
     assert!(st.message.contains("cannot start"), "{}", st.message);
+    let st = wait_status(&rt, &told, "termination log", |s| s.phase == InstancePhase::Failed).await;
+    assert_eq!((st.reason.as_str(), st.exit_code), ("DiskFull", Some(5)), "{st:?}");
+    assert_eq!(st.message, "/data has 0 bytes free (exited with code 5)");
+    let st = wait_status(&rt, &ok, "clean exit", |s| s.phase == InstancePhase::Stopped).await;
+    assert_eq!(st.reason, "Completed");
+    rt.remove(&ok).await.expect("remove");
 
     tokio::time::sleep(Duration::from_millis(600)).await;
-    for n in [&code, &sig, &missing] {
+    for n in [&code, &sig, &missing, &told] {
         let st = status(&rt, n).await.expect("status");
         assert_eq!((st.phase, st.restart_count), (InstancePhase::Failed, 0), "{n}");
         rt.remove(n).await.expect("remove");

@@ -67,6 +67,59 @@ impl CpuThrottle {
     }
 }
 
+/// Windows in which [`BusyWatch`] judges the guest.
+pub const BUSY_WINDOW: Duration = Duration::from_secs(1);
+
+/// Percent of its share a guest must use in a window to count as busy.
+pub const BUSY_PERCENT: u128 = 90;
+
+/// Tells when a guest has used (nearly) all of its CPU share in every
+/// window for a while: an endless loop, or work that never waits on
+/// anything (`--cpu-stop-after`). The share is the CPU limit, at most one
+/// core (a guest runs on one thread). A guest blocked in a host call uses
+/// no CPU, so a window it spends waiting ends the streak.
+#[derive(Debug, Clone)]
+pub struct BusyWatch {
+    millis: u64,
+    stop_after: Duration,
+    window_wall: Duration,
+    window_cpu: Duration,
+    busy_since: Option<Duration>,
+}
+
+impl BusyWatch {
+    /// A watch for a guest limited to `millis` thousandths of a core that
+    /// is stopped after `stop_after` of busy windows.
+    pub fn new(millis: NonZeroU32, stop_after: Duration) -> Self {
+        BusyWatch {
+            millis: u64::from(millis.get()).min(1000),
+            stop_after,
+            window_wall: Duration::ZERO,
+            window_cpu: Duration::ZERO,
+            busy_since: None,
+        }
+    }
+
+    /// Takes the wall and CPU time since the start; `Some(busy_for)` once
+    /// the guest has been busy for at least `stop_after`.
+    pub fn observe(&mut self, wall: Duration, cpu: Duration) -> Option<Duration> {
+        let span = wall.saturating_sub(self.window_wall);
+        if span < BUSY_WINDOW {
+            return None;
+        }
+        let used = cpu.saturating_sub(self.window_cpu).as_nanos();
+        let share = span.as_nanos() * u128::from(self.millis) / 1000;
+        if used * 100 >= share * BUSY_PERCENT {
+            self.busy_since.get_or_insert(self.window_wall);
+        } else {
+            self.busy_since = None;
+        }
+        (self.window_wall, self.window_cpu) = (wall, cpu.max(self.window_cpu));
+        let busy_for = wall.saturating_sub(self.busy_since?);
+        (busy_for >= self.stop_after).then_some(busy_for)
+    }
+}
+
 /// What the CPU limit did during a run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CpuStats {
@@ -150,6 +203,43 @@ mod tests {
         // Then 300 ms of CPU in 300 ms: 100 ms banked + 150 ms earned - 300 ms used.
         let pause = throttle.observe(Duration::from_secs(3600) + ms(300), ms(301));
         assert_eq!(pause, Some(ms(100)));
+    }
+
+    #[test]
+    fn a_guest_busy_in_every_window_is_stopped_after_the_time_given() {
+        // At 500m, a guest using its share (paused the rest) is busy.
+        let mut watch = BusyWatch::new(millis(500), Duration::from_secs(5));
+        let mut stopped = None;
+        for n in 1..=20u64 {
+            let (wall, cpu) = (Duration::from_millis(250 * n), Duration::from_millis(125 * n));
+            if let Some(busy) = watch.observe(wall, cpu) {
+                stopped = Some((wall, busy));
+                break;
+            }
+        }
+        assert_eq!(stopped, Some((Duration::from_secs(5), Duration::from_secs(5))));
+        // Above a core, the share is one core: a guest on one full core is busy.
+        let mut wide = BusyWatch::new(millis(4000), Duration::from_secs(2));
+        assert_eq!(wide.observe(ms(1000), ms(1000)), None);
+        assert_eq!(wide.observe(ms(2000), ms(1990)), Some(ms(2000)));
+    }
+
+    #[test]
+    fn a_window_spent_waiting_ends_the_streak() {
+        let mut watch = BusyWatch::new(millis(1000), Duration::from_secs(3));
+        assert_eq!(watch.observe(ms(1000), ms(1000)), None);
+        assert_eq!(watch.observe(ms(2000), ms(2000)), None);
+        // A second mostly in accept(): 10 % of a core.
+        assert_eq!(watch.observe(ms(3000), ms(2100)), None);
+        assert_eq!(watch.observe(ms(4000), ms(3100)), None);
+        assert_eq!(watch.observe(ms(5000), ms(4100)), None);
+        // Busy again from 3 s: stopped at 6 s, not at 3 s.
+        assert_eq!(watch.observe(ms(6000), ms(5100)), Some(ms(3000)));
+        // Short observations only count once a window is full.
+        let mut quick = BusyWatch::new(millis(1000), Duration::from_secs(1));
+        assert_eq!(quick.observe(ms(10), ms(10)), None);
+        assert_eq!(quick.observe(ms(999), ms(999)), None);
+        assert_eq!(quick.observe(ms(1000), ms(1000)), Some(ms(1000)));
     }
 
     #[test]

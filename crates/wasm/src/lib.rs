@@ -70,6 +70,10 @@ pub struct ShimOptions {
     pub memory_bytes: Option<u64>,
     /// CPU limit in thousandths of a core.
     pub cpu_millis: Option<NonZeroU32>,
+    /// Stop the guest once it has used (nearly) all of its CPU share —
+    /// `cpu_millis`, else one core — in every second for this long: an
+    /// endless loop ([`cpu::BusyWatch`]). `None`: never.
+    pub cpu_stop_after: Option<Duration>,
     /// Wasmtime's compiled-code cache directory.
     pub cache_dir: Option<PathBuf>,
     /// Let the guest open TCP and UDP sockets to any address and resolve
@@ -87,6 +91,7 @@ impl ShimOptions {
             args: Vec::new(),
             memory_bytes: None,
             cpu_millis: None,
+            cpu_stop_after: None,
             cache_dir: None,
             inherit_network: false,
         }
@@ -127,6 +132,13 @@ pub enum Outcome {
     Exited(i32),
     /// It went over `--memory-bytes`.
     MemoryLimit(BudgetExceeded),
+    /// It used its whole CPU share without a break for `--cpu-stop-after`.
+    CpuLimit {
+        /// The share it was judged against, in thousandths of a core.
+        millis: u32,
+        /// How long it had been busy.
+        busy_for: Duration,
+    },
     /// It trapped (unreachable, out-of-bounds access, stack overflow, …) or
     /// a host call failed fatally; the text is Wasmtime's, with the guest's
     /// backtrace when there is one.
@@ -141,7 +153,25 @@ impl Outcome {
         match self {
             Outcome::Exited(code) if (0..=255).contains(code) => *code,
             Outcome::Exited(_) => 1,
-            Outcome::MemoryLimit(_) | Outcome::Trapped(_) => TRAP_EXIT_CODE,
+            Outcome::MemoryLimit(_) | Outcome::CpuLimit { .. } | Outcome::Trapped(_) => TRAP_EXIT_CODE,
+        }
+    }
+
+    /// Why the guest failed, as a reason word and a sentence (`None` for an
+    /// exit, which the exit code explains).
+    pub fn explain(&self) -> Option<(&'static str, String)> {
+        match self {
+            Outcome::Exited(_) => None,
+            Outcome::MemoryLimit(refused) => Some(("MemoryLimitExceeded", format!("the guest was stopped: {refused}"))),
+            Outcome::CpuLimit { millis, busy_for } => Some((
+                "CPULimitExceeded",
+                format!(
+                    "the guest was stopped: it used its whole CPU share ({millis}m) without a break for {:.1} s \
+                     (--cpu-stop-after); an endless loop?",
+                    busy_for.as_secs_f64()
+                ),
+            )),
+            Outcome::Trapped(reason) => Some(("Trapped", format!("the guest trapped: {reason}"))),
         }
     }
 }
@@ -165,10 +195,8 @@ pub struct RunReport {
 /// a memory-limit stop is explained on stderr first.
 pub fn run(opts: ShimOptions) -> anyhow::Result<i32> {
     let report = run_with_report(opts)?;
-    match &report.outcome {
-        Outcome::Exited(_) => {}
-        Outcome::MemoryLimit(refused) => eprintln!("error: the guest was stopped: {refused}"),
-        Outcome::Trapped(reason) => eprintln!("error: the guest trapped: {reason}"),
+    if let Some((_, why)) = report.outcome.explain() {
+        eprintln!("error: {why}");
     }
     Ok(report.outcome.exit_code())
 }
@@ -181,7 +209,9 @@ pub fn run_with_report(opts: ShimOptions) -> Result<RunReport, ShimError> {
 
     let mut config = Config::new();
     config.wasm_component_model(kind == BinaryKind::Component);
-    config.epoch_interruption(opts.cpu_millis.is_some());
+    // The CPU share a guest is throttled to and judged against.
+    let watched = opts.cpu_millis.or(opts.cpu_stop_after.and(NonZeroU32::new(1000)));
+    config.epoch_interruption(watched.is_some());
     let cache = match &opts.cache_dir {
         Some(dir) => {
             let cache = open_cache(dir)?;
@@ -213,14 +243,16 @@ pub fn run_with_report(opts: ShimOptions) -> Result<RunReport, ShimError> {
         .enable_all()
         .build()
         .map_err(|e| ShimError::Engine(format!("start the async runtime: {e}")))?;
-    let _ticker = match opts.cpu_millis {
+    let _ticker = match watched {
         Some(_) => {
             Some(EpochTicker::start(&engine).map_err(|e| ShimError::Engine(format!("start the epoch ticker: {e}")))?)
         }
         None => None,
     };
-    let guard =
-        Guard { memory: memory::MemoryBudget::new(opts.memory_bytes), cpu: opts.cpu_millis.map(CpuGovernor::new) };
+    let guard = Guard {
+        memory: memory::MemoryBudget::new(opts.memory_bytes),
+        cpu: watched.map(|millis| CpuGovernor::new(millis, opts.cpu_millis.is_some(), opts.cpu_stop_after)),
+    };
     let (outcome, guard) = match program {
         Program::Component(component) => {
             let host = Host { wasi: P2Wasi { ctx: wasi.build(), table: ResourceTable::new() }, guard };
@@ -344,7 +376,10 @@ fn new_store<W: Send + 'static>(engine: &Engine, host: Host<W>) -> Store<Host<W>
     if store.data().guard.cpu.is_some() {
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|mut ctx| {
-            let pause = ctx.data_mut().guard.cpu.as_mut().and_then(CpuGovernor::on_deadline);
+            let pause = match ctx.data_mut().guard.cpu.as_mut() {
+                Some(cpu) => cpu.on_deadline()?,
+                None => None,
+            };
             Ok(match pause {
                 Some(pause) => UpdateDeadline::YieldCustom(1, Box::pin(tokio::time::sleep(pause))),
                 None => UpdateDeadline::Continue(1),
@@ -360,6 +395,7 @@ fn instantiate_failure<W>(e: wasmtime::Error, store: &mut Store<Host<W>>, path: 
     if e.downcast_ref::<I32Exit>().is_some()
         || e.downcast_ref::<wasmtime::Trap>().is_some()
         || store.data().guard.memory.exceeded().is_some()
+        || store.data().guard.cpu.as_ref().is_some_and(|c| c.stopped.is_some())
     {
         return Ok(guest_failure(e, store));
     }
@@ -373,6 +409,9 @@ fn guest_failure<W>(e: wasmtime::Error, store: &Store<Host<W>>) -> Outcome {
     }
     if let Some(refused) = store.data().guard.memory.exceeded() {
         return Outcome::MemoryLimit(refused.clone());
+    }
+    if let Some(stop) = store.data().guard.cpu.as_ref().and_then(|c| c.stopped) {
+        return Outcome::CpuLimit { millis: stop.0, busy_for: stop.1 };
     }
     Outcome::Trapped(format!("{e:?}"))
 }
@@ -393,16 +432,29 @@ fn open_cache(dir: &Path) -> Result<Cache, ShimError> {
 
 /// Applies the CPU limit at each epoch deadline, with the process's clocks.
 struct CpuGovernor {
-    throttle: cpu::CpuThrottle,
+    /// `None` without `--cpu-millis` (only watched for `--cpu-stop-after`).
+    throttle: Option<cpu::CpuThrottle>,
+    busy: Option<cpu::BusyWatch>,
+    millis: u32,
+    /// Set when the busy watch stopped the guest: (share, busy for).
+    stopped: Option<(u32, Duration)>,
     started: Instant,
     cpu_at_start: Duration,
     stats: CpuStats,
 }
 
+/// The error that ends a guest stopped by `--cpu-stop-after`.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped by --cpu-stop-after")]
+struct CpuStop;
+
 impl CpuGovernor {
-    fn new(millis: NonZeroU32) -> Self {
+    fn new(millis: NonZeroU32, throttle: bool, stop_after: Option<Duration>) -> Self {
         CpuGovernor {
-            throttle: cpu::CpuThrottle::new(millis),
+            throttle: throttle.then(|| cpu::CpuThrottle::new(millis)),
+            busy: stop_after.map(|after| cpu::BusyWatch::new(millis, after)),
+            millis: millis.get().min(1000),
+            stopped: None,
             started: Instant::now(),
             cpu_at_start: process_cpu_time(),
             stats: CpuStats::default(),
@@ -414,13 +466,19 @@ impl CpuGovernor {
         CpuStats { cpu, wall: self.started.elapsed(), ..self.stats }
     }
 
-    fn on_deadline(&mut self) -> Option<Duration> {
+    /// The pause the guest owes, or the error that stops it.
+    fn on_deadline(&mut self) -> wasmtime::Result<Option<Duration>> {
         self.stats.interruptions += 1;
         let cpu = process_cpu_time().saturating_sub(self.cpu_at_start);
-        let pause = self.throttle.observe(self.started.elapsed(), cpu)?;
+        let wall = self.started.elapsed();
+        if let Some(busy_for) = self.busy.as_mut().and_then(|b| b.observe(wall, cpu)) {
+            self.stopped = Some((self.millis, busy_for));
+            return Err(CpuStop.into());
+        }
+        let Some(pause) = self.throttle.as_mut().and_then(|t| t.observe(wall, cpu)) else { return Ok(None) };
         self.stats.pauses += 1;
         self.stats.paused += pause;
-        Some(pause)
+        Ok(Some(pause))
     }
 }
 

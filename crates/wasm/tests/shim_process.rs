@@ -42,6 +42,7 @@ fn encode(opts: &ShimOptions) -> String {
     lines.extend(opts.args.iter().map(|a| format!("arg {a}")));
     lines.extend(opts.memory_bytes.map(|m| format!("memory {m}")));
     lines.extend(opts.cpu_millis.map(|c| format!("cpu {c}")));
+    lines.extend(opts.cpu_stop_after.map(|d| format!("stop {}", d.as_millis())));
     lines.extend(opts.cache_dir.as_ref().map(|c| format!("cache {}", c.display())));
     if opts.inherit_network {
         lines.push("network".into());
@@ -63,6 +64,7 @@ fn decode(spec: &str) -> ShimOptions {
             "arg" => opts.args.push(value.into()),
             "memory" => opts.memory_bytes = Some(value.parse().expect("memory is a number")),
             "cpu" => opts.cpu_millis = Some(value.parse().expect("cpu is a positive number")),
+            "stop" => opts.cpu_stop_after = Some(Duration::from_millis(value.parse().expect("stop is milliseconds"))),
             "cache" => opts.cache_dir = Some(value.into()),
             "network" => opts.inherit_network = true,
             other => panic!("unknown child option {other}"),
@@ -177,6 +179,25 @@ fn sigterm_stops_a_spinning_guest() {
 /// Waits for the child; kills it and fails if it is still running after a
 /// minute (a bound so a broken shim cannot hang the suite, not a timing
 /// assertion).
+#[test]
+fn an_endless_loop_at_its_cpu_limit_is_stopped_and_reported() {
+    let tmp = TempDir::new("cpu-stop");
+    let module = guests::write(&tmp.0, "spin.wasm", guests::SPIN);
+    let mut opts = ShimOptions::new(&module, tmp.0.join("data"));
+    opts.cpu_millis = std::num::NonZeroU32::new(200);
+    opts.cpu_stop_after = Some(Duration::from_secs(2));
+    let started = Instant::now();
+    let mut child = shim_command(&opts).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().expect("start");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let status = wait_bounded(&mut child);
+    let mut text = String::new();
+    stderr.read_to_string(&mut text).expect("read stderr");
+    assert_eq!(status.code(), Some(yunbian_wasm::TRAP_EXIT_CODE), "{text}");
+    assert!(text.starts_with("stuck\n"), "the guest ran: {text}");
+    assert!(text.contains("whole CPU share (200m) without a break"), "{text}");
+    assert!(started.elapsed() >= Duration::from_secs(2), "not before the 2 s: {:?}", started.elapsed());
+}
+
 fn wait_bounded(child: &mut Child) -> std::process::ExitStatus {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

@@ -8,12 +8,14 @@
 //!
 //! ```text
 //! yunbian shim wasm --module <PATH.wasm> --dir <HOST_DIR> [--env KEY=VALUE]...
-//!     [--memory-bytes N] [--cpu-millis N] [--cache-dir DIR] [--inherit-network]
-//!     -- [ARGS...]
+//!     [--memory-bytes N] [--cpu-millis N] [--cpu-stop-after DURATION]
+//!     [--cache-dir DIR] [--inherit-network] -- [ARGS...]
 //! ```
 //!
-//! The process exits with the guest's exit code, 134 after a trap or the
-//! memory limit (reason on stderr), 1 if the guest could not be started.
+//! The process exits with the guest's exit code, 134 after a trap, the
+//! memory limit or `--cpu-stop-after` (the reason on stderr, and in
+//! `$YUNBIAN_TERMINATION_LOG` for the instance's status:
+//! `yunbian_runtime::termination`), 1 if the guest could not be started.
 
 use std::num::NonZeroU32;
 use std::path::PathBuf;
@@ -46,6 +48,10 @@ pub struct WasmArgs {
     /// CPU limit in millicores (1000 = one core).
     #[arg(long, value_name = "N")]
     cpu_millis: Option<NonZeroU32>,
+    /// Stop the guest (exit 134, CPULimitExceeded) once it has used its
+    /// whole CPU share, without a break, for this long (30s, 2m).
+    #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
+    cpu_stop_after: Option<std::time::Duration>,
     /// Directory of compiled code kept across restarts.
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
@@ -82,11 +88,19 @@ fn run_wasm(args: WasmArgs) -> i32 {
         args: args.args,
         memory_bytes: args.memory_bytes,
         cpu_millis: args.cpu_millis,
+        cpu_stop_after: args.cpu_stop_after,
         cache_dir: args.cache_dir,
         inherit_network: args.inherit_network,
     };
-    match yunbian_wasm::run(opts) {
-        Ok(code) => code,
+    match yunbian_wasm::run_with_report(opts) {
+        Ok(report) => {
+            if let Some((reason, message)) = report.outcome.explain() {
+                eprintln!("error: {message}");
+                let t = yunbian_runtime::termination::Termination { reason: reason.into(), message };
+                yunbian_runtime::termination::write_from_env(&t);
+            }
+            report.outcome.exit_code()
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             1
@@ -128,6 +142,8 @@ mod tests {
             "67108864",
             "--cpu-millis",
             "250",
+            "--cpu-stop-after",
+            "30s",
             "--cache-dir",
             "/var/cache/yunbian/wasm",
             "--inherit-network",
@@ -142,6 +158,7 @@ mod tests {
         assert_eq!(a.env, [("YUNBIAN_NODE".to_owned(), "edge-1".to_owned()), ("EQ".to_owned(), "a=b".to_owned())]);
         assert_eq!(a.memory_bytes, Some(64 << 20));
         assert_eq!(a.cpu_millis, NonZeroU32::new(250));
+        assert_eq!(a.cpu_stop_after, Some(std::time::Duration::from_secs(30)));
         assert_eq!(a.cache_dir, Some(PathBuf::from("/var/cache/yunbian/wasm")));
         assert!(a.inherit_network);
         assert_eq!(a.args, ["--port", "8080"]);

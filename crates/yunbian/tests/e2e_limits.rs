@@ -62,3 +62,39 @@ fn memory_hog_is_oom_killed() {
         });
     }
 }
+
+/// `(module (func (export "_start") (loop $l (br $l))))`: a WASI command
+/// that never ends and never calls the host.
+const ENDLESS_LOOP_WASM: &[u8] = &[
+    0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // magic, version 1
+    0x01, 0x04, 0x01, 0x60, 0x00, 0x00, // type: () -> ()
+    0x03, 0x02, 0x01, 0x00, // function 0 has type 0
+    0x07, 0x0a, 0x01, 0x06, b'_', b's', b't', b'a', b'r', b't', 0x00, 0x00, // export "_start"
+    0x0a, 0x09, 0x01, 0x07, 0x00, 0x03, 0x40, 0x0c, 0x00, 0x0b, 0x0b, // loop { br 0 }
+];
+
+#[test]
+fn an_endless_wasm_loop_is_stopped_and_the_reason_reported() {
+    let mut c = Cluster::start("wasm-cpu");
+    c.join("edge-1");
+    let module = c.dir.join("spin.wasm");
+    std::fs::write(&module, ENDLESS_LOOP_WASM).expect("write the module");
+    c.cli(&["artifact", "push", &module.display().to_string(), "--name", "spin", "--version", "1"]).ok();
+    c.apply(
+        "apiVersion: yunbian.io/v1\nkind: App\nmetadata: {name: spin}\nspec:\n  runtime: wasm\n  \
+         artifact: {name: spin, version: \"1\"}\n  restartPolicy: Never\n  \
+         resources: {limits: {cpu: 200m}}\n  wasm: {cpuStopAfter: 3s}\n",
+    );
+    let inst = eventually(WAIT, "the loop to be stopped", || {
+        let items = c.instances_of("spin")?;
+        match items.first() {
+            Some(i) if items.len() == 1 && s(i, "/status/phase") == "Failed" => Ok(i.clone()),
+            _ => Err(summary(&items)),
+        }
+    });
+    assert_eq!(s(&inst, "/status/reason"), "CPULimitExceeded", "{inst}");
+    let message = s(&inst, "/status/message");
+    assert!(message.contains("whole CPU share (200m) without a break"), "{inst}");
+    assert!(message.contains("exited with code 134"), "{inst}");
+    assert_eq!(u(&inst, "/status/restartCount"), Some(0), "{inst}");
+}

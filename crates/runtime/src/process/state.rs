@@ -34,6 +34,9 @@ pub(crate) struct InstancePaths {
     pub log_old: PathBuf,
     /// `work/`.
     pub work: PathBuf,
+    /// `termination.log`: why the workload stopped, in its own words
+    /// (`$YUNBIAN_TERMINATION_LOG`, see [`super::termination`]).
+    pub termination: PathBuf,
 }
 
 impl InstancePaths {
@@ -45,6 +48,7 @@ impl InstancePaths {
             log: dir.join("stdout.log"),
             log_old: dir.join("stdout.log.1"),
             work: dir.join("work"),
+            termination: dir.join("termination.log"),
             dir,
         }
     }

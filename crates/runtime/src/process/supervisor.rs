@@ -305,6 +305,7 @@ impl Supervisor {
         env.push(("NODE_NAME".into(), self.shared.node_name.clone()));
         env.push(("APP_NAME".into(), self.inst.spec.app.clone()));
         env.push(("INSTANCE_NAME".into(), self.inst.metadata.name.clone()));
+        env.push((crate::termination::ENV.into(), self.slot.paths.termination.display().to_string()));
         env.extend(self.shared.opts.node_env.iter().cloned());
         env
     }
@@ -333,6 +334,8 @@ impl Supervisor {
             .open(&paths.log)
             .map_err(|e| format!("cannot open {}: {e}", paths.log.display()))?;
         let log_err = log.try_clone().map_err(|e| format!("cannot open {}: {e}", paths.log.display()))?;
+        // A message from an earlier run must not explain this one's end.
+        let _ = fs::remove_file(&paths.termination);
         let cwd = self.working_dir();
 
         let mut cmd = tokio::process::Command::new(prog);
@@ -478,13 +481,13 @@ impl Supervisor {
 
     fn report_exit(&mut self, o: &Outcome) {
         let (phase, reason, message, exit_code) = self.classify(o);
-        tracing::info!(instance = %self.name(), reason, "{message}");
+        tracing::info!(instance = %self.name(), %reason, "{message}");
         self.pid = None;
         self.start_time = None;
         let started_at = self.status.started_at.clone();
         self.set_status(AppInstanceStatus {
             phase,
-            reason: reason.to_string(),
+            reason,
             message,
             exit_code,
             restart_count: self.restart_count,
@@ -494,7 +497,20 @@ impl Supervisor {
         });
     }
 
-    fn classify(&self, o: &Outcome) -> (InstancePhase, &'static str, String, Option<i32>) {
+    fn classify(&self, o: &Outcome) -> (InstancePhase, String, String, Option<i32>) {
+        let (phase, reason, message, code) = self.classify_exit(o);
+        if o.liveness.is_some() || o.oom || matches!(o.exit, ExitKind::Code(0) | ExitKind::SpawnFailed(_)) {
+            return (phase, reason.to_string(), message, code);
+        }
+        // The workload's own account of a failure (a wasm guest stopped at
+        // its limits, for one) says more than the exit code.
+        match crate::termination::read(&self.slot.paths.termination) {
+            Some(t) => (phase, t.reason, format!("{} ({message})", t.message), code),
+            None => (phase, reason.to_string(), message, code),
+        }
+    }
+
+    fn classify_exit(&self, o: &Outcome) -> (InstancePhase, &'static str, String, Option<i32>) {
         let code = match &o.exit {
             ExitKind::Code(c) => Some(*c),
             ExitKind::Signal(s) => Some(128 + s),
