@@ -729,6 +729,14 @@ fn plan_app(
         if rs.stable_revision == 0 {
             rs.stable_revision = stable;
         }
+        // A rollout that waits for instances no node can take says so,
+        // rather than looking as if it were moving.
+        if decision.unplaced > 0 && rs.phase == RolloutPhase::Progressing {
+            rs.message = format!(
+                "{}; blocked: {} instance(s) cannot be placed: {}",
+                rs.message, decision.unplaced, decision.message
+            );
+        }
     }
     if history.is_empty() {
         history = app.status.history.clone();
@@ -1038,6 +1046,29 @@ mod tests {
         }
         let st = sim.apps[0].status.rollout.clone().expect("rollout status");
         assert_eq!(st.revision, 3, "{st:?}");
+    }
+
+    #[test]
+    fn a_rollout_waiting_for_an_unplaceable_group_says_why() {
+        // Group gk (site k) has no node: its instance can never be placed.
+        let spec = json!({
+            "placement": {"groups": ["ga", "gk"], "perGroup": {"replicas": 1}},
+            "rollout": {"maxUnavailable": 1, "maxSurge": 0},
+        });
+        let mut sim = Sim::new(vec![node("a1", "a")], vec![app("site", spec)]);
+        sim.pass(&StatusSignals);
+        let mut a = (*sim.apps[0]).clone();
+        a.spec.process.as_mut().expect("process").command = vec!["/bin/false".into()];
+        a.metadata.generation = 2;
+        sim.apps[0] = Arc::new(a);
+        for _ in 0..6 {
+            sim.pass(&StatusSignals);
+        }
+        // The missing instance uses up maxUnavailable: ga keeps revision 1.
+        assert_eq!(sim.nodes_of("site"), ["a1"]);
+        let st = sim.apps[0].status.rollout.clone().expect("rollout status");
+        assert_eq!(st.phase, RolloutPhase::Progressing, "{st:?}");
+        assert!(st.message.contains("blocked: 1 instance(s) cannot be placed: "), "{}", st.message);
     }
 
     #[test]
