@@ -31,6 +31,9 @@ pub struct DeviceOptions {
     pub local_api: Option<SocketAddr>,
     /// Store-and-forward limits and pacing (rules' `cloud` sinks).
     pub shipping: crate::shipper::ShipperOptions,
+    /// The edge time-series store (rules' `tsdb` sinks): fsync policy,
+    /// memory and series caps, retention (docs/design/008-edge-tsdb.md).
+    pub tsdb: crate::rules::TsdbOptions,
 }
 
 impl Default for DeviceOptions {
@@ -39,6 +42,7 @@ impl Default for DeviceOptions {
             broker: Some(BrokerConfig::default()),
             local_api: Some(SocketAddr::from(([127, 0, 0, 1], 7790))),
             shipping: Default::default(),
+            tsdb: Default::default(),
         }
     }
 }
@@ -156,7 +160,7 @@ pub async fn start_devices(
     let (tx, rx) = mpsc::channel(1024);
     let registry = yunbian_devices::external::ExternalRegistry::new(std::time::Duration::from_secs(10));
     let factory = yunbian_devices::standard_drivers(bus.clone(), Some(registry.clone()));
-    let rules = Arc::new(crate::rules::RuleHost::new(data_dir, bus.clone(), opts.shipping.clone()));
+    let rules = Arc::new(crate::rules::RuleHost::new(data_dir, bus.clone(), opts.shipping.clone(), opts.tsdb.clone()));
     let (initial_rules, initial_devices) = crate::agent::rules_and_devices(desired);
     rules.apply(initial_rules, &initial_devices);
     if let Some(b) = &broker {

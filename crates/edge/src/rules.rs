@@ -9,6 +9,11 @@
 //! Alerts (`alert` sinks) become [`Report::Alert`]s the agent queues in its
 //! persisted report outbox, so they reach the cloud across outages.
 //!
+//! Run-time errors (an expression or aggregate failing on a record, a sink
+//! refusing a point) are counted in the rule's status with the latest as a
+//! sample, and logged at most once per rule every [`ERROR_LOG_EVERY`] with
+//! the count since the previous line.
+//!
 //! Invariant: a rule that fails to compile, or a sink that fails, is a
 //! counted error in that rule's status; it never stops the agent or other
 //! rules.
@@ -17,7 +22,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use yunbian_api::{Rule, RuleNodeStatus};
 use yunbian_devices::bus::EdgeBus;
@@ -27,11 +32,51 @@ use yunbian_sync::Report;
 
 use crate::shipper::{Shipper, ShipperOptions};
 
+pub use yunbian_tsdb::{FsyncPolicy, Options as TsdbOptions};
+
 /// Points queued for the tsdb writer thread (beyond it, points are dropped
 /// and counted as the rule's errors).
 const TSDB_QUEUE: usize = 65_536;
 /// How often the writer applies retention.
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
+/// At most one log line of a rule's run-time errors this often.
+pub const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// `--tsdb-fsync`: `always`, `never` or `interval:<duration>` (`interval:1s`).
+pub fn parse_fsync(s: &str) -> Result<FsyncPolicy, String> {
+    match s.trim() {
+        "always" => Ok(FsyncPolicy::Always),
+        "never" => Ok(FsyncPolicy::Never),
+        other => {
+            let Some(d) = other.strip_prefix("interval:") else {
+                return Err(format!("{s:?}: use always, never or interval:<duration> (e.g. interval:1s)"));
+            };
+            match yunbian_api::time::parse_duration_ms(d)? {
+                0 => Err(format!("{s:?}: the interval must be above 0 (for a sync per batch, use always)")),
+                ms => Ok(FsyncPolicy::Interval(ms)),
+            }
+        }
+    }
+}
+
+/// `--tsdb-memory-cap`: a quantity such as `32Mi`, at least 1Mi (below
+/// that the head would be flushed every few points).
+pub fn parse_memory_cap(s: &str) -> Result<usize, String> {
+    let b = yunbian_api::quantity::parse_memory_bytes(s)?;
+    if b < 1 << 20 {
+        return Err(format!("{s:?}: the edge store needs at least 1Mi"));
+    }
+    usize::try_from(b).map_err(|_| format!("{s:?} is too large"))
+}
+
+/// `--tsdb-max-series`: a count of series, at least 1.
+pub fn parse_max_series(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("the edge store needs room for at least 1 series".to_string()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a number of series")),
+    }
+}
 
 /// Where a rule's sink errors are counted (shared with the writer thread).
 #[derive(Clone, Default)]
@@ -61,17 +106,28 @@ pub struct EdgeTsdb {
 
 impl EdgeTsdb {
     /// Opens the store in `dir` and starts its writer thread.
-    pub fn open(dir: &Path) -> Result<EdgeTsdb, yunbian_tsdb::Error> {
-        let store = Arc::new(Mutex::new(yunbian_tsdb::Store::open(dir, yunbian_tsdb::Options::default())?));
+    pub fn open(dir: &Path, opts: TsdbOptions) -> Result<EdgeTsdb, yunbian_tsdb::Error> {
+        // An idle writer wakes at least this often, so data written before
+        // a silence is synced about when the fsync interval says.
+        let idle = match opts.fsync {
+            FsyncPolicy::Interval(ms) => Duration::from_millis(ms.clamp(1, 1000)),
+            _ => Duration::from_secs(1),
+        };
+        let store = Arc::new(Mutex::new(yunbian_tsdb::Store::open(dir, opts)?));
         let (tx, rx) = std::sync::mpsc::sync_channel::<TsdbWrite>(TSDB_QUEUE);
         let s = store.clone();
         let spawned = std::thread::Builder::new().name("edge-tsdb".into()).spawn(move || {
-            let mut last_retention = std::time::Instant::now();
+            let mut last_retention = Instant::now();
             loop {
-                let first = match rx.recv_timeout(Duration::from_secs(1)) {
+                let first = match rx.recv_timeout(idle) {
                     Ok(w) => Some(w),
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        if let Err(e) = lock(&s).sync() {
+                            tracing::warn!(error = %e, "edge tsdb: sync");
+                        }
+                        return;
+                    }
                 };
                 let mut batch: Vec<TsdbWrite> = first.into_iter().collect();
                 while batch.len() < 10_000 {
@@ -109,10 +165,15 @@ impl EdgeTsdb {
                     }
                 }
                 if last_retention.elapsed() >= RETENTION_EVERY {
-                    last_retention = std::time::Instant::now();
+                    last_retention = Instant::now();
                     if let Err(e) = store.apply_retention(unix_ms()) {
                         tracing::warn!(error = %e, "edge tsdb: retention");
                     }
+                }
+                // Appends sync under `Interval` only when another append
+                // comes: after a burst and then silence, this does.
+                if let Err(e) = store.sync_if_due(Instant::now()) {
+                    tracing::warn!(error = %e, "edge tsdb: sync");
                 }
             }
         });
@@ -169,11 +230,12 @@ fn unix_ms() -> i64 {
 }
 
 impl RuleHost {
-    /// A host whose tsdb sink writes under `data_dir/tsdb` and whose cloud
-    /// sink queues into the outbox in `data_dir/outbox` (a store that cannot
-    /// be opened is logged; its sinks then count errors).
-    pub fn new(data_dir: &Path, bus: Arc<dyn EdgeBus>, shipping: ShipperOptions) -> Self {
-        let tsdb = match EdgeTsdb::open(&data_dir.join("tsdb")) {
+    /// A host whose tsdb sink writes under `data_dir/tsdb` (a store opened
+    /// with `tsdb`) and whose cloud sink queues into the outbox in
+    /// `data_dir/outbox` (a store that cannot be opened is logged; its
+    /// sinks then count errors).
+    pub fn new(data_dir: &Path, bus: Arc<dyn EdgeBus>, shipping: ShipperOptions, tsdb: TsdbOptions) -> Self {
+        let tsdb = match EdgeTsdb::open(&data_dir.join("tsdb"), tsdb) {
             Ok(s) => Some(s),
             Err(e) => {
                 tracing::error!(error = %e, "cannot open the edge time-series store; rules' tsdb sinks will fail");
@@ -506,6 +568,10 @@ async fn run_rule(rule: Rule, p: Prepared, sinks: Sinks, devices: DeviceIndex, s
     let state = AlertState::path(&sinks.state_dir, &rule);
     let mut firing = AlertState::load(&state, &rule);
     firing.retain(|_, a| runner.restore_firing(a.sink, a.series()));
+    let mut error_log = ErrorLog::new(ERROR_LOG_EVERY);
+    // The runner's errors at the last log line: its sample is newer news
+    // than the sinks' when they moved since.
+    let mut runner_errors_logged = 0;
     loop {
         let outputs = tokio::select! {
             m = rx.recv() => {
@@ -537,11 +603,46 @@ async fn run_rule(rule: Rule, p: Prepared, sinks: Sinks, devices: DeviceIndex, s
             }
         }
         let mut s = runner.stats();
+        let runner_errors = s.errors;
         s.errors += sink.count.load(Ordering::Relaxed);
+        if let Some(n) = error_log.due(Instant::now(), s.errors) {
+            let sample =
+                if runner_errors > runner_errors_logged { s.last_error.clone() } else { lock(&sink.last).clone() };
+            runner_errors_logged = runner_errors;
+            tracing::warn!(rule = %name, errors = n, total = s.errors, sample = %sample, "rule run-time errors; the records they hit were dropped");
+        }
         if s.last_error.is_empty() {
             s.last_error = lock(&sink.last).clone();
         }
         lock(&stats).0 = s;
+    }
+}
+
+/// Rate limit of a rule's error log: a line when errors were counted since
+/// the previous one, at most one per `every` (the first error is logged at
+/// once).
+struct ErrorLog {
+    every: Duration,
+    last_line: Option<Instant>,
+    /// The error count the last line covered.
+    logged: u64,
+}
+
+impl ErrorLog {
+    fn new(every: Duration) -> Self {
+        ErrorLog { every, last_line: None, logged: 0 }
+    }
+
+    /// Given the rule's error count so far, whether to log a line now, and
+    /// if so how many errors it reports (those since the previous line).
+    fn due(&mut self, now: Instant, errors: u64) -> Option<u64> {
+        if errors <= self.logged || self.last_line.is_some_and(|t| now.saturating_duration_since(t) < self.every) {
+            return None;
+        }
+        let n = errors - self.logged;
+        self.logged = errors;
+        self.last_line = Some(now);
+        Some(n)
     }
 }
 
@@ -603,5 +704,176 @@ fn execute(
             };
             sinks.alerts.try_send(report).map_err(|_| "alert sink: the agent is behind; alert dropped".to_string())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A device of the index: name, model, labels.
+    type TestDevice<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
+
+    fn index(devices: &[TestDevice<'_>]) -> DeviceIndex {
+        let idx = devices
+            .iter()
+            .map(|(name, model, labels)| {
+                let labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+                (name.to_string(), (model.to_string(), labels))
+            })
+            .collect();
+        Arc::new(Mutex::new(idx))
+    }
+
+    /// Three devices: two pumps (site a and b) and a meter on site a.
+    fn site() -> DeviceIndex {
+        index(&[
+            ("pump-1", "pump", &[("site", "a"), ("line", "1")]),
+            ("pump-2", "pump", &[("site", "b"), ("line", "1")]),
+            ("meter-1", "meter", &[("site", "a")]),
+        ])
+    }
+
+    fn devices(names: &[&str], models: &[&str], selector: &[(&str, &str)], properties: &[&str]) -> Source {
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        Source::Devices {
+            names: strings(names),
+            models: strings(models),
+            selector: selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            properties: strings(properties),
+        }
+    }
+
+    const READING: &[u8] = br#"{"value": 21.5, "ts": 1700000000000, "quality": "uncertain"}"#;
+
+    fn topic(device: &str, property: &str) -> String {
+        format!("yunbian/devices/{device}/properties/{property}")
+    }
+
+    /// The devices whose `temp` reading the source turns into a record.
+    fn matched(source: &Source, idx: &DeviceIndex) -> Vec<String> {
+        ["pump-1", "pump-2", "meter-1", "unknown"]
+            .into_iter()
+            .filter(|d| source.record(&topic(d, "temp"), READING, idx).expect("reading").is_some())
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn a_device_source_by_names_takes_only_those_devices() {
+        let idx = site();
+        let src = devices(&["pump-2", "meter-1", "unknown"], &[], &[], &[]);
+        // A named device the node does not have gives nothing.
+        assert_eq!(matched(&src, &idx), ["pump-2", "meter-1"]);
+        let rec = src.record(&topic("pump-2", "temp"), READING, &idx).expect("ok").expect("record");
+        assert_eq!(rec.metric, "temp");
+        let tags: Vec<(&str, &str)> = rec.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(tags, [("device", "pump-2"), ("model", "pump"), ("property", "temp")]);
+        assert_eq!(rec.ts_ms, 1_700_000_000_000);
+        assert_eq!(rec.value, Value::F64(21.5));
+        assert_eq!(rec.quality, Quality::Uncertain);
+    }
+
+    #[test]
+    fn a_device_source_by_selector_takes_devices_whose_labels_match() {
+        let idx = site();
+        assert_eq!(matched(&devices(&[], &[], &[("site", "a")], &[]), &idx), ["pump-1", "meter-1"]);
+        assert_eq!(matched(&devices(&[], &[], &[("site", "a"), ("line", "1")], &[]), &idx), ["pump-1"]);
+        assert!(matched(&devices(&[], &[], &[("site", "c")], &[]), &idx).is_empty());
+        // Names, models and selector all have to hold.
+        assert_eq!(matched(&devices(&["pump-1", "pump-2"], &[], &[("site", "b")], &[]), &idx), ["pump-2"]);
+        assert_eq!(matched(&devices(&[], &["pump"], &[("line", "1")], &[]), &idx), ["pump-1", "pump-2"]);
+        assert!(matched(&devices(&[], &["meter"], &[("line", "1")], &[]), &idx).is_empty());
+        // An empty source takes every device the node has.
+        assert_eq!(matched(&devices(&[], &[], &[], &[]), &idx), ["pump-1", "pump-2", "meter-1"]);
+    }
+
+    #[test]
+    fn a_device_source_keeps_only_its_properties() {
+        let idx = site();
+        let src = devices(&[], &[], &[("site", "a")], &["temp", "pressure"]);
+        let props: Vec<&str> = ["temp", "pressure", "speed"]
+            .into_iter()
+            .filter(|p| src.record(&topic("pump-1", p), READING, &idx).expect("reading").is_some())
+            .collect();
+        assert_eq!(props, ["temp", "pressure"]);
+        // A property of a device the selector leaves out gives nothing.
+        assert!(src.record(&topic("pump-2", "temp"), READING, &idx).expect("reading").is_none());
+    }
+
+    #[test]
+    fn a_device_source_ignores_other_topics_and_refuses_bad_readings() {
+        let idx = site();
+        let src = devices(&["pump-1"], &[], &[], &[]);
+        for t in ["yunbian/devices/pump-1/status", "yunbian/devices/pump-1/properties/temp/x", "other/pump-1"] {
+            assert!(src.record(t, READING, &idx).expect("ignored").is_none(), "{t}");
+        }
+        // A cleared retained reading (empty payload) is not a record.
+        assert!(src.record(&topic("pump-1", "temp"), b"", &idx).expect("empty").is_none());
+        let err = src.record(&topic("pump-1", "temp"), b"21.5 C", &idx).expect_err("not JSON");
+        assert!(err.contains("not JSON"), "{err}");
+        let err = src.record(&topic("pump-1", "temp"), br#"{"value": [1]}"#, &idx).expect_err("not a scalar");
+        assert!(err.contains("pump-1"), "{err}");
+        // Readings of devices the source does not take are not checked.
+        assert!(src.record(&topic("pump-2", "temp"), b"21.5 C", &idx).expect("not ours").is_none());
+    }
+
+    #[test]
+    fn error_lines_are_rate_limited_per_rule() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut log = ErrorLog::new(s(10));
+        assert_eq!(log.due(t0, 0), None, "no error, no line");
+        assert_eq!(log.due(t0, 1), Some(1), "the first error is logged at once");
+        assert_eq!(log.due(t0 + s(1), 5), None);
+        assert_eq!(log.due(t0 + s(9), 40), None);
+        assert_eq!(log.due(t0 + s(10), 41), Some(40), "the count since the last line");
+        assert_eq!(log.due(t0 + s(30), 41), None, "nothing new, nothing logged");
+        assert_eq!(log.due(t0 + s(31), 42), Some(1), "quiet for 10 s: logged at once");
+        assert_eq!(log.due(t0 + s(35), 50), None);
+    }
+
+    #[test]
+    fn tsdb_flags_parse_or_say_what_is_expected() {
+        assert_eq!(parse_fsync("always"), Ok(FsyncPolicy::Always));
+        assert_eq!(parse_fsync("never"), Ok(FsyncPolicy::Never));
+        assert_eq!(parse_fsync("interval:1s"), Ok(FsyncPolicy::Interval(1000)));
+        assert_eq!(parse_fsync("interval:250ms"), Ok(FsyncPolicy::Interval(250)));
+        for bad in ["sometimes", "interval", "interval:", "interval:soon", "interval:0s", "1s"] {
+            let e = parse_fsync(bad).expect_err(bad);
+            assert!(!e.is_empty(), "{bad}");
+        }
+        assert!(parse_fsync("often").expect_err("bad").contains("interval:<duration>"));
+        assert!(parse_fsync("interval:0").expect_err("zero").contains("always"));
+        assert_eq!(parse_memory_cap("32Mi"), Ok(32 << 20));
+        assert!(parse_memory_cap("512Ki").expect_err("small").contains("1Mi"));
+        assert!(parse_memory_cap("lots").is_err());
+        assert_eq!(parse_max_series("100000"), Ok(100_000));
+        assert!(parse_max_series("0").is_err());
+        assert!(parse_max_series("-1").is_err());
+    }
+
+    #[test]
+    fn an_idle_writer_syncs_interval_data_without_another_point() {
+        let dir = std::env::temp_dir().join(format!("yunbian-edge-tsdb-idle-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let opts = TsdbOptions { fsync: FsyncPolicy::Interval(300), ..TsdbOptions::default() };
+        let tsdb = EdgeTsdb::open(&dir, opts).expect("open");
+        let key = yunbian_tsdb::SeriesKey::new("temp", BTreeMap::<String, String>::new()).expect("key");
+        // One point, then silence: no append comes to sync it.
+        tsdb.write((key, unix_ms(), 21.5, SinkErrors::default())).expect("queued");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let synced = loop {
+            let st = lock(&tsdb.store()).stats();
+            if st.points_appended == 1 && st.wal_syncs >= 1 && st.wal_unsynced_bytes == 0 {
+                break true;
+            }
+            if Instant::now() > deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(synced, "the point was not synced by the idle writer");
     }
 }

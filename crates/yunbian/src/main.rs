@@ -169,6 +169,27 @@ struct EdgeRunArgs {
     /// Data batches older than this are dropped (and counted); 0s: never.
     #[arg(long, default_value = "7d", value_parser = parse_duration)]
     data_outbox_ttl: Duration,
+    /// When the edge time-series store syncs its write-ahead log: always
+    /// (every batch), interval:<duration> (at most that much data lost on
+    /// power loss) or never (the OS decides; safe against crashes only).
+    #[arg(long, default_value = "interval:1s", value_name = "always|interval:DURATION|never", value_parser = yunbian_edge::rules::parse_fsync)]
+    tsdb_fsync: yunbian_edge::rules::FsyncPolicy,
+    /// Memory the edge time-series store accounts (head, series, indexes),
+    /// e.g. 32Mi; new series past it are refused.
+    #[arg(long, default_value = "32Mi", value_parser = yunbian_edge::rules::parse_memory_cap)]
+    tsdb_memory_cap: usize,
+    /// Most series the edge time-series store keeps.
+    #[arg(long, default_value = "100000", value_parser = yunbian_edge::rules::parse_max_series)]
+    tsdb_max_series: usize,
+    /// Raw points older than this are rolled up (1-min and 1-h) and
+    /// deleted; 0s: no age limit.
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    tsdb_retention: Duration,
+    /// Most disk the edge store's raw blocks may use (oldest rolled up and
+    /// deleted first); its write-ahead log is sealed into blocks at 64Mi
+    /// or a quarter of this, whichever is smaller. 0: no size limit.
+    #[arg(long, default_value = "1Gi", value_parser = yunbian_api::quantity::parse_memory_bytes)]
+    tsdb_max_bytes: u64,
     /// Serve cached artifact chunks to peers of the cluster (mTLS) on this
     /// address; "off" to not serve (pulls still use peers).
     #[arg(long, default_value = "0.0.0.0:7444")]
@@ -461,6 +482,12 @@ async fn run(cli: Cli) -> Result<()> {
             opts.devices.shipping.bandwidth = run.data_bandwidth;
             opts.devices.shipping.max_bytes = run.data_outbox_max;
             opts.devices.shipping.ttl = run.data_outbox_ttl;
+            opts.devices.tsdb.fsync = run.tsdb_fsync;
+            opts.devices.tsdb.memory_cap_bytes = run.tsdb_memory_cap;
+            opts.devices.tsdb.max_series = run.tsdb_max_series;
+            opts.devices.tsdb.raw_retention_ms =
+                Some(i64::try_from(run.tsdb_retention.as_millis()).unwrap_or(i64::MAX)).filter(|ms| *ms > 0);
+            opts.devices.tsdb.max_raw_bytes = Some(run.tsdb_max_bytes).filter(|b| *b > 0);
             opts.launcher = launcher_options();
             opts.p2p.listen = Some(run.p2p_listen.clone()).filter(|l| l != "off");
             opts.p2p.advertise = run.p2p_advertise.clone();
