@@ -142,9 +142,15 @@ pub struct NodeInfo {
     /// Version of the `yunbian` agent.
     #[serde(default)]
     pub agent_version: String,
-    /// Runtimes the agent offers (`process`, `fake`).
+    /// Runtimes the agent offers (`process`, `fake`, `wasm`, `oci`).
     #[serde(default)]
     pub runtimes: Vec<String>,
+    /// Runtimes this agent knows but cannot offer on this machine, each
+    /// with the reason (`oci: crun not found in PATH (install crun: …)`).
+    /// Such a runtime is absent from `runtimes`, so the scheduler places
+    /// no instance of it here; this says why.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unavailable_runtimes: BTreeMap<String, String>,
     /// CPU model name (`Intel(R) Xeon(R) …`), when known.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cpu_model: String,

@@ -388,9 +388,20 @@ pub async fn run_agent(
     let mut logs: HashMap<u64, JoinHandle<()>> = HashMap::new();
     let mut last_heartbeat: Option<Instant> = None;
     let mut cpu = node_info::CpuSampler::default();
-    let runtimes = if runtime.name() == "process" { launcher.options().runtimes() } else { vec![runtime.name()] };
-    let info =
+    let (runtimes, unavailable) = if runtime.name() == "process" {
+        (launcher.options().runtimes(), launcher.options().unavailable_runtimes())
+    } else {
+        (vec![runtime.name()], BTreeMap::new())
+    };
+    // Said once per start, and on the node for as long as it lasts: a
+    // runtime left out (crun missing) is why instances needing it are not
+    // placed here.
+    for (rt, why) in &unavailable {
+        tracing::warn!(node = %node, runtime = %rt, reason = %why, "runtime unavailable on this node; it is not offered");
+    }
+    let mut info =
         if cfg.real_node_info { node_info::node_info(&cfg.data_dir, &runtimes) } else { simulated_info(&runtimes) };
+    info.unavailable_runtimes = unavailable;
     let mut renewing: Option<JoinHandle<Result<Identity>>> = None;
     let mut last_renew_attempt = 0u64;
     let mut store_failure: Option<String> = None;

@@ -45,7 +45,7 @@
 //! ([`Launcher::release_devices`]).
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -87,17 +87,39 @@ pub struct LauncherOptions {
     pub node: String,
 }
 
+/// The runtimes a node may offer through the launcher, in the order they
+/// are reported.
+const RUNTIMES: [RuntimeKind; 3] = [RuntimeKind::Process, RuntimeKind::Wasm, RuntimeKind::Oci];
+
 impl LauncherOptions {
     /// The runtimes this node offers, for scheduling.
     pub fn runtimes(&self) -> Vec<&'static str> {
-        let mut out = vec!["process"];
-        if self.wasm && self.shim_exe.is_some() {
-            out.push("wasm");
+        RUNTIMES.into_iter().filter(|r| self.unavailable(*r).is_none()).map(RuntimeKind::as_str).collect()
+    }
+
+    /// The runtimes this node does not offer, each with the reason (crun
+    /// missing, wasm not built in): what `NodeInfo.unavailableRuntimes`
+    /// reports and the agent logs at start. Together with
+    /// [`runtimes`](Self::runtimes) it names every runtime once.
+    pub fn unavailable_runtimes(&self) -> BTreeMap<String, String> {
+        RUNTIMES.into_iter().filter_map(|r| Some((r.as_str().to_string(), self.unavailable(r)?))).collect()
+    }
+
+    /// Why this node cannot run `runtime`, or `None` when it can.
+    pub fn unavailable(&self, runtime: RuntimeKind) -> Option<String> {
+        match runtime {
+            RuntimeKind::Process | RuntimeKind::Fake => None,
+            _ if self.shim_exe.is_none() => Some("no shim executable is configured".into()),
+            RuntimeKind::Wasm if !self.wasm => {
+                Some("the wasm runtime is not built into this agent (build with --features wasm)".into())
+            }
+            RuntimeKind::Oci => match &self.oci {
+                Some(Ok(_)) => None,
+                Some(Err(why)) => Some(format!("the oci runtime is unavailable: {why}")),
+                None => Some("the oci runtime is not enabled on this agent".into()),
+            },
+            _ => None,
         }
-        if self.shim_exe.is_some() && matches!(self.oci, Some(Ok(_))) {
-            out.push("oci");
-        }
-        out
     }
 }
 
@@ -390,7 +412,7 @@ impl Launcher {
             return Some(inst.clone());
         }
         self.set_quiet(&name, running);
-        if let Some(why) = self.unavailable(t.runtime) {
+        if let Some(why) = self.opts.unavailable(t.runtime) {
             self.report(&name, InstancePhase::Failed, "RuntimeUnavailable", why);
             return None;
         }
@@ -551,22 +573,6 @@ impl Launcher {
                 self.report(name, InstancePhase::Pending, "DeviceAllocationFailed", e.to_string());
                 None
             }
-        }
-    }
-
-    fn unavailable(&self, runtime: RuntimeKind) -> Option<String> {
-        match runtime {
-            RuntimeKind::Process | RuntimeKind::Fake => None,
-            _ if self.opts.shim_exe.is_none() => Some("no shim executable is configured".into()),
-            RuntimeKind::Wasm if !self.opts.wasm => {
-                Some("the wasm runtime is not built into this agent (build with --features wasm)".into())
-            }
-            RuntimeKind::Oci => match &self.opts.oci {
-                Some(Ok(_)) => None,
-                Some(Err(why)) => Some(format!("the oci runtime is unavailable: {why}")),
-                None => Some("the oci runtime is not enabled on this agent".into()),
-            },
-            _ => None,
         }
     }
 
@@ -983,6 +989,49 @@ mod tests {
         assert_eq!((u.status.phase, u.status.reason.as_str()), (InstancePhase::Failed, "RuntimeUnavailable"));
         assert!(rx.try_recv().is_err(), "the same status is not sent twice");
         assert!(!l.refused("a-1"), "an unavailable runtime does not stop a running instance");
+    }
+
+    #[test]
+    fn a_runtime_the_node_cannot_offer_is_left_out_with_its_reason() {
+        let crun_missing = "crun not found in PATH (install crun: apt-get install crun)";
+        let opts = |shim: bool, wasm: bool, oci: Option<Result<String, String>>| LauncherOptions {
+            shim_exe: shim.then(|| PathBuf::from("/usr/bin/yunbian")),
+            wasm,
+            oci,
+            ..Default::default()
+        };
+        let everything = opts(true, true, Some(Ok("crun version 1.8.1 (/usr/bin/crun)".into())));
+        assert_eq!(everything.runtimes(), ["process", "wasm", "oci"]);
+        assert!(everything.unavailable_runtimes().is_empty());
+
+        // crun missing: no oci, and the reason detect_crun gave.
+        let no_crun = opts(true, true, Some(Err(crun_missing.into())));
+        assert_eq!(no_crun.runtimes(), ["process", "wasm"]);
+        let why = no_crun.unavailable_runtimes();
+        assert_eq!(why.keys().collect::<Vec<_>>(), ["oci"]);
+        assert_eq!(why["oci"], format!("the oci runtime is unavailable: {crun_missing}"));
+        assert_eq!(no_crun.unavailable(RuntimeKind::Oci).as_deref(), Some(why["oci"].as_str()));
+        assert_eq!(no_crun.unavailable(RuntimeKind::Wasm), None);
+
+        // Without wasm built in, or without a shim executable at all.
+        let no_wasm = opts(true, false, Some(Err(crun_missing.into())));
+        assert_eq!(no_wasm.runtimes(), ["process"]);
+        assert!(no_wasm.unavailable_runtimes()["wasm"].contains("not built into this agent"));
+        let no_shim = opts(false, true, Some(Ok("crun".into())));
+        assert_eq!(no_shim.runtimes(), ["process"]);
+        let why = no_shim.unavailable_runtimes();
+        assert_eq!(
+            (why["wasm"].as_str(), why["oci"].as_str()),
+            ("no shim executable is configured", "no shim executable is configured")
+        );
+
+        // Every runtime is either offered or has a reason, never both.
+        for o in [everything, no_crun, no_wasm, no_shim, LauncherOptions::default()] {
+            let why = o.unavailable_runtimes();
+            let mut all: Vec<&str> = o.runtimes().into_iter().chain(why.keys().map(String::as_str)).collect();
+            all.sort_unstable();
+            assert_eq!(all, ["oci", "process", "wasm"], "{o:?}");
+        }
     }
 
     #[test]

@@ -55,6 +55,7 @@ pub fn node_info(data_dir: &Path, runtimes: &[&str]) -> NodeInfo {
         disk_bytes: disk(data_dir).0,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         runtimes: runtimes.iter().map(|s| s.to_string()).collect(),
+        unavailable_runtimes: Default::default(),
         cpu_model: cpu_model(&read("/proc/cpuinfo")),
         devices: Vec::new(),
         boot_time: boot_time(&read("/proc/stat")),

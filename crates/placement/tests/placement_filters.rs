@@ -93,14 +93,24 @@ fn groups() {
 
 #[test]
 fn runtime_offered() {
-    let cases = [
-        ("offered", "process", Ok(())),
-        ("not offered", "wasm", Err("runtime wasm not offered (offers process, fake)".to_string())),
-        ("any runtime", "", Ok(())),
+    // (case, runtimes the node offers, runtime asked for, verdict)
+    let cases: [(&str, &[&str], &str, Verdict); 6] = [
+        ("offered", &["process", "fake"], "process", Ok(())),
+        ("not offered", &["process", "fake"], "wasm", Err("runtime wasm not offered (offers process, fake)".into())),
+        ("any runtime", &["process", "fake"], "", Ok(())),
+        ("oci offered (crun found)", &["process", "wasm", "oci"], "oci", Ok(())),
+        // An agent without crun leaves oci out of its runtimes.
+        (
+            "oci not offered (crun missing)",
+            &["process", "wasm"],
+            "oci",
+            Err("runtime oci not offered (offers process, wasm)".into()),
+        ),
+        ("wasm still offered without crun", &["process", "wasm"], "wasm", Ok(())),
     ];
-    for (name, runtime, want) in cases {
+    for (name, offers, runtime, want) in cases {
         let mut n = node("n");
-        n.runtimes = vec!["process".into(), "fake".into()];
+        n.runtimes = offers.iter().map(|r| r.to_string()).collect();
         let mut c = cluster(vec![n], vec![]);
         let p = Placement::default();
         let mut req = request("web", &p, 1);
