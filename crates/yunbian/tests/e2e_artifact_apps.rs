@@ -4,7 +4,10 @@
 //! the link mid-pull, and runs from its unpacked directory; an agent
 //! restart leaves the adopted instances Running; a trust policy on a NodeGroup
 //! refuses unsigned artifacts (and stops one already running), and the
-//! instance runs once the publisher signs it.
+//! instance runs once the publisher signs it. An OCI image and a wasm
+//! module run through their shims, and both survive a SIGKILL of the agent
+//! and its restart: same processes, no restart, and the wasm service keeps
+//! answering (its request count goes on) while the agent is down.
 
 mod harness;
 
@@ -216,4 +219,97 @@ fn oci_images_and_wasm_modules_run_through_their_shims() {
     let second = http_get(port).expect("second request");
     assert!(second.contains("\"requests\":2"), "{second}");
     logs_contain(&c, "hello", "wasm-hello: node e1");
+    let info = c.node("e1").expect("node e1");
+    assert!(info.pointer("/status/info/unavailableRuntimes").is_none(), "nothing is unavailable here: {info}");
+
+    // The agent is SIGKILLed: the shims (and the container they run) are
+    // workloads of their own and keep running without it.
+    let before: Vec<Shim> = ["box", "hello"].into_iter().map(|app| Shim::of(&c, app)).collect();
+    let (boxed, hello) = (&before[0], &before[1]);
+    assert!(boxed.processes.len() >= 2, "the oci shim and its container: {boxed:?}");
+    c.kill_edge("e1");
+    std::thread::sleep(Duration::from_secs(2));
+    for shim in &before {
+        shim.assert_alive("with the agent down");
+    }
+    let third = http_get(port).expect("a request with the agent down");
+    assert!(third.contains("\"requests\":3"), "the wasm service answers on, counting: {third}");
+
+    // The agent starts again and adopts both: same pids, Running, no
+    // restart, and the service's count goes on from where it was.
+    c.start_edge("e1");
+    c.wait_node_ready("e1");
+    eventually(WAIT, "the restarted agent re-adopted both shims", || {
+        let log = c.edge_log_current("e1");
+        match log.lines().find(|l| l.contains("runtime re-adopted instances")) {
+            Some(l) if l.contains("count=2") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(500));
+        for shim in &before {
+            shim.assert_same(&c);
+        }
+    }
+    let fourth = http_get(port).expect("a request after the agent restart");
+    assert!(fourth.contains("\"requests\":4"), "the count was not reset: {fourth}");
+    let o = c.cli(&["logs", "app/hello", "--tail", "50"]);
+    assert_eq!(o.ok().matches("wasm-hello: node e1, listening").count(), 1, "the module started once: {o:?}");
+    logs_contain(&c, "box", "container says hi from e1");
+    assert_eq!(hello.processes, vec![hello.pid], "the wasm shim is the instance's only process");
+}
+
+/// One shim instance as the cloud reports it, and its processes on the node.
+#[derive(Debug)]
+struct Shim {
+    app: String,
+    instance: String,
+    /// The shim's pid (`status.pid`).
+    pid: u32,
+    restarts: u64,
+    /// Every live process of the instance: the shim, and for oci the
+    /// container's processes.
+    processes: Vec<u32>,
+}
+
+impl Shim {
+    fn of(c: &Cluster, app: &str) -> Shim {
+        let i = wait_instance(c, app, &format!("{app} Running"), |i| s(i, "/status/phase") == "Running");
+        let instance = s(&i, "/metadata/name").to_string();
+        let pid = harness::u(&i, "/status/pid").unwrap_or_else(|| panic!("{app} has a pid: {i}")) as u32;
+        let processes = harness::instance_processes(&instance);
+        assert!(processes.contains(&pid), "{app}: the shim {pid} is among {processes:?}");
+        Shim {
+            app: app.into(),
+            instance,
+            pid,
+            restarts: harness::u(&i, "/status/restartCount").unwrap_or(0),
+            processes,
+        }
+    }
+
+    #[track_caller]
+    fn assert_alive(&self, when: &str) {
+        let dead: Vec<u32> = self.processes.iter().copied().filter(|p| !harness::pid_alive(*p)).collect();
+        assert!(dead.is_empty(), "{} {when}: processes {dead:?} of {:?} died", self.app, self.processes);
+    }
+
+    /// Same instance, pid and restart count in the cloud, Running, and the
+    /// same processes on the node.
+    #[track_caller]
+    fn assert_same(&self, c: &Cluster) {
+        let i = c.instances_of(&self.app).expect("instances").into_iter().next().expect("one instance");
+        assert_eq!(s(&i, "/metadata/name"), self.instance, "{i}");
+        assert_eq!(s(&i, "/status/phase"), "Running", "{} after the agent restart: {i}", self.app);
+        assert_eq!(harness::u(&i, "/status/pid"), Some(self.pid as u64), "{i}");
+        assert_eq!(harness::u(&i, "/status/restartCount").unwrap_or(0), self.restarts, "{i}");
+        self.assert_alive("after the agent restart");
+        assert_eq!(
+            harness::instance_processes(&self.instance),
+            self.processes,
+            "{}: no process came or went",
+            self.app
+        );
+    }
 }
