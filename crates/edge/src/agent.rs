@@ -239,25 +239,27 @@ pub struct DeviceSide {
 const RULE_STATUS_EVERY: Duration = Duration::from_secs(10);
 
 /// The node's groups in a desired view.
-pub(crate) fn groups_of_view(objects: &[DesiredObject]) -> Vec<NodeGroupSpec> {
+pub(crate) fn groups_of_view(objects: &[DesiredObject]) -> Vec<(String, NodeGroupSpec)> {
     groups_of(&device_objects_of(objects))
 }
 
-/// The node's groups in the view (their trust policy and site). A group
-/// that does not decode (a newer cloud's fields) becomes one that requires
-/// a signature by no key: the trust policy fails closed, never open.
-fn groups_of(objects: &DeviceObjects) -> Vec<NodeGroupSpec> {
+/// The node's groups in the view, by name (their trust policy and site). A
+/// group that does not decode (a newer cloud's fields) becomes one that
+/// requires a signature by no key: the trust policy fails closed, never
+/// open.
+fn groups_of(objects: &DeviceObjects) -> Vec<(String, NodeGroupSpec)> {
     objects
         .iter()
         .filter(|((kind, _), _)| *kind == Kind::NodeGroup)
         .map(|((_, name), o)| match o.value.get("spec").cloned().map(serde_json::from_value::<NodeGroupSpec>) {
-            Some(Ok(g)) => g,
+            Some(Ok(g)) => (name.clone(), g),
             other => {
                 tracing::error!(group = %name, error = ?other.map(|r| r.err()), "desired node group does not decode; refusing every artifact until it does");
-                NodeGroupSpec {
+                let fail_closed = NodeGroupSpec {
                     trust: Some(yunbian_api::TrustSpec { require_signature: true, keys: Vec::new() }),
                     ..Default::default()
-                }
+                };
+                (name.clone(), fail_closed)
             }
         })
         .collect()

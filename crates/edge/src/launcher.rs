@@ -339,8 +339,8 @@ impl Launcher {
 
     /// The node's groups changed: their trust policy and the site the node
     /// announces to the P2P tracker.
-    pub fn set_groups(&self, groups: &[NodeGroupSpec]) {
-        self.set_trust(TrustPolicy::of_groups(groups));
+    pub fn set_groups(&self, groups: &[(String, NodeGroupSpec)]) {
+        self.set_trust(TrustPolicy::of_groups(groups.iter().map(|(_, g)| g)));
         if let Some(a) = self.announcer.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             a.set_site(crate::p2p::site_of_groups(groups));
         }

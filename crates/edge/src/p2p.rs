@@ -962,10 +962,17 @@ impl ArtifactSource for PeerSource {
 
 // -------------------------------------------------------------- announcer
 
-/// The site of a node in these groups: the smallest non-empty one (a node
-/// is expected to be in at most one group with a site), `""` for none.
-pub fn site_of_groups<'a>(groups: impl IntoIterator<Item = &'a NodeGroupSpec>) -> String {
-    groups.into_iter().map(|g| g.site.as_str()).filter(|s| !s.is_empty()).min().unwrap_or("").to_string()
+/// What a node in these groups announces as its site, the key of the
+/// tracker's same-site preference and per-site limits: the smallest
+/// non-empty `site` of its groups (a node is expected to be in at most one
+/// group with a site); without one, `group:` and the smallest group name,
+/// so that each group is limited on its own; `""` in no group.
+pub fn site_of_groups<'a>(groups: impl IntoIterator<Item = &'a (String, NodeGroupSpec)>) -> String {
+    let groups: Vec<&(String, NodeGroupSpec)> = groups.into_iter().collect();
+    if let Some(site) = groups.iter().map(|(_, g)| g.site.as_str()).filter(|s| !s.is_empty()).min() {
+        return site.to_string();
+    }
+    groups.iter().map(|(name, _)| name.as_str()).min().map(|n| format!("group:{n}")).unwrap_or_default()
 }
 
 #[derive(Debug, Serialize)]
@@ -1110,10 +1117,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_site_is_the_smallest_non_empty_one() {
-        let g = |site: &str| NodeGroupSpec { site: site.into(), ..Default::default() };
-        assert_eq!(site_of_groups(&[g(""), g("plant-b"), g("plant-a")]), "plant-a");
-        assert_eq!(site_of_groups(&[g("")]), "");
+    fn the_site_is_the_smallest_non_empty_one_else_the_group() {
+        let g = |name: &str, site: &str| (name.to_string(), NodeGroupSpec { site: site.into(), ..Default::default() });
+        assert_eq!(site_of_groups(&[g("x", ""), g("b", "plant-b"), g("a", "plant-a")]), "plant-a");
+        assert_eq!(site_of_groups(&[g("line-2", ""), g("line-1", "")]), "group:line-1");
         assert_eq!(site_of_groups(&[]), "");
     }
 
