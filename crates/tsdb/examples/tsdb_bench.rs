@@ -13,7 +13,9 @@
 //! Data: *sensor* — 20 series × 86,400 points (1 day at 1 s), a daily sine
 //! of ±3 °C around 20 °C plus a mean-reverting noise of σ≈0.03, rounded to
 //! 0.1; *counter* — 20 series × 86,400 integer counters increasing by a
-//! random 0..2×rate each second; *node* — every sample of every scrape of
+//! random 0..2×rate each second; *state* — 20 on/off series × 86,400
+//! points, each flipping about once a minute (bools stored as 0/1); *node*
+//! — every sample of every scrape of
 //! prometheus-node-exporter, scrapes stamped 15 s apart.
 
 use std::collections::BTreeMap;
@@ -79,6 +81,25 @@ fn counter() -> Dataset {
         }
     }
     Dataset { name: "counter", keys, points }
+}
+
+/// 20 on/off states (a door, a pump) sampled every second, each changing
+/// about once a minute: how much a bool costs stored as f64.
+fn state() -> Dataset {
+    let n = 20;
+    let keys = (0..n).map(|i| SeriesKey::new("pump_on", [("pump", format!("p{i:02}"))]).expect("key")).collect();
+    let mut rng = Rng(13);
+    let mut on = vec![false; n];
+    let mut points = Vec::with_capacity(n * 86_400);
+    for s in 0..86_400i64 {
+        for (i, v) in on.iter_mut().enumerate() {
+            if rng.next() % 60 == 0 {
+                *v = !*v;
+            }
+            points.push((i, T0 + s * 1000, f64::from(u8::from(*v))));
+        }
+    }
+    Dataset { name: "state", keys, points }
 }
 
 /// Scrapes separated by lines `# SCRAPE <n>`; samples `name{labels} value`.
@@ -200,7 +221,7 @@ fn main() {
     std::fs::create_dir_all(&work).expect("workdir");
     match mode {
         "ingest" => {
-            let mut sets = vec![sensor(), counter()];
+            let mut sets = vec![sensor(), counter(), state()];
             if let Some(p) = args.get(3) {
                 sets.push(node(Path::new(p)));
             }
