@@ -27,8 +27,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 use yunbian_api::{
-    AppInstance, AppInstanceSpec, AppSpec, AppStatus, InstancePhase, NodeGroupSpec, NodeLostAction, NodePhase,
-    NodeSpec, Object, PlacementDecision, PlacementMode, RolloutPhase, RolloutSpec, RolloutStatus,
+    AppInstance, AppInstanceSpec, AppSpec, AppStatus, ArtifactRef, ArtifactSpec, InstancePhase, NodeGroupSpec,
+    NodeLostAction, NodePhase, NodeSpec, Object, PlacementDecision, PlacementMode, RolloutPhase, RolloutSpec,
+    RolloutStatus,
 };
 use yunbian_placement as placement;
 
@@ -117,12 +118,32 @@ pub struct PassInput<'a> {
     pub nodes: &'a [Typed<NodeSpec>],
     /// Every NodeGroup.
     pub groups: &'a [Typed<NodeGroupSpec>],
+    /// Every Artifact (which platforms an App's artifact has).
+    pub artifacts: &'a [Typed<ArtifactSpec>],
     /// Liveness and latency from the hub.
     pub signals: &'a dyn NodeSignals,
     /// Controller settings.
     pub cfg: &'a ControllerConfig,
     /// Unix seconds.
     pub now: u64,
+}
+
+/// The platforms the artifact `r` has a blob for; `None` without a
+/// reference or while it names nothing pushed (a version override of a
+/// group is not looked at: the App's own version decides).
+fn artifact_platforms(r: Option<&ArtifactRef>, artifacts: &[Typed<ArtifactSpec>]) -> Option<Vec<String>> {
+    let r = r?;
+    if !r.name.is_empty() {
+        let object = yunbian_api::artifact::artifact_object_name(&r.name, &r.version);
+        let a = artifacts.iter().find(|a| a.metadata.name == object)?;
+        return Some(a.spec.blobs.keys().cloned().collect());
+    }
+    let digest = r.digest.strip_prefix("sha256:").unwrap_or(&r.digest);
+    artifacts
+        .iter()
+        .flat_map(|a| a.spec.blobs.iter())
+        .find(|(_, b)| !digest.is_empty() && b.sha256.eq_ignore_ascii_case(digest))
+        .map(|(p, _)| vec![p.clone()])
 }
 
 /// What a pass decided.
@@ -613,6 +634,7 @@ fn plan_app(
         placement: &spec.placement,
         resources: req_resources,
         runtime: template.runtime.as_str(),
+        platforms: artifact_platforms(template.artifact.as_ref(), input.artifacts),
         targets: place_targets,
         existing: current
             .iter()
@@ -795,6 +817,7 @@ mod tests {
         insts: Vec<Typed<AppInstanceSpec>>,
         nodes: Vec<Typed<NodeSpec>>,
         groups: Vec<Typed<NodeGroupSpec>>,
+        artifacts: Vec<Typed<ArtifactSpec>>,
         now: u64,
     }
 
@@ -849,6 +872,7 @@ mod tests {
                 insts: Vec::new(),
                 nodes,
                 groups: vec![g("ga", "a", "edge"), g("gk", "k", "cloud")],
+                artifacts: Vec::new(),
                 now: 1_000_000,
             }
         }
@@ -879,6 +903,7 @@ mod tests {
                 instances: &self.insts,
                 nodes: &self.nodes,
                 groups: &self.groups,
+                artifacts: &self.artifacts,
                 signals,
                 cfg: &cfg,
                 now: self.now,
@@ -1046,6 +1071,56 @@ mod tests {
         }
         let st = sim.apps[0].status.rollout.clone().expect("rollout status");
         assert_eq!(st.revision, 3, "{st:?}");
+    }
+
+    #[test]
+    fn instances_go_only_where_the_artifact_has_a_blob() {
+        let blob = |sha: &str| yunbian_api::ArtifactBlob { sha256: sha.repeat(64), ..Default::default() };
+        let artifact = |version: &str, platforms: &[(&str, &str)]| {
+            let spec = ArtifactSpec {
+                name: "tool".into(),
+                version: version.into(),
+                blobs: platforms.iter().map(|(p, sha)| (p.to_string(), blob(sha))).collect(),
+            };
+            let a: yunbian_api::Artifact =
+                Object::new(yunbian_api::artifact::artifact_object_name("tool", version), spec);
+            Arc::new(a)
+        };
+        let mut arm = (*node("a1", "a")).clone();
+        arm.status.info.arch = "aarch64".into();
+        arm.metadata.labels.insert("cpu".into(), "arm".into());
+        let nodes = vec![Arc::new(arm), node("a2", "a")];
+        let by_name = app("by-name", json!({"replicas": 2, "artifact": {"name": "tool", "version": "1"}}));
+        let by_digest = app("by-digest", json!({"artifact": {"digest": format!("sha256:{}", "b".repeat(64))}}));
+        let later = app(
+            "not-pushed",
+            json!({"artifact": {"name": "tool", "version": "9"}, "placement": {"nodeSelector": {"cpu": "arm"}}}),
+        );
+        let on_arm = app(
+            "on-arm",
+            json!({"artifact": {"name": "tool", "version": "3"}, "placement": {"nodeSelector": {"cpu": "arm"}}}),
+        );
+        let mut sim = Sim::new(nodes, vec![by_name, by_digest, later, on_arm]);
+        sim.artifacts = vec![
+            artifact("1", &[("linux/amd64", "a")]),
+            artifact("2", &[("linux/amd64", "b")]),
+            artifact("3", &[("linux/amd64", "d")]),
+        ];
+        sim.pass(&StatusSignals);
+        // amd64 only: both instances on the x86_64 node, and the arm64 node
+        // says why not there.
+        assert_eq!(sim.nodes_of("by-name"), ["a2", "a2"]);
+        let st = &sim.apps[0].status;
+        let why = st.rejections.iter().find(|r| r.node == "a1").map(|r| r.reason.as_str());
+        assert_eq!(why, Some("the artifact has no blob for linux/arm64 (has linux/amd64)"), "{st:?}");
+        assert_eq!(sim.nodes_of("by-digest"), ["a2"]);
+        // Not pushed yet: no constraint (the node reports the missing artifact).
+        assert_eq!(sim.nodes_of("not-pushed"), ["a1"]);
+        assert!(sim.nodes_of("on-arm").is_empty(), "{:?}", sim.apps[3].status);
+        // A wasm blob runs everywhere.
+        sim.artifacts[2] = artifact("3", &[("linux/amd64", "d"), ("wasi/wasm32", "c")]);
+        sim.pass(&StatusSignals);
+        assert_eq!(sim.nodes_of("on-arm"), ["a1"]);
     }
 
     #[test]

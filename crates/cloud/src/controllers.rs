@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use serde_json::Value;
 use yunbian_api::KindOf;
-use yunbian_api::{AppInstanceSpec, AppSpec, Kind, NodeGroupSpec, NodeSpec, Object};
+use yunbian_api::{AppInstanceSpec, AppSpec, ArtifactSpec, Kind, NodeGroupSpec, NodeSpec, Object};
 use yunbian_store::{Store, StoreError, StoredObject};
 
 use crate::app_pass::{NodeSignals, PassOutput};
@@ -191,6 +191,7 @@ pub struct DecodeCache {
     insts: Decoded<AppInstanceSpec>,
     nodes: Decoded<NodeSpec>,
     groups: Decoded<NodeGroupSpec>,
+    artifacts: Decoded<ArtifactSpec>,
 }
 
 /// One full reconcile pass over every App (see [`crate::app_pass`]).
@@ -204,17 +205,20 @@ pub async fn reconcile_apps(
     let (insts, _) = store.list(Kind::AppInstance).await?;
     let (nodes, _) = store.list(Kind::Node).await?;
     let (groups, _) = store.list(Kind::NodeGroup).await?;
+    let (artifacts, _) = store.list(Kind::Artifact).await?;
 
     let apps = cache.apps.refresh(&apps);
     let insts = cache.insts.refresh(&insts);
     let nodes = cache.nodes.refresh(&nodes);
     let groups = cache.groups.refresh(&groups);
+    let artifacts = cache.artifacts.refresh(&artifacts);
 
     let out = crate::app_pass::plan(&crate::app_pass::PassInput {
         apps: &apps,
         instances: &insts,
         nodes: &nodes,
         groups: &groups,
+        artifacts: &artifacts,
         signals,
         cfg,
         now: crate::objects::unix_now(),

@@ -44,6 +44,8 @@ pub struct RuntimeOffered;
 pub struct Arch;
 /// `requirements.os`.
 pub struct Os;
+/// The App's artifact has a blob for the node's platform (or a wasm one).
+pub struct ArtifactPlatform;
 /// `requirements.minFreeDisk`.
 pub struct MinFreeDisk;
 /// `latency.maxLatencyMs` from the latency location.
@@ -66,13 +68,14 @@ pub struct Extended;
 pub struct SelfAntiAffinity;
 
 /// Static filters, in the order they run (the first failure is the reason).
-pub static STATIC: [&dyn Filter; 10] = [
+pub static STATIC: [&dyn Filter; 11] = [
     &NodeReady,
     &NodeSelector,
     &Groups,
     &RuntimeOffered,
     &Arch,
     &Os,
+    &ArtifactPlatform,
     &MinFreeDisk,
     &MaxLatency,
     &Affinity,
@@ -199,6 +202,34 @@ impl Filter for Os {
     }
     fn filter(&self, ctx: &Context, node: NodeRef) -> Result<(), String> {
         listed("requirements.os", &node.facts.os, &ctx.request.placement.requirements.os)
+    }
+}
+
+/// A node's artifact platform (`linux/amd64`), as edges pick blobs.
+pub fn node_platform(os: &str, arch: &str) -> String {
+    let arch = match arch {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    format!("{}/{arch}", if os.is_empty() { "linux" } else { os })
+}
+
+impl Filter for ArtifactPlatform {
+    fn name(&self) -> &'static str {
+        "ArtifactPlatform"
+    }
+    fn evicts(&self) -> bool {
+        true
+    }
+    fn filter(&self, ctx: &Context, node: NodeRef) -> Result<(), String> {
+        let Some(have) = &ctx.request.platforms else { return Ok(()) };
+        let platform = node_platform(&node.facts.os, &node.facts.arch);
+        if have.iter().any(|p| *p == platform || p == yunbian_api::artifact::WASM_PLATFORM) {
+            Ok(())
+        } else {
+            Err(format!("the artifact has no blob for {platform} (has {})", list(have)))
+        }
     }
 }
 

@@ -155,6 +155,9 @@ pub struct Request<'a> {
     pub resources: Resources,
     /// Runtime the instances need (empty: any).
     pub runtime: &'a str,
+    /// The platforms the App's artifact has a blob for (`linux/amd64`,
+    /// `wasi/wasm32`); `None`: no artifact, or one not pushed yet.
+    pub platforms: Option<Vec<String>>,
     /// Instances wanted per group; ignored for `mode: everyNode` (one per
     /// eligible node).
     pub targets: Vec<Target>,

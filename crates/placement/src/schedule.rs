@@ -386,13 +386,14 @@ impl<'r, 'a> Run<'r, 'a> {
         }
         let r = &p.requirements;
         Some(format!(
-            "{:?}|{}|{:?}|{}|{:?}|{:?}|{:?}|{:?}|{}|{:?}|{:?}|{}",
+            "{:?}|{}|{:?}|{}|{:?}|{:?}|{:?}|{:?}|{:?}|{}|{:?}|{:?}|{}",
             p.node_selector,
             self.targets[t].target.group,
             p.groups,
             self.req.runtime,
             r.arch,
             r.os,
+            self.req.platforms,
             r.min_free_disk,
             p.latency,
             p.fallback.is_some(),

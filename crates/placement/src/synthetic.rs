@@ -235,6 +235,7 @@ impl Workload {
                 placement: &app.placement,
                 resources: self.resources.clone(),
                 runtime: "process",
+                platforms: None,
                 targets: app.targets.clone(),
                 existing: Vec::new(),
             };

@@ -120,6 +120,32 @@ fn runtime_offered() {
 }
 
 #[test]
+fn the_artifact_needs_a_blob_for_the_node_or_a_wasm_one() {
+    let p = Placement::default();
+    let owned = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    let mut arm = node("n");
+    arm.arch = "aarch64".into();
+    let cases = [
+        ("no artifact", node("n"), None, Ok(())),
+        ("amd64 blob on x86_64", node("n"), owned(&["linux/amd64"]), Ok(())),
+        ("wasm blob anywhere", arm.clone(), owned(&["wasi/wasm32"]), Ok(())),
+        (
+            "amd64 only on aarch64",
+            arm.clone(),
+            owned(&["linux/amd64"]),
+            Err("the artifact has no blob for linux/arm64 (has linux/amd64)".to_string()),
+        ),
+        ("arm64 blob on aarch64", arm, owned(&["linux/amd64", "linux/arm64"]), Ok(())),
+    ];
+    for (name, n, platforms, want) in cases {
+        let mut c = cluster(vec![n], vec![]);
+        let mut req = request("web", &p, 1);
+        req.platforms = platforms;
+        assert_eq!(verdict(&mut c, &req), want, "{name}");
+    }
+}
+
+#[test]
 fn arch_and_os() {
     let req = |arch: &[&str], os: &[&str]| {
         let mut p = Placement::default();

@@ -216,6 +216,7 @@ impl World {
             placement: &self.placement,
             resources: self.want.clone(),
             runtime: "process",
+            platforms: None,
             targets: self.targets(),
             existing,
         }

@@ -62,6 +62,7 @@ pub fn request<'a>(app: &'a str, placement: &'a Placement, count: u32) -> Reques
         placement,
         resources: res(100, 64 * MI),
         runtime: "process",
+        platforms: None,
         targets: vec![Target { group: String::new(), count }],
         existing: Vec::new(),
     }
