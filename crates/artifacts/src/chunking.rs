@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestParseError};
 use crate::store::ChunkStore;
 use crate::{sha256, ArtifactError, Result, CHUNK_SIZE};
 
@@ -35,6 +35,56 @@ pub struct BlobManifest {
     pub chunks: Vec<ChunkRef>,
 }
 
+/// Why a chunk list (an Artifact blob's `size`, `sha256` and `chunks`, as
+/// received from the cloud, a peer or an export file) is not a
+/// [`BlobManifest`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    /// The whole blob's sha256 is not a digest.
+    #[error("blob sha256: {0}")]
+    BlobDigest(DigestParseError),
+    /// A chunk's digest is not a digest.
+    #[error("chunks[{index}].digest: {source}")]
+    ChunkDigest {
+        /// Position of the chunk in the list.
+        index: usize,
+        /// What is wrong with it.
+        source: DigestParseError,
+    },
+    /// The digests parse but the sizes do not fit together.
+    #[error("inconsistent blob manifest: {0}")]
+    Layout(LayoutError),
+}
+
+/// How a chunk list's sizes contradict the fixed chunking.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    /// A chunk is empty or larger than [`CHUNK_SIZE`].
+    #[error("chunk {index} has size {size}")]
+    ChunkSize {
+        /// Position of the chunk.
+        index: usize,
+        /// Its size.
+        size: u64,
+    },
+    /// A chunk other than the last is shorter than [`CHUNK_SIZE`].
+    #[error("chunk {index} has {size} bytes; every chunk but the last must have {CHUNK_SIZE}")]
+    ShortChunk {
+        /// Position of the chunk.
+        index: usize,
+        /// Its size.
+        size: u64,
+    },
+    /// The chunk sizes do not add up to the blob's size.
+    #[error("chunks add up to {total} bytes, blob size is {size}")]
+    SizeMismatch {
+        /// Sum of the chunk sizes.
+        total: u64,
+        /// The blob's size.
+        size: u64,
+    },
+}
+
 impl BlobManifest {
     /// The manifest of bytes held in memory (tests, small blobs).
     pub fn of_bytes(bytes: &[u8]) -> BlobManifest {
@@ -42,25 +92,51 @@ impl BlobManifest {
         BlobManifest { size: bytes.len() as u64, sha256: sha256(bytes), chunks }
     }
 
+    /// Parses a chunk list as it arrives in an Artifact blob (`size`, the
+    /// blob's `sha256` and `(digest, size)` per chunk, digests as 64
+    /// lower-case hex digits) and checks its layout
+    /// ([`check_layout`](Self::check_layout)). Edges call this on every
+    /// Artifact object and export header before fetching or storing a
+    /// chunk of it.
+    pub fn from_entries<'a>(
+        size: u64,
+        sha256: &str,
+        chunks: impl IntoIterator<Item = (&'a str, u64)>,
+    ) -> Result<BlobManifest, ManifestError> {
+        let sha256 = sha256.parse::<Digest>().map_err(ManifestError::BlobDigest)?;
+        let chunks = chunks
+            .into_iter()
+            .enumerate()
+            .map(|(index, (digest, size))| {
+                let digest = digest.parse().map_err(|source| ManifestError::ChunkDigest { index, source })?;
+                Ok(ChunkRef { digest, size })
+            })
+            .collect::<Result<Vec<_>, ManifestError>>()?;
+        let m = BlobManifest { size, sha256, chunks };
+        m.layout().map_err(ManifestError::Layout)?;
+        Ok(m)
+    }
+
     /// Checks the layout: sizes add up, every chunk but the last is full,
     /// none is empty or too large.
     pub fn check_layout(&self) -> Result<()> {
+        self.layout().map_err(|e| ArtifactError::Manifest(e.to_string()))
+    }
+
+    fn layout(&self) -> Result<(), LayoutError> {
         let mut total = 0u64;
         let n = self.chunks.len();
-        for (i, c) in self.chunks.iter().enumerate() {
+        for (index, c) in self.chunks.iter().enumerate() {
             if c.size == 0 || c.size > CHUNK_SIZE as u64 {
-                return Err(ArtifactError::Manifest(format!("chunk {i} has size {}", c.size)));
+                return Err(LayoutError::ChunkSize { index, size: c.size });
             }
-            if i + 1 < n && c.size != CHUNK_SIZE as u64 {
-                return Err(ArtifactError::Manifest(format!(
-                    "chunk {i} has {} bytes; every chunk but the last must have {CHUNK_SIZE}",
-                    c.size
-                )));
+            if index + 1 < n && c.size != CHUNK_SIZE as u64 {
+                return Err(LayoutError::ShortChunk { index, size: c.size });
             }
             total += c.size;
         }
         if total != self.size {
-            return Err(ArtifactError::Manifest(format!("chunks add up to {total} bytes, blob size is {}", self.size)));
+            return Err(LayoutError::SizeMismatch { total, size: self.size });
         }
         Ok(())
     }
@@ -198,6 +274,43 @@ mod tests {
         let mut m = BlobManifest::of_bytes(&pattern(CHUNK_SIZE + 5));
         m.chunks.swap(0, 1);
         assert!(m.check_layout().is_err(), "a short chunk before the last");
+    }
+
+    #[test]
+    fn chunk_lists_parse_into_checked_manifests() {
+        let bytes = pattern(CHUNK_SIZE + 5);
+        let m = BlobManifest::of_bytes(&bytes);
+        let hex: Vec<(String, u64)> = m.chunks.iter().map(|c| (c.digest.hex(), c.size)).collect();
+        fn entries(h: &[(String, u64)]) -> Vec<(&str, u64)> {
+            h.iter().map(|(d, s)| (d.as_str(), *s)).collect()
+        }
+        assert_eq!(BlobManifest::from_entries(m.size, &m.sha256.hex(), entries(&hex)), Ok(m.clone()));
+
+        let err = |size: u64, sha: &str, h: &[(String, u64)]| {
+            BlobManifest::from_entries(size, sha, entries(h)).expect_err("refused").to_string()
+        };
+        let sha = m.sha256.hex();
+        assert_eq!(err(m.size, "abc", &hex), "blob sha256: \"abc\" is not a sha256 digest (64 lower-case hex digits)");
+        let mut bad = hex.clone();
+        bad[1].0 = bad[1].0.to_uppercase();
+        assert!(err(m.size, &sha, &bad).starts_with("chunks[1].digest: \""), "{}", err(m.size, &sha, &bad));
+        let mut bad = hex.clone();
+        bad[1].1 = 0;
+        assert_eq!(err(m.size, &sha, &bad), "inconsistent blob manifest: chunk 1 has size 0");
+        let mut bad = hex.clone();
+        bad.swap(0, 1);
+        assert_eq!(
+            err(m.size, &sha, &bad),
+            format!("inconsistent blob manifest: chunk 0 has 5 bytes; every chunk but the last must have {CHUNK_SIZE}")
+        );
+        assert_eq!(
+            err(m.size + 1, &sha, &hex),
+            format!("inconsistent blob manifest: chunks add up to {} bytes, blob size is {}", m.size, m.size + 1)
+        );
+        // The same wording as check_layout, which reassembly uses.
+        let mut inconsistent = m.clone();
+        inconsistent.size += 1;
+        assert_eq!(err(m.size + 1, &sha, &hex), inconsistent.check_layout().expect_err("refused").to_string());
     }
 
     #[tokio::test]

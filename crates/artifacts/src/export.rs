@@ -63,8 +63,7 @@ impl<R: Read> ExportReader<R> {
         if len > MAX_HEADER {
             return Err("header over 16 MiB".into());
         }
-        let mut header = vec![0u8; len];
-        r.read_exact(&mut header).map_err(|_| "truncated header".to_string())?;
+        let header = read_exactly(&mut r, len).ok_or_else(|| "truncated header".to_string())?;
         let mut hash = [0u8; 32];
         r.read_exact(&mut hash).map_err(|_| "truncated header hash".to_string())?;
         if sha256(&header).0 != hash {
@@ -98,8 +97,7 @@ impl<R: Read> ExportReader<R> {
         if n > CHUNK_SIZE {
             return Err("chunk over 4 MiB".into());
         }
-        let mut bytes = vec![0u8; n];
-        self.r.read_exact(&mut bytes).map_err(|_| "truncated chunk".to_string())?;
+        let bytes = read_exactly(&mut self.r, n).ok_or_else(|| "truncated chunk".to_string())?;
         if sha256(&bytes).hex() != digest {
             return Err(format!("chunk {digest} does not match its digest"));
         }
@@ -108,6 +106,15 @@ impl<R: Read> ExportReader<R> {
         }
         Ok(Some((digest, bytes)))
     }
+}
+
+/// The next `len` bytes, or `None` if the reader ends (or fails) first.
+/// Memory grows with the bytes that really come, not with the length the
+/// file claims: a 10-byte file announcing a 16 MiB header costs 64 KiB.
+fn read_exactly(r: &mut impl Read, len: usize) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(len.min(64 << 10));
+    r.take(len as u64).read_to_end(&mut out).ok()?;
+    (out.len() == len).then_some(out)
 }
 
 #[cfg(test)]

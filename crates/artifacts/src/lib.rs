@@ -6,7 +6,9 @@
 //!   (the last one shorter); a [`BlobManifest`] is the ordered list of chunk
 //!   digests and sizes plus the whole blob's sha256 and size. Files are read
 //!   one chunk at a time (bounded memory), and reassembled with every chunk
-//!   and the whole blob checked.
+//!   and the whole blob checked. [`BlobManifest::from_entries`] turns an
+//!   Artifact blob's chunk list (untrusted: from the cloud, a peer or an
+//!   export file) into a checked manifest.
 //! - [`store`]: the [`ChunkStore`] trait (has/touch/put/get/delete/list) and
 //!   [`FsChunkStore`], chunks as files under `<cloud data dir>/blobs/`
 //!   written atomically. The trait is shaped so that an S3-compatible object
@@ -14,6 +16,10 @@
 //! - [`gc`]: the sweep that removes chunks no artifact references and that
 //!   nobody touched within a grace period.
 //! - [`signing`]: ed25519 publisher keys (ring), key ids, sign and verify.
+//! - [`export`]: the export file for air-gapped sites, read with every
+//!   chunk checked.
+//! - [`fuzzing`]: the checks the fuzz targets `chunk_manifest` and
+//!   `artifact_export` run, shared with the corpus replay test.
 //!
 //! Architecture invariant: no network I/O here. Disk I/O only in
 //! [`FsChunkStore`] and the file helpers of [`chunking`]; every chunk read
@@ -24,12 +30,13 @@
 pub mod chunking;
 pub mod digest;
 pub mod export;
+pub mod fuzzing;
 pub mod gc;
 pub mod rate;
 pub mod signing;
 pub mod store;
 
-pub use chunking::{BlobManifest, ChunkReader, ChunkRef};
+pub use chunking::{BlobManifest, ChunkReader, ChunkRef, LayoutError, ManifestError};
 pub use digest::{sha256, Digest, DigestParseError};
 pub use store::{ChunkInfo, ChunkStore, FsChunkStore, PutOutcome};
 

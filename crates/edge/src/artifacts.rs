@@ -911,21 +911,12 @@ fn pick_blob<'a>(blobs: &'a BTreeMap<String, ArtifactBlob>, platform: &str) -> O
     blobs.get_key_value(platform).or_else(|| blobs.get_key_value(WASM_PLATFORM)).map(|(k, v)| (k.as_str(), v))
 }
 
+/// The blob's chunk list as a checked manifest
+/// ([`BlobManifest::from_entries`]: digests parse, sizes fit the fixed
+/// chunking), before any chunk of it is fetched or stored.
 fn manifest_of(name: &str, blob: &ArtifactBlob) -> Result<BlobManifest, PullError> {
-    let bad = |message: String| PullError::Manifest { name: name.into(), message };
-    let sha256 = blob.sha256.parse::<Digest>().map_err(|e| bad(format!("blob sha256: {e}")))?;
-    let chunks = blob
-        .chunks
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let digest = c.digest.parse().map_err(|e| bad(format!("chunks[{i}].digest: {e}")))?;
-            Ok(ChunkRef { digest, size: c.size })
-        })
-        .collect::<Result<Vec<_>, PullError>>()?;
-    let m = BlobManifest { size: blob.size, sha256, chunks };
-    m.check_layout().map_err(|e| bad(e.to_string()))?;
-    Ok(m)
+    BlobManifest::from_entries(blob.size, &blob.sha256, blob.chunks.iter().map(|c| (c.digest.as_str(), c.size)))
+        .map_err(|e| PullError::Manifest { name: name.into(), message: e.to_string() })
 }
 
 async fn blocking<T: Send + 'static>(
