@@ -22,8 +22,9 @@
 //! # Signatures
 //!
 //! A signature is ed25519 over [`signing_statement`], a canonical text that
-//! names the artifact, version, platform, blob digest and size, so a
-//! signature cannot be moved to another blob, version or platform.
+//! names the artifact, version, platform, blob type, digest and size, so a
+//! signature cannot be moved to another blob, version or platform, nor the
+//! blob be run as another type.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -210,8 +211,9 @@ pub struct BlobSignature {
     pub signature: String,
 }
 
-/// Observed state (none yet: the edge's puller exists but the runtime does
-/// not use artifacts in this version).
+/// Observed state: none. Edges pull and run artifacts, but how that goes
+/// is reported per instance (AppInstance status: `Pulling`,
+/// `SignatureRequired`, …), not on the Artifact.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ArtifactStatus {}

@@ -3,7 +3,11 @@
 //! OCI image layout; list and describe them; resume a push killed half-way;
 //! sign; delete and collect the chunks.
 //!
-//! Edge pulling is not part of this slice: nothing here involves an agent.
+//! The registry side only: nothing here involves an agent. Edges pulling
+//! and running artifacts (trust policy, bundles, wasm and OCI apps) are in
+//! `e2e_artifact_apps.rs`; pulls, resumption and offline import against a
+//! fake source in `crates/edge/tests/artifacts_pull.rs`; P2P in
+//! `crates/edge/tests/p2p.rs`.
 
 mod harness;
 
