@@ -20,7 +20,8 @@
 #   toolchains since 1.82; without one it is installed from crates.io into
 #   ./.tools.
 #
-# The committed wasm-hello.wasm was built with `./build.sh debian`.
+# The committed wasm-hello.wasm was built with `./build.sh wasip2` (rustup
+# stable 1.95.0; see README.md for its sha256).
 set -euo pipefail
 cd "$(dirname "$0")"
 here="$PWD"
