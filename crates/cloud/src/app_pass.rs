@@ -27,9 +27,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use yunbian_api::{
-    AppInstance, AppInstanceSpec, AppSpec, AppStatus, ArtifactRef, ArtifactSpec, InstancePhase, NodeGroupSpec,
-    NodeLostAction, NodePhase, NodeSpec, Object, PlacementDecision, PlacementMode, RolloutPhase, RolloutSpec,
-    RolloutStatus,
+    AppInstance, AppInstanceSpec, AppSpec, AppStatus, ArtifactSpec, InstancePhase, NodeGroupSpec, NodeLostAction,
+    NodePhase, NodeSpec, Object, PlacementDecision, PlacementMode, RolloutPhase, RolloutSpec, RolloutStatus,
 };
 use yunbian_placement as placement;
 
@@ -128,22 +127,42 @@ pub struct PassInput<'a> {
     pub now: u64,
 }
 
-/// The platforms the artifact `r` has a blob for; `None` without a
-/// reference or while it names nothing pushed (a version override of a
-/// group is not looked at: the App's own version decides).
-fn artifact_platforms(r: Option<&ArtifactRef>, artifacts: &[Typed<ArtifactSpec>]) -> Option<Vec<String>> {
-    let r = r?;
-    if !r.name.is_empty() {
-        let object = yunbian_api::artifact::artifact_object_name(&r.name, &r.version);
-        let a = artifacts.iter().find(|a| a.metadata.name == object)?;
-        return Some(a.spec.blobs.keys().cloned().collect());
-    }
+/// The platforms an instance of `spec` can run on, as edges pick blobs:
+/// those of the artifact's blobs (with a digest, only the blobs with that
+/// digest; for `runtime: wasm`, only the wasm blob), over the App's version
+/// and every group's version override. `None` without an artifact or while
+/// one of them names nothing pushed (the node then reports it).
+fn artifact_platforms(spec: &AppSpec, artifacts: &[Typed<ArtifactSpec>]) -> Option<Vec<String>> {
+    let r = spec.artifact.as_ref()?;
     let digest = r.digest.strip_prefix("sha256:").unwrap_or(&r.digest);
-    artifacts
-        .iter()
-        .flat_map(|a| a.spec.blobs.iter())
-        .find(|(_, b)| !digest.is_empty() && b.sha256.eq_ignore_ascii_case(digest))
-        .map(|(p, _)| vec![p.clone()])
+    let versions: BTreeSet<&str> = std::iter::once(r.version.as_str())
+        .chain(spec.placement.overrides.iter().filter_map(|o| o.artifact_version.as_deref()))
+        .collect();
+    let mut blobs: Vec<(&String, &yunbian_api::ArtifactBlob)> = Vec::new();
+    if r.name.is_empty() {
+        blobs.extend(artifacts.iter().flat_map(|a| a.spec.blobs.iter()));
+    } else {
+        for v in &versions {
+            let object = yunbian_api::artifact::artifact_object_name(&r.name, v);
+            blobs.extend(artifacts.iter().find(|a| a.metadata.name == object)?.spec.blobs.iter());
+        }
+    }
+    // A pin applies to the App's own version only; an override drops it.
+    let pinned = |b: &yunbian_api::ArtifactBlob| {
+        digest.is_empty() || versions.len() > 1 || b.sha256.eq_ignore_ascii_case(digest)
+    };
+    let wasm_only = spec.runtime == yunbian_api::RuntimeKind::Wasm;
+    let mut out: Vec<String> = blobs
+        .into_iter()
+        .filter(|(p, b)| pinned(b) && (!wasm_only || p.as_str() == yunbian_api::artifact::WASM_PLATFORM))
+        .map(|(p, _)| p.clone())
+        .collect();
+    if r.name.is_empty() && out.is_empty() {
+        return None; // a digest nothing carries (yet)
+    }
+    out.sort();
+    out.dedup();
+    Some(out)
 }
 
 /// What a pass decided.
@@ -634,7 +653,7 @@ fn plan_app(
         placement: &spec.placement,
         resources: req_resources,
         runtime: template.runtime.as_str(),
-        platforms: artifact_platforms(template.artifact.as_ref(), input.artifacts),
+        platforms: artifact_platforms(&spec, input.artifacts),
         targets: place_targets,
         existing: current
             .iter()
@@ -1121,6 +1140,12 @@ mod tests {
         sim.artifacts[2] = artifact("3", &[("linux/amd64", "d"), ("wasi/wasm32", "c")]);
         sim.pass(&StatusSignals);
         assert_eq!(sim.nodes_of("on-arm"), ["a1"]);
+        // An artifact that loses the running platform (pushed again, one
+        // platform at a time) evicts nothing.
+        sim.artifacts[0] = artifact("1", &[("linux/arm64", "e")]);
+        let out = sim.pass(&StatusSignals);
+        assert!(out.deletes.is_empty(), "{out:?}");
+        assert_eq!(sim.nodes_of("by-name"), ["a2", "a2"]);
     }
 
     #[test]

@@ -471,8 +471,24 @@ struct SiteCopy {
     node: String,
     /// Pull id, so a finished pull does not touch a later one's record.
     pull: u64,
+    /// When the pull was admitted.
+    started: Instant,
     /// `None` while the bytes are on their way.
     arrived: Option<Instant>,
+}
+
+/// Longest a copy on its way makes others wait: a holder whose connection
+/// hangs (its host lost power mid-body) stops being waited for after this.
+const IN_TRANSIT_MAX: Duration = Duration::from_secs(120);
+
+impl SiteCopy {
+    /// Whether other nodes of the site still wait for this copy.
+    fn fresh(&self, hold: Duration, now: Instant) -> bool {
+        match self.arrived {
+            Some(at) => now.saturating_duration_since(at) < hold,
+            None => now.saturating_duration_since(self.started) < IN_TRANSIT_MAX,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -480,6 +496,8 @@ struct PullCounts {
     in_flight: HashMap<String, usize>,
     /// (site, chunk) → the copy that other nodes of the site wait for.
     copies: HashMap<(String, Digest), SiteCopy>,
+    /// Size of `copies` at which stale records are swept next.
+    sweep_at: usize,
     next_pull: u64,
     refused: u64,
     deferred: u64,
@@ -489,9 +507,11 @@ struct PullCounts {
 }
 
 impl PullCounts {
-    /// Drops the copies that arrived longer than `hold` ago.
+    /// Drops the copies nobody waits for any more.
     fn expire(&mut self, hold: Duration, now: Instant) {
-        self.copies.retain(|_, c| c.arrived.is_none_or(|at| now.saturating_duration_since(at) < hold));
+        self.copies.retain(|_, c| c.fresh(hold, now));
+        // Sweep again only once the map has doubled: O(1) per admit.
+        self.sweep_at = (2 * self.copies.len()).max(COPIES_SWEEP_AT);
     }
 }
 
@@ -549,13 +569,15 @@ impl CloudPulls {
         let mut c = self.counts();
         let site = req.site.unwrap_or("");
         let key = (site.to_string(), *req.chunk);
-        if req.site.is_some() && !self.copy_hold.is_zero() {
-            if c.copies.len() >= COPIES_SWEEP_AT {
+        // Only nodes of a named site share a copy: nodes in no group are
+        // not near each other (the peer order treats them so too).
+        let one_copy = !site.is_empty() && !self.copy_hold.is_zero();
+        if one_copy {
+            if c.copies.len() >= c.sweep_at.max(COPIES_SWEEP_AT) {
                 c.expire(self.copy_hold, now);
             }
             if let Some(copy) = c.copies.get(&key) {
-                let fresh = copy.arrived.is_none_or(|at| now.saturating_duration_since(at) < self.copy_hold);
-                if fresh && copy.node != req.node && can_serve(&copy.node) {
+                if copy.fresh(self.copy_hold, now) && copy.node != req.node && can_serve(&copy.node) {
                     let peer = copy.node.clone();
                     c.deferred += 1;
                     return Err(CloudBusy {
@@ -581,8 +603,8 @@ impl CloudPulls {
         c.next_pull += 1;
         let pull = c.next_pull;
         // Only a node that announced (and so serves peers) is waited for.
-        let copy = (req.site.is_some() && !self.copy_hold.is_zero()).then(|| {
-            c.copies.insert(key.clone(), SiteCopy { node: req.node.to_string(), pull, arrived: None });
+        let copy = one_copy.then(|| {
+            c.copies.insert(key.clone(), SiteCopy { node: req.node.to_string(), pull, started: now, arrived: None });
             key
         });
         Ok(CloudPullPermit { pulls: self.clone(), node: req.node.into(), site: site.into(), pull, copy, sent: false })
@@ -670,9 +692,6 @@ impl CloudPullPermit {
                     return None; // the permit is dropped here
                 }
                 let end = (at + EGRESS_SLICE).min(bytes.len());
-                // The last slice is handed over: the site's copy is there
-                // (with a content length, the body may not be polled again).
-                permit.sent |= end == bytes.len();
                 if let Some(bucket) = &egress {
                     let wait =
                         bucket.lock().unwrap_or_else(|e| e.into_inner()).reserve((end - at) as u64, Instant::now());
@@ -680,6 +699,12 @@ impl CloudPullPermit {
                         tokio::time::sleep(wait).await;
                     }
                 }
+                // The last slice is handed to the connection: the copy
+                // counts as there (with a content length, the body may not
+                // be polled again). If the holder dies before reading it,
+                // its site waits at most `copy_hold`, or less once it is
+                // reported unreachable.
+                permit.sent |= end == bytes.len();
                 Some((Ok::<Bytes, std::convert::Infallible>(bytes.slice(at..end)), (bytes, end, permit)))
             }
         });
@@ -1036,6 +1061,15 @@ mod tests {
         let held = pulls.admit(pull("a", "plant", &x), yes, now).expect("a again");
         drop(pulls.admit(pull("c", "depot", &x), yes, now).expect("another site"));
         drop(pulls.admit(PullRequest { node: "e", site: None, chunk: &x }, yes, now).expect("never announced"));
+        // Nodes in no group share no copy: they are not near each other.
+        let _f = pulls.admit(pull("f", "", &x), yes, now).expect("no site");
+        drop(pulls.admit(pull("g", "", &x), yes, now).expect("no site either"));
+        // A copy still on its way after IN_TRANSIT_MAX (a hung connection)
+        // is not waited for.
+        let hung = pulls.admit(pull("h", "plant", &d(9)), yes, now).expect("h");
+        pulls.admit(pull("i", "plant", &d(9)), yes, now).expect_err("h is getting it");
+        drop(pulls.admit(pull("i", "plant", &d(9)), yes, now + IN_TRANSIT_MAX).expect("h hangs"));
+        drop(hung);
         // A copy whose bytes all went out is waited for during copy_hold.
         let body = axum::body::to_bytes(held.respond(vec![1; 100_000]).into_body(), usize::MAX).await.expect("body");
         assert_eq!(body.len(), 100_000);
@@ -1046,7 +1080,7 @@ mod tests {
         let later = after + cfg.copy_hold + Duration::from_secs(1);
         drop(pulls.admit(pull("b", "plant", &x), yes, later).expect("a never announced it"));
         let s = pulls.status();
-        assert_eq!(s["deferredToPeers"], 2);
+        assert_eq!(s["deferredToPeers"], 3);
         assert_eq!(s["chunksServed"], 1);
         // Turned off, every node is served.
         let off = Arc::new(CloudPulls::new(&TrackerConfig { copy_hold: Duration::ZERO, ..cfg }));

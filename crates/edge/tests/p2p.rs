@@ -350,10 +350,9 @@ async fn ten_nodes_pulling_together_get_about_one_copy_of_each_chunk_from_the_cl
     let served = s["cloud"]["chunksServed"].as_u64().expect("chunksServed") as usize;
     assert_eq!(served, from_cloud.values().sum::<usize>(), "the cloud's count and the nodes' agree: {s:#}");
     assert_eq!(served + from_peers, 10 * c.chunks.len(), "every chunk fetched once per node");
-    // About once: each chunk from the cloud at most twice, and in all at
-    // most one copy plus one chunk (the 1.1x target of a 10-chunk blob);
-    // 30 chunk fetches without P2P.
-    assert!(from_cloud.values().all(|n| *n <= 2), "{from_cloud:?}");
+    // About once: at most one copy plus one chunk in all (3 in every run
+    // seen; one extra allows for a slow announce on a loaded machine),
+    // against 30 chunk fetches without P2P.
     assert!(served <= c.chunks.len() + 1, "cloud served {served} chunks for {} : {s:#}", c.chunks.len());
     assert!(s["cloud"]["deferredToPeers"].as_u64().expect("deferred") >= 1, "{s:#}");
 }

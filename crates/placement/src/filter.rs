@@ -219,8 +219,11 @@ impl Filter for ArtifactPlatform {
     fn name(&self) -> &'static str {
         "ArtifactPlatform"
     }
+    // Placement only: a registry between two pushes (one platform each) or
+    // an artifact deleted and pushed again must not evict running
+    // instances; a node that lacks its blob reports it on the instance.
     fn evicts(&self) -> bool {
-        true
+        false
     }
     fn filter(&self, ctx: &Context, node: NodeRef) -> Result<(), String> {
         let Some(have) = &ctx.request.platforms else { return Ok(()) };

@@ -6,8 +6,13 @@
 //! first line is a reason (one CamelCase word, such as `CPULimitExceeded`),
 //! the rest a message for people. When the process then exits with a
 //! failure, the instance's status shows that reason and message (with the
-//! exit code) instead of a bare "exited with code N". The wasm and oci
-//! shims use it for limits; any app may.
+//! exit code) instead of a bare "exited with code N". The wasm shim uses
+//! it for its limits; any app may.
+//!
+//! The path is the workload's to fill, so it is read with care: not
+//! through a symlink (it could point at the node's key), only if it is a
+//! regular file (a FIFO would block the read), and never more than
+//! [`MAX_BYTES`].
 //!
 //! Only the first [`MAX_BYTES`] are read; a first line that is not a reason
 //! makes the whole text the message, with the reason `Error`.
@@ -59,10 +64,17 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Reads and parses the file at `path` (missing or blank: `None`).
+/// Reads and parses the file at `path` (missing, blank, a symlink or not a
+/// regular file: `None`). Never blocks on a FIFO.
 pub fn read(path: &Path) -> Option<Termination> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
     let mut buf = Vec::new();
-    std::fs::File::open(path).ok()?.take(MAX_BYTES).read_to_end(&mut buf).ok()?;
+    file.take(MAX_BYTES).read_to_end(&mut buf).ok()?;
     Termination::parse(&String::from_utf8_lossy(&buf))
 }
 
@@ -105,6 +117,15 @@ mod tests {
         assert_eq!(t.reason, "Big");
         assert!(t.message.len() < MAX_BYTES as usize, "{}", t.message.len());
         assert_eq!(read(&dir.join("missing")), None);
+        // Not through a symlink, not a FIFO (which would block an open).
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "Leaked\nnode key").expect("write");
+        let link = dir.join("link.log");
+        std::os::unix::fs::symlink(&secret, &link).expect("symlink");
+        assert_eq!(read(&link), None);
+        let fifo = dir.join("fifo.log");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo").success());
+        assert_eq!(read(&fifo), None);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

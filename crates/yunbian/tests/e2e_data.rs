@@ -260,17 +260,21 @@ fn data_reaches_the_cloud_exactly_once_across_link_cuts_and_agent_kills() {
             Fault::AckLoss => {
                 // Only meaningful on a connection that ships: wait for a
                 // batch to be stored first.
+                // (Up to 45 s: the agent may still be reconnecting after a
+                // kill.)
                 let s0 = stored_batches(&c);
-                if !within(Duration::from_secs(15), || stored_batches(&c) > s0) {
+                if !within(Duration::from_secs(45), || stored_batches(&c) > s0) {
                     faults.push("ack loss skipped (nothing shipped)".into());
                     continue;
                 }
                 // A 1 bit/s bucket already in debt: the cloud's next bytes
-                // (acks, heartbeats) wait forever, its reads go on.
+                // (acks, heartbeats) wait forever, its reads go on. Counted
+                // from after the stall is in place, so that no batch whose
+                // ack got through is counted.
                 let stall = Bandwidth::with_burst(1, 1);
                 stall.reserve(tokio::time::Instant::now(), 1 << 20);
-                let s1 = stored_batches(&c);
                 c.link("edge-1").attach(Direction::ToClient, &stall);
+                let s1 = stored_batches(&c);
                 let d = rng.ms(2_000, 4_000);
                 std::thread::sleep(d);
                 within(Duration::from_secs(10), || stored_batches(&c) > s1);
