@@ -93,7 +93,7 @@ fn state() -> Dataset {
     let mut points = Vec::with_capacity(n * 86_400);
     for s in 0..86_400i64 {
         for (i, v) in on.iter_mut().enumerate() {
-            if rng.next() % 60 == 0 {
+            if rng.next().is_multiple_of(60) {
                 *v = !*v;
             }
             points.push((i, T0 + s * 1000, f64::from(u8::from(*v))));
