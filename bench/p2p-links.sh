@@ -23,11 +23,16 @@
 #   1. the payload is pushed as an `executable` artifact: /bin/sleep with
 #      SIZE MiB of seeded random bytes appended (runs as `sleep`);
 #   2. an App with `replicas: N`, `placement.nodeSelector: {bench: links}`
-#      (one instance per node) is applied;
+#      is applied (spread by least load: normally one instance per node;
+#      the summary names nodes that got more than one);
 #   3. measured: seconds from the apply until every instance is Running,
 #      the cloud's chunk bytes served to nodes (`GET /v1/p2p/status`,
 #      admin token: `cloud.bytesServed`), chunks per node from peers (the
-#      agents' debug line "chunk from a peer"), and the proxies' counters.
+#      agents' debug line "chunk from a peer"; from another site by the
+#      serving node's label), the proxies' counters, and CPU from the apply
+#      until all Running: the machine's busy share (/proc/stat) and the
+#      core-seconds of the cloud, linkd and the agents (the machine is
+#      shared: the rest is other work).
 #
 # Modes: nop2p (agents --p2p-listen off: every chunk from the cloud), p2p
 # (agents serve peers; cloud and agent defaults).
@@ -39,11 +44,20 @@
 #   BENCH_LINKS_NODE_RATE=100M      each node's link, each way (bits/s)
 #   BENCH_LINKS_EGRESS=200M         the cloud's egress, shared (bits/s)
 #   BENCH_LINKS_TIMEOUT=900         give up waiting for Running after this (s)
-#   BENCH_LINKS_RESULTS=FILE        append one TSV line per run
-#   BENCH_KEEP=1                    keep the work directory (data: ~2-3 × SIZE per node)
+#   BENCH_LINKS_RESULTS=FILE        append one TSV line per run: N, sites, mode,
+#                                   all/first/median Running (s), cloud bytes,
+#                                   ÷ artifact, cloud chunks, 429s, chunks from
+#                                   peers, of them cross-site, nodes with an
+#                                   instance, egress proxy bytes to nodes, peer
+#                                   proxy bytes served, machine CPU busy %, our
+#                                   core-seconds, tracker reports
+#   BENCH_KEEP=1                    keep the work directory's logs and measurements
+#   BENCH_KEEP=all                  keep the data directories too (~SIZE per node per run)
 #   BENCH_LINKS_NO_BUILD=1          use the binaries as built
+#   BENCH_LINKS_YUNBIAN=PATH        measure this yunbian binary (implies no build of it)
 #
-# One summary line per run.
+# One summary line per run. The default matrix takes about 15 min (the
+# 50-node baseline alone ~4 min) on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/yunbian/target}"
@@ -55,8 +69,9 @@ EGRESS="${BENCH_LINKS_EGRESS:-200M}"
 TIMEOUT="${BENCH_LINKS_TIMEOUT:-900}"
 RESULTS="${BENCH_LINKS_RESULTS:-}"
 
+YUNBIAN_BIN="${BENCH_LINKS_YUNBIAN:-$CARGO_TARGET_DIR/release/yunbian}"
 if [ -z "${BENCH_LINKS_NO_BUILD:-}" ]; then
-  cargo build --release -q -p yunbian
+  [ -n "${BENCH_LINKS_YUNBIAN:-}" ] || cargo build --release -q -p yunbian
   cargo build --release -q -p yunbian-faults --example linkd
 fi
 W="$(mktemp -d /tmp/yunbian-p2p-links.XXXXXX)"
@@ -64,7 +79,7 @@ W="$(mktemp -d /tmp/yunbian-p2p-links.XXXXXX)"
 Y="$W/bin/yunbian"
 LINKD="$W/bin/linkd"
 mkdir -p "$W/bin"
-cp "$CARGO_TARGET_DIR/release/yunbian" "$Y"
+cp "$YUNBIAN_BIN" "$Y"
 cp "$CARGO_TARGET_DIR/release/examples/linkd" "$LINKD"
 PIDS=()
 
@@ -94,21 +109,49 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# N distinct free ports.
+# CPU so far: "machine_busy machine_total ours" in clock ticks (all cores;
+# ours = the cloud, linkd and the agents, from /proc/PID/stat).
+cpu_snapshot() {
+  python3 - "${PIDS[@]}" <<'EOF'
+import sys
+v = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
+idle = v[3] + v[4]
+ours = 0
+for pid in sys.argv[1:]:
+    try:
+        st = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        ours += int(st[11]) + int(st[12])
+    except OSError:
+        pass
+print(sum(v) - idle, sum(v), ours)
+EOF
+}
+
+# N distinct free ports, below the kernel's ephemeral range: they are
+# bound later (the agents' peer servers), and meanwhile linkd's listeners
+# and every outgoing connection take ephemeral ports, which must not
+# collide with them.
 free_ports() {
   python3 - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
+import random, socket, sys
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+socks, ports = [], []
+for port in random.sample(range(10000, low), low - 10000):
+    if len(ports) == int(sys.argv[1]):
+        break
     s = socket.socket()
-    s.bind(("127.0.0.1", 0))
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        continue
     socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
+    ports.append(port)
+print(" ".join(map(str, ports)))
 EOF
 }
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), load $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "yunbian: $("$Y" --version), built $(date -u -r "$CARGO_TARGET_DIR/release/yunbian" +%FT%TZ), HEAD $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- crates 2>/dev/null || echo ' (crates/ modified)')"
+echo "yunbian: $("$Y" --version), $YUNBIAN_BIN built $(date -u -r "$YUNBIAN_BIN" +%FT%TZ); now HEAD $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- crates 2>/dev/null || echo ' (crates/ modified)')"
 echo "links: node $NODE_RATE bit/s each way, cloud egress $EGRESS bit/s shared"
 
 PAYLOAD="$W/payload"
@@ -206,7 +249,9 @@ sys.exit(0 if all(got.get(k) == v for k, v in want.items()) else 1)' "$n" "$site
     sleep 0.2
   done
   if [ -z "$ok" ]; then
-    echo "N=$n sites=$sites mode=$mode: nodes not ready/announced in 300 s; tracker: $(tracker | head -c 2000)" >&2
+    echo "N=$n sites=$sites mode=$mode: nodes not ready/announced in time; tracker has:" \
+      "$(tracker | python3 -c 'import json, sys; print(sorted((x["node"], x.get("site")) for x in json.load(sys.stdin)["nodes"]))')" >&2
+    grep -h "WARN\|ERROR" "$R"/edge-*.log | head -5 >&2
     stop_all
     return 1
   fi
@@ -223,6 +268,7 @@ spec:
   placement: {nodeSelector: {bench: links}}
 EOF
   local t0
+  cpu_snapshot >"$R/cpu.txt"
   t0="$(date +%s.%N)"
   "$Y" apply -f "$R/app.yaml" >/dev/null
   python3 - "$Y" "$n" "$t0" "$TIMEOUT" >"$R/times.txt" <<'EOF' || true
@@ -253,14 +299,21 @@ for name, (node, phase, msg) in sorted(last.items()):
     if name not in running:
         print(f"stuck {name} {node} {phase} {msg}")
 EOF
+  cpu_snapshot >>"$R/cpu.txt"
   sleep 2
   tracker >"$R/tracker.json" || echo '{}' >"$R/tracker.json"
+  # The App's status (why each instance is where it is) and the nodes.
+  "$Y" get app payload -o json >"$R/app.json" 2>/dev/null || true
+  "$Y" get nodes -o json >"$R/nodes.json" 2>/dev/null || true
+  # Per node: chunks from peers, of them from another site, cloud 429s/503s.
   for i in $(seq 1 "$n"); do
-    printf 'edge-%s %s %s\n' "$i" "$(grep -c 'chunk from a peer' "$R/edge-$i.log" || true)" \
-      "$(grep -c 'cloud busy' "$R/edge-$i.log" || true)"
+    printf 'edge-%s %s %s %s\n' "$i" "$(grep -c 'chunk from a peer' "$R/edge-$i.log" || true)" \
+      "$(grep -c 'cloud busy' "$R/edge-$i.log" || true)" \
+      "$(sed -n 's/.*chunk from a peer.* peer=edge-\([0-9]*\).*/\1/p' "$R/edge-$i.log" |
+        awk -v me="$i" -v s="$sites" '($1 - 1) % s != (me - 1) % s {c++} END {print c + 0}')"
   done >"$R/peers.txt"
   python3 - "$n" "$sites" "$mode" "$PAYLOAD_BYTES" "$R" "$RESULTS" <<'EOF'
-import json, statistics, sys
+import json, os, statistics, sys
 n, sites, mode, size, r, results = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6]
 times = [l.split() for l in open(f"{r}/times.txt")]
 run = sorted(float(t[3]) for t in times if t[0] == "running")
@@ -270,8 +323,14 @@ tr = json.load(open(f"{r}/tracker.json"))
 cloud = tr.get("cloud", {})
 served = cloud.get("bytesServed", 0)
 per_node = cloud.get("perNode", {})
-peers = {l.split()[0]: (int(l.split()[1]), int(l.split()[2])) for l in open(f"{r}/peers.txt")}
+peers = {l.split()[0]: tuple(int(x) for x in l.split()[1:4]) for l in open(f"{r}/peers.txt")}
 peer_chunks = sum(p[0] for p in peers.values())
+cross_site = sum(p[2] for p in peers.values())
+instances_per_node = {}
+for t in times:
+    if t[0] == "running":
+        instances_per_node[t[2]] = instances_per_node.get(t[2], 0) + 1
+doubled = sorted(k for k, v in instances_per_node.items() if v > 1)
 cloud_chunks = cloud.get("chunksServed", 0)
 links = {}
 egress = (0, 0)
@@ -286,29 +345,39 @@ except OSError:
     pass
 served_to_peers = sum(v[3] for v in links.values())
 reports = tr.get("reports", {})
+# CPU from the apply until the poller stopped (all Running or timeout).
+(b0, t0, o0), (b1, t1, o1) = [[int(x) for x in l.split()] for l in open(f"{r}/cpu.txt")][:2]
+cores, ticks = os.cpu_count(), os.sysconf("SC_CLK_TCK")
+wall = (t1 - t0) / ticks / cores
+busy = (b1 - b0) / max(1, t1 - t0)
+ours = (o1 - o0) / ticks
 all_t = f"{run[-1]:.1f}" if len(run) == n else f"timeout({len(run)}/{n})"
 first = f"{run[0]:.1f}" if run else "-"
 median = f"{statistics.median(run):.1f}" if run else "-"
 print(
     f"N={n} sites={sites} mode={mode}: all Running {all_t} s (first {first}, median {median}) on {len(nodes)} nodes;"
     f" cloud served {served} B = {served / size:.2f} x artifact ({cloud_chunks} chunks, 429s {cloud.get('refused', 0)});"
-    f" chunks from peers {peer_chunks}; egress proxy to nodes {egress[1]} B; peer proxies served {served_to_peers} B"
+    f" chunks from peers {peer_chunks} ({cross_site} from another site); egress proxy to nodes {egress[1]} B; peer proxies served {served_to_peers} B;"
+    f" CPU {100 * busy:.0f} % busy over {wall:.0f} s, ours {ours:.0f} core-s ({100 * ours / max(wall * cores, 1):.0f} % of {cores} cores)"
 )
 print("  per node cloud/peer chunks: " + " ".join(
     f"{k}:{per_node.get(k, {}).get('chunks', 0)}c/{peers[k][0]}p" for k in sorted(peers, key=lambda s: int(s.split('-')[1]))))
 for s in stuck:
     print(f"  stuck: {s}")
+if doubled:
+    print(f"  more than one instance on: {' '.join(doubled)}; none on: {' '.join(sorted(set(peers) - set(instances_per_node)))}")
 if results:
     with open(results, "a") as f:
         f.write("\t".join(str(x) for x in [n, sites, mode, all_t, first, median, served, f"{served / size:.3f}",
-                                           cloud_chunks, cloud.get("refused", 0), peer_chunks, egress[1], served_to_peers,
+                                           cloud_chunks, cloud.get("refused", 0), peer_chunks, cross_site, len(instances_per_node), egress[1], served_to_peers,
+                                           f"{100 * busy:.0f}", f"{ours:.0f}",
                                            "corrupt=%s,unreachable=%s" % (reports.get("corrupt", 0), reports.get("unreachable", 0))]) + "\n")
 EOF
   "$Y" delete app payload >/dev/null 2>&1 || true
   sleep 1
   stop_all
   unset YUNBIAN_CONFIG
-  if [ -z "${BENCH_KEEP:-}" ]; then
+  if [ "${BENCH_KEEP:-}" != all ]; then
     # keep the logs and measurements, drop the data directories
     rm -rf "$R/cloud" "$R"/edge-*/
   fi
