@@ -338,14 +338,16 @@ fn data_reaches_the_cloud_exactly_once_across_link_cuts_and_agent_kills() {
     // (new points at existing timestamps, in new batches), so they lie
     // between the generated readings and the readings published, plus the
     // one message paho re-sends per new connection.
-    // (A SIGKILL between the edge writing its counters and deleting an
-    // acknowledged batch file would count that batch twice at the edge,
-    // design 011; the window is microseconds wide.)
+    // The edge's counter can trail the cloud's: a SIGKILL after a batch was
+    // stored but before the edge persisted its ack leaves a batch the cloud
+    // counts and the edge never does (seen in CI: 61 points). Exactness is
+    // the points themselves (above); here, no more stored than acked plus
+    // what was published, and duplicates recognised by id (below).
     let (stored, acked) = eventually(Duration::from_secs(30), "the cloud stored what the edge saw acked", || {
         let n = c.node("edge-1").ok_or("no node")?;
         let acked = n["status"]["usage"]["dataOutbox"]["ackedPoints"].as_u64().ok_or(format!("{n}"))?;
         let stored = cloud_metric(&c, "yunbian_data_points_stored_total")?;
-        (stored == acked).then_some((stored, acked)).ok_or(format!("cloud stored {stored} points, edge acked {acked}"))
+        (stored >= acked).then_some((stored, acked)).ok_or(format!("cloud stored {stored} points, edge acked {acked}"))
     });
     let bound = counts["sent"] + counts["connects"];
     assert!((N..=bound).contains(&stored), "stored {stored} points of {N} generated, {bound} at most sent: {out}");
