@@ -887,7 +887,11 @@ async fn run_connection(
     let mut rng = Jitter::seeded();
     let mut next_url = 0usize;
     let mut expired_hint_at: Option<Instant> = None;
+    let mut renew_warned_at: Option<Instant> = None;
     let mut cloud_says_expired = false;
+    // The cloud's TLS refused the certificate itself: only past its grace
+    // (within it the handshake passes and the hub answers 401).
+    let mut refused_past_grace = false;
     loop {
         let id = match identity.read() {
             Ok(i) => i.clone(),
@@ -903,6 +907,7 @@ async fn run_connection(
                 Ok(()) => {
                     tracing::info!(node = %id.config.name, "expired certificate renewed");
                     cloud_says_expired = false;
+                    refused_past_grace = false;
                     if let Ok(mut w) = identity.write() {
                         *w = renewed;
                     }
@@ -910,18 +915,24 @@ async fn run_connection(
                 }
                 Err(e) => {
                     let e = format!("{e:#}");
-                    if expired_hint_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    // The renewal request itself often loses the TLS alert:
+                    // under TLS 1.3 the client writes its request before it
+                    // reads the server's refusal, and the server's close
+                    // then arrives as a reset. The hub connection's
+                    // handshake error below carries it reliably.
+                    let past_grace = refused_past_grace || tls_refused_as_expired(&e);
+                    let every = |at: Option<Instant>| at.is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+                    if past_grace && every(expired_hint_at) {
                         expired_hint_at = Some(Instant::now());
-                        if e.to_lowercase().replace(' ', "").contains("certificateexpired") {
-                            tracing::error!(
-                                node = %id.config.name,
-                                error = %e,
-                                "the node certificate expired longer ago than the cloud's renewal grace; {}",
-                                yunbian_api::rejoin_hint(&id.config.name, &id.config.cloud, Some(&id.dir.display().to_string()))
-                            );
-                        } else {
-                            tracing::warn!(node = %id.config.name, error = %e, "cannot renew the expired certificate yet");
-                        }
+                        tracing::error!(
+                            node = %id.config.name,
+                            error = %e,
+                            "the node certificate expired longer ago than the cloud's renewal grace; {}",
+                            yunbian_api::rejoin_hint(&id.config.name, &id.config.cloud, Some(&id.dir.display().to_string()))
+                        );
+                    } else if !past_grace && every(renew_warned_at) {
+                        renew_warned_at = Some(Instant::now());
+                        tracing::warn!(node = %id.config.name, error = %e, "cannot renew the expired certificate yet");
                     }
                 }
             }
@@ -991,6 +1002,7 @@ async fn run_connection(
             }
             Err(e) => {
                 cloud_says_expired = e.to_lowercase().replace(' ', "").contains("certificateexpired");
+                refused_past_grace = tls_refused_as_expired(&e);
                 tracing::warn!(node = %id.config.name, %url, error = %e, retry_in = ?backoff, "cannot connect to cloud");
                 if urls.len() > 1 && !next_url.is_multiple_of(urls.len()) {
                     // Not every replica tried yet in this round.
@@ -1003,6 +1015,12 @@ async fn run_connection(
         tokio::time::sleep(wait).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// Whether an error is the cloud's TLS refusing the client certificate as
+/// expired, which its verifier does only past the renewal grace.
+fn tls_refused_as_expired(error: &str) -> bool {
+    error.to_lowercase().replace(' ', "").contains("alert:certificateexpired")
 }
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
@@ -1057,5 +1075,25 @@ impl Jitter {
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tls_refused_as_expired;
+
+    #[test]
+    fn only_the_tls_alert_means_past_the_grace() {
+        assert!(tls_refused_as_expired("websocket: IO error: received fatal alert: CertificateExpired"));
+        assert!(tls_refused_as_expired(
+            "request /v1/renew: connection error: received fatal alert: CertificateExpired"
+        ));
+        // Within the grace the handshake passes and the hub answers 401.
+        assert!(!tls_refused_as_expired(
+            "cloud refused the connection: node certificate expired at 2026-11-22T04:54:19Z; renew it (POST /v1/renew)"
+        ));
+        assert!(!tls_refused_as_expired(
+            "request /v1/renew: connection error: Connection reset by peer (os error 104)"
+        ));
     }
 }
