@@ -29,6 +29,8 @@
 //! The whole-file CRC is checked on open, an entry's CRC on every read; a
 //! mismatch moves the file to `quarantine/`.
 
+use std::io::{self, Write};
+
 use crate::codec::{put_ivarint, put_varint, Cursor};
 use crate::error::DecodeError;
 use crate::series::SeriesKey;
@@ -125,42 +127,65 @@ pub struct IndexEntry {
     pub len: u64,
 }
 
-/// Builds a block in memory.
+/// Writes a block as it is built: entries go straight to `W` (a file,
+/// through a buffer), so only the index stays in memory. A compaction of
+/// blocks of many megabytes therefore holds one series' points at a time,
+/// not the whole output twice.
 #[derive(Debug)]
-pub struct BlockBuilder {
-    buf: Vec<u8>,
+pub struct BlockWriter<W: Write> {
+    out: W,
+    /// CRC of every byte written so far (the footer's whole-file CRC).
+    crc: crc32fast::Hasher,
+    pos: u64,
     index: Vec<IndexEntry>,
+    /// The entry being written (its CRC comes after it).
+    entry: Vec<u8>,
 }
 
-impl BlockBuilder {
-    /// Starts a block.
-    pub fn new(h: &BlockHeader) -> Self {
-        let mut buf = Vec::with_capacity(4096);
-        buf.extend_from_slice(MAGIC);
-        buf.extend_from_slice(&[1, h.kind.byte(), h.level, 0]);
-        buf.extend_from_slice(&h.seq.to_le_bytes());
-        buf.extend_from_slice(&h.wal_seq.to_le_bytes());
-        buf.extend_from_slice(&h.lo.to_le_bytes());
-        buf.extend_from_slice(&h.hi.to_le_bytes());
-        buf.extend_from_slice(&(h.sources.len() as u32).to_le_bytes());
+impl<W: Write> BlockWriter<W> {
+    /// Starts a block: writes its header.
+    pub fn new(out: W, h: &BlockHeader) -> io::Result<Self> {
+        let mut w = BlockWriter { out, crc: crc32fast::Hasher::new(), pos: 0, index: Vec::new(), entry: Vec::new() };
+        let mut head = Vec::with_capacity(44 + 8 * h.sources.len());
+        head.extend_from_slice(MAGIC);
+        head.extend_from_slice(&[1, h.kind.byte(), h.level, 0]);
+        head.extend_from_slice(&h.seq.to_le_bytes());
+        head.extend_from_slice(&h.wal_seq.to_le_bytes());
+        head.extend_from_slice(&h.lo.to_le_bytes());
+        head.extend_from_slice(&h.hi.to_le_bytes());
+        head.extend_from_slice(&(h.sources.len() as u32).to_le_bytes());
         for s in &h.sources {
-            buf.extend_from_slice(&s.to_le_bytes());
+            head.extend_from_slice(&s.to_le_bytes());
         }
-        BlockBuilder { buf, index: Vec::new() }
+        w.put(&head)?;
+        Ok(w)
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.out.write_all(bytes)?;
+        self.crc.update(bytes);
+        self.pos += bytes.len() as u64;
+        Ok(())
     }
 
     /// Adds a series' entry; `columns` are encoded chunks.
-    pub fn add(&mut self, key: SeriesKey, points: u64, min_t: i64, max_t: i64, columns: &[&[u8]]) {
-        let start = self.buf.len();
-        put_varint(&mut self.buf, columns.len() as u64);
+    pub fn add(&mut self, key: SeriesKey, points: u64, min_t: i64, max_t: i64, columns: &[&[u8]]) -> io::Result<()> {
+        let mut e = std::mem::take(&mut self.entry);
+        e.clear();
+        put_varint(&mut e, columns.len() as u64);
         for c in columns {
-            put_varint(&mut self.buf, c.len() as u64);
-            self.buf.extend_from_slice(c);
+            put_varint(&mut e, c.len() as u64);
+            e.extend_from_slice(c);
         }
-        let crc = crc32fast::hash(&self.buf[start..]);
-        self.buf.extend_from_slice(&crc.to_le_bytes());
-        let len = (self.buf.len() - start) as u64;
-        self.index.push(IndexEntry { key, points, min_t, max_t, offset: start as u64, len });
+        let crc = crc32fast::hash(&e);
+        e.extend_from_slice(&crc.to_le_bytes());
+        let offset = self.pos;
+        let res = self.put(&e);
+        let len = e.len() as u64;
+        self.entry = e;
+        res?;
+        self.index.push(IndexEntry { key, points, min_t, max_t, offset, len });
+        Ok(())
     }
 
     /// Number of entries so far.
@@ -173,23 +198,33 @@ impl BlockBuilder {
         self.index.is_empty()
     }
 
-    /// The finished file bytes and its index.
-    pub fn finish(mut self) -> (Vec<u8>, Vec<IndexEntry>) {
-        let index_offset = self.buf.len() as u64;
-        put_varint(&mut self.buf, self.index.len() as u64);
-        for e in &self.index {
-            e.key.encode(&mut self.buf);
-            put_varint(&mut self.buf, e.points);
-            put_ivarint(&mut self.buf, e.min_t);
-            put_ivarint(&mut self.buf, e.max_t);
-            put_varint(&mut self.buf, e.offset);
-            put_varint(&mut self.buf, e.len);
+    /// Writes the index and the footer. Returns the writer, the block's
+    /// size in bytes and its index.
+    pub fn finish(mut self) -> io::Result<(W, u64, Vec<IndexEntry>)> {
+        let index_offset = self.pos;
+        let mut buf = Vec::with_capacity(64 * 1024);
+        put_varint(&mut buf, self.index.len() as u64);
+        let index = std::mem::take(&mut self.index);
+        for e in &index {
+            e.key.encode(&mut buf);
+            put_varint(&mut buf, e.points);
+            put_ivarint(&mut buf, e.min_t);
+            put_ivarint(&mut buf, e.max_t);
+            put_varint(&mut buf, e.offset);
+            put_varint(&mut buf, e.len);
+            if buf.len() >= 60 * 1024 {
+                self.put(&buf)?;
+                buf.clear();
+            }
         }
-        let crc = crc32fast::hash(&self.buf);
-        self.buf.extend_from_slice(&index_offset.to_le_bytes());
-        self.buf.extend_from_slice(&crc.to_le_bytes());
-        self.buf.extend_from_slice(END);
-        (self.buf, self.index)
+        self.put(&buf)?;
+        let crc = std::mem::take(&mut self.crc).finalize();
+        let mut footer = Vec::with_capacity(FOOTER);
+        footer.extend_from_slice(&index_offset.to_le_bytes());
+        footer.extend_from_slice(&crc.to_le_bytes());
+        footer.extend_from_slice(END);
+        self.out.write_all(&footer)?;
+        Ok((self.out, self.pos + FOOTER as u64, index))
     }
 }
 
@@ -290,4 +325,51 @@ pub fn decode_entry(buf: &[u8], expect_columns: usize) -> Result<Vec<Vec<(i64, f
 /// File name of a block.
 pub fn file_name(kind: BlockKind, seq: u64, level: u8) -> String {
     format!("{}-{seq:016x}-{level:02x}.blk", kind.prefix())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: usize) -> SeriesKey {
+        SeriesKey::new("m", [("i", i.to_string())]).expect("key")
+    }
+
+    #[test]
+    fn a_streamed_block_parses_back_with_its_entries() {
+        let h = BlockHeader {
+            kind: BlockKind::Rollup1m,
+            level: 2,
+            seq: 9,
+            wal_seq: 4,
+            lo: -5,
+            hi: 77,
+            sources: vec![3, 5],
+        };
+        let mut w = BlockWriter::new(Vec::new(), &h).expect("header");
+        let mut chunks = Vec::new();
+        // More than one 60 KiB index slice.
+        for i in 0..5000 {
+            let mut chunk = Vec::new();
+            crate::codec::encode_points(&[(i as i64, i as f64), (i as i64 + 1, 0.5)], Default::default(), &mut chunk);
+            w.add(key(i), 2, i as i64, i as i64 + 1, &[chunk.as_slice(); 5]).expect("entry");
+            chunks.push(chunk);
+        }
+        assert_eq!(w.len(), 5000);
+        let (bytes, size, index) = w.finish().expect("finish");
+        assert_eq!(size, bytes.len() as u64);
+        let (parsed, parsed_index) = parse_block(&bytes).expect("parses");
+        assert_eq!(parsed, h);
+        assert_eq!(parsed_index, index);
+        for (i, e) in index.iter().enumerate().step_by(997) {
+            assert_eq!(e.key, key(i));
+            let cols = decode_entry(&bytes[e.offset as usize..(e.offset + e.len) as usize], 5).expect("entry");
+            assert_eq!(cols.len(), 5);
+            assert_eq!(cols[4], vec![(i as i64, i as f64), (i as i64 + 1, 0.5)]);
+        }
+        // One flipped byte anywhere fails the whole-file checksum.
+        let mut bad = bytes.clone();
+        bad[bytes.len() / 2] ^= 1;
+        assert!(parse_block(&bad).is_err());
+    }
 }

@@ -35,7 +35,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::agg::{AggState, Aggregation};
-use crate::block::{self, BlockBuilder, BlockHeader, BlockKind, IndexEntry};
+use crate::block::{self, BlockHeader, BlockKind, BlockWriter, IndexEntry};
 use crate::codec::{self, ChunkEncoder, ChunkHint, Cursor};
 use crate::error::{DecodeError, Error};
 use crate::fsutil::{sync_dir, write_atomic};
@@ -253,6 +253,39 @@ pub struct Store {
     stats: Stats,
     scratch: Vec<(u32, i64, f64)>,
     undo: Vec<(u32, i64)>,
+}
+
+/// A block being written (see [`Store::start_block`]).
+struct NewBlock {
+    w: BlockWriter<std::io::BufWriter<File>>,
+    /// Columns per entry of the block's kind.
+    columns: usize,
+    path: PathBuf,
+    tmp: PathBuf,
+}
+
+impl NewBlock {
+    /// Adds a series' entry: `bytes` is the chunk of a raw entry, or the
+    /// length-prefixed columns of a rollup entry.
+    fn add(&mut self, key: SeriesKey, n: u64, min_t: i64, max_t: i64, bytes: &[u8]) -> Result<(), Error> {
+        let res = if self.columns == 1 {
+            self.w.add(key, n, min_t, max_t, &[bytes])
+        } else {
+            let mut c = Cursor::new(bytes);
+            let mut cols: Vec<&[u8]> = Vec::with_capacity(self.columns);
+            for _ in 0..self.columns {
+                let len = c.len(c.remaining()).map_err(|_| Error::InvalidQuery("rollup columns".into()))?;
+                cols.push(c.bytes(len).map_err(|_| Error::InvalidQuery("rollup columns".into()))?);
+            }
+            self.w.add(key, n, min_t, max_t, &cols)
+        };
+        res.map_err(|source| Error::Io { op: "write", path: self.tmp.clone(), source })
+    }
+
+    /// Deletes the unfinished file.
+    fn abandon(self) {
+        let _ = fs::remove_file(&self.tmp);
+    }
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
@@ -728,27 +761,53 @@ impl Store {
         header: BlockHeader,
         entries: Vec<(SeriesKey, u64, i64, i64, Vec<u8>)>,
     ) -> Result<(), Error> {
-        let mut b = BlockBuilder::new(&header);
-        let ncols = header.kind.columns();
+        let mut out = self.start_block(&header)?;
         for (key, n, min_t, max_t, bytes) in entries {
-            // `bytes` holds `ncols` chunks, each length-prefixed by the caller
-            // for rollups; raw entries are one chunk.
-            if ncols == 1 {
-                b.add(key, n, min_t, max_t, &[&bytes]);
-            } else {
-                let mut c = Cursor::new(&bytes);
-                let mut cols: Vec<&[u8]> = Vec::with_capacity(ncols);
-                for _ in 0..ncols {
-                    let len = c.len(c.remaining()).map_err(|_| Error::InvalidQuery("rollup columns".into()))?;
-                    cols.push(c.bytes(len).map_err(|_| Error::InvalidQuery("rollup columns".into()))?);
-                }
-                b.add(key, n, min_t, max_t, &cols);
+            if let Err(e) = out.add(key, n, min_t, max_t, &bytes) {
+                out.abandon();
+                return Err(e);
             }
         }
-        let (bytes, idx) = b.finish();
+        self.commit_block(header, out)
+    }
+
+    /// Starts writing a block to a temporary file next to its final name.
+    fn start_block(&self, header: &BlockHeader) -> Result<NewBlock, Error> {
         let path = self.dir.join("blocks").join(block::file_name(header.kind, header.seq, header.level));
-        write_atomic(&path, &bytes)?;
-        self.register_block(path, header, idx, bytes.len() as u64)
+        let tmp = path.with_extension("tmp");
+        let file = File::create(&tmp).map_err(io_err("create", &tmp))?;
+        match BlockWriter::new(std::io::BufWriter::with_capacity(256 * 1024, file), header) {
+            Ok(w) => Ok(NewBlock { w, columns: header.kind.columns(), path, tmp }),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(Error::Io { op: "write", path: tmp, source: e })
+            }
+        }
+    }
+
+    /// Finishes a block from [`start_block`](Self::start_block): index,
+    /// footer, fsync, rename into place, directory sync; then serves it.
+    fn commit_block(&mut self, header: BlockHeader, out: NewBlock) -> Result<(), Error> {
+        let NewBlock { w, path, tmp, .. } = out;
+        let done = (|| {
+            let (buf, bytes, idx) = w.finish()?;
+            let file = buf.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
+            Ok::<_, std::io::Error>((bytes, idx))
+        })();
+        let (bytes, idx) = match done {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(Error::Io { op: "write", path: tmp, source: e });
+            }
+        };
+        if let Err(e) = fs::rename(&tmp, &path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::Io { op: "rename", path, source: e });
+        }
+        sync_dir(&self.dir.join("blocks"))?;
+        self.register_block(path, header, idx, bytes)
     }
 
     fn remove_block(&mut self, i: usize) -> Result<(), Error> {
@@ -1031,7 +1090,11 @@ impl Store {
         sids.sort_unstable();
         sids.dedup();
         let paths: Vec<PathBuf> = idx.iter().map(|&i| self.blocks[i].path.clone()).collect();
-        let mut entries = Vec::with_capacity(sids.len());
+        // Written as merged, one series at a time: a run of blocks near
+        // `compact_target_bytes` is never held in memory.
+        let mut out = self.start_block(&header)?;
+        let mut buf = Vec::new();
+        let mut pts = Vec::new();
         for sid in sids {
             // Sources oldest first, so later writes win.
             let mut cols_per_block = Vec::new();
@@ -1046,16 +1109,16 @@ impl Store {
                 }
             }
             let key = self.series[sid as usize].key.clone();
-            let mut buf = Vec::new();
-            if kind == BlockKind::Raw {
+            buf.clear();
+            let added = if kind == BlockKind::Raw {
                 let sources: Vec<Vec<(i64, f64)>> = cols_per_block.into_iter().map(|mut c| c.swap_remove(0)).collect();
-                let mut pts = Vec::new();
+                pts.clear();
                 merge_sources(sources, false, self.low.raw.saturating_add(1), i64::MAX, &mut pts);
                 if pts.is_empty() {
                     continue;
                 }
                 codec::encode_points(&pts, ChunkHint::default(), &mut buf);
-                entries.push((key, pts.len() as u64, pts[0].0, pts[pts.len() - 1].0, buf));
+                out.add(key, pts.len() as u64, pts[0].0, pts[pts.len() - 1].0, &buf)
             } else {
                 let mut buckets: std::collections::BTreeMap<i64, AggState> = std::collections::BTreeMap::new();
                 for cols in &cols_per_block {
@@ -1075,13 +1138,18 @@ impl Store {
                     continue;
                 }
                 let (n, min_t, max_t) = encode_rollup(&buckets, &mut buf);
-                entries.push((key, n, min_t, max_t, buf));
+                out.add(key, n, min_t, max_t, &buf)
+            };
+            if let Err(e) = added {
+                out.abandon();
+                return Err(e);
             }
         }
-        // Blocks quarantined while reading are no longer part of the run.
-        let still: Vec<u64> = self.blocks.iter().filter(|b| paths.contains(&b.path)).map(|b| b.header.seq).collect();
-        let header = BlockHeader { sources: still, ..header };
-        self.write_block(header.clone(), entries)?;
+        // A source quarantined while it was read (a checksum failure) is
+        // still named in the new block's sources: its entries read before
+        // the failure are kept here, and a reopen only deletes superseded
+        // blocks under `blocks/`, never in `quarantine/`.
+        self.commit_block(header.clone(), out)?;
         let mut i = 0;
         while i < self.blocks.len() {
             let b = &self.blocks[i];
