@@ -282,6 +282,12 @@ pub struct NodeStatus {
     /// accept the old machine's certificate.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub certificate_fingerprint: String,
+    /// SHA-256 of the certificate that the current one renewed, accepted
+    /// for renewing only and only until the current one is first used: a
+    /// renewal whose answer was lost leaves the node holding the old one.
+    /// Cleared by a join.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub previous_certificate_fingerprint: String,
     /// Remote address of the node's current connection.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub address: String,

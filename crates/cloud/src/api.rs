@@ -233,7 +233,7 @@ impl axum::extract::FromRequestParts<Arc<ApiState>> for ArtifactReader {
                 ),
             ));
         }
-        check_pinned(s, &node, &peer).await?;
+        check_pinned(s, &node, &peer, Pin::Current).await?;
         Ok(ArtifactReader::Node(node))
     }
 }
@@ -674,6 +674,8 @@ async fn join(
         objects::update_status::<NodeSpec>(&s.store, &req.name, |n| {
             n.status.certificate_fingerprint = fp.clone();
             n.status.certificate_expiry = exp.clone();
+            // A join replaces every earlier certificate.
+            n.status.previous_certificate_fingerprint.clear();
             true
         })
         .await?;
@@ -724,20 +726,50 @@ fn cert_pin(pem: &str) -> ApiResult<(String, String)> {
 }
 
 /// The node exists and `peer` presents the certificate pinned on it.
-async fn check_pinned(s: &ApiState, node: &str, peer: &Peer) -> ApiResult<()> {
+/// Which certificates of a node [`check_pinned`] accepts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pin {
+    /// Only the pinned one.
+    Current,
+    /// Also the one it renewed, until the pinned one is first used: a
+    /// renewal whose answer was lost (a cut link, a killed agent) leaves
+    /// the node holding only the old certificate, and it must be able to
+    /// renew again. Only `/v1/renew` accepts it.
+    OrPrevious,
+}
+
+async fn check_pinned(s: &ApiState, node: &str, peer: &Peer, pin: Pin) -> ApiResult<()> {
     let o = s
         .store
         .get(Kind::Node, node)
         .await
         .map_err(|_| ApiError::new(StatusCode::FORBIDDEN, format!("node {node} was removed; join again")))?;
-    let pinned = o.value.pointer("/status/certificateFingerprint").and_then(|v| v.as_str()).unwrap_or_default();
-    if !yunbian_pki::secure_eq(pinned, &peer.cert_fingerprint) {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            format!("this certificate is no longer valid for node {node} (renewed, or the node joined again)"),
-        ));
+    let field = |name: &str| o.value.pointer(&format!("/status/{name}")).and_then(|v| v.as_str()).unwrap_or_default();
+    let (pinned, previous) = (field("certificateFingerprint"), field("previousCertificateFingerprint"));
+    if yunbian_pki::secure_eq(pinned, &peer.cert_fingerprint) {
+        if !previous.is_empty() {
+            // The renewed certificate reached the node: the one before it
+            // is done.
+            let fp = peer.cert_fingerprint.clone();
+            let _ = objects::update_status::<NodeSpec>(&s.store, node, |n| {
+                let used =
+                    n.status.certificate_fingerprint == fp && !n.status.previous_certificate_fingerprint.is_empty();
+                if used {
+                    n.status.previous_certificate_fingerprint.clear();
+                }
+                used
+            })
+            .await;
+        }
+        return Ok(());
     }
-    Ok(())
+    if pin == Pin::OrPrevious && !previous.is_empty() && yunbian_pki::secure_eq(previous, &peer.cert_fingerprint) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        format!("this certificate is no longer valid for node {node} (renewed, or the node joined again)"),
+    ))
 }
 
 fn require_node(peer: &Peer) -> ApiResult<String> {
@@ -750,7 +782,7 @@ async fn renew(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let node = require_node(&peer)?;
-    check_pinned(&s, &node, &peer).await?;
+    check_pinned(&s, &node, &peer, Pin::OrPrevious).await?;
     let req: RenewRequest = serde_json::from_slice(&body?)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("renew request: {e}")))?;
     let cert =
@@ -762,6 +794,9 @@ async fn renew(
     objects::update_status::<NodeSpec>(&s.store, &node, |n| {
         n.status.certificate_fingerprint = fp.clone();
         n.status.certificate_expiry = exp.clone();
+        // The certificate that asked stays good for renewing until the new
+        // one is used (see `Pin::OrPrevious`).
+        n.status.previous_certificate_fingerprint = peer.cert_fingerprint.clone();
         true
     })
     .await?;
@@ -791,7 +826,7 @@ async fn hub(State(s): St, Extension(peer): Extension<Peer>, ws: WebSocketUpgrad
             ),
         ));
     }
-    if let Err(e) = check_pinned(&s, &node, &peer).await {
+    if let Err(e) = check_pinned(&s, &node, &peer, Pin::Current).await {
         s.metrics.hub_rejected.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(node = %node, from = %peer.address, error = %e.message, "hub: connection refused");
         return Err(e);

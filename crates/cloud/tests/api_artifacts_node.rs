@@ -142,24 +142,34 @@ async fn nodes_read_artifacts_and_chunks_and_nothing_else() {
     assert_eq!(code, StatusCode::NOT_FOUND);
 
     // A renewal pins a new certificate: the old one reads nothing more.
-    let key = NodeKey::generate().expect("key");
-    let (code, body) = send(
-        &cloud.url,
-        node.tls.clone(),
-        Method::POST,
-        "/v1/renew",
-        serde_json::to_vec(&json!({ "csr": key.csr("edge-1").expect("csr") })).expect("json"),
-    )
-    .await;
-    assert_eq!(code, StatusCode::OK, "{}", message(&body));
-    let renewed: Value = serde_json::from_slice(&body).expect("json");
-    let new_tls = yunbian_pki::client_config(&ca, Some((renewed["certificate"].as_str().expect("cert"), &key.pem())))
-        .expect("tls");
+    let renew = |tls: Arc<rustls::ClientConfig>| {
+        let url = cloud.url.clone();
+        let ca = ca.clone();
+        async move {
+            let key = NodeKey::generate().expect("key");
+            let csr = serde_json::to_vec(&json!({ "csr": key.csr("edge-1").expect("csr") })).expect("json");
+            let (code, body) = send(&url, tls, Method::POST, "/v1/renew", csr).await;
+            (code == StatusCode::OK).then(|| {
+                let renewed: Value = serde_json::from_slice(&body).expect("json");
+                yunbian_pki::client_config(&ca, Some((renewed["certificate"].as_str().expect("cert"), &key.pem())))
+                    .expect("tls")
+            })
+        }
+    };
+    let lost = renew(node.tls.clone()).await.expect("renewal");
     let (code, body) = get(node.tls.clone(), Method::GET, chunk.clone()).await;
     assert_eq!(code, StatusCode::FORBIDDEN);
     assert!(message(&body).contains("no longer valid"), "{}", message(&body));
+    // Its answer was lost (a cut link, a killed agent): the old certificate
+    // renews again, and the certificate nobody received is done.
+    let new_tls = renew(node.tls.clone()).await.expect("a second renewal with the old certificate");
+    let (code, _) = get(lost.clone(), Method::GET, chunk.clone()).await;
+    assert_eq!(code, StatusCode::FORBIDDEN, "the lost certificate");
+    assert!(renew(lost).await.is_none(), "the lost certificate renews");
+    // Once the new one is used, the old one renews nothing more.
     let (code, _) = get(new_tls.clone(), Method::GET, chunk.clone()).await;
     assert_eq!(code, StatusCode::OK);
+    assert!(renew(node.tls.clone()).await.is_none(), "the old certificate renews after the new one was used");
 
     // A removed node reads nothing.
     admin.delete_object(yunbian_api::Kind::Node, "edge-1").await.expect("delete node");
