@@ -223,12 +223,19 @@ pub fn run_with_report(opts: ShimOptions) -> Result<RunReport, ShimError> {
     let engine = Engine::new(&config).map_err(|e| ShimError::Engine(error_text(e)))?;
 
     let compile_error = |e| ShimError::Compile { path: opts.module.clone(), kind, message: error_text(e) };
+    // Shims starting the same module at once compile it once: the others
+    // wait here and then load what the first one stored.
+    let _compiling = match &opts.cache_dir {
+        Some(dir) => Some(compile_lock(dir, &bytes)?),
+        None => None,
+    };
     let hits_before = cache.as_ref().map_or(0, Cache::cache_hits);
     let program = match kind {
         BinaryKind::Component => Program::Component(Component::from_binary(&engine, &bytes).map_err(compile_error)?),
         BinaryKind::CoreModule => Program::Module(Module::from_binary(&engine, &bytes).map_err(compile_error)?),
     };
     let from_cache = cache.as_ref().is_some_and(|c| c.cache_hits() > hits_before);
+    drop(_compiling);
     drop(bytes);
 
     if opts.dir.exists() && !opts.dir.is_dir() {
@@ -428,6 +435,28 @@ fn open_cache(dir: &Path) -> Result<Cache, ShimError> {
     let mut config = CacheConfig::new();
     config.with_directory(absolute);
     Cache::new(config).map_err(|e| cache_error(error_text(e)))
+}
+
+/// An exclusive lock on `<cache dir>/compiling-<hash of the binary>.lock`,
+/// held while the binary is compiled or loaded. Wasmtime's cache stores a
+/// compiled module once its compilation is done, so without it every shim
+/// started before the first one finished would compile again (a node
+/// starting ten replicas cold would spend ten compilations of CPU). Released
+/// when dropped, and by the kernel if the shim dies.
+fn compile_lock(dir: &Path, binary: &[u8]) -> Result<std::fs::File, ShimError> {
+    use std::hash::{Hash, Hasher};
+    let lock_error =
+        |e: std::io::Error| ShimError::Cache { path: dir.to_owned(), message: format!("compile lock: {e}") };
+    std::fs::create_dir_all(dir).map_err(lock_error)?;
+    // Only shims of the same build share a cache directory (Wasmtime keys
+    // its entries by its own version too), so a fixed-key hash is stable
+    // across them.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    binary.hash(&mut h);
+    let path = dir.join(format!("compiling-{:016x}.lock", h.finish()));
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(lock_error)?;
+    file.lock().map_err(lock_error)?;
+    Ok(file)
 }
 
 /// Applies the CPU limit at each epoch deadline, with the process's clocks.

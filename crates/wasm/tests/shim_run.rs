@@ -152,15 +152,40 @@ fn second_run_loads_the_compiled_code_from_the_cache_dir() {
     }
 }
 
+#[test]
+fn shims_starting_the_same_module_at_once_compile_it_once() {
+    let tmp = tempdir();
+    let module = guests::write(tmp.path(), "guest.wasm", &guests::component_run(false));
+    let cache = tmp.path().join("cache");
+    let runs: Vec<RunReport> = std::thread::scope(|s| {
+        let started: Vec<_> = (0..4)
+            .map(|i| {
+                let opts = ShimOptions {
+                    cache_dir: Some(cache.clone()),
+                    ..ShimOptions::new(module.clone(), tmp.path().join(format!("data-{i}")))
+                };
+                s.spawn(move || run_with_report(opts).expect("run"))
+            })
+            .collect();
+        started.into_iter().map(|h| h.join().expect("shim thread")).collect()
+    });
+    let compiled = runs.iter().filter(|r| !r.from_cache).count();
+    assert_eq!(compiled, 1, "one compilation, three loads from the cache: {runs:?}");
+    assert!(runs.iter().all(|r| r.outcome == runs[0].outcome), "{runs:?}");
+}
+
 /// Compiled-code files in Wasmtime's cache directory (not its usage
-/// statistics, which its worker thread updates on every hit).
+/// statistics, which its worker thread updates on every hit, nor the shims'
+/// compile locks).
 fn cache_entries(dir: &Path) -> Vec<std::path::PathBuf> {
     fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
         for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             let path = entry.path();
             if path.is_dir() {
                 walk(&path, out);
-            } else if path.extension().is_none_or(|e| e != "stats") && !path.to_string_lossy().contains(".wip-") {
+            } else if path.extension().is_none_or(|e| e != "stats" && e != "lock")
+                && !path.to_string_lossy().contains(".wip-")
+            {
                 out.push(path);
             }
         }
