@@ -11,7 +11,7 @@
 //! cloud is unreachable. Desired state comes from the local store at start;
 //! nothing is stopped because a connection failed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -814,18 +814,27 @@ async fn reconcile_runtime(runtime: Arc<dyn Runtime>, launcher: Arc<Launcher>, m
     let woken = launcher.woken();
     loop {
         let (want, known) = rx.borrow_and_update().clone();
-        launcher.retain(&want.keys().map(String::as_str).collect());
         // What the runtime runs now (even before the first sync, so an
         // adopted instance is never reported as waiting for its pull).
         let have: Vec<String> = runtime.statuses().await.into_iter().map(|s| s.instance).collect();
+        let mut running: HashSet<&str> = have.iter().map(String::as_str).collect();
         if known {
             for name in have.iter().filter(|n| !want.contains_key(*n)) {
-                if let Err(e) = runtime.remove(name).await {
-                    tracing::warn!(instance = %name, error = %e, "remove instance");
+                // `remove` returns once the instance has stopped.
+                match runtime.remove(name).await {
+                    Ok(()) => {
+                        running.remove(name.as_str());
+                    }
+                    Err(e) => tracing::warn!(instance = %name, error = %e, "remove instance"),
                 }
             }
             launcher.release_devices(|i| want.contains_key(i));
         }
+        // Pull state and blob marks go with instances neither desired nor
+        // running: an instance being stopped keeps its files (a bundle it
+        // reads from) until it is gone.
+        running.extend(want.keys().map(String::as_str));
+        launcher.retain(&running);
         for inst in want.values() {
             // Held back while its artifact is pulled (the launcher reports
             // the progress unless the runtime already runs the instance),
