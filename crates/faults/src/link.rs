@@ -669,8 +669,28 @@ where
         Direction::ToClient => &shared.counters.to_client,
     };
     let (tx, rx) = mpsc::channel(IN_FLIGHT_SEGMENTS);
-    tokio::try_join!(schedule(shared, direction, from, tx, rng), deliver(shared, delivered, rx, to))?;
-    Ok(())
+    let scheduled = schedule(shared, direction, from, tx, rng);
+    let delivered = deliver(shared, delivered, rx, to);
+    tokio::pin!(scheduled, delivered);
+    // A read error on this side (a reset) still delivers what was read
+    // before it, as a real network delivers the bytes sent before an RST
+    // (a TLS alert ahead of the peer's reset, say): the scheduler's end
+    // closes the queue, the deliverer drains it, then the error counts. A
+    // write error on the far side ends the direction at once.
+    let mut read_error = None;
+    let mut reading = true;
+    loop {
+        tokio::select! {
+            r = &mut scheduled, if reading => {
+                reading = false;
+                read_error = r.err();
+            }
+            r = &mut delivered => {
+                r?;
+                return read_error.map_or(Ok(()), Err);
+            }
+        }
+    }
 }
 
 async fn schedule<R: AsyncRead + Unpin>(
