@@ -71,8 +71,14 @@ fn fill_disk(c: &mut Cluster) -> (String, u32) {
 /// Restarts edge-1's agent and waits until it has read `n` instances from
 /// its store, which it must not have found corrupt.
 fn restart_reads_store(c: &mut Cluster, n: usize) {
+    restart_reads_store_after(c, n, |_| {});
+}
+
+/// [`restart_reads_store`], running `between` while the agent is down.
+fn restart_reads_store_after(c: &mut Cluster, n: usize, between: impl FnOnce(&mut Cluster)) {
     let dir = c.edge("edge-1").dir.clone();
     c.kill_edge("edge-1");
+    between(c);
     c.start_edge("edge-1");
     eventually(WAIT, "the restarted agent to read its store", || {
         let log = c.edge_log_current("edge-1");
@@ -140,8 +146,9 @@ fn full_disk_keeps_workloads_running_and_leaves_the_store_intact() {
     // restarted agent opens it as it is (not quarantined), adopts the
     // workload and applies the change. (Without a restart, see
     // `change_made_on_a_full_disk_applies_once_space_returns`.)
-    c.tmpfs("edge-1").unfill().expect("unfill");
-    restart_reads_store(&mut c, 1);
+    // Freed while the agent is down: a running one would retry the change
+    // at once (and the restart would then read two instances).
+    restart_reads_store_after(&mut c, 1, |c| c.tmpfs("edge-1").unfill().expect("unfill"));
     let late_pid = late_applied(&c, &big);
     assert_eq!(instance_leaders(&keep_name), vec![keep_pid], "keep was restarted");
 

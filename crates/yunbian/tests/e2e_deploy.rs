@@ -30,8 +30,11 @@ fn deploy_scale_and_delete() {
     // The scheduler spreads an app's instances across nodes.
     let spread: BTreeSet<&str> = two.iter().map(|i| s(i, "/spec/node")).collect();
     assert_eq!(spread.len(), 2, "both nodes get one: {}", harness::summary(&two));
-    let app_obj = c.app("echo").expect("app exists");
-    assert_eq!(u(&app_obj, "/status/readyReplicas"), Some(2), "{app_obj}");
+    // The App controller writes its status a moment after the instances'.
+    eventually(WAIT, "readyReplicas 2", || {
+        let a = c.app("echo").ok_or("no app")?;
+        (u(&a, "/status/readyReplicas") == Some(2)).then_some(()).ok_or_else(|| format!("{a}"))
+    });
 
     // Logs of the app carry each instance's own output, with its node name.
     eventually(WAIT, "app logs from both instances", || {

@@ -101,6 +101,16 @@ fn mosquitto(tool: &str, port: u16, args: &[&str]) -> String {
     o.ok().to_string()
 }
 
+/// Publishes `payload` to `topic` every half second until the subscriber
+/// thread `sub` has finished (it exits on its message count or timeout).
+fn publish_until_done<T>(sub: &std::thread::JoinHandle<T>, port: u16, topic: &str, payload: &str) {
+    std::thread::sleep(Duration::from_millis(500));
+    while !sub.is_finished() {
+        mosquitto("mosquitto_pub", port, &["-t", topic, "-m", payload]);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 #[test]
 fn twins_desired_values_and_the_edge_bus() {
     let mut c = Cluster::start("devices");
@@ -184,8 +194,10 @@ fn twins_desired_values_and_the_edge_bus() {
         .args(["-C", "2", "-W", "20"]);
         run(cmd, Duration::from_secs(30))
     });
-    std::thread::sleep(Duration::from_millis(500));
-    mosquitto("mosquitto_pub", port, &["-t", "yunbian/devices/t1/properties/setpoint/set", "-m", "55"]);
+    // Results are not retained: publish until the subscriber (which may
+    // subscribe late on a loaded machine) has its two (setting 55 again
+    // changes nothing).
+    publish_until_done(&results, port, "yunbian/devices/t1/properties/setpoint/set", "55");
     let r = results.join().expect("subscriber thread");
     assert!(r.success(), "{r:?}");
     assert!(r.ok().contains("\"accepted\"") && r.ok().contains("\"applied\""), "{}", r.ok());
@@ -202,8 +214,7 @@ fn twins_desired_values_and_the_edge_bus() {
             .args(["-C", "1", "-W", "20"]);
         run(cmd, Duration::from_secs(30))
     });
-    std::thread::sleep(Duration::from_millis(500));
-    mosquitto("mosquitto_pub", port, &["-t", "yunbian/devices/t1/properties/temp/set", "-m", "3"]);
+    publish_until_done(&results, port, "yunbian/devices/t1/properties/temp/set", "3");
     let r = results.join().expect("subscriber thread");
     assert!(r.ok().contains("\"rejected\"") && r.ok().contains("ReadOnly"), "{r:?}");
 
