@@ -38,8 +38,10 @@
 //!   announce the chunk and serve it.
 //! - **Slots per site**: at most [`TrackerConfig::cloud_pulls_per_site`]
 //!   (default 2) chunk downloads from the cloud run at once per site (the
-//!   site the node announced; `""` for a node that never did); beyond that,
-//!   429 with `Retry-After`.
+//!   site the node announced); beyond that, 429 with `Retry-After`. A node
+//!   that announced no site (in no group) or never announced (P2P off)
+//!   counts alone (`node:<name>`): it has nobody to share a copy with, so a
+//!   limit shared by all such nodes would only queue them behind each other.
 //!
 //! Either way the edge fetches other chunks and asks the tracker again
 //! later. The bytes of admitted pulls are paced by one token bucket shared
@@ -440,7 +442,7 @@ pub enum BusyReason {
 /// after `retry_after`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloudBusy {
-    /// The asker's site.
+    /// The asker's site, or `node:<name>` for a node in no site.
     pub site: String,
     /// Why.
     pub why: BusyReason,
@@ -451,13 +453,16 @@ pub struct CloudBusy {
 impl IntoResponse for CloudBusy {
     fn into_response(self) -> Response {
         let secs = self.retry_after.as_secs().max(1);
-        let site = if self.site.is_empty() { "(no site)".to_string() } else { self.site.clone() };
+        let site = match self.site.strip_prefix("node:") {
+            Some(node) => format!("node {node} (in no site)"),
+            None => format!("site {}", self.site),
+        };
         let message = match &self.why {
             BusyReason::SiteLimit(limit) => format!(
-                "{limit} chunk downloads from the cloud already run for site {site}; ask the tracker for peers or retry in {secs} s"
+                "{limit} chunk downloads from the cloud already run for {site}; ask the tracker for peers or retry in {secs} s"
             ),
             BusyReason::CopyOnItsWay(peer) => format!(
-                "this chunk is on its way from the cloud to {peer} on site {site}; ask the tracker for peers again in {secs} s"
+                "this chunk is on its way from the cloud to {peer} on {site}; ask the tracker for peers again in {secs} s"
             ),
         };
         let body = ApiErrorBody { code: 429, message, details: vec![format!("retryAfter={secs}")] };
@@ -588,18 +593,19 @@ impl CloudPulls {
                 }
             }
         }
-        let running = c.in_flight.get(site).copied().unwrap_or(0);
+        let bucket = if site.is_empty() { format!("node:{}", req.node) } else { site.to_string() };
+        let running = c.in_flight.get(&bucket).copied().unwrap_or(0);
         if let Some(limit) = self.per_site {
             if running >= limit {
                 c.refused += 1;
                 return Err(CloudBusy {
-                    site: site.into(),
+                    site: bucket,
                     why: BusyReason::SiteLimit(limit),
                     retry_after: self.retry_after,
                 });
             }
         }
-        *c.in_flight.entry(site.to_string()).or_default() += 1;
+        *c.in_flight.entry(bucket.clone()).or_default() += 1;
         c.next_pull += 1;
         let pull = c.next_pull;
         // Only a node that announced (and so serves peers) is waited for.
@@ -607,7 +613,7 @@ impl CloudPulls {
             c.copies.insert(key.clone(), SiteCopy { node: req.node.to_string(), pull, started: now, arrived: None });
             key
         });
-        Ok(CloudPullPermit { pulls: self.clone(), node: req.node.into(), site: site.into(), pull, copy, sent: false })
+        Ok(CloudPullPermit { pulls: self.clone(), node: req.node.into(), site: bucket, pull, copy, sent: false })
     }
 
     /// Pulls running for `site`.
@@ -1017,6 +1023,22 @@ mod tests {
         assert_eq!((busy.site.as_str(), &busy.why), ("plant", &BusyReason::SiteLimit(2)));
         let _other = pulls.admit(pull("n4", "depot", &d(4)), yes, now).expect("another site has its own slots");
         assert_eq!(pulls.in_flight("plant"), 2);
+        // Nodes in no site, or that never announced, count alone.
+        let alone: Vec<_> = (0..3u8)
+            .flat_map(|i| {
+                let node = format!("x{i}");
+                let site = if i == 0 { None } else { Some("") };
+                (0..2u8).map(move |k| (node.clone(), site, k))
+            })
+            .map(|(node, site, k)| {
+                pulls.admit(PullRequest { node: &node, site, chunk: &d(10 + k) }, yes, now).expect("own slots")
+            })
+            .collect();
+        let busy_alone = pulls.admit(pull("x1", "", &d(20)), yes, now).expect_err("x1's slots are used");
+        assert_eq!((busy_alone.site.as_str(), &busy_alone.why), ("node:x1", &BusyReason::SiteLimit(2)));
+        assert_eq!((pulls.in_flight("node:x0"), pulls.in_flight("")), (2, 0));
+        drop(alone);
+        assert_eq!(pulls.in_flight("node:x0"), 0);
         drop(a);
         assert_eq!(pulls.in_flight("plant"), 1);
         let _c = pulls.admit(pull("n3", "plant", &d(3)), yes, now).expect("a slot freed");

@@ -99,7 +99,8 @@ struct CloudArgs {
     #[arg(long, default_value = "0", value_parser = yunbian_api::quantity::parse_memory_bytes)]
     chunk_egress: u64,
     /// Chunk downloads from the cloud at once per site (the rest wait, or
-    /// get the chunk from a peer); 0 for no limit.
+    /// get the chunk from a peer; a node in no site counts alone); 0 for no
+    /// limit.
     #[arg(long, default_value = "2")]
     cloud_pulls_per_site: usize,
     /// While a chunk is on its way to a node of a site, and this long after,
