@@ -167,7 +167,9 @@ async fn a_peer_that_stops_answering_counts_as_lost_until_the_path_heals() {
     let (a_dir, _) = nodes.node("a").await;
     let (_, b_addr) = nodes.node("b").await;
     let relay = Relay::start(b_addr, Duration::ZERO).await;
-    let (mut prober, monitor) = prober(&a_dir, Duration::from_millis(300));
+    // The timeout covers TCP and mTLS set-up too (first probe, reconnect):
+    // long enough for a loaded machine, short enough for the lost ones.
+    let (mut prober, monitor) = prober(&a_dir, Duration::from_millis(1500));
     let targets = vec![ProbeTarget { node: "b".into(), addr: relay.addr.to_string() }];
     prober.round(&targets).await;
     relay.swallow.store(true, Ordering::SeqCst);

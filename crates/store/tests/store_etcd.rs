@@ -23,12 +23,14 @@ use yunbian_store::etcd::testing::{unique_prefix, EtcdServer};
 use yunbian_store::etcd::{EtcdOptions, EtcdStore};
 use yunbian_store::{Coordinator, Leadership, Store, StoreError};
 
-/// Short leases and timeouts, so failures show quickly.
+/// Short leases and timeouts, so failures show quickly; the lease long
+/// enough that keep-alives (every third of it) survive a loaded machine and
+/// an etcd shared with the model test.
 fn options() -> EtcdOptions {
     EtcdOptions {
         connect_timeout: Duration::from_secs(2),
         request_timeout: Duration::from_secs(3),
-        lease_ttl: Duration::from_secs(2),
+        lease_ttl: Duration::from_secs(5),
         ..EtcdOptions::default()
     }
 }
@@ -119,7 +121,7 @@ async fn one_leader_and_a_deposed_leader_is_fenced() {
     let mut b_campaign = tokio::spawn(async move { contender.campaign("b").await });
     la.store.create(Kind::App, "x", obj("x", 1)).await.expect("the leader writes");
     // Longer than the lease TTL: a's lease is kept alive, b keeps waiting.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
     assert!(!b_campaign.is_finished(), "a second leader while the first lives");
     assert!(!*la.lost.borrow());
     la.store.update(Kind::App, "x", obj("x", 2), None).await.expect("still the leader");
@@ -198,9 +200,9 @@ async fn presence_vanishes_when_its_holder_is_gone() {
         }
     })
     .await;
-    // a's record outlived several TTLs: its lease is refreshed.
+    // a's record outlives the TTL: its lease is refreshed.
     assert_eq!(left, vec![("cloud-a".to_string(), b"10.0.0.3".to_vec())]);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(a.presences().await.expect("presences"), left);
     // Presence records are not objects.
     assert!(a.list(Kind::Node).await.expect("list").0.is_empty());

@@ -114,16 +114,22 @@ fn push_describe_resume_sign_delete() {
     // Over loopback it may have sent every chunk before the kill landed:
     // make the interruption deterministic by losing the later half of
     // what it sent, if it sent more than one (as if the link had dropped).
-    // Requests the cloud had already received finish after the kill: wait
-    // until the stored set stops changing.
+    // Requests the cloud had already received finish after the kill (an
+    // fsync can take a while on a loaded disk): wait until nothing is being
+    // written and the stored set has not changed for 2 s.
     let mut last = chunk_paths(&c);
-    loop {
-        std::thread::sleep(Duration::from_millis(500));
+    let mut still_since = Instant::now();
+    let tmp = c.cloud_dir.join("blobs/tmp");
+    while still_since.elapsed() < Duration::from_secs(2)
+        || std::fs::read_dir(&tmp).is_ok_and(|mut d| d.next().is_some())
+    {
+        assert!(t0.elapsed() < Duration::from_secs(120), "the cloud kept writing chunks after the push was killed");
+        std::thread::sleep(Duration::from_millis(200));
         let now = chunk_paths(&c);
-        if now == last {
-            break;
+        if now != last {
+            last = now;
+            still_since = Instant::now();
         }
-        last = now;
     }
     let sent: Vec<_> = last.into_iter().filter(|p| !before.contains(p)).collect();
     assert!(!sent.is_empty(), "the first push sent something before it was killed");
