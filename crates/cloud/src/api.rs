@@ -725,7 +725,6 @@ fn cert_pin(pem: &str) -> ApiResult<(String, String)> {
     Ok((yunbian_pki::fingerprint(der.as_ref()), yunbian_api::time::format_rfc3339(not_after)))
 }
 
-/// The node exists and `peer` presents the certificate pinned on it.
 /// Which certificates of a node [`check_pinned`] accepts.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Pin {
@@ -738,7 +737,10 @@ enum Pin {
     OrPrevious,
 }
 
-async fn check_pinned(s: &ApiState, node: &str, peer: &Peer, pin: Pin) -> ApiResult<()> {
+/// The node exists and `peer` presents the certificate pinned on it (or,
+/// with [`Pin::OrPrevious`], the one before). Returns the pinned
+/// fingerprint it saw.
+async fn check_pinned(s: &ApiState, node: &str, peer: &Peer, pin: Pin) -> ApiResult<String> {
     let o = s
         .store
         .get(Kind::Node, node)
@@ -761,10 +763,10 @@ async fn check_pinned(s: &ApiState, node: &str, peer: &Peer, pin: Pin) -> ApiRes
             })
             .await;
         }
-        return Ok(());
+        return Ok(pinned.to_string());
     }
     if pin == Pin::OrPrevious && !previous.is_empty() && yunbian_pki::secure_eq(previous, &peer.cert_fingerprint) {
-        return Ok(());
+        return Ok(pinned.to_string());
     }
     Err(ApiError::new(
         StatusCode::FORBIDDEN,
@@ -782,7 +784,7 @@ async fn renew(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let node = require_node(&peer)?;
-    check_pinned(&s, &node, &peer, Pin::OrPrevious).await?;
+    let seen = check_pinned(&s, &node, &peer, Pin::OrPrevious).await?;
     let req: RenewRequest = serde_json::from_slice(&body?)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("renew request: {e}")))?;
     let cert =
@@ -791,7 +793,15 @@ async fn renew(
     // Pin the new certificate before handing it out; the old one keeps
     // working on the connection it is on, and for nothing else.
     let (fp, exp) = cert_pin(&cert)?;
+    // Only if the pin is still the one checked: of two renewals racing (a
+    // client retry while the first is in flight), the second to write
+    // would otherwise pin a certificate whose answer went nowhere.
+    let mut raced = false;
     objects::update_status::<NodeSpec>(&s.store, &node, |n| {
+        if n.status.certificate_fingerprint != seen {
+            raced = true;
+            return false;
+        }
         n.status.certificate_fingerprint = fp.clone();
         n.status.certificate_expiry = exp.clone();
         // The certificate that asked stays good for renewing until the new
@@ -800,6 +810,12 @@ async fn renew(
         true
     })
     .await?;
+    if raced {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("node {node} renewed its certificate meanwhile; renew again with the current one"),
+        ));
+    }
     tracing::info!(node = %node, "node certificate renewed");
     Ok(Json(json!({ "certificate": cert })).into_response())
 }

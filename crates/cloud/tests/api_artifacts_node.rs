@@ -165,7 +165,7 @@ async fn nodes_read_artifacts_and_chunks_and_nothing_else() {
     let new_tls = renew(node.tls.clone()).await.expect("a second renewal with the old certificate");
     let (code, _) = get(lost.clone(), Method::GET, chunk.clone()).await;
     assert_eq!(code, StatusCode::FORBIDDEN, "the lost certificate");
-    assert!(renew(lost).await.is_none(), "the lost certificate renews");
+    assert!(renew(lost).await.is_none(), "the lost certificate renews nothing");
     // Once the new one is used, the old one renews nothing more.
     let (code, _) = get(new_tls.clone(), Method::GET, chunk.clone()).await;
     assert_eq!(code, StatusCode::OK);

@@ -941,7 +941,7 @@ async fn run_connection(
                         );
                     } else if !past_grace && every(renew_warned_at) {
                         renew_warned_at = Some(Instant::now());
-                        tracing::warn!(node = %id.config.name, error = %e, "cannot renew the expired certificate yet");
+                        tracing::warn!(node = %id.config.name, error = %e, "cannot renew the certificate yet");
                     }
                 }
             }
@@ -949,6 +949,8 @@ async fn run_connection(
         let began = Instant::now();
         match connect(&id, &url).await {
             Ok(ws) => {
+                cloud_says_expired = false;
+                refused_past_grace = false;
                 let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4096);
                 if ev_tx.send(Event::Connected(tx)).await.is_err() {
                     return;
@@ -1010,7 +1012,11 @@ async fn run_connection(
                 }
             }
             Err(e) => {
-                cloud_says_expired = e.to_lowercase().replace(' ', "").contains("certificateexpired");
+                // An expired certificate, or one the cloud replaced (a
+                // renewal whose answer was lost: the cloud still renews
+                // with the old one, see `Pin::OrPrevious`): renew first.
+                cloud_says_expired =
+                    e.to_lowercase().replace(' ', "").contains("certificateexpired") || e.contains("no longer valid");
                 refused_past_grace = tls_refused_as_expired(&e);
                 tracing::warn!(node = %id.config.name, %url, error = %e, retry_in = ?backoff, "cannot connect to cloud");
                 if urls.len() > 1 && !next_url.is_multiple_of(urls.len()) {
