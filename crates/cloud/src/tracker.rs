@@ -105,6 +105,11 @@ pub struct TrackerConfig {
     pub egress_bytes_per_sec: Option<u64>,
     /// Chunk downloads from the cloud at once per site (`None`: unlimited).
     pub cloud_pulls_per_site: Option<usize>,
+    /// Chunk downloads from the cloud at once for all nodes together
+    /// (`None`: unlimited). Each holds its chunk (up to 4 MiB) in memory
+    /// while it is paced, so this bounds that memory however many sites
+    /// (or nodes in no site, which count alone) pull at once.
+    pub cloud_pulls_total: Option<usize>,
     /// `Retry-After` of a refused cloud pull.
     pub busy_retry_after: Duration,
     /// One copy per site: while a chunk is on its way from the cloud to a
@@ -126,6 +131,8 @@ impl Default for TrackerConfig {
             // Measured: without a limit, nodes pulling together all take
             // the same chunks from the cloud (docs/design/015).
             cloud_pulls_per_site: Some(2),
+            // 1 GiB of chunk buffers at most.
+            cloud_pulls_total: Some(256),
             busy_retry_after: Duration::from_secs(2),
             copy_hold: Duration::from_secs(10),
         }
@@ -433,6 +440,9 @@ pub enum BusyReason {
     /// The site already runs this many cloud pulls
     /// ([`TrackerConfig::cloud_pulls_per_site`]).
     SiteLimit(usize),
+    /// The cloud already runs this many pulls for all nodes together
+    /// ([`TrackerConfig::cloud_pulls_total`]).
+    TotalLimit(usize),
     /// The chunk is on its way to, or just reached, this node of the same
     /// site; it will be offered as a peer ([`TrackerConfig::copy_hold`]).
     CopyOnItsWay(String),
@@ -458,6 +468,9 @@ impl IntoResponse for CloudBusy {
             None => format!("site {}", self.site),
         };
         let message = match &self.why {
+            BusyReason::TotalLimit(limit) => format!(
+                "{limit} chunk downloads from the cloud already run for all nodes; ask the tracker for peers or retry in {secs} s"
+            ),
             BusyReason::SiteLimit(limit) => format!(
                 "{limit} chunk downloads from the cloud already run for {site}; ask the tracker for peers or retry in {secs} s"
             ),
@@ -499,6 +512,8 @@ impl SiteCopy {
 #[derive(Debug, Default)]
 struct PullCounts {
     in_flight: HashMap<String, usize>,
+    /// Sum of `in_flight`.
+    running: usize,
     /// (site, chunk) → the copy that other nodes of the site wait for.
     copies: HashMap<(String, Digest), SiteCopy>,
     /// Size of `copies` at which stale records are swept next.
@@ -537,6 +552,7 @@ pub struct PullRequest<'a> {
 #[derive(Debug)]
 pub struct CloudPulls {
     per_site: Option<usize>,
+    total: Option<usize>,
     retry_after: Duration,
     copy_hold: Duration,
     egress: Option<Arc<Mutex<TokenBucket>>>,
@@ -551,6 +567,7 @@ impl CloudPulls {
     pub fn new(cfg: &TrackerConfig) -> CloudPulls {
         CloudPulls {
             per_site: cfg.cloud_pulls_per_site,
+            total: cfg.cloud_pulls_total,
             retry_after: cfg.busy_retry_after,
             copy_hold: cfg.copy_hold,
             egress: cfg.egress_bytes_per_sec.map(|r| Arc::new(Mutex::new(TokenBucket::new(r, Instant::now())))),
@@ -593,6 +610,14 @@ impl CloudPulls {
                 }
             }
         }
+        if let Some(limit) = self.total.filter(|&l| c.running >= l) {
+            c.refused += 1;
+            return Err(CloudBusy {
+                site: site.to_string(),
+                why: BusyReason::TotalLimit(limit),
+                retry_after: self.retry_after,
+            });
+        }
         let bucket = if site.is_empty() { format!("node:{}", req.node) } else { site.to_string() };
         let running = c.in_flight.get(&bucket).copied().unwrap_or(0);
         if let Some(limit) = self.per_site {
@@ -606,6 +631,7 @@ impl CloudPulls {
             }
         }
         *c.in_flight.entry(bucket.clone()).or_default() += 1;
+        c.running += 1;
         c.next_pull += 1;
         let pull = c.next_pull;
         // Only a node that announced (and so serves peers) is waited for.
@@ -628,6 +654,8 @@ impl CloudPulls {
             c.per_node.iter().map(|(n, (chunks, bytes))| (n, json!({"chunks": chunks, "bytes": bytes}))).collect();
         json!({
             "pullsPerSite": self.per_site,
+            "pullsTotal": self.total,
+            "running": c.running,
             "inFlight": c.in_flight,
             "refused": c.refused,
             "deferredToPeers": c.deferred,
@@ -655,8 +683,10 @@ pub struct CloudPullPermit {
 
 impl Drop for CloudPullPermit {
     fn drop(&mut self) {
-        let mut c = self.pulls.counts();
+        let mut guard = self.pulls.counts();
+        let c = &mut *guard;
         if let Some(n) = c.in_flight.get_mut(&self.site) {
+            c.running -= 1;
             *n -= 1;
             if *n == 0 {
                 c.in_flight.remove(&self.site);
@@ -1039,6 +1069,16 @@ mod tests {
         assert_eq!((pulls.in_flight("node:x0"), pulls.in_flight("")), (2, 0));
         drop(alone);
         assert_eq!(pulls.in_flight("node:x0"), 0);
+        // And all together at most `cloud_pulls_total`.
+        let cfg = TrackerConfig { cloud_pulls_per_site: Some(2), cloud_pulls_total: Some(3), ..Default::default() };
+        let capped = Arc::new(CloudPulls::new(&cfg));
+        let first = capped.admit(pull("a", "s1", &d(1)), yes, now).expect("a");
+        let _b = capped.admit(pull("b", "s2", &d(2)), yes, now).expect("b");
+        let _c = capped.admit(pull("c", "", &d(3)), yes, now).expect("c");
+        let full = capped.admit(pull("e", "s3", &d(4)), yes, now).expect_err("three run");
+        assert_eq!(full.why, BusyReason::TotalLimit(3));
+        drop(first);
+        let _e = capped.admit(pull("e", "s3", &d(4)), yes, now).expect("a slot freed");
         drop(a);
         assert_eq!(pulls.in_flight("plant"), 1);
         let _c = pulls.admit(pull("n3", "plant", &d(3)), yes, now).expect("a slot freed");

@@ -103,6 +103,10 @@ struct CloudArgs {
     /// limit.
     #[arg(long, default_value = "2")]
     cloud_pulls_per_site: usize,
+    /// Chunk downloads from the cloud at once for all nodes together (each
+    /// holds its chunk in memory while paced); 0 for no limit.
+    #[arg(long, default_value = "256")]
+    cloud_pulls_total: usize,
     /// While a chunk is on its way to a node of a site, and this long after,
     /// other nodes of that site wait for it to serve them instead of getting
     /// another copy from the cloud; 0s turns it off.
@@ -425,6 +429,7 @@ async fn run(cli: Cli) -> Result<()> {
             opts.replica_id = a.replica_id;
             opts.p2p.egress_bytes_per_sec = Some(a.chunk_egress).filter(|b| *b > 0);
             opts.p2p.cloud_pulls_per_site = Some(a.cloud_pulls_per_site).filter(|n| *n > 0);
+            opts.p2p.cloud_pulls_total = Some(a.cloud_pulls_total).filter(|n| *n > 0);
             opts.p2p.copy_hold = a.cloud_copy_hold;
             let cloud = yunbian_cloud::start(opts).await?;
             eprintln!("cloud listening at {}; client config: {}", cloud.url, cloud.admin_config.display());
