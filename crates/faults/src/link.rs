@@ -83,7 +83,7 @@ use std::collections::HashMap;
 use std::future::poll_fn;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
@@ -669,8 +669,17 @@ where
         Direction::ToClient => &shared.counters.to_client,
     };
     let (tx, rx) = mpsc::channel(IN_FLIGHT_SEGMENTS);
-    let scheduled = schedule(shared, direction, from, tx, rng);
-    let delivered = deliver(shared, delivered, rx, to);
+    // Set when this side's read failed: the deliverer then ends without a
+    // FIN, and the connection's end resets both sides.
+    let read_failed = AtomicBool::new(false);
+    let scheduled = async {
+        let r = schedule(shared, direction, from, tx, rng).await;
+        if r.is_err() {
+            read_failed.store(true, Ordering::SeqCst);
+        }
+        r
+    };
+    let delivered = deliver(shared, delivered, rx, to, &read_failed);
     tokio::pin!(scheduled, delivered);
     // A read error on this side (a reset) still delivers what was read
     // before it, as a real network delivers the bytes sent before an RST
@@ -740,6 +749,7 @@ async fn deliver<W: AsyncWrite + Unpin>(
     delivered: &AtomicU64,
     mut rx: mpsc::Receiver<Segment>,
     mut to: W,
+    read_failed: &AtomicBool,
 ) -> io::Result<()> {
     while let Some(segment) = rx.recv().await {
         if segment.arrives > Instant::now() {
@@ -751,6 +761,10 @@ async fn deliver<W: AsyncWrite + Unpin>(
         }
         to.write_all(&segment.data).await?;
         delivered.fetch_add(segment.data.len() as u64, Ordering::Relaxed);
+    }
+    if read_failed.load(Ordering::SeqCst) {
+        // A reset, not an end of stream: no FIN (the caller resets).
+        return Ok(());
     }
     // End of stream: the FIN crosses the link once it is up.
     shared.until_not_cut().await;

@@ -1146,9 +1146,14 @@ impl Store {
             }
         }
         // A source quarantined while it was read (a checksum failure) is
-        // still named in the new block's sources: its entries read before
-        // the failure are kept here, and a reopen only deletes superseded
-        // blocks under `blocks/`, never in `quarantine/`.
+        // named in the header already written, and a reopen deletes the
+        // blocks a header names: one whose move to `quarantine/` failed, or
+        // that an operator put back, would go. So the output is dropped;
+        // the next `compact` merges the run without it.
+        if self.blocks.iter().filter(|b| paths.contains(&b.path)).count() != paths.len() {
+            out.abandon();
+            return Ok(());
+        }
         self.commit_block(header.clone(), out)?;
         let mut i = 0;
         while i < self.blocks.len() {
