@@ -176,5 +176,5 @@ echo "tsdb accounted memory (yunbian_edge_tsdb_memory_bytes), steady state: $(sp
 echo "tsdb WAL (yunbian_edge_tsdb_wal_bytes), steady state: $(span 5 1048576) MiB"
 # Points/s between the first and the last scrape that saw the count move.
 awk '$4 != "-" {if (p0 == "") p0 = $7; else if ($7 > p) {if (t0 == "") {t0 = tp; q0 = p} p1 = $7; t1 = $1} p = $7; tp = $1}
-  END {printf "points appended during the load: %d in %.0f s = %.0f points/s\n", p1 - q0, t1 - t0, (p1 - q0) / (t1 - t0)}' "$W/poll.tsv"
+  END {if (t1 > t0) printf "points appended during the load: %d in %.0f s = %.0f points/s\n", p1 - q0, t1 - t0, (p1 - q0) / (t1 - t0); else print "points appended during the load: too few scrapes to tell"}' "$W/poll.tsv"
 echo "points refused by the store: $(curl -fs "http://127.0.0.1:$METRICS_PORT/metrics" | awk '$1 == "yunbian_edge_tsdb_points_rejected_total" {print $2}')"
