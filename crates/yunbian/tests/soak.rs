@@ -399,7 +399,9 @@ impl Soak {
     fn evictions(&self) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
         for i in 0..self.ha.replica_count() {
-            for line in self.ha.replica_log(i).lines().filter(|l| l.contains("evicting: node NotReady too long")) {
+            // app_pass logs `evicting: node <name> NotReady for more than <n>s; placing it again`.
+            let eviction = |l: &&str| l.contains("evicting: node ") && l.contains(" NotReady for more than ");
+            for line in self.ha.replica_log(i).lines().filter(eviction) {
                 let field =
                     |k: &str| line.split(&format!("{k}=")).nth(1)?.split_whitespace().next().map(str::to_string);
                 if let (Some(inst), Some(node)) = (field("instance"), field("node")) {
