@@ -16,6 +16,9 @@
 //! Every fault injected is logged with `tracing` at info level under the
 //! target `faults`, so a soak log records what was done and when.
 //!
+//! [`ports::free_port`] picks loopback ports for test servers outside the
+//! kernel's ephemeral range.
+//!
 //! This crate is test support: it is never linked into the agent or the
 //! cloud. It uses no `unsafe` code.
 
@@ -24,6 +27,7 @@
 pub mod bandwidth;
 pub mod disk;
 pub mod link;
+pub mod ports;
 pub mod process;
 mod rng;
 

@@ -11,12 +11,13 @@
 mod guests;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpStream};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use yunbian_faults::ports::free_port;
 use yunbian_wasm::ShimOptions;
 
 /// Set in the child: its options, one `key value` per line.
@@ -272,11 +273,6 @@ fn without_inherit_network_the_sample_cannot_listen() {
     let _ = child.0.stderr.take().map(|mut e| e.read_to_string(&mut stderr));
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("wasm-hello: listen on 127.0.0.1"), "{stderr}");
-}
-
-fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a loopback port");
-    listener.local_addr().expect("the port").port()
 }
 
 /// One GET over a new connection; the whole response (the sample closes).

@@ -209,7 +209,7 @@ fn oci_images_and_wasm_modules_run_through_their_shims() {
     let module = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/apps/wasm-hello/wasm-hello.wasm");
     let out = c.cli(&["artifact", "push", &module.display().to_string(), "--name", "hello-wasm", "--version", "1"]);
     assert!(out.ok().contains("wasm"), "{out:?}");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let port = harness::free_port();
     c.apply(&format!(
         "apiVersion: yunbian.io/v1\nkind: App\nmetadata: {{name: hello}}\nspec:\n  runtime: wasm\n  artifact: {{name: hello-wasm, version: \"1\"}}\n  process: {{env: {{PORT: \"{port}\", HOST: 127.0.0.1}}}}\n  resources: {{limits: {{memory: 64Mi, cpu: 500m}}}}\n"
     ));

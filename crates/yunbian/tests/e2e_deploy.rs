@@ -120,10 +120,7 @@ fn cli_errors() {
     assert!(labels.is_none(), "a stale write was applied");
 
     // A config pointing at a port nothing listens on.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
+    let port = harness::free_port();
     let text = std::fs::read_to_string(&c.admin).expect("admin.yaml");
     let dead = text.replace(&c.url, &format!("https://127.0.0.1:{port}"));
     assert_ne!(dead, text);

@@ -153,10 +153,7 @@ fn join_arguments_are_checked_locally() {
     assert_refused(&o, "already holds a joined node");
     assert_nodes(&c, &["edge-1"]);
     // A cloud that is not there.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
+    let port = harness::free_port();
     let nowhere = format!("https://127.0.0.1:{port}");
     let o = harness::yunbian(&[
         "edge",

@@ -3,7 +3,8 @@
 //!
 //! [`EtcdServer::start`] runs the etcd binary (`/usr/bin/etcd`, or the one
 //! named by `YUNBIAN_ETCD_BIN`) as a single-member cluster on free loopback
-//! ports, with its data in a fresh directory (under `/dev/shm` when there is
+//! ports (outside the kernel's ephemeral range, see
+//! [`yunbian_faults::ports`]), with its data in a fresh directory (under `/dev/shm` when there is
 //! one, so fsyncs are cheap), and waits until it reports healthy.
 //!
 //! etcd runs under a small `sh` supervisor whose standard input is a pipe
@@ -19,7 +20,7 @@
 //! where they panic, because CI must run them.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +28,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{Client, CompactionOptions, GetOptions};
+use yunbian_faults::ports::free_port;
 
 use crate::StoreError;
 
@@ -71,10 +73,9 @@ fn binary() -> PathBuf {
     std::env::var_os("YUNBIAN_ETCD_BIN").map_or_else(|| PathBuf::from(DEFAULT_BINARY), PathBuf::from)
 }
 
-fn free_port() -> Result<u16, String> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|e| format!("bind a free port: {e}"))?;
-    listener.local_addr().map(|a| a.port()).map_err(|e| format!("read a free port: {e}"))
-}
+/// How many times [`EtcdServer::start`] picks new ports when etcd finds
+/// one taken.
+const PORT_ATTEMPTS: usize = 4;
 
 /// Whether etcd on `port` answers `/health` with `"health":"true"`.
 fn healthy(port: u16) -> bool {
@@ -124,9 +125,21 @@ impl EtcdServer {
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let dir = base.join(format!("yunbian-etcd-{}-{nanos}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-        let mut server = EtcdServer { dir, client_port: free_port()?, peer_port: free_port()?, running: None };
-        server.launch()?;
-        Ok(server)
+        let mut server = EtcdServer { dir, client_port: free_port(), peer_port: free_port(), running: None };
+        // Ports are chosen outside the ephemeral range, but another test
+        // process may still have taken one since: try new ones.
+        let mut attempt = 1;
+        loop {
+            match server.launch() {
+                Err(e) if attempt < PORT_ATTEMPTS && e.contains("address already in use") => {
+                    attempt += 1;
+                    let _ = std::fs::remove_dir_all(server.dir.join("data"));
+                    server.client_port = free_port();
+                    server.peer_port = free_port();
+                }
+                other => return other.map(|()| server),
+            }
+        }
     }
 
     /// [`EtcdServer::start`], or `None` after reporting `test` as skipped

@@ -1042,10 +1042,7 @@ impl Cluster {
     /// Picks the peer server port of edge `name` and starts the proxy in
     /// front of it.
     fn start_peer_link(&mut self, name: &str) -> (u16, SocketAddr) {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap_or_else(|e| panic!("pick a peer port: {e}"));
+        let port = free_port();
         let proxy = self.start_proxy(SocketAddr::from(([127, 0, 0, 1], port)));
         let addr = proxy.addr();
         self.peer_links.insert(name.to_string(), proxy);
@@ -1289,9 +1286,11 @@ impl Drop for Cluster {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released: good enough for tests).
+/// A free TCP port on 127.0.0.1 for a server started later, outside the
+/// kernel's ephemeral range so no outgoing connection takes it meanwhile
+/// (see [`yunbian_faults::ports`]).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind a free port")
+    yunbian_faults::ports::free_port()
 }
 
 /// Whether `tool` is on PATH; under CI its absence fails the test (CI
