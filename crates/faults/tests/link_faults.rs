@@ -97,3 +97,40 @@ async fn refuse_refuses_new_connections_and_keeps_open_ones() {
     let mut healed = TcpStream::connect(proxy.addr()).await.expect("connect after heal");
     assert_eq!(round_trip(&mut healed, b"four").await, b"four");
 }
+
+/// An upstream that sends `message`, waits, then closes with an RST.
+async fn send_then_reset_server(message: &'static [u8]) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if stream.write_all(message).await.is_ok() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let _ = stream.set_zero_linger();
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn bytes_in_flight_before_an_upstream_reset_still_arrive_then_the_reset() {
+    // The delay keeps the message on the link while the proxy's read of
+    // the upstream fails: it must still be delivered, as a network
+    // delivers what was sent before an RST (a TLS alert, say), and the
+    // client must then see a reset, not a clean end of stream.
+    let proxy = LinkProxy::start(send_then_reset_server(b"alert").await).expect("start proxy");
+    proxy.set_conditions(yunbian_faults::LinkConditions {
+        delay: Duration::from_millis(300),
+        ..yunbian_faults::LinkConditions::PERFECT
+    });
+    let mut client = TcpStream::connect(proxy.addr()).await.expect("connect");
+    let mut message = [0; 5];
+    timeout(GIVE_UP, client.read_exact(&mut message)).await.expect("give up").expect("the bytes sent before the RST");
+    assert_eq!(&message, b"alert");
+    let mut rest = [0; 1];
+    let read = timeout(GIVE_UP, client.read(&mut rest)).await.expect("give up");
+    assert_eq!(read.expect_err("an RST, not a clean EOF").kind(), ErrorKind::ConnectionReset);
+}
