@@ -6,9 +6,11 @@
 
 mod harness;
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
-use harness::{eventually, pid_alive, s, u, unix_now, App, Cluster, EdgeSetup, WAIT};
+use harness::{eventually, pid_alive, run, s, u, unix_now, App, Cluster, EdgeSetup, WAIT};
 
 const RECONNECT_WAIT: Duration = Duration::from_secs(150);
 /// Renewal is due at 80 % (24 s): the link is cut well before, even when
@@ -223,4 +225,110 @@ fn past_grace_reason_states_the_grace() {
     let n = c.node("edge-1").expect("node");
     let reason = s(&n, "/status/reason");
     assert!(!reason.contains("(0d)"), "{reason}");
+}
+
+/// `POST /v1/renew` as edge-1 with the certificate and key in `pair_dir`
+/// (`node.crt`, `node.key`), for a fresh key made by openssl (written to
+/// `pair_dir/new.key`); returns the HTTP status and body.
+fn renew_with_curl(c: &Cluster, pair_dir: &Path) -> (String, String) {
+    let csr = pair_dir.join("new.csr");
+    let mut openssl = Command::new("openssl");
+    openssl
+        .args(["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+        .args(["-subj", "/CN=edge-1", "-keyout"])
+        .arg(pair_dir.join("new.key"))
+        .arg("-out")
+        .arg(&csr);
+    let out = run(openssl, Duration::from_secs(30));
+    assert!(out.success(), "openssl: {out:?}");
+    let body = serde_json::json!({ "csr": std::fs::read_to_string(&csr).expect("csr") }).to_string();
+    let mut curl = Command::new("curl");
+    curl.args(["-sS", "--max-time", "20", "-o", "-", "-w", "\n%{http_code}", "--cacert"])
+        .arg(c.edge("edge-1").dir.join("ca.crt"))
+        .arg("--cert")
+        .arg(pair_dir.join("node.crt"))
+        .arg("--key")
+        .arg(pair_dir.join("node.key"))
+        .args(["-H", "content-type: application/json", "--data-binary", &body])
+        .arg(format!("{}/v1/renew", c.url.trim_end_matches('/')));
+    let out = run(curl, Duration::from_secs(30));
+    assert!(out.success(), "curl: {out:?}");
+    let (body, code) = out.stdout.rsplit_once('\n').expect("status line");
+    (code.to_string(), body.to_string())
+}
+
+/// `dir` holding `crt` and the key file `key` as `node.crt`/`node.key`.
+fn pair(dir: &Path, crt: &str, key: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("pair dir");
+    std::fs::write(dir.join("node.crt"), crt).expect("write node.crt");
+    std::fs::copy(key, dir.join("node.key")).expect("copy node.key");
+    dir.to_path_buf()
+}
+
+/// A renewal the cloud answered but whose answer never reached the node (a
+/// cut link, an agent killed mid-request): the cloud has pinned a
+/// certificate the node does not hold. The node's old certificate still
+/// renews (and nothing else), so the agent, refused by the hub, renews
+/// again by itself and comes back Ready with its workloads untouched; then
+/// neither the lost certificate nor the old one is good for anything.
+#[test]
+fn a_renewal_whose_answer_was_lost_is_renewed_again() {
+    if !harness::have_tool("curl") || !harness::have_tool("openssl") {
+        return;
+    }
+    let mut c = Cluster::builder("certs-lost-answer").start();
+    c.apply(&sleeper("keep").yaml());
+    let node = c.join_with("edge-1", EdgeSetup::new());
+    let keep = c.wait_running("keep", 1).remove(0);
+    let pid = u(&keep, "/status/pid").expect("pid");
+    let pinned = s(&node, "/status/certificateFingerprint").to_string();
+    assert!(!pinned.is_empty(), "{node}");
+
+    // The agent is down while "its" renewal happens; the answer is dropped.
+    c.kill_edge("edge-1");
+    let edge = c.edge("edge-1").dir.clone();
+    let scratch = c.dir.join("lost-answer");
+    let crt0 = std::fs::read_to_string(edge.join("node.crt")).expect("node.crt");
+    let old = pair(&scratch.join("old"), &crt0, &edge.join("node.key"));
+    let (code, body) = renew_with_curl(&c, &old);
+    assert_eq!(code, "200", "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).expect("renew answer");
+    let lost_crt = answer["certificate"].as_str().expect("certificate").to_string();
+    let lost = pair(&scratch.join("lost"), &lost_crt, &old.join("new.key"));
+    let n = c.node("edge-1").expect("node");
+    assert_ne!(s(&n, "/status/certificateFingerprint"), pinned, "the cloud did not pin the new certificate: {n}");
+    assert_eq!(s(&n, "/status/previousCertificateFingerprint"), pinned, "{n}");
+
+    // The agent, with its old certificate, is refused by the hub, renews
+    // with the old one and is back.
+    c.start_edge("edge-1");
+    let back = eventually(WAIT, "edge-1 Ready with a certificate renewed again", || {
+        let n = c.node("edge-1").ok_or("node gone")?;
+        let fp = s(&n, "/status/certificateFingerprint");
+        let previous = n["status"]["previousCertificateFingerprint"].as_str().unwrap_or_default();
+        if s(&n, "/status/phase") == "Ready" && fp != pinned && previous.is_empty() {
+            Ok(n)
+        } else {
+            Err(format!("{}", n["status"]))
+        }
+    });
+    let crt1 = std::fs::read_to_string(edge.join("node.crt")).expect("node.crt");
+    assert_ne!(crt1, crt0, "the agent did not renew");
+    assert_ne!(crt1, lost_crt, "the agent cannot hold the lost certificate");
+    let log = c.edge_log("edge-1");
+    assert!(log.contains("no longer valid"), "{log}");
+    assert!(s(&back, "/status/reason").is_empty(), "{back}");
+    let now = c.wait_running("keep", 1).remove(0);
+    assert_eq!(u(&now, "/status/pid"), Some(pid), "{now}");
+
+    // Neither the lost certificate nor the old one renews any more.
+    for dir in [&lost, &old] {
+        let (code, body) = renew_with_curl(&c, dir);
+        assert_eq!(code, "403", "{}: {body}", dir.display());
+        assert!(body.contains("no longer valid"), "{}: {body}", dir.display());
+    }
+    assert_eq!(
+        s(&c.node("edge-1").expect("node"), "/status/certificateFingerprint"),
+        s(&back, "/status/certificateFingerprint")
+    );
 }

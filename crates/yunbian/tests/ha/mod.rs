@@ -315,7 +315,8 @@ impl Ha {
             ha.replicas.push(Replica {
                 dir: ha.dir.join(&id),
                 id,
-                port: 0,
+                // Outside the ephemeral range, so restarts find it free.
+                port: yunbian_faults::ports::free_port(),
                 url: String::new(),
                 child: None,
                 starts: 0,
@@ -370,7 +371,7 @@ impl Ha {
             .stdout(log_file(&log))
             .stderr(log_file(&log));
         r.child = Some(cmd.spawn().unwrap_or_else(|e| panic!("spawn replica {}: {e}", r.id)));
-        let first = r.port == 0;
+        let first = r.url.is_empty();
         if first {
             let admin = r.admin();
             let url = eventually(WAIT, &format!("replica r{} to write admin.yaml", i + 1), || {

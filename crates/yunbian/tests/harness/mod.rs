@@ -529,7 +529,9 @@ impl Builder {
             mounts: Vec::new(),
             rt: None,
         };
-        c.spawn_cloud("127.0.0.1:0");
+        // A port chosen now, outside the ephemeral range, so a restart
+        // finds it free again (see `free_port`).
+        c.spawn_cloud(&format!("127.0.0.1:{}", free_port()));
         c
     }
 }
