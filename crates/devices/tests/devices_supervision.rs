@@ -99,7 +99,9 @@ async fn a_server_killed_mid_poll_goes_offline_and_back_online_without_a_restart
     if !peers_available("a_server_killed_mid_poll_goes_offline_and_back_online_without_a_restart", false) {
         return;
     }
-    let mut server = PyServer::tcp(&["--quiet"]);
+    // A port outside the ephemeral range: the server is restarted on it.
+    let port_arg = yunbian_faults::ports::free_port().to_string();
+    let mut server = PyServer::tcp(&["--quiet", "--port", &port_arg]);
     let port = server.port();
     let bus = MemoryBus::new();
     let (host, _events) = host(&bus);
@@ -116,7 +118,6 @@ async fn a_server_killed_mid_poll_goes_offline_and_back_online_without_a_restart
     assert_eq!(kept.quality, yunbian_api::Quality::Bad, "{down:?}");
     assert!(!down.last_error.is_empty(), "{down:?}");
 
-    let port_arg = port.to_string();
     let _back = PyServer::tcp(&["--quiet", "--port", &port_arg]);
     wait_state(&mut state, DeviceState::Online).await;
     let up = host.twin("plc").expect("twin");

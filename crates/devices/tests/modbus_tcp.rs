@@ -268,7 +268,9 @@ async fn a_killed_server_is_a_device_error_and_a_restarted_one_is_reached_again(
     if !peers_available("a_killed_server_is_a_device_error_and_a_restarted_one_is_reached_again", false) {
         return;
     }
-    let mut server = PyServer::tcp(&[]);
+    // A port outside the ephemeral range: the server is restarted on it.
+    let port_arg = yunbian_faults::ports::free_port().to_string();
+    let mut server = PyServer::tcp(&["--port", &port_arg]);
     let port = server.port();
     let props = [prop("u16", Ty::Int, Rt::Holding, 0, Dt::Uint16), prop("coil0", Ty::Bool, Rt::Coil, 0, Dt::Bool)];
     let mut d = ModbusDriver::new(&config("plc", tcp(port, 1, "1s"), &props)).expect("driver");
@@ -284,7 +286,6 @@ async fn a_killed_server_is_a_device_error_and_a_restarted_one_is_reached_again(
     let refused = d.connect().await.expect_err("nobody listens");
     assert!(matches!(refused, DriverError::Connect(_)), "{refused:?}");
 
-    let port_arg = port.to_string();
     let mut restarted = PyServer::tcp(&["--port", &port_arg]);
     assert_eq!(restarted.port(), port);
     d.connect().await.expect("connect to the restarted server");

@@ -60,8 +60,10 @@ struct Peer {
 }
 
 impl Peer {
+    /// Starts on a port outside the ephemeral range, so a restart on the
+    /// same port finds it free.
     fn start(args: &[&str]) -> Peer {
-        Self::start_on(0, args.iter().map(|s| s.to_string()).collect())
+        Self::start_on(yunbian_faults::ports::free_port(), args.iter().map(|s| s.to_string()).collect())
     }
 
     fn start_on(port: u16, args: Vec<String>) -> Peer {

@@ -197,8 +197,21 @@ impl std::fmt::Debug for LinkProxy {
 impl LinkProxy {
     /// Starts a proxy on `127.0.0.1` (a free port) forwarding to `upstream`.
     /// Must be called inside a Tokio runtime; the proxy's tasks run on it.
+    ///
+    /// The port is taken outside the kernel's ephemeral range
+    /// ([`crate::ports::free_port`]): [`LinkProxy::refuse`] closes the
+    /// listener and a heal binds the same port again, which an outgoing
+    /// connection could otherwise have taken meanwhile.
     pub fn start(upstream: SocketAddr) -> io::Result<Self> {
-        Self::start_on(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), upstream)
+        let mut last = None;
+        for _ in 0..4 {
+            let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, crate::ports::free_port()));
+            match Self::start_on(listen, upstream) {
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrInUse)))
     }
 
     /// Starts a proxy listening on `listen` forwarding to `upstream`.

@@ -243,7 +243,8 @@ fn renew_with_curl(c: &Cluster, pair_dir: &Path) -> (String, String) {
     assert!(out.success(), "openssl: {out:?}");
     let body = serde_json::json!({ "csr": std::fs::read_to_string(&csr).expect("csr") }).to_string();
     let mut curl = Command::new("curl");
-    curl.args(["-sS", "--max-time", "20", "-o", "-", "-w", "\n%{http_code}", "--cacert"])
+    // `-q` first: no ~/.curlrc; and no proxy, as the agent uses none.
+    curl.args(["-q", "-sS", "--noproxy", "*", "--max-time", "20", "-w", "\n%{http_code}", "--cacert"])
         .arg(c.edge("edge-1").dir.join("ca.crt"))
         .arg("--cert")
         .arg(pair_dir.join("node.crt"))

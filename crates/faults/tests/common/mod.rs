@@ -61,10 +61,10 @@ pub async fn sink_server(expect: usize) -> SocketAddr {
     addr
 }
 
-/// An address nothing listens on (bound, then released).
+/// An address nothing listens on (free now, outside the ephemeral range,
+/// so no outgoing connection takes it as its source port meanwhile).
 pub async fn closed_port() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    listener.local_addr().expect("address")
+    SocketAddr::from(([127, 0, 0, 1], yunbian_faults::ports::free_port()))
 }
 
 /// Writes `message` and reads the same number of bytes back.

@@ -60,6 +60,9 @@ pub struct EtcdServer {
     client_port: u16,
     peer_port: u16,
     running: Option<Running>,
+    /// Launches so far: each writes its own log, so an error shows only
+    /// what that launch printed.
+    launches: u32,
 }
 
 #[derive(Debug)]
@@ -125,13 +128,14 @@ impl EtcdServer {
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let dir = base.join(format!("yunbian-etcd-{}-{nanos}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-        let mut server = EtcdServer { dir, client_port: free_port(), peer_port: free_port(), running: None };
+        let mut server =
+            EtcdServer { dir, client_port: free_port(), peer_port: free_port(), running: None, launches: 0 };
         // Ports are chosen outside the ephemeral range, but another test
         // process may still have taken one since: try new ones.
         let mut attempt = 1;
         loop {
             match server.launch() {
-                Err(e) if attempt < PORT_ATTEMPTS && e.contains("address already in use") => {
+                Err(e) if attempt < PORT_ATTEMPTS && server.lost_a_port(&e) => {
                     attempt += 1;
                     let _ = std::fs::remove_dir_all(server.dir.join("data"));
                     server.client_port = free_port();
@@ -222,8 +226,15 @@ impl EtcdServer {
         }
     }
 
+    /// Whether a launch error says one of this server's ports was taken.
+    fn lost_a_port(&self, error: &str) -> bool {
+        error.contains("address already in use")
+            && [self.client_port, self.peer_port].iter().any(|p| error.contains(&format!("127.0.0.1:{p}")))
+    }
+
     fn launch(&mut self) -> Result<(), String> {
-        let log = self.dir.join("etcd.log");
+        self.launches += 1;
+        let log = self.dir.join(format!("etcd.{}.log", self.launches));
         let client = format!("http://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let mut cmd = Command::new("/bin/sh");
@@ -246,10 +257,12 @@ impl EtcdServer {
 
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if healthy(self.client_port) {
+            let exited = self.running.as_mut().and_then(|r| r.supervisor.try_wait().ok().flatten());
+            // Healthy only while ours runs: an etcd of another test process
+            // that holds our client port would answer too.
+            if exited.is_none() && healthy(self.client_port) {
                 return Ok(());
             }
-            let exited = self.running.as_mut().and_then(|r| r.supervisor.try_wait().ok().flatten());
             if exited.is_some() || Instant::now() >= deadline {
                 let log = std::fs::read_to_string(&log).unwrap_or_default();
                 let tail: String =
