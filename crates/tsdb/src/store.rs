@@ -227,6 +227,9 @@ struct Watermarks {
 }
 
 const SERIES_OVERHEAD: usize = std::mem::size_of::<Series>() + 64;
+/// What an open chunk costs before its first bits: the encoder and its
+/// first allocation.
+const CHUNK_FIXED_BYTES: usize = std::mem::size_of::<ChunkEncoder>() + 16;
 
 /// The edge time-series store. One writer: wrap it in a mutex to share.
 #[derive(Debug)]
@@ -248,6 +251,8 @@ pub struct Store {
     head_max_t: i64,
     head_points: u64,
     head_bytes: usize,
+    /// Series with an open chunk in the head.
+    head_chunks: usize,
     series_bytes: usize,
     index_bytes: usize,
     stats: Stats,
@@ -377,6 +382,7 @@ impl Store {
             head_max_t: i64::MIN,
             head_points: 0,
             head_bytes: 0,
+            head_chunks: 0,
             series_bytes: 0,
             index_bytes: 0,
             stats,
@@ -501,7 +507,11 @@ impl Store {
             return Err(Error::SeriesLimit { series: key.to_string(), limit: self.opts.max_series });
         }
         let cost = 2 * key.heap_bytes() + SERIES_OVERHEAD;
-        if self.memory_bytes() + cost > self.opts.memory_cap_bytes && self.head_points > 0 {
+        let cap = self.opts.memory_cap_bytes;
+        // Flushed only if that makes room: with the rest (series, block
+        // indexes) past the cap, every new series would flush otherwise.
+        if self.memory_bytes() + cost > cap && self.head_points > 0 && self.memory_bytes() - self.head_bytes + cost <= cap
+        {
             self.flush_inner(true)?;
         }
         if self.memory_bytes() + cost > self.opts.memory_cap_bytes {
@@ -622,6 +632,7 @@ impl Store {
                 let mut c = ChunkEncoder::new(v, s.hint);
                 c.push(ts, v);
                 s.chunk = Some(c);
+                self.head_chunks += 1;
             }
         }
         let after = s.head_bytes();
@@ -636,10 +647,23 @@ impl Store {
         self.head_bytes + self.series_bytes + self.index_bytes + self.by_key.capacity() * 8
     }
 
+    /// Head bytes beyond each open chunk's fixed cost: what grows with the
+    /// points written. A flush frees the fixed cost too, but the next
+    /// batch brings it back (one encoder per series written), so only
+    /// this part is worth flushing for.
+    fn head_data_bytes(&self) -> usize {
+        self.head_bytes.saturating_sub(self.head_chunks * CHUNK_FIXED_BYTES)
+    }
+
+    /// Flushes the head when memory passes `flush_at_percent` of the cap
+    /// and the head holds at least a sixteenth of the cap in points. When
+    /// what a flush cannot free (series, block indexes, one encoder per
+    /// series) is itself past the mark, this still flushes only per
+    /// sixteenth of the cap of points, never once per batch.
     fn maybe_pressure_flush(&mut self) -> Result<(), Error> {
         let cap = self.opts.memory_cap_bytes;
         let flush_at = cap / 100 * usize::from(self.opts.flush_at_percent.min(100));
-        if self.head_points > 0 && self.memory_bytes() >= flush_at && self.head_bytes >= cap / 16 {
+        if self.head_points > 0 && self.memory_bytes() >= flush_at && self.head_data_bytes() >= cap / 16 {
             self.flush_inner(true)?;
         }
         Ok(())
@@ -743,6 +767,7 @@ impl Store {
             s.ooo = Vec::new();
         }
         self.head_bytes = 0;
+        self.head_chunks = 0;
         self.head_points = 0;
         self.head_min_t = i64::MAX;
         self.head_max_t = i64::MIN;

@@ -74,3 +74,61 @@ fn memory_cap_flushes_early_then_rejects_new_series() {
     let got = s.select(&Selector::all().with(yunbian_tsdb::TagMatcher::eq("id", "0")), 0, i64::MAX).expect("q");
     assert_eq!(got[0].points.len(), 1 + 200 * 500);
 }
+
+/// With many series, what a flush cannot free (series, block indexes, one
+/// open chunk per series written) can pass the pressure mark by itself.
+/// Pressure flushes must then still wait for points to accumulate, not
+/// come once per batch (each writing a block of one point per series),
+/// and a new series past the cap must be refused without a flush that
+/// cannot make room.
+#[test]
+fn pressure_does_not_flush_once_per_batch_when_the_floor_is_past_the_mark() {
+    let dir = TempDir::new("floor");
+    let cap = 1 << 20;
+    let opts = Options { memory_cap_bytes: cap, auto_compact: false, ..test_options() };
+    let mut s = Store::open(dir.path(), opts).expect("open");
+    let long = "y".repeat(150);
+    let mut refs = Vec::new();
+    for i in 0..2_000 {
+        let k = key("m", &[("id", &i.to_string()), ("pad", &long)]);
+        match s.resolve(&k) {
+            Ok(r) => refs.push(r),
+            Err(_) => break,
+        }
+    }
+    assert!(refs.len() > 1_000, "{} series", refs.len());
+    // Blocks, each with an index entry per series, until the rest of the
+    // store alone is past the mark (75 % of the cap).
+    let mut t = 0i64;
+    let batch = |s: &mut Store, t: &mut i64| {
+        *t += 1000;
+        let points: Vec<_> = refs.iter().map(|r| (*r, *t, 20.5)).collect();
+        let res = s.append_many(&points).expect("append");
+        assert!(res.rejected.is_empty());
+    };
+    while s.stats().memory_bytes - s.stats().head_bytes < cap * 3 / 4 {
+        batch(&mut s, &mut t);
+        s.flush().expect("flush");
+        assert!(s.stats().raw_blocks < 100, "{:?}", s.stats());
+    }
+    let before = s.stats();
+    for _ in 0..100 {
+        batch(&mut s, &mut t);
+    }
+    let after = s.stats();
+    // 100 batches of one point per series: a few hundred KiB of encoded
+    // points at most, so a handful of pressure flushes at a sixteenth of
+    // the cap each; once per batch before the fix.
+    let flushed = after.pressure_flushes - before.pressure_flushes;
+    assert!(flushed <= 10, "{flushed} pressure flushes for 100 batches: {after:?}");
+    assert_eq!(after.points_appended - before.points_appended, 100 * refs.len() as u64);
+
+    // A new series: refused, and no flush was made for it when flushing
+    // the head could not bring memory under the cap.
+    let flushes = s.stats().flushes;
+    let head = s.stats().head_bytes;
+    let k = key("m", &[("id", "new"), ("pad", &"z".repeat(cap))]);
+    assert!(matches!(s.resolve(&k), Err(Error::MemoryCap { .. })));
+    assert_eq!(s.stats().flushes, flushes, "a flush that could not make room");
+    assert_eq!(s.stats().head_bytes, head);
+}
