@@ -179,6 +179,10 @@ impl<W: Write> BlockWriter<W> {
         }
         let crc = crc32fast::hash(&e);
         e.extend_from_slice(&crc.to_le_bytes());
+        if e.len() as u64 > u64::from(u32::MAX) {
+            self.entry = e;
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "a block entry over 4 GiB"));
+        }
         let offset = self.pos;
         let res = self.put(&e);
         let len = e.len() as u64;
@@ -277,7 +281,12 @@ pub fn parse_block(buf: &[u8]) -> Result<(BlockHeader, Vec<IndexEntry>), DecodeE
         let max_t = ic.ivarint()?;
         let offset = ic.varint()?;
         let len = ic.varint()?;
-        if offset < entries_start || len < 4 || offset.checked_add(len).is_none_or(|end| end > index_offset) {
+        // An entry is at most 4 GiB: the store keeps its length in 32 bits.
+        if offset < entries_start
+            || len < 4
+            || len > u64::from(u32::MAX)
+            || offset.checked_add(len).is_none_or(|end| end > index_offset)
+        {
             return Err(DecodeError::Invalid("block entry location"));
         }
         if min_t > max_t {

@@ -183,6 +183,9 @@ struct Series {
     hint: ChunkHint,
     /// WAL segment + 1 in which this series was declared (0: none).
     wal_declared: u64,
+    /// Newest timestamp in any raw block registered since open (blocks
+    /// deleted since included): what the head's rollback recomputes from.
+    block_max_ts: i64,
 }
 
 impl Series {
@@ -192,12 +195,24 @@ impl Series {
     }
 }
 
+/// Where a series' entry is in a block file.
 #[derive(Debug, Clone, Copy)]
 struct EntryLoc {
     offset: u64,
     len: u64,
-    min_t: i64,
-    max_t: i64,
+}
+
+/// One series' entry in a block's in-memory index: 16 bytes, kept for every
+/// series of every block, so with many series it is most of the accounted
+/// memory once blocks pile up. Entries' time ranges stay on disk: blocks
+/// are pruned by their own `lo`/`hi`, and an entry read needlessly is
+/// filtered by time after decoding.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    sid: u32,
+    /// At most 4 GiB (the block decoder refuses more).
+    len: u32,
+    offset: u64,
 }
 
 #[derive(Debug)]
@@ -207,15 +222,17 @@ struct Block {
     bytes: u64,
     file: File,
     /// Sorted by series id.
-    entries: Vec<(u32, EntryLoc)>,
+    entries: Vec<Slot>,
 }
 
 impl Block {
     fn entry(&self, sid: u32) -> Option<EntryLoc> {
-        self.entries.binary_search_by_key(&sid, |e| e.0).ok().map(|i| self.entries[i].1)
+        let i = self.entries.binary_search_by_key(&sid, |e| e.sid).ok()?;
+        let e = self.entries[i];
+        Some(EntryLoc { offset: e.offset, len: u64::from(e.len) })
     }
     fn index_bytes(&self) -> usize {
-        self.entries.capacity() * std::mem::size_of::<(u32, EntryLoc)>() + std::mem::size_of::<Block>()
+        self.entries.capacity() * std::mem::size_of::<Slot>() + std::mem::size_of::<Block>()
     }
 }
 
@@ -418,10 +435,13 @@ impl Store {
             if header.kind == BlockKind::Raw {
                 let s = &mut self.series[sid as usize];
                 s.max_ts = s.max_ts.max(e.max_t);
+                s.block_max_ts = s.block_max_ts.max(e.max_t);
             }
-            entries.push((sid, EntryLoc { offset: e.offset, len: e.len, min_t: e.min_t, max_t: e.max_t }));
+            // The decoder and the writer keep entries under 4 GiB.
+            let len = u32::try_from(e.len).unwrap_or(u32::MAX);
+            entries.push(Slot { sid, len, offset: e.offset });
         }
-        entries.sort_by_key(|e| e.0);
+        entries.sort_by_key(|e| e.sid);
         let b = Block { path, header, bytes, file, entries };
         self.index_bytes += b.index_bytes();
         self.blocks.push(b);
@@ -445,6 +465,7 @@ impl Store {
             key,
             max_ts: i64::MIN,
             chunk: None,
+            block_max_ts: i64::MIN,
             ooo: Vec::new(),
             hint: ChunkHint::default(),
             wal_declared: 0,
@@ -510,7 +531,9 @@ impl Store {
         let cap = self.opts.memory_cap_bytes;
         // Flushed only if that makes room: with the rest (series, block
         // indexes) past the cap, every new series would flush otherwise.
-        if self.memory_bytes() + cost > cap && self.head_points > 0 && self.memory_bytes() - self.head_bytes + cost <= cap
+        if self.memory_bytes() + cost > cap
+            && self.head_points > 0
+            && self.memory_bytes() - self.head_bytes + cost <= cap
         {
             self.flush_inner(true)?;
         }
@@ -609,16 +632,10 @@ impl Store {
         for s in &mut self.series {
             s.wal_declared = 0;
         }
-        let mut max: Vec<i64> = vec![i64::MIN; self.series.len()];
-        for b in self.blocks.iter().filter(|b| b.header.kind == BlockKind::Raw) {
-            for &(sid, e) in &b.entries {
-                max[sid as usize] = max[sid as usize].max(e.max_t);
-            }
-        }
-        for (sid, s) in self.series.iter_mut().enumerate() {
+        for s in &mut self.series {
             let head = s.chunk.as_ref().filter(|c| !c.is_empty()).map_or(i64::MIN, |c| c.max_t());
             let ooo = s.ooo.iter().map(|p| p.0).max().unwrap_or(i64::MIN);
-            s.max_ts = max[sid].max(head).max(ooo);
+            s.max_ts = s.block_max_ts.max(head).max(ooo);
         }
     }
 
@@ -886,10 +903,6 @@ impl Store {
                 bi += 1;
                 continue;
             };
-            if e.max_t < start || e.min_t >= end {
-                bi += 1;
-                continue;
-            }
             let before = self.blocks.len();
             if let Some(mut cols) = self.read_entry(bi, e) {
                 sources.push(cols.swap_remove(0));
@@ -990,7 +1003,7 @@ impl Store {
                         BlockKind::Rollup1h => use_1h && b.header.hi <= self.low.r1m,
                     };
                     let e = if use_it { b.entry(sid) } else { None };
-                    let Some(e) = e.filter(|e| e.max_t >= start && e.min_t < end) else {
+                    let Some(e) = e else {
                         bi += 1;
                         continue;
                     };
@@ -1111,7 +1124,7 @@ impl Store {
             hi: hs.iter().map(|h| h.hi).max().unwrap_or(0),
             sources: hs.iter().map(|h| h.seq).collect(),
         };
-        let mut sids: Vec<u32> = idx.iter().flat_map(|&i| self.blocks[i].entries.iter().map(|e| e.0)).collect();
+        let mut sids: Vec<u32> = idx.iter().flat_map(|&i| self.blocks[i].entries.iter().map(|e| e.sid)).collect();
         sids.sort_unstable();
         sids.dedup();
         let paths: Vec<PathBuf> = idx.iter().map(|&i| self.blocks[i].path.clone()).collect();
