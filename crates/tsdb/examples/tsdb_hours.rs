@@ -3,8 +3,8 @@
 //! for the memory cap; retention every 10 simulated minutes. Every half
 //! hour it prints accounted memory, head, blocks, disk, refused series and
 //! the wall-clock time so far, then tries one new series at the end. It
-//! shows what the 20-minute agent run cannot: block indexes (about 40 B per
-//! series per block) accumulating under the cap over hours.
+//! shows what the 20-minute agent run cannot: block indexes (16 B per series
+//! per block) accumulating under the cap over hours.
 //!
 //! ```sh
 //! cargo run --release -p yunbian-tsdb --example tsdb_hours -- DIR [HOURS=6] [CAP_BYTES=8388608]

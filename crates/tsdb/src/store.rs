@@ -51,7 +51,9 @@ pub struct Options {
     pub block_duration_ms: i64,
     /// How far behind a series' newest point a point may arrive.
     pub out_of_order_window_ms: i64,
-    /// Hard cap on accounted memory (head, series, block indexes), bytes.
+    /// Cap on accounted memory (head, series, block indexes), bytes: new
+    /// series are refused past it. Existing series always write, so block
+    /// indexes and a sixteenth of the cap of head can take memory past it.
     pub memory_cap_bytes: usize,
     /// The head is flushed early when memory reaches this share of the cap.
     pub flush_at_percent: u8,
@@ -527,14 +529,18 @@ impl Store {
             self.stats.rejected_series_limit += 1;
             return Err(Error::SeriesLimit { series: key.to_string(), limit: self.opts.max_series });
         }
-        let cost = 2 * key.heap_bytes() + SERIES_OVERHEAD;
+        // The series, and the chunk its first point opens: admitted series
+        // then write without passing the cap.
+        let cost = 2 * key.heap_bytes() + SERIES_OVERHEAD + CHUNK_FIXED_BYTES;
         let cap = self.opts.memory_cap_bytes;
-        // Flushed only if that makes room: with the rest (series, block
-        // indexes) past the cap, every new series would flush otherwise.
-        if self.memory_bytes() + cost > cap
-            && self.head_points > 0
-            && self.memory_bytes() - self.head_bytes + cost <= cap
-        {
+        // Flushed only if that makes room that lasts: the open chunks'
+        // fixed cost comes back with the next batch, and the flush adds a
+        // block index. Otherwise, with the rest (series, block indexes)
+        // near the cap, every new series would flush the head.
+        let after_flush = self.memory_bytes() - self.head_data_bytes()
+            + self.head_chunks * std::mem::size_of::<Slot>()
+            + std::mem::size_of::<Block>();
+        if self.memory_bytes() + cost > cap && self.head_points > 0 && after_flush + cost <= cap {
             self.flush_inner(true)?;
         }
         if self.memory_bytes() + cost > self.opts.memory_cap_bytes {
@@ -619,7 +625,8 @@ impl Store {
 
     /// After a failed WAL write the segment may hold a partial record:
     /// start a new segment so later records are readable, and recompute the
-    /// newest timestamps from what the head and blocks hold.
+    /// newest timestamps from the head and each series' newest timestamp
+    /// in the raw blocks registered since open (`block_max_ts`).
     fn rollback_after_wal_error(&mut self) {
         self.undo.clear();
         self.scratch.clear();
@@ -1002,6 +1009,10 @@ impl Store {
                         BlockKind::Rollup1m => true,
                         BlockKind::Rollup1h => use_1h && b.header.hi <= self.low.r1m,
                     };
+                    // Buckets of a rollup of raw points in (lo, hi] start in
+                    // (lo - resolution, hi].
+                    let res = if b.header.kind == BlockKind::Rollup1h { 3_600_000 } else { 60_000 };
+                    let use_it = use_it && b.header.hi >= start && b.header.lo.saturating_sub(res) < end;
                     let e = if use_it { b.entry(sid) } else { None };
                     let Some(e) = e else {
                         bi += 1;

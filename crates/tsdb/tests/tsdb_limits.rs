@@ -88,47 +88,73 @@ fn pressure_does_not_flush_once_per_batch_when_the_floor_is_past_the_mark() {
     let opts = Options { memory_cap_bytes: cap, auto_compact: false, ..test_options() };
     let mut s = Store::open(dir.path(), opts).expect("open");
     let long = "y".repeat(150);
+    // Series up to 40 % of the cap; block indexes do the rest.
     let mut refs = Vec::new();
-    for i in 0..2_000 {
-        let k = key("m", &[("id", &i.to_string()), ("pad", &long)]);
-        match s.resolve(&k) {
-            Ok(r) => refs.push(r),
-            Err(_) => break,
-        }
+    while s.stats().memory_bytes < cap * 2 / 5 {
+        let k = key("m", &[("id", &refs.len().to_string()), ("pad", &long)]);
+        refs.push(s.resolve(&k).expect("room for the series"));
     }
-    assert!(refs.len() > 1_000, "{} series", refs.len());
-    // Blocks, each with an index entry per series, until the rest of the
-    // store alone is past the mark (75 % of the cap).
+    assert!(refs.len() > 300, "{} series", refs.len());
     let mut t = 0i64;
     let batch = |s: &mut Store, t: &mut i64| {
         *t += 1000;
-        let points: Vec<_> = refs.iter().map(|r| (*r, *t, 20.5)).collect();
+        // Values that do not repeat, so points cost bytes.
+        let points: Vec<_> = refs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (*r, *t, ((*t / 1000 * 7919 + i as i64 * 104_729) % 100_000) as f64 * 0.1))
+            .collect();
         let res = s.append_many(&points).expect("append");
         assert!(res.rejected.is_empty());
     };
+    // Blocks, each with an index entry per series, until the rest of the
+    // store alone is past the mark (75 % of the cap).
+    let mut built = 0;
     while s.stats().memory_bytes - s.stats().head_bytes < cap * 3 / 4 {
         batch(&mut s, &mut t);
         s.flush().expect("flush");
-        assert!(s.stats().raw_blocks < 100, "{:?}", s.stats());
+        built += 1;
+        assert!(built < 1_000, "{:?}", s.stats());
     }
+    assert!(built > 1, "the indexes did not take the store past the mark");
     let before = s.stats();
-    for _ in 0..100 {
+    let batches = 300;
+    for _ in 0..batches {
         batch(&mut s, &mut t);
+        assert!(s.stats().memory_bytes < cap * 3 / 2, "{:?}", s.stats());
     }
     let after = s.stats();
-    // 100 batches of one point per series: a few hundred KiB of encoded
-    // points at most, so a handful of pressure flushes at a sixteenth of
-    // the cap each; once per batch before the fix.
+    let written = (after.points_appended - before.points_appended) as f64;
+    assert_eq!(written as u64, batches * refs.len() as u64);
+    // Pressure flushes come per sixteenth of the cap of points (tens of
+    // KiB here), so some, but far fewer than one per batch (as before).
     let flushed = after.pressure_flushes - before.pressure_flushes;
-    assert!(flushed <= 10, "{flushed} pressure flushes for 100 batches: {after:?}");
-    assert_eq!(after.points_appended - before.points_appended, 100 * refs.len() as u64);
+    assert!(flushed >= 1, "no pressure flush at all: {after:?}");
+    assert!(flushed <= batches / 10, "{flushed} pressure flushes for {batches} batches: {after:?}");
 
-    // A new series: refused, and no flush was made for it when flushing
-    // the head could not bring memory under the cap.
+    // A new series with the store past the cap after a flush: refused, and
+    // no flush made for it.
+    let mut n = 0;
+    let err = loop {
+        let k = key("m", &[("id", &format!("new-{n}")), ("pad", &long)]);
+        match s.resolve(&k) {
+            Ok(r) => {
+                // Fill the rest of the cap with indexes.
+                s.append_many(&[(r, t, 1.0)]).expect("append");
+                batch(&mut s, &mut t);
+                s.flush().expect("flush");
+                n += 1;
+                assert!(n < 1_000, "never refused: {:?}", s.stats());
+            }
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, Error::MemoryCap { .. }), "{err}");
+    batch(&mut s, &mut t);
     let flushes = s.stats().flushes;
-    let head = s.stats().head_bytes;
-    let k = key("m", &[("id", "new"), ("pad", &"z".repeat(cap))]);
-    assert!(matches!(s.resolve(&k), Err(Error::MemoryCap { .. })));
-    assert_eq!(s.stats().flushes, flushes, "a flush that could not make room");
-    assert_eq!(s.stats().head_bytes, head);
+    for i in 0..20 {
+        let k = key("m", &[("id", &format!("refused-{i}")), ("pad", &long)]);
+        assert!(matches!(s.resolve(&k), Err(Error::MemoryCap { .. })));
+    }
+    assert_eq!(s.stats().flushes, flushes, "flushes that could not make room");
 }
