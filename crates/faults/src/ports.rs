@@ -18,7 +18,7 @@
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, TcpListener};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use crate::rng::Rng;
 
@@ -27,12 +27,16 @@ const SPAN: u16 = 12_000;
 /// The lowest port ever chosen (stays clear of well-known services).
 const FLOOR: u16 = 10_000;
 
-/// The first port of the kernel's ephemeral range (32768 when unknown).
+/// The first port of the kernel's ephemeral range (32768 when unknown),
+/// read once per process.
 fn ephemeral_start() -> u16 {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
-        .unwrap_or(32_768)
+    static START: OnceLock<u16> = OnceLock::new();
+    *START.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
+            .unwrap_or(32_768)
+    })
 }
 
 /// A TCP port on 127.0.0.1 that is free now, outside the kernel's
