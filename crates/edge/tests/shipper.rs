@@ -62,8 +62,10 @@ async fn next_data(rx: &mut mpsc::Receiver<Vec<u8>>) -> (u64, u64, u64, Vec<u8>)
     }
 }
 
+/// Polls `f` every 50 ms; gives up after 60 s (a loaded CI machine runs
+/// this binary's tests side by side: never a performance bound).
 async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..200 {
+    for _ in 0..1_200 {
         if f() {
             return;
         }
